@@ -1,0 +1,539 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * aus.bpf.c - egress enforcement by audit login UID, compiled by bcc.
+ *
+ * The policy, in plain words:
+ *
+ *   The identity of traffic is the audit login UID of the task that created
+ *   the socket, stamped into socket storage at socket() and inherited by
+ *   accepted sockets. A socket that predates these programs is judged by the
+ *   login UID of the task that calls connect()/sendmsg() on it, and its
+ *   packets by the socket's UID.
+ *
+ *   Traffic passes when
+ *     - the login UID is unset (system services) or marked unmanaged, or
+ *     - it is a TCP reply on a connection the socket accepted, or
+ *     - the destination address, protocol and port match the user's
+ *       ruleset: the longest prefix for the address in aus_dst names a
+ *       portset, and aus_svc holds an entry covering the protocol and port.
+ *       A managed user not yet in aus_users gets the baseline ruleset.
+ *   Otherwise it is denied: connect()/sendmsg() fail with EPERM and packets
+ *   are dropped, or, in visibility mode, it passes and is only reported.
+ *
+ * Every decision costs the same few map lookups (users, then two LPM
+ * tries), whatever the number of users and rules; a socket that keeps its
+ * destination reuses its last decision while the user's ruleset id is
+ * unchanged. Every verdict leaves through aus_finish(), which counts it
+ * under a reason and emits the flow event.
+ *
+ * Built with: -DAUS_LOGINUID_OFFSET=<offset of task_struct.loginuid in the
+ * running kernel, from BTF> -DAUS_PIN_MAPS="<pin dir of the maps>" and the
+ * AUS_MAX_* sizes. See daemon/aus/loader.py.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include "aus.h"
+
+#ifndef AUS_LOGINUID_OFFSET
+#error "AUS_LOGINUID_OFFSET must be given (offset of task_struct.loginuid from BTF)"
+#endif
+#ifndef AUS_PIN_MAPS
+#error "AUS_PIN_MAPS must be given (the directory the maps are pinned in)"
+#endif
+
+#define AUS_PINNED(type, name) type ":" AUS_PIN_MAPS "/" name
+
+/* Maps. Keys and values are documented in aus.h. */
+BPF_TABLE_PINNED("array", u32, struct aus_config, aus_config, 1,
+		 AUS_PIN_MAPS "/" AUS_MAP_CONFIG);
+BPF_TABLE_PINNED("hash", u32, struct aus_user, aus_users, AUS_MAX_USERS,
+		 AUS_PIN_MAPS "/" AUS_MAP_USERS);
+BPF_F_TABLE(AUS_PINNED("lpm_trie", AUS_MAP_DST), struct aus_dst_key,
+	    struct aus_dst_val, aus_dst, AUS_MAX_DESTINATIONS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE(AUS_PINNED("lpm_trie", AUS_MAP_SVC), struct aus_svc_key,
+	    struct aus_svc_val, aus_svc, AUS_MAX_SERVICES, BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_percpu_hash", u32, struct aus_counters, aus_user_stats,
+		 AUS_MAX_USERS, AUS_PIN_MAPS "/" AUS_MAP_USER_STATS);
+BPF_TABLE_PINNED("percpu_array", u32, struct aus_counters, aus_rule_stats,
+		 AUS_MAX_RULES, AUS_PIN_MAPS "/" AUS_MAP_RULE_STATS);
+BPF_TABLE_PINNED("percpu_array", u32, u64, aus_reasons, AUS_REASON_SLOTS,
+		 AUS_PIN_MAPS "/" AUS_MAP_REASONS);
+BPF_TABLE_PINNED("percpu_array", u32, u64, aus_stats, AUS_STAT_MAX,
+		 AUS_PIN_MAPS "/" AUS_MAP_STATS);
+BPF_TABLE_PINNED("hash", u32, struct aus_rule_info, aus_rules, AUS_MAX_RULES,
+		 AUS_PIN_MAPS "/" AUS_MAP_RULES);
+BPF_TABLE_PINNED("percpu_array", u32, struct aus_bucket, aus_ratelimit, 1,
+		 AUS_PIN_MAPS "/" AUS_MAP_RATELIMIT);
+/* BPF_F_CLONE: accepted sockets inherit the listener's identity. */
+BPF_F_TABLE(AUS_PINNED("sk_storage", AUS_MAP_SOCK), int, struct aus_sock,
+	    aus_sock, 0, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+
+/* bcc's BPF_RINGBUF_OUTPUT cannot pin; this is the same table, pinned, so
+ * a restarted daemon keeps reading the ring the running programs fill. */
+struct aus_events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/" AUS_PINNED("ringbuf", AUS_MAP_EVENTS))))
+struct aus_events_table_t aus_events = { .max_entries = AUS_EVENTS_BYTES };
+
+/* One flow as the hooks see it. Addresses are IPv6 or v4-mapped. */
+struct aus_flow {
+	u8 family;   /* 4 or 6 */
+	u8 proto;
+	u16 sport;   /* network byte order */
+	u16 dport;   /* network byte order; 0 for ICMP */
+	u8 saddr[16];
+	u8 daddr[16];
+};
+
+struct aus_decision {
+	u32 loginuid;
+	u32 uid;
+	u32 tgid;
+	u32 ruleset;
+	u32 rule;
+	u8 reason;
+	u8 allowed;
+	u8 fresh;    /* not a repeat of the socket's cached decision */
+	u8 managed;
+	char comm[AUS_COMM_LEN];
+};
+
+static __always_inline void aus_v4_mapped(u8 addr[16], u32 ip4_be)
+{
+	__builtin_memset(addr, 0, 10);
+	addr[10] = 0xff;
+	addr[11] = 0xff;
+	__builtin_memcpy(&addr[12], &ip4_be, 4);
+}
+
+static __always_inline u32 aus_current_loginuid(void)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	u32 loginuid = AUS_LOGINUID_UNSET;
+
+	bpf_probe_read_kernel(&loginuid, sizeof(loginuid),
+			      (char *)task + AUS_LOGINUID_OFFSET);
+	return loginuid;
+}
+
+static __always_inline void aus_stamp(struct aus_sock *st, u32 flags)
+{
+	st->loginuid = aus_current_loginuid();
+	st->uid = (u32)bpf_get_current_uid_gid();
+	st->tgid = bpf_get_current_pid_tgid() >> 32;
+	st->flags = flags;
+	bpf_get_current_comm(st->comm, sizeof(st->comm));
+}
+
+static __always_inline void aus_identity_from(struct aus_decision *d,
+					      const struct aus_sock *st)
+{
+	d->loginuid = st->loginuid;
+	d->uid = st->uid;
+	d->tgid = st->tgid;
+	__builtin_memcpy(d->comm, st->comm, AUS_COMM_LEN);
+}
+
+static __always_inline int aus_cache_hit(const struct aus_sock *st,
+					 const struct aus_flow *f)
+{
+	/* Compared as words: clang turns memcmp() into a library call. */
+	const u32 *a = (const u32 *)st->cache_addr;
+	const u32 *b = (const u32 *)f->daddr;
+	return st->cache_proto == f->proto && st->cache_port == f->dport &&
+	       a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* The rule lookup: fills d->ruleset, d->rule, d->reason, d->allowed. */
+static __always_inline void aus_judge(struct aus_decision *d,
+				      const struct aus_config *cfg,
+				      struct aus_sock *st,
+				      const struct aus_flow *f)
+{
+	d->fresh = 1;
+	if (d->loginuid == AUS_LOGINUID_UNSET) {
+		d->reason = AUS_REASON_UNMANAGED;
+		d->allowed = 1;
+		return;
+	}
+	struct aus_user *user = aus_users.lookup(&d->loginuid);
+	if (user && (user->flags & AUS_USER_UNMANAGED)) {
+		d->reason = AUS_REASON_UNMANAGED;
+		d->allowed = 1;
+		return;
+	}
+	d->managed = 1;
+	d->ruleset = user ? user->ruleset : cfg->baseline_ruleset;
+
+	if (st && st->cache_ruleset == d->ruleset && aus_cache_hit(st, f)) {
+		d->fresh = 0;
+		d->rule = st->cache_rule;
+		d->allowed = st->cache_allowed;
+		d->reason = d->allowed ? AUS_REASON_RULE :
+			    (user ? AUS_REASON_NO_RULE : AUS_REASON_PENDING);
+		return;
+	}
+
+	d->reason = user ? AUS_REASON_NO_RULE : AUS_REASON_PENDING;
+	d->allowed = 0;
+	struct aus_dst_key dk = {
+		.prefixlen = 32 + 128,
+		.ruleset = d->ruleset,
+	};
+	__builtin_memcpy(dk.addr, f->daddr, 16);
+	struct aus_dst_val *dv = aus_dst.lookup(&dk);
+	if (dv) {
+		struct aus_svc_key sk = {
+			.prefixlen = 64,
+			.portset = dv->portset,
+			.proto = f->proto,
+			.port = f->dport,
+		};
+		struct aus_svc_val *sv = aus_svc.lookup(&sk);
+		if (sv) {
+			d->rule = sv->rule;
+			d->reason = AUS_REASON_RULE;
+			d->allowed = 1;
+		}
+	}
+
+	if (st) {
+		/* A repeat of the last destination is not news, whatever the
+		 * ruleset: only a changed destination or a new denial is. */
+		if (aus_cache_hit(st, f) && d->allowed)
+			d->fresh = 0;
+		st->cache_ruleset = d->ruleset;
+		st->cache_rule = d->rule;
+		st->cache_allowed = d->allowed;
+		st->cache_proto = f->proto;
+		st->cache_port = f->dport;
+		__builtin_memcpy(st->cache_addr, f->daddr, 16);
+	}
+}
+
+static __always_inline void aus_add(struct aus_counters *c, int allowed,
+				    u32 packets, u32 bytes)
+{
+	if (!c)
+		return;
+	if (allowed) {
+		c->allowed_packets += packets;
+		c->allowed_bytes += bytes;
+	} else {
+		c->denied_packets += packets;
+		c->denied_bytes += bytes;
+	}
+}
+
+/* Token bucket per CPU: a flood of denials cannot starve the daemon. */
+static __always_inline int aus_event_allowed(const struct aus_config *cfg)
+{
+	u32 zero = 0;
+	struct aus_bucket *b = aus_ratelimit.lookup(&zero);
+	if (!b)
+		return 0;
+	u64 now = bpf_ktime_get_ns();
+	u64 cap = (u64)cfg->events_burst * 1000;
+	u64 elapsed = now - b->last_ns;
+	/* tokens_milli grows by events_per_sec per millisecond... per ms:
+	 * rate/1000 tokens = rate milli-tokens. Cap elapsed to avoid overflow. */
+	if (elapsed > 10000000000ULL)
+		elapsed = 10000000000ULL;
+	u64 tokens = b->tokens_milli + (elapsed / 1000000) * cfg->events_per_sec;
+	if (tokens > cap)
+		tokens = cap;
+	if (elapsed >= 1000000)
+		b->last_ns = now - (elapsed % 1000000);
+	if (tokens < 1000) {
+		b->tokens_milli = tokens;
+		return 0;
+	}
+	b->tokens_milli = tokens - 1000;
+	return 1;
+}
+
+static __always_inline void aus_stat(u32 idx)
+{
+	u64 *v = aus_stats.lookup(&idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void aus_emit(const struct aus_config *cfg,
+				     const struct aus_decision *d,
+				     const struct aus_flow *f, u8 hook,
+				     u8 verdict, u32 bytes)
+{
+	if (!aus_event_allowed(cfg)) {
+		aus_stat(AUS_STAT_EVENTS_RATE_LIMITED);
+		return;
+	}
+	struct aus_event *ev = aus_events.ringbuf_reserve(sizeof(*ev));
+	if (!ev) {
+		aus_stat(AUS_STAT_EVENTS_LOST);
+		return;
+	}
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->loginuid = d->loginuid;
+	ev->uid = d->uid;
+	ev->pid = d->tgid;
+	ev->rule = d->rule;
+	ev->bytes = bytes;
+	ev->verdict = verdict;
+	ev->reason = d->reason;
+	ev->hook = hook;
+	ev->family = f->family;
+	ev->proto = f->proto;
+	ev->pad[0] = 0;
+	ev->pad[1] = 0;
+	ev->pad[2] = 0;
+	ev->sport = bpf_ntohs(f->sport);
+	ev->dport = bpf_ntohs(f->dport);
+	__builtin_memcpy(ev->saddr, f->saddr, 16);
+	__builtin_memcpy(ev->daddr, f->daddr, 16);
+	__builtin_memcpy(ev->comm, d->comm, AUS_COMM_LEN);
+	aus_events.ringbuf_submit(ev, 0);
+	aus_stat(AUS_STAT_EVENTS_SENT);
+}
+
+/* The single exit of every decision: count it, report it, and turn it
+ * into what the kernel expects. `packet` is 0 for connect()/sendmsg(),
+ * whose allowed calls are counted by the packets that follow. */
+static __always_inline int aus_finish(const struct aus_config *cfg,
+				      const struct aus_decision *d,
+				      const struct aus_flow *f, u8 hook,
+				      int packet, u32 bytes)
+{
+	u32 slot = (u32)hook * AUS_REASON_MAX + d->reason;
+	u64 *n = aus_reasons.lookup(&slot);
+	if (n)
+		*n += 1;
+
+	int enforce = cfg->mode == AUS_MODE_ENFORCE;
+	if (d->managed && (packet || (!d->allowed && enforce))) {
+		u32 pkts = 1;
+		u32 len = packet ? bytes : 0;
+		struct aus_counters zero = {};
+		u32 loginuid = d->loginuid;
+		struct aus_counters *uc =
+			aus_user_stats.lookup_or_try_init(&loginuid, &zero);
+		aus_add(uc, d->allowed, pkts, len);
+		u32 rule = d->rule;
+		aus_add(aus_rule_stats.lookup(&rule), d->allowed, pkts, len);
+	}
+
+	u8 verdict = d->allowed ? AUS_EV_ALLOW :
+		     (enforce ? AUS_EV_DENY : AUS_EV_AUDIT);
+	if (d->managed && d->fresh)
+		aus_emit(cfg, d, f, hook, verdict, bytes);
+
+	return verdict == AUS_EV_DENY ? AUS_DROP : AUS_PASS;
+}
+
+static __always_inline struct aus_config *aus_get_config(void)
+{
+	u32 zero = 0;
+	return aus_config.lookup(&zero);
+}
+
+/* ---- cgroup/sock_create: stamp the creator's identity. Never denies. */
+int aus_sock_create(struct bpf_sock *sk)
+{
+	struct aus_sock *st = aus_sock.sk_storage_get(sk, 0,
+					BPF_SK_STORAGE_GET_F_CREATE);
+	if (st)
+		aus_stamp(st, 0);
+	return AUS_PASS;
+}
+
+/* ---- cgroup/connect4, connect6, sendmsg4, sendmsg6. */
+static __always_inline int aus_sock_addr(struct bpf_sock_addr *ctx, u8 hook,
+					 int v6)
+{
+	struct aus_config *cfg = aus_get_config();
+	if (!cfg)
+		return AUS_PASS;
+
+	struct aus_flow f = {};
+	f.family = v6 ? 6 : 4;
+	f.proto = ctx->protocol;
+	if (f.proto == IPPROTO_TCP || f.proto == IPPROTO_UDP)
+		f.dport = (u16)ctx->user_port;
+	if (v6) {
+		u32 a[4];
+		a[0] = ctx->user_ip6[0];
+		a[1] = ctx->user_ip6[1];
+		a[2] = ctx->user_ip6[2];
+		a[3] = ctx->user_ip6[3];
+		/* A v4-mapped destination is judged as the IPv4 one. */
+		__builtin_memcpy(f.daddr, a, 16);
+	} else {
+		aus_v4_mapped(f.daddr, ctx->user_ip4);
+	}
+
+	struct aus_decision d = {};
+	struct bpf_sock *sk = ctx->sk;
+	struct aus_sock *st = 0;
+	if (sk) {
+		st = aus_sock.sk_storage_get(sk, 0, 0);
+		if (!st) {
+			/* The socket predates us: the caller is its user now. */
+			st = aus_sock.sk_storage_get(sk, 0,
+					BPF_SK_STORAGE_GET_F_CREATE);
+			if (st)
+				aus_stamp(st, AUS_SOCK_LATE);
+		}
+	}
+	if (st) {
+		aus_identity_from(&d, st);
+		if (hook == AUS_HOOK_CONNECT4 || hook == AUS_HOOK_CONNECT6)
+			st->flags |= AUS_SOCK_OUTBOUND;
+	} else {
+		d.loginuid = aus_current_loginuid();
+		d.uid = (u32)bpf_get_current_uid_gid();
+		d.tgid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(d.comm, sizeof(d.comm));
+	}
+
+	aus_judge(&d, cfg, st, &f);
+	return aus_finish(cfg, &d, &f, hook, 0, 0);
+}
+
+int aus_connect4(struct bpf_sock_addr *ctx)
+{
+	return aus_sock_addr(ctx, AUS_HOOK_CONNECT4, 0);
+}
+
+int aus_connect6(struct bpf_sock_addr *ctx)
+{
+	return aus_sock_addr(ctx, AUS_HOOK_CONNECT6, 1);
+}
+
+int aus_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return aus_sock_addr(ctx, AUS_HOOK_SENDMSG4, 0);
+}
+
+int aus_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return aus_sock_addr(ctx, AUS_HOOK_SENDMSG6, 1);
+}
+
+/* ---- cgroup_skb/egress: the per-packet backstop, IPv4 and IPv6. */
+static __always_inline int aus_parse(struct __sk_buff *skb,
+				     struct aus_flow *f, u8 *tcp_flags)
+{
+	u32 l4 = 0;
+	int fragment = 0;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+			return -1;
+		f->family = 4;
+		f->proto = ip.protocol;
+		aus_v4_mapped(f->saddr, ip.saddr);
+		aus_v4_mapped(f->daddr, ip.daddr);
+		l4 = (u32)ip.ihl * 4;
+		fragment = (ip.frag_off & bpf_htons(0x1fff)) != 0;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+			return -1;
+		f->family = 6;
+		/* Extension headers are not walked: such a packet is judged
+		 * by its first next-header value, which no port rule allows. */
+		f->proto = ip6.nexthdr;
+		__builtin_memcpy(f->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(f->daddr, &ip6.daddr, 16);
+		l4 = sizeof(ip6);
+	} else {
+		return -1;
+	}
+
+	if (fragment)
+		return 0;
+	if (f->proto == IPPROTO_TCP) {
+		u8 th[14];
+		if (bpf_skb_load_bytes(skb, l4, th, sizeof(th)) < 0)
+			return 0;
+		__builtin_memcpy(&f->sport, &th[0], 2);
+		__builtin_memcpy(&f->dport, &th[2], 2);
+		*tcp_flags = th[13];
+	} else if (f->proto == IPPROTO_UDP) {
+		u16 ports[2];
+		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
+			return 0;
+		f->sport = ports[0];
+		f->dport = ports[1];
+	}
+	return 0;
+}
+
+#define AUS_TCP_SYN 0x02
+#define AUS_TCP_ACK 0x10
+
+int aus_egress(struct __sk_buff *skb)
+{
+	struct aus_config *cfg = aus_get_config();
+	if (!cfg)
+		return AUS_PASS;
+
+	struct aus_flow f = {};
+	struct aus_decision d = {};
+	u8 tcp_flags = 0;
+	u32 len = skb->len;
+
+	if (aus_parse(skb, &f, &tcp_flags) < 0) {
+		d.reason = AUS_REASON_NOT_IP;
+		d.allowed = 1;
+		return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+	}
+
+	struct bpf_sock *sk = skb->sk;
+	if (sk)
+		sk = bpf_sk_fullsock(sk);
+	if (!sk) {
+		d.reason = AUS_REASON_NO_SOCKET;
+		d.allowed = 1;
+		return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+	}
+
+	struct aus_sock *st = aus_sock.sk_storage_get(sk, 0, 0);
+	if (st) {
+		aus_identity_from(&d, st);
+		if (f.proto == IPPROTO_TCP && !(st->flags & AUS_SOCK_OUTBOUND)) {
+			/* A bare SYN opens an outbound connection, even one
+			 * that never passed connect() (TCP fast open). Any
+			 * other segment of a socket that never connected
+			 * belongs to a connection it accepted. */
+			if ((tcp_flags & (AUS_TCP_SYN | AUS_TCP_ACK)) ==
+			    AUS_TCP_SYN) {
+				st->flags |= AUS_SOCK_OUTBOUND;
+			} else {
+				d.reason = AUS_REASON_INBOUND;
+				d.allowed = 1;
+				return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS,
+						  1, len);
+			}
+		}
+	} else {
+		/* The socket predates us: fall back to its owner's UID. */
+		d.loginuid = bpf_get_socket_uid(skb);
+		d.uid = d.loginuid;
+	}
+
+	aus_judge(&d, cfg, st, &f);
+	return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+}

@@ -1,0 +1,241 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * aus.h - the whole contract between the kernel programs (aus.bpf.c) and
+ * user space. Every map name, key, value, verdict, reason and size the two
+ * sides share is defined here and nowhere else. daemon/aus/contract.py is
+ * its Python mirror; tests/kernel/test_contract.py checks the mirror against
+ * what bcc compiled, field by field.
+ *
+ * Plain types only (no kernel headers), so user-space tools can include it.
+ * Maps sized by the daemon's configuration use AUS_MAX_* macros that the
+ * loader passes as -D cflags; the defaults below apply when it does not.
+ */
+#ifndef AUS_H
+#define AUS_H
+
+/* Bumped on any change to a key or value layout below: maps are pinned
+ * under <pin_dir>/v<AUS_ABI_VERSION>, so a new layout gets new maps and the
+ * programs are swapped to them atomically. */
+#define AUS_ABI_VERSION 1
+
+#define AUS_LOGINUID_UNSET 0xffffffffU
+
+/* What a cgroup program returns to the kernel: 1 lets the socket call or
+ * packet through, 0 makes connect()/sendmsg() fail with EPERM or drops the
+ * packet. */
+#define AUS_DROP 0
+#define AUS_PASS 1
+
+/* Modes (aus_config.mode). */
+#define AUS_MODE_ENFORCE    0
+#define AUS_MODE_VISIBILITY 1
+
+/* Why a decision was taken; every verdict is counted under one reason. */
+enum aus_reason {
+	AUS_REASON_NONE = 0,
+	AUS_REASON_RULE = 1,       /* allowed by a rule (or the baseline) */
+	AUS_REASON_UNMANAGED = 2,  /* login UID unset or listed as unmanaged */
+	AUS_REASON_NO_RULE = 3,    /* managed user, no rule matches: deny */
+	AUS_REASON_PENDING = 4,    /* managed user not in the maps yet: baseline only */
+	AUS_REASON_INBOUND = 5,    /* reply on a connection the socket accepted */
+	AUS_REASON_NO_SOCKET = 6,  /* no full socket (kernel reply, timewait) */
+	AUS_REASON_NOT_IP = 7,     /* neither IPv4 nor IPv6 */
+	AUS_REASON_MAX = 8,
+};
+
+/* Where a decision was taken (events, counters). */
+enum aus_hook {
+	AUS_HOOK_EGRESS = 0,
+	AUS_HOOK_CONNECT4 = 1,
+	AUS_HOOK_CONNECT6 = 2,
+	AUS_HOOK_SENDMSG4 = 3,
+	AUS_HOOK_SENDMSG6 = 4,
+	AUS_HOOK_MAX = 5,
+};
+
+/* Verdict as reported in events and counters. */
+enum aus_event_verdict {
+	AUS_EV_ALLOW = 0,
+	AUS_EV_DENY = 1,   /* denied and enforced */
+	AUS_EV_AUDIT = 2,  /* would be denied; visibility mode let it pass */
+};
+
+/* Rule ids: 0 means "no rule", 1 is the baseline from ausd.yaml, policy
+ * rules are numbered from 2 by the daemon and keep their id across
+ * reloads while their name stays. */
+#define AUS_RULE_NONE 0
+#define AUS_RULE_BASELINE 1
+
+/* Ruleset ids: 0 is never used. Rulesets are immutable; the daemon gives
+ * each new content a new, never reused id (aus_config.ruleset_seq). */
+#define AUS_RULESET_NONE 0
+
+/* Protocol numbers as on the wire; AUS_PROTO_ANY never appears in a
+ * packet and marks "every protocol" entries. */
+#define AUS_PROTO_ANY 0
+#define AUS_PROTO_ICMP 1
+#define AUS_PROTO_TCP 6
+#define AUS_PROTO_UDP 17
+#define AUS_PROTO_ICMPV6 58
+
+#ifndef AUS_MAX_USERS
+#define AUS_MAX_USERS 65536
+#endif
+#ifndef AUS_MAX_DESTINATIONS
+#define AUS_MAX_DESTINATIONS 262144
+#endif
+#ifndef AUS_MAX_SERVICES
+#define AUS_MAX_SERVICES 262144
+#endif
+#ifndef AUS_MAX_RULES
+#define AUS_MAX_RULES 4096
+#endif
+/* Flow events in flight; the daemon drains them continuously. */
+#define AUS_EVENTS_BYTES (1 << 20)
+#define AUS_COMM_LEN 16
+#define AUS_RULE_NAME_LEN 64
+
+/* ---- aus_config: ARRAY[1]. Written by the daemon, read by every
+ * program on every decision. */
+#define AUS_MAP_CONFIG "aus_config"
+struct aus_config {
+	__u32 mode;              /* AUS_MODE_* */
+	__u32 baseline_ruleset;  /* ruleset of managed users not in aus_users */
+	__u32 events_per_sec;    /* flow-event rate limit per CPU */
+	__u32 events_burst;
+	__u32 ruleset_seq;       /* next ruleset id (daemon bookkeeping) */
+	__u32 portset_seq;       /* next portset id (daemon bookkeeping) */
+	__u64 policy_version;    /* daemon bookkeeping, shown by ausctl */
+};
+
+/* ---- aus_users: HASH login UID -> user. Written by the daemon when a
+ * login UID becomes active, changes rules or goes; read per decision.
+ * Replacing one value is atomic: that is how a user's rule set changes. */
+#define AUS_MAP_USERS "aus_users"
+#define AUS_USER_UNMANAGED 0x1
+struct aus_user {
+	__u32 ruleset;  /* id of the user's immutable ruleset */
+	__u32 flags;    /* AUS_USER_* */
+};
+
+/* ---- aus_dst: LPM_TRIE (ruleset, IPv6 address) -> portset. IPv4
+ * addresses are stored v4-mapped (::ffff:a.b.c.d), so one trie serves both
+ * families and a v4-mapped connect() on an IPv6 socket is judged as IPv4.
+ * The daemon flattens rules so that the longest matching prefix carries
+ * every service allowed to that address. */
+#define AUS_MAP_DST "aus_dst"
+struct aus_dst_key {
+	__u32 prefixlen;  /* 32 (ruleset) + address prefix length */
+	__u32 ruleset;
+	__u8 addr[16];
+};
+struct aus_dst_val {
+	__u32 portset;
+};
+
+/* ---- aus_svc: LPM_TRIE (portset, protocol, port) -> rule. Prefix 32
+ * matches every protocol, 48 every port of one protocol, 48 + k a block
+ * of 2^(16-k) ports: a port range is a handful of aligned blocks. */
+#define AUS_MAP_SVC "aus_svc"
+struct aus_svc_key {
+	__u32 prefixlen;
+	__u32 portset;
+	__u8 proto;
+	__u8 pad;       /* always 0 */
+	__u16 port;     /* network byte order */
+};
+struct aus_svc_val {
+	__u32 rule;     /* rule id, for counters and events */
+};
+
+/* Counters: packets and bytes allowed and denied. Denied connect() and
+ * sendmsg() calls count as one packet of zero bytes (the packet never
+ * existed). */
+struct aus_counters {
+	__u64 allowed_packets;
+	__u64 allowed_bytes;
+	__u64 denied_packets;
+	__u64 denied_bytes;
+};
+
+/* ---- aus_user_stats: LRU_PERCPU_HASH login UID -> counters. Written by
+ * the programs, read by ausctl. */
+#define AUS_MAP_USER_STATS "aus_user_stats"
+
+/* ---- aus_rule_stats: PERCPU_ARRAY rule id -> counters. */
+#define AUS_MAP_RULE_STATS "aus_rule_stats"
+
+/* ---- aus_reasons: PERCPU_ARRAY (hook * AUS_REASON_MAX + reason) ->
+ * decisions. */
+#define AUS_MAP_REASONS "aus_reasons"
+#define AUS_REASON_SLOTS (AUS_HOOK_MAX * AUS_REASON_MAX)
+
+/* ---- aus_stats: PERCPU_ARRAY of event-path counters. */
+#define AUS_MAP_STATS "aus_stats"
+enum aus_stat {
+	AUS_STAT_EVENTS_SENT = 0,
+	AUS_STAT_EVENTS_RATE_LIMITED = 1,
+	AUS_STAT_EVENTS_LOST = 2,  /* ring buffer full */
+	AUS_STAT_MAX = 3,
+};
+
+/* ---- aus_rules: HASH rule id -> name. Written by the daemon, read only
+ * by ausctl to name rules while the daemon is down. */
+#define AUS_MAP_RULES "aus_rules"
+struct aus_rule_info {
+	char name[AUS_RULE_NAME_LEN];
+};
+
+/* ---- aus_ratelimit: PERCPU_ARRAY[1] token bucket for flow events. */
+#define AUS_MAP_RATELIMIT "aus_ratelimit"
+struct aus_bucket {
+	__u64 tokens_milli;  /* tokens * 1000 */
+	__u64 last_ns;
+};
+
+/* ---- aus_sock: SK_STORAGE, cloned into accepted sockets. Written at
+ * socket creation (identity) and at decisions (cache); read by every hook
+ * so the identity is the creator's, whoever sends later. */
+#define AUS_MAP_SOCK "aus_sock"
+#define AUS_SOCK_OUTBOUND 0x1   /* connect() or a SYN was judged */
+#define AUS_SOCK_LATE 0x2       /* stamped after creation (socket predates us) */
+struct aus_sock {
+	__u32 loginuid;
+	__u32 uid;
+	__u32 tgid;
+	__u32 flags;                /* AUS_SOCK_* */
+	char comm[AUS_COMM_LEN];
+	/* The last decision, reused while the user's ruleset and the
+	 * destination stay the same (rulesets are immutable). A flow event
+	 * is sent when a decision is not a repeat of this one. */
+	__u32 cache_ruleset;
+	__u32 cache_rule;
+	__u8 cache_addr[16];
+	__u16 cache_port;           /* network byte order */
+	__u8 cache_proto;
+	__u8 cache_allowed;
+};
+
+/* ---- aus_events: RINGBUF of struct aus_event, drained by the daemon. */
+#define AUS_MAP_EVENTS "aus_events"
+struct aus_event {
+	__u64 ts_ns;                /* bpf_ktime_get_ns() */
+	__u32 loginuid;
+	__u32 uid;
+	__u32 pid;                  /* tgid of the socket's creator */
+	__u32 rule;
+	__u32 bytes;
+	__u8 verdict;               /* enum aus_event_verdict */
+	__u8 reason;                /* enum aus_reason */
+	__u8 hook;                  /* enum aus_hook */
+	__u8 family;                /* 4 or 6 */
+	__u8 proto;
+	__u8 pad[3];
+	__u16 sport;                /* host byte order */
+	__u16 dport;                /* host byte order */
+	__u8 saddr[16];             /* v4 as v4-mapped */
+	__u8 daddr[16];
+	char comm[AUS_COMM_LEN];
+};
+
+#endif /* AUS_H */

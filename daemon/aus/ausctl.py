@@ -1,0 +1,271 @@
+"""ausctl: inspect and steer ausd.
+
+Human tables on stdout, errors on stderr, ``--json`` on every command
+with a stable shape. ``maps`` and ``check`` read the pinned maps directly
+and work while ausd is down; ``status`` falls back to them.
+
+Exit codes: 0 success (for ``check``: allowed), 1 error, 2 usage,
+3 ``check``: the connection would be denied (or only reported, in
+visibility mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+
+from . import __version__, control, flows, loader, mapview
+from .config import DaemonConfig, load_config
+from .errors import AusError, ControlError
+
+DEFAULT_CONFIG = "/etc/aus/ausd.yaml"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
+
+
+def _table(rows: list[list], headers: list[str]) -> str:
+    cells = [headers] + [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _out(args, obj, human) -> None:
+    if args.json:
+        print(json.dumps(obj, indent=2, sort_keys=True))
+    else:
+        print(human(obj))
+
+
+def _counts(c: dict) -> str:
+    return (f"{c['allowed_packets']}/{c['allowed_bytes']}B "
+            f"{c['denied_packets']}/{c['denied_bytes']}B")
+
+
+# ---- commands -------------------------------------------------------------
+
+def cmd_status(args, cfg: DaemonConfig) -> int:
+    try:
+        st = control.request(cfg.socket, "status")
+        st.pop("ok", None)
+    except ControlError as exc:
+        maps = mapview.open_pinned(cfg.pin_dir)
+        try:
+            st = {"daemon": {"running": False, "error": str(exc)},
+                  "pin_dir": str(cfg.pin_dir),
+                  "installed": loader.is_installed(cfg.pin_dir),
+                  "kernel_config": mapview.config(maps),
+                  "decisions": mapview.reason_counters(maps),
+                  "events": mapview.event_stats(maps)}
+        finally:
+            mapview.close_all(maps)
+
+    def human(s):
+        d = s["daemon"]
+        lines = [f"ausd:      {'running, pid ' + str(d['pid']) if d['running'] else 'not running (' + d['error'] + ')'}"]
+        if d["running"]:
+            p = s["policy"]
+            lines += [f"mode:      {s['mode']}", f"cgroup:    {s['cgroup']}",
+                      f"policy:    {p['path']} version {p['version']}, {p['rules']} rules"
+                      + (f"\n           last reload refused: {p['error']}" if p["error"] else ""),
+                      f"users:     {s['users']['active']} active",
+                      f"kernel:    {s['kernel']['rulesets']} rulesets, "
+                      f"{s['kernel']['destinations']} destinations, {s['kernel']['services']} services",
+                      "programs:  " + ", ".join(
+                          f"{p['hook']}#{p.get('prog_id', '-')}" for p in s["programs"])]
+        else:
+            k = s["kernel_config"]
+            lines += [f"enforcing: {'yes' if s['installed'] else 'no'} (pinned under {s['pin_dir']})",
+                      f"mode:      {k['mode']}, policy version {k['policy_version']}"]
+        denied = sum(v for row in s["decisions"].values() for r, v in row.items()
+                     if r in ("no_rule", "pending"))
+        lines.append(f"decisions: {denied} denials counted; events {s['events']}")
+        return "\n".join(lines)
+
+    _out(args, st, human)
+    return EXIT_OK
+
+
+def cmd_users(args, cfg) -> int:
+    users = control.request(cfg.socket, "users")["users"]
+    _out(args, {"users": users}, lambda o: _table(
+        [[u["login_uid"], u["user"], ",".join(u["groups"]), u["groups_source"],
+          ",".join(u["rules"]), u["processes"], _counts(u["counters"])] for u in o["users"]],
+        ["LOGIN_UID", "USER", "GROUPS", "SOURCE", "RULES", "PROCS",
+         "ALLOWED pkts/bytes DENIED pkts/bytes"]))
+    return EXIT_OK
+
+
+def cmd_rules(args, cfg) -> int:
+    kw = {"login_uid": args.login_uid} if args.login_uid is not None else {}
+    rules = control.request(cfg.socket, "rules", **kw)["rules"]
+    _out(args, {"rules": rules}, lambda o: _table(
+        [[r["id"], r["name"], ",".join(r["sources"]), ",".join(r["destinations"]),
+          ",".join(r["services"]), _counts(r["counters"])] for r in o["rules"]],
+        ["ID", "NAME", "SOURCES", "DESTINATIONS", "SERVICES",
+         "ALLOWED pkts/bytes DENIED pkts/bytes"]))
+    return EXIT_OK
+
+
+def cmd_maps(args, cfg) -> int:
+    maps = mapview.open_pinned(cfg.pin_dir)
+    try:
+        d = mapview.dump(maps)
+    finally:
+        mapview.close_all(maps)
+
+    def human(d):
+        parts = [f"config: {d['config']}",
+                 "\naus_users:\n" + _table([[u["login_uid"], u["ruleset"], u["unmanaged"]]
+                                           for u in d["users"]], ["LOGIN_UID", "RULESET", "UNMANAGED"]),
+                 "\naus_dst:\n" + _table([[x["ruleset"], x["destination"], x["portset"]]
+                                         for x in d["destinations"]], ["RULESET", "DESTINATION", "PORTSET"]),
+                 "\naus_svc:\n" + _table([[x["portset"], x["proto"], x["ports"], x["rule_id"], x["rule"]]
+                                         for x in d["services"]], ["PORTSET", "PROTO", "PORTS", "RULE_ID", "RULE"]),
+                 "\naus_user_stats:\n" + _table([[c["login_uid"], c["allowed_packets"], c["allowed_bytes"],
+                                                  c["denied_packets"], c["denied_bytes"]]
+                                                 for c in d["user_counters"]],
+                                                ["LOGIN_UID", "ALLOWED_PKTS", "ALLOWED_BYTES", "DENIED_PKTS", "DENIED_BYTES"]),
+                 "\naus_rule_stats:\n" + _table([[c["rule_id"], c["rule"], c["allowed_packets"], c["allowed_bytes"],
+                                                  c["denied_packets"], c["denied_bytes"]]
+                                                 for c in d["rule_counters"]],
+                                                ["RULE_ID", "RULE", "ALLOWED_PKTS", "ALLOWED_BYTES", "DENIED_PKTS", "DENIED_BYTES"]),
+                 f"\nevents: {d['events']}"]
+        return "\n".join(parts)
+
+    _out(args, d, human)
+    return EXIT_OK
+
+
+def cmd_check(args, cfg) -> int:
+    maps = mapview.open_pinned(cfg.pin_dir)
+    try:
+        res = mapview.check(maps, args.login_uid, args.to, args.proto, args.port or 0)
+    finally:
+        mapview.close_all(maps)
+    _out(args, res, lambda r: (
+        f"{r['verdict'].upper()}: login UID {r['login_uid']} -> {r['to']} {r['proto']}"
+        + (f"/{r['port']}" if r['proto'] in ('tcp', 'udp') else "")
+        + (f" by rule {r['rule']} (id {r['rule_id']})" if r["rule_id"] else f" ({r['reason']})")
+        + (f", ruleset {r['ruleset']}" if r["ruleset"] else "")))
+    return EXIT_OK if res["allowed"] else EXIT_DENIED
+
+
+def cmd_flows(args, cfg) -> int:
+    with control.Client(cfg.socket, timeout=None if args.follow else 10) as c:
+        reply = c.request("flows", follow=args.follow, limit=args.limit)
+        for f in reply["flows"]:
+            print(json.dumps(f, sort_keys=True) if args.json else flows.format_line(f), flush=True)
+        while args.follow:
+            msg = c.read()
+            if msg is None:
+                return EXIT_OK
+            f = msg["flow"]
+            print(json.dumps(f, sort_keys=True) if args.json else flows.format_line(f), flush=True)
+    return EXIT_OK
+
+
+def cmd_reload(args, cfg) -> int:
+    r = control.request(cfg.socket, "reload")
+    r.pop("ok", None)
+    _out(args, r, lambda r: f"policy reloaded: version {r['version']}, {r['rules']} rules")
+    return EXIT_OK
+
+
+def cmd_session(args, cfg) -> int:
+    r = control.request(cfg.socket, "session_" + args.action, timeout=args.timeout)
+    r.pop("ok", None)
+    _out(args, r, lambda r: (f"session {args.action}: login UID {r['login_uid']}"
+                             + (f" ({r.get('user')}), rules {r.get('rules')}" if r.get("managed") else "")))
+    return EXIT_OK
+
+
+def cmd_uninstall(args, cfg) -> int:
+    if not args.yes:
+        print("ausctl uninstall detaches every aus program and removes the pinned maps: "
+              "traffic is no longer filtered. Add --yes to do it.", file=sys.stderr)
+        return EXIT_USAGE
+    removed = loader.uninstall(cfg.pin_dir)
+    _out(args, {"removed": removed}, lambda o: f"removed {len(o['removed'])} pins; "
+         "enforcement is off (stop ausd too, or it reinstalls at its next start)")
+    return EXIT_OK
+
+
+def _uid(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError("a login UID is 0..4294967295")
+    return v
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def parser() -> argparse.ArgumentParser:
+    def common_options(p, default):
+        p.add_argument("--config", default=DEFAULT_CONFIG if default else argparse.SUPPRESS,
+                       help=f"ausd configuration, for the socket and pin paths (default {DEFAULT_CONFIG})")
+        p.add_argument("--json", action="store_true",
+                       default=False if default else argparse.SUPPRESS,
+                       help="machine-readable output")
+
+    # The options work before and after the command; the command's copy
+    # must not reset what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common_options(common, default=False)
+    ap = argparse.ArgumentParser(prog="ausctl", description="Inspect and steer ausd.",
+                                 epilog=__doc__.split("\n\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_options(ap, default=True)
+    ap.add_argument("--version", action="version", version=f"ausctl {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", parents=[common], help="daemon, policy, programs, counters").set_defaults(fn=cmd_status)
+    sub.add_parser("users", parents=[common], help="active login UIDs, groups, rules, counters").set_defaults(fn=cmd_users)
+    p = sub.add_parser("rules", parents=[common], help="the policy's rules and their counters")
+    p.add_argument("--login-uid", type=_uid, help="only the rules of this login UID")
+    p.set_defaults(fn=cmd_rules)
+    sub.add_parser("maps", parents=[common], help="decoded dump of the pinned maps").set_defaults(fn=cmd_maps)
+    p = sub.add_parser("check", parents=[common], help="the verdict for a connection, from the kernel's maps")
+    p.add_argument("--login-uid", type=_uid, required=True)
+    p.add_argument("--to", type=_ip, required=True, help="destination address")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--proto", choices=["tcp", "udp", "icmp"], required=True)
+    p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("flows", parents=[common], help="recent flow events")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(fn=cmd_flows)
+    sub.add_parser("reload", parents=[common], help="re-read the policy file").set_defaults(fn=cmd_reload)
+    p = sub.add_parser("session", parents=[common], help="tell ausd a login session opened or closed")
+    p.add_argument("action", choices=["open", "close"])
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for ausd (default 2)")
+    p.set_defaults(fn=cmd_session)
+    p = sub.add_parser("uninstall", parents=[common], help="detach the programs and remove all pins")
+    p.add_argument("--yes", action="store_true")
+    p.set_defaults(fn=cmd_uninstall)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "check" and args.proto in ("tcp", "udp") and not 1 <= args.port <= 65535:
+        print("ausctl check: --port 1..65535 is needed for tcp and udp", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = load_config(args.config, required=args.config != DEFAULT_CONFIG)
+        return args.fn(args, cfg)
+    except AusError as exc:
+        if args.json:
+            print(json.dumps({"error": str(exc)}), file=sys.stderr)
+        else:
+            print(f"ausctl {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

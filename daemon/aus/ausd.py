@@ -1,0 +1,379 @@
+"""ausd: keeps the kernel's maps filled with the rules of whoever is logged in.
+
+Start: probe the kernel, lock the pins, read the policy, compile and load
+the programs (reusing pinned maps), rebuild the model of what the maps
+hold, write the first policy, swap the programs into the cgroup links, and
+only then tell systemd READY. Then one loop: control requests, a /proc
+scan every ``scan_interval``, signals (HUP reloads, TERM/INT exit), and
+flow events from the ring buffer. Exiting leaves programs and maps pinned
+and attached: enforcement does not depend on this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import __version__, bpfsys, compiler, contract as C, control, flows, loader, mapsync
+from .config import DaemonConfig, load_config
+from .errors import AusError, PolicyError
+from .identity import Directory
+from .policy import Policy, load_policy
+from .sdnotify import Notifier
+from .sessions import Sessions, peer_loginuid, scan_loginuids
+from .state import UNMANAGED, Desired, KernelState, plan
+
+log = logging.getLogger("aus.ausd")
+
+DEFAULT_CONFIG = "/etc/aus/ausd.yaml"
+FLOW_HISTORY = 2000
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=getattr(logging, level.upper()),
+        format="%(levelname)s %(name)s: %(message)s")
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig, notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.notifier = notifier or Notifier(None)
+        self.lock = loader.PinLock(cfg.pin_dir)
+        self.loaded: loader.Loaded | None = None
+        self.kstate = KernelState()
+        self.policy: Policy | None = None
+        self.policy_digest = ""
+        self.policy_error: str | None = None
+        self.compiled: compiler.CompiledPolicy | None = None
+        self.directory = Directory(ttl=cfg.groups_ttl)
+        self.sessions = Sessions()
+        self.unmanaged = set(cfg.unmanaged_login_uids)
+        self.started = time.time()
+        self.flow_history: collections.deque = collections.deque(maxlen=FLOW_HISTORY)
+        self.followers: list[socket.socket] = []
+        self._events_lock = threading.Lock()
+        self._pending_events: list[bytes] = []
+        self._stop = threading.Event()
+        self._signals: list[int] = []
+        self._wake_r, self._wake_w = os.pipe()
+        self.listener: socket.socket | None = None
+        self.last_sync: dict = {}
+
+    # ---- policy ----------------------------------------------------------
+    def _read_policy(self) -> tuple[Policy, str]:
+        path = self.cfg.policy
+        policy = load_policy(path)
+        try:
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError:
+            digest = ""
+        return policy, digest
+
+    def _compile(self, policy: Policy, version: int) -> compiler.CompiledPolicy:
+        names = {name: rid for rid, name in self.kstate.rules.items()
+                 if rid != C.RULE_BASELINE}
+        try:
+            return compiler.compile_policy(policy, self.cfg.baseline_networks,
+                                           rule_ids=names, max_rules=self.cfg.max_rules,
+                                           version=version)
+        except ValueError as exc:
+            raise PolicyError(str(self.cfg.policy), [str(exc)]) from exc
+
+    def reload(self) -> dict:
+        """Re-read the policy; a bad one is refused and the old stays."""
+        try:
+            policy, digest = self._read_policy()
+            version = self.kstate.config.policy_version
+            if digest != self.policy_digest:
+                version += 1
+            compiled = self._compile(policy, version)
+        except PolicyError as exc:
+            self.policy_error = str(exc)
+            log.error("%s (the policy in force stays)", exc)
+            return {"ok": False, "error": str(exc)}
+        self.policy, self.policy_digest, self.compiled = policy, digest, compiled
+        self.policy_error = None
+        for uid in list(self.sessions.processes):
+            self.directory.forget(uid)
+        self.sync("reload")
+        log.info("policy %s loaded: version %d, %d rules", self.cfg.policy,
+                 compiled.version, len(compiled.rules))
+        return {"ok": True, "version": compiled.version, "rules": len(compiled.rules)}
+
+    # ---- desired state and sync -------------------------------------------
+    def desired(self) -> Desired:
+        assert self.compiled is not None
+        users: dict[int, compiler.Ruleset | str] = {uid: UNMANAGED for uid in self.unmanaged}
+        for uid in self.sessions.active(self.unmanaged):
+            info = self.directory.get(uid)
+            users[uid] = self.compiled.ruleset(self.compiled.matching_rules(info.groups))
+        return Desired(users=users, baseline=self.compiled.baseline_ruleset(),
+                       rules=self.compiled.rule_names,
+                       mode=C.MODES[self.cfg.mode],
+                       events_per_sec=self.cfg.events_per_second,
+                       events_burst=self.cfg.events_burst,
+                       policy_version=self.compiled.version)
+
+    def sync(self, why: str) -> None:
+        assert self.loaded is not None
+        t0 = time.perf_counter()
+        p, new = plan(self.kstate, self.desired())
+        if p:
+            mapsync.apply(p, self.loaded.maps)
+            self.kstate = new
+            log.debug("sync (%s): %s", why, p.summary())
+        self.last_sync = {"why": why, "changes": p.summary() if p else {},
+                          "seconds": round(time.perf_counter() - t0, 6),
+                          "at": time.time()}
+
+    def scan(self) -> None:
+        self.sessions.update_scan(scan_loginuids())
+        for uid in self.sessions.active(self.unmanaged):
+            if self.directory.expired(uid):
+                self.directory.get(uid, refresh=True)
+        self.sync("scan")
+
+    # ---- start / stop ----------------------------------------------------
+    def start(self) -> None:
+        offset = loader.probe(self.cfg)
+        self.lock.acquire()
+        policy, digest = self._read_policy()   # a bad policy stops the start
+        self.loaded = loader.compile_and_load(self.cfg, offset)
+        self.kstate = mapsync.read_state(self.loaded.maps)
+        version = self.kstate.config.policy_version + 1
+        self.compiled = self._compile(policy, version)
+        self.policy, self.policy_digest = policy, digest
+        self.sessions.update_scan(scan_loginuids())
+        self.sync("start")
+        loader.attach(self.loaded, self.cfg.cgroup_path)
+        self._start_events()
+        self.listener = control.listen(self.cfg.socket)
+        self.notifier.ready(f"enforcing policy version {self.compiled.version}")
+        log.info("ausd %s ready: mode %s, cgroup %s, %d active users, pins %s",
+                 __version__, self.cfg.mode, self.cfg.cgroup_path,
+                 len(self.sessions.active(self.unmanaged)), self.cfg.pin_dir)
+
+    def _start_events(self) -> None:
+        bpf = self.loaded.bpf
+
+        def on_event(_ctx, data, size):
+            raw = bytes((ctypes_char * size).from_address(data))
+            with self._events_lock:
+                self._pending_events.append(raw)
+            try:
+                os.write(self._wake_w, b"e")
+            except OSError:
+                pass
+
+        import ctypes
+        ctypes_char = ctypes.c_char
+        bpf[C.MAP_EVENTS.encode()].open_ring_buffer(on_event)
+
+        def pump():
+            while not self._stop.is_set():
+                bpf.ring_buffer_poll(200)
+
+        threading.Thread(target=pump, name="aus-events", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for f in self.followers:
+            f.close()
+        if self.listener:
+            self.listener.close()
+            try:
+                os.unlink(self.cfg.socket)
+            except OSError:
+                pass
+        time.sleep(0.25)  # let the event thread leave ring_buffer_poll
+        if self.loaded:
+            self.loaded.close()
+        self.lock.release()
+
+    # ---- main loop -------------------------------------------------------
+    def _on_signal(self, signum, _frame) -> None:
+        self._signals.append(signum)
+        try:
+            os.write(self._wake_w, b"s")
+        except OSError:
+            pass
+
+    def run(self) -> int:
+        for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._on_signal)
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        next_scan = time.monotonic() + self.cfg.scan_interval
+        while True:
+            timeout = max(0.0, next_scan - time.monotonic())
+            for key, _ in sel.select(timeout):
+                if key.data == "accept":
+                    self._accept()
+                else:
+                    os.read(self._wake_r, 4096)
+            while self._signals:
+                signum = self._signals.pop(0)
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading the policy")
+                    self.reload()
+                else:
+                    log.info("%s: exiting; enforcement stays in the kernel",
+                             signal.Signals(signum).name)
+                    self.notifier.stopping()
+                    return 0
+            self._drain_events()
+            if time.monotonic() >= next_scan:
+                try:
+                    self.scan()
+                except AusError as exc:
+                    log.error("scan: %s", exc)
+                self.notifier.watchdog()
+                next_scan = time.monotonic() + self.cfg.scan_interval
+
+    def _drain_events(self) -> None:
+        with self._events_lock:
+            pending, self._pending_events = self._pending_events, []
+        if not pending:
+            return
+        names = self.kstate.rules
+        for raw in pending:
+            ev = flows.decode(raw, names)
+            self.flow_history.append(ev)
+            for f in list(self.followers):
+                try:
+                    control.send(f, {"ok": True, "flow": ev})
+                except OSError:
+                    self.followers.remove(f)
+                    f.close()
+
+    # ---- control requests --------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        keep = False
+        try:
+            peer = control.peer_of(conn)
+            req = control.read_request(conn)
+            cmd = req["cmd"]
+            if cmd in control.MUTATING and peer.uid != 0:
+                reply = {"ok": False, "error": f"{cmd}: only root may change ausd"}
+            else:
+                handler = getattr(self, "cmd_" + cmd, None)
+                if handler is None:
+                    reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+                else:
+                    reply = handler(req, peer)
+            if reply.pop("_follow", False):
+                keep = True
+            control.send(conn, reply)
+            if keep:
+                conn.setblocking(False)
+                self.followers.append(conn)
+        except (OSError, ValueError) as exc:
+            log.debug("control request failed: %s", exc)
+            try:
+                control.send(conn, {"ok": False, "error": f"bad request: {exc}"})
+            except OSError:
+                pass
+        except AusError as exc:
+            try:
+                control.send(conn, {"ok": False, "error": str(exc)})
+            except OSError:
+                pass
+        finally:
+            if not keep:
+                conn.close()
+
+    def cmd_status(self, req, peer) -> dict:
+        from . import report
+        return {"ok": True, **report.status(self)}
+
+    def cmd_users(self, req, peer) -> dict:
+        from . import report
+        return {"ok": True, "users": report.users(self)}
+
+    def cmd_rules(self, req, peer) -> dict:
+        from . import report
+        return {"ok": True, "rules": report.rules(self, req.get("login_uid"))}
+
+    def cmd_reload(self, req, peer) -> dict:
+        return self.reload()
+
+    def cmd_flows(self, req, peer) -> dict:
+        limit = int(req.get("limit", 100))
+        recent = list(self.flow_history)[-limit:] if limit > 0 else []
+        return {"ok": True, "flows": recent, "_follow": bool(req.get("follow"))}
+
+    def _peer_uid(self, req, peer) -> int:
+        uid = peer_loginuid(peer.pid)
+        if uid is None or uid == C.LOGINUID_UNSET:
+            raise AusError("session: the calling process has no login UID "
+                           "(run it from a login session, after pam_loginuid)")
+        return uid
+
+    def cmd_session_open(self, req, peer) -> dict:
+        uid = self._peer_uid(req, peer)
+        if uid in self.unmanaged:
+            return {"ok": True, "login_uid": uid, "managed": False}
+        self.sessions.open(uid)
+        info = self.directory.get(uid, refresh=True)
+        self.sync("session open")
+        entry = self.kstate.users.get(uid)
+        rules = sorted(self.compiled.rule_names[r]
+                       for r in self.compiled.matching_rules(info.groups))
+        log.info("session opened: login UID %d (%s), groups %s, rules %s",
+                 uid, info.name, list(info.groups), rules)
+        return {"ok": True, "login_uid": uid, "managed": True, "user": info.name,
+                "groups": list(info.groups), "rules": rules,
+                "ruleset": entry[0] if entry else None}
+
+    def cmd_session_close(self, req, peer) -> dict:
+        uid = self._peer_uid(req, peer)
+        self.sessions.close(uid)
+        self.sessions.update_scan(scan_loginuids())
+        self.sync("session close")
+        return {"ok": True, "login_uid": uid,
+                "active": uid in self.kstate.users and uid not in self.unmanaged}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ausd", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=DEFAULT_CONFIG,
+                    help=f"daemon configuration (default {DEFAULT_CONFIG})")
+    ap.add_argument("--version", action="version", version=f"ausd {__version__}")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, required=args.config != DEFAULT_CONFIG)
+    except AusError as exc:
+        print(f"ausd: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    daemon = Daemon(cfg, Notifier.from_env())
+    try:
+        daemon.start()
+    except AusError as exc:
+        log.error("%s", exc)
+        daemon.close()
+        return 1
+    try:
+        return daemon.run()
+    finally:
+        daemon.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Compile a policy into the immutable rulesets the kernel looks up. Pure.
+
+A user's ruleset is the set of rules whose sources contain one of the
+user's groups, plus the baseline. Its compiled form is what goes into the
+two LPM tries (see bpf/aus.h):
+
+* ``aus_dst``: for each destination prefix, the portset that holds every
+  service allowed to addresses under that prefix. Rules are *flattened*:
+  a prefix inherits the services of every shorter prefix containing it, so
+  the longest match alone decides, with no loop over rules in the kernel.
+* ``aus_svc``: a portset's (protocol, port block) entries, each naming the
+  rule that allows it (the first in policy order when several do). A port
+  range becomes a few aligned power-of-two blocks.
+
+Users with the same matching rules share one ruleset, so the kernel holds
+one copy per distinct group combination, not per user.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterable
+
+from . import contract as C
+from .policy import Policy, ServiceSpec
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_PROTOS = {"tcp": (C.PROTO_TCP,), "udp": (C.PROTO_UDP,),
+           "icmp": (C.PROTO_ICMP, C.PROTO_ICMPV6), "any": (C.PROTO_ANY,)}
+
+
+@dataclass(frozen=True, order=True)
+class SvcEntry:
+    """One aus_svc entry of a portset: ``port`` is the block start (host
+    order) and ``plen`` the key prefix length (32, 48, or 48 + k)."""
+    proto: int
+    port: int
+    plen: int
+    rule: int
+
+    def covers(self, proto: int, port: int) -> bool:
+        if self.plen == C.SVC_ANY_PREFIX:
+            return True
+        if proto != self.proto:
+            return False
+        bits = self.plen - C.SVC_PROTO_PREFIX
+        return bits == 0 or (port >> (16 - bits)) == (self.port >> (16 - bits))
+
+
+Portset = frozenset  # frozenset[SvcEntry]
+# A ruleset: frozenset of (addr16, plen128, Portset).
+Ruleset = frozenset
+
+
+def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """Split [lo, hi] into aligned blocks: [(start, prefix bits of 16)]."""
+    blocks = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while size > hi - lo + 1:
+            size //= 2
+        bits = 16 - (size.bit_length() - 1)
+        blocks.append((lo, bits))
+        lo += size
+    return blocks
+
+
+def service_entries(spec: ServiceSpec, rule: int) -> list[SvcEntry]:
+    out = []
+    for proto in _PROTOS[spec.proto]:
+        if proto == C.PROTO_ANY:
+            out.append(SvcEntry(proto, 0, C.SVC_ANY_PREFIX, rule))
+        elif spec.proto == "icmp" or (spec.lo, spec.hi) == (0, 65535):
+            out.append(SvcEntry(proto, 0, C.SVC_PROTO_PREFIX, rule))
+        else:
+            for start, bits in port_blocks(spec.lo, spec.hi):
+                out.append(SvcEntry(proto, start, C.SVC_PROTO_PREFIX + bits, rule))
+    return out
+
+
+def _dedupe(entries: Iterable[SvcEntry]) -> Portset:
+    """Keep one rule per (proto, port, plen): the lowest id, i.e. the
+    first rule in policy order."""
+    best: dict[tuple[int, int, int], int] = {}
+    for e in entries:
+        k = (e.proto, e.port, e.plen)
+        if k not in best or e.rule < best[k]:
+            best[k] = e.rule
+    return frozenset(SvcEntry(p, port, plen, r) for (p, port, plen), r in best.items())
+
+
+def _key(net: Network) -> tuple[bytes, int]:
+    return C.addr16(net.network_address), C.addr_prefixlen(net)
+
+
+def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
+    (oaddr, oplen), (iaddr, iplen) = outer, inner
+    if oplen > iplen:
+        return False
+    shift = 128 - oplen
+    return (oaddr >> shift) == (iaddr >> shift) if oplen else True
+
+
+def flatten(grants: Iterable[tuple[Network, Iterable[SvcEntry]]]) -> Ruleset:
+    """Turn (destination, services) grants into LPM entries in which the
+    longest matching prefix carries every service any containing prefix
+    grants."""
+    by_prefix: dict[tuple[int, int], set[SvcEntry]] = {}
+    for net, entries in grants:
+        addr, plen = _key(net)
+        by_prefix.setdefault((int.from_bytes(addr, "big"), plen), set()).update(entries)
+    # Sorting by prefix length lets each prefix look only at shorter ones.
+    prefixes = sorted(by_prefix, key=lambda p: p[1])
+    out = []
+    for i, p in enumerate(prefixes):
+        merged = set(by_prefix[p])
+        for q in prefixes[:i]:
+            if q[1] < p[1] and _contains(q, p):
+                merged.update(by_prefix[q])
+        out.append((p[0].to_bytes(16, "big"), p[1], _dedupe(merged)))
+    return frozenset(out)
+
+
+def group_matches(policy_group: str, directory_group: str) -> bool:
+    """``DEV`` matches ``dev`` and ``dev@corp.example``; case never matters."""
+    want = policy_group.casefold()
+    have = directory_group.casefold()
+    return have == want or ("@" not in want and have.split("@", 1)[0] == want)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    id: int
+    name: str
+    sources: tuple[str, ...]                     # policy group names
+    grants: tuple[tuple[Network, tuple[SvcEntry, ...]], ...]
+
+
+def assign_rule_ids(names: list[str], existing: dict[str, int],
+                    max_rules: int) -> dict[str, int]:
+    """Stable ids: a rule keeps its id across reloads while its name stays,
+    so its counters do; new rules get the lowest free ids from 2."""
+    ids = {n: existing[n] for n in names if n in existing}
+    used = set(ids.values())
+    nxt = C.RULE_BASELINE + 1
+    for n in names:
+        if n in ids:
+            continue
+        while nxt in used:
+            nxt += 1
+        if nxt >= max_rules:
+            raise ValueError(f"the policy has more rules than max_rules ({max_rules - 2})")
+        ids[n] = nxt
+        used.add(nxt)
+    return ids
+
+
+@dataclass
+class CompiledPolicy:
+    """A policy ready to be turned into rulesets, user by user."""
+    rules: tuple[CompiledRule, ...]
+    baseline: tuple[Network, ...]
+    version: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def rule_names(self) -> dict[int, str]:
+        names = {C.RULE_BASELINE: "baseline"}
+        names.update({r.id: r.name for r in self.rules})
+        return names
+
+    def matching_rules(self, groups: Iterable[str]) -> frozenset[int]:
+        groups = list(groups)
+        return frozenset(r.id for r in self.rules
+                         if any(group_matches(s, g) for s in r.sources for g in groups))
+
+    def ruleset(self, rule_ids: frozenset[int]) -> Ruleset:
+        """The compiled ruleset of a set of rules (memoized: many users share)."""
+        rs = self._cache.get(rule_ids)
+        if rs is None:
+            grants = [(net, service_entries(ServiceSpec("any", 0, 0), C.RULE_BASELINE))
+                      for net in self.baseline]
+            for r in self.rules:
+                if r.id in rule_ids:
+                    grants.extend(r.grants)
+            rs = self._cache[rule_ids] = flatten(grants)
+        return rs
+
+    def baseline_ruleset(self) -> Ruleset:
+        return self.ruleset(frozenset())
+
+
+def compile_policy(policy: Policy, baseline: Iterable[Network], *,
+                   rule_ids: dict[str, int] | None = None,
+                   max_rules: int = 4096, version: int = 0) -> CompiledPolicy:
+    ids = assign_rule_ids([r.name for r in policy.rules], rule_ids or {}, max_rules)
+    rules = []
+    for r in policy.rules:
+        rid = ids[r.name]
+        entries = tuple(e for spec in policy.services_of(r)
+                        for e in service_entries(spec, rid))
+        grants = tuple((net, entries) for net in policy.destinations_of(r))
+        rules.append(CompiledRule(rid, r.name, tuple(r.sources), grants))
+    return CompiledPolicy(tuple(rules), tuple(baseline), version)
+
+
+def lookup(ruleset: Ruleset, addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+           proto: int, port: int) -> int | None:
+    """What the two LPM lookups give for a destination: the rule id, or None.
+    Used by unit tests and ``ausctl check --offline`` on compiled data."""
+    a = int.from_bytes(C.addr16(addr), "big")
+    best = None
+    for raddr, plen, portset in ruleset:
+        if _contains((int.from_bytes(raddr, "big"), plen), (a, 128)):
+            if best is None or plen > best[0]:
+                best = (plen, portset)
+    if best is None:
+        return None
+    match = None
+    for e in best[1]:
+        if e.covers(proto, port) and (match is None or e.plen > match.plen):
+            match = e
+    return match.rule if match else None

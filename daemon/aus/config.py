@@ -1,0 +1,266 @@
+"""The daemon's configuration, ``/etc/aus/ausd.yaml`` by default.
+
+One frozen pydantic model, :class:`DaemonConfig`; unknown keys are refused.
+:func:`load_config` reads it and reports every problem at once as a
+:class:`~aus.errors.ConfigError` naming the file, line, key and reason.
+See packaging/ausd.yaml for a commented file with every default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from .errors import ConfigError
+from .policy import parse_network
+from .yamlsource import (
+    YamlSourceError,
+    describe_validation_errors,
+    load_yaml_with_lines,
+    sorted_problems,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/aus/ausd.yaml")
+
+LOGINUID_UNSET = 0xFFFFFFFF  # AUS_LOGINUID_UNSET in bpf/aus.h
+MAP_SIZE_MIN = 16
+MAP_SIZE_MAX = 16_777_216
+
+_CGROUP2_HINT = (
+    "no cgroup v2 hierarchy is mounted; mount one with: "
+    "mount -t cgroup2 none /sys/fs/cgroup"
+)
+
+# Context key: directory relative ``policy`` and ``bpf_dir`` are resolved
+# against (the configuration file's directory, set by load_config).
+_BASE_DIR = "aus.config.base_dir"
+
+
+def _unescape_mount_field(field: str) -> str:
+    r"""/proc/mounts escapes space, tab, newline and backslash as \ooo."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        chunk = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(chunk) == 3 and all(c in "01234567" for c in chunk):
+            out.append(chr(int(chunk, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def cgroup2_root(mounts_text: str | None = None) -> Path:
+    """The mount point of the first cgroup v2 hierarchy in ``mounts_text``
+    (``/proc/mounts`` format; read from /proc/mounts when None).
+
+    Raises ConfigError when none is mounted or /proc/mounts is unreadable.
+    """
+    if mounts_text is None:
+        try:
+            with open("/proc/mounts", encoding="utf-8", errors="replace") as fh:
+                mounts_text = fh.read()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read /proc/mounts to find the cgroup v2 hierarchy: "
+                f"{exc.strerror or exc}"
+            ) from exc
+    for line in mounts_text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            return Path(_unescape_mount_field(fields[1]))
+    raise ConfigError(_CGROUP2_HINT)
+
+
+# --------------------------------------------------------------------------
+# Field types
+
+
+def _plain_number(value: Any) -> Any:
+    # YAML's true/false and quoted numbers would otherwise be coerced.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    if isinstance(value, str):
+        raise ValueError(f"expected a number, got the string {value!r}")
+    return value
+
+
+def _no_empty_path(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("expected a path, got an empty string")
+    return value
+
+
+def _absolute(value: Path | None) -> Path | None:
+    if value is not None and not value.is_absolute():
+        raise ValueError(f"must be an absolute path, got {str(value)!r}")
+    return value
+
+
+def _login_uid(value: int) -> int:
+    if value == LOGINUID_UNSET:
+        raise ValueError(
+            "4294967295 is the unset login UID (processes not started from a "
+            "login, such as system services); they are never filtered, so it "
+            "cannot and need not be listed"
+        )
+    if not 0 <= value < LOGINUID_UNSET:
+        raise ValueError(f"{value} is not a login UID (0..4294967294)")
+    return value
+
+
+def _network(value: str) -> str:
+    parse_network(value)
+    return value
+
+
+def _num(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.10g}"
+
+
+def _between(lo: float, hi: float | None, unit: str = "") -> Any:
+    def check(value: Any) -> Any:
+        if hi is None and value < lo:
+            raise ValueError(f"must be at least {_num(lo)}{unit}, got {_num(value)}")
+        if hi is not None and not lo <= value <= hi:
+            raise ValueError(
+                f"must be between {_num(lo)} and {_num(hi)}{unit}, got {_num(value)}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+StrictNumber = BeforeValidator(_plain_number)
+PathIn = BeforeValidator(_no_empty_path)
+AbsPath = Annotated[Path, PathIn, AfterValidator(_absolute)]
+LoginUid = Annotated[int, Field(strict=True), AfterValidator(_login_uid)]
+MapSize = Annotated[
+    int, Field(strict=True), _between(MAP_SIZE_MIN, MAP_SIZE_MAX, " entries")
+]
+
+
+class DaemonConfig(BaseModel):
+    """ausd's settings. Every field has a default; paths are absolute (a
+    relative ``policy`` or ``bpf_dir`` in a file is taken relative to the
+    file's directory)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Annotated[Path, PathIn] = Path("/etc/aus/policy.yaml")
+    cgroup: Annotated[Path | None, PathIn, AfterValidator(_absolute)] = None
+    pin_dir: AbsPath = Path("/sys/fs/bpf/aus")
+    socket: AbsPath = Path("/run/aus/ausd.sock")
+    mode: Literal["enforce", "visibility"] = "enforce"
+    unmanaged_login_uids: list[LoginUid] = Field(default_factory=lambda: [0])
+    baseline: list[Annotated[str, AfterValidator(_network)]] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"]
+    )
+    scan_interval: Annotated[float, StrictNumber, _between(0.05, 2.0, " seconds")] = 1.0
+    groups_ttl: Annotated[float, StrictNumber, _between(0.0, 3600.0, " seconds")] = 10.0
+    events_per_second: Annotated[int, Field(strict=True), _between(1, 1_000_000)] = 1000
+    events_burst: Annotated[int, Field(strict=True), _between(1, None)] = 2000
+    max_users: MapSize = 65536
+    max_destinations: MapSize = 262144
+    max_services: MapSize = 262144
+    max_rules: MapSize = 4096
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    bpf_dir: Annotated[Path | None, PathIn] = None
+
+    @field_validator("mode", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("policy", "bpf_dir")
+    @classmethod
+    def _relative_to_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        base = (info.context or {}).get(_BASE_DIR)
+        if value is not None and base is not None and not value.is_absolute():
+            return Path(base) / value
+        return value
+
+    @property
+    def cgroup_path(self) -> Path:
+        """The cgroup the programs attach to: ``cgroup``, or the cgroup v2
+        mount root when unset (raises ConfigError if there is none)."""
+        return self.cgroup if self.cgroup is not None else cgroup2_root()
+
+    @property
+    def baseline_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``baseline`` parsed, duplicates removed, order kept."""
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for text in self.baseline:
+            net = parse_network(text)
+            if net not in out:
+                out.append(net)
+        return out
+
+
+def config_from_text(
+    text: str, source: str = "<config>", base_dir: str | os.PathLike | None = None
+) -> DaemonConfig:
+    """Parse and validate configuration text (empty = defaults). Raises
+    ConfigError naming ``source`` and listing ``line N: key: reason``."""
+    try:
+        data, line_of = load_yaml_with_lines(text, source)
+    except YamlSourceError as exc:
+        raise ConfigError(_message(source, exc.problems)) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(_message(source, [
+            f"line {line_of(())}: the configuration must be a mapping of keys to values"
+        ]))
+    context = {_BASE_DIR: os.fspath(base_dir)} if base_dir is not None else None
+    try:
+        return DaemonConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        items = describe_validation_errors(exc, DaemonConfig, line_of)
+        raise ConfigError(_message(source, sorted_problems(items))) from exc
+
+
+def load_config(
+    path: str | os.PathLike | None, *, required: bool = True
+) -> DaemonConfig:
+    """Read the daemon configuration from ``path`` (None: /etc/aus/ausd.yaml).
+
+    A missing file is an error unless ``required`` is False, in which case
+    the defaults are returned. An empty file means the defaults.
+    """
+    file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    source = str(file)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError as exc:
+        if not required:
+            return DaemonConfig()
+        raise ConfigError(f"{source}: configuration file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(_message(source, [
+            f"line {line}: not valid UTF-8 (byte {exc.start})"])) from exc
+    return config_from_text(text, source, base_dir=file.absolute().parent)
+
+
+def _message(source: str, problems: list[str]) -> str:
+    return f"{source}: invalid configuration:\n" + "\n".join(f"  {p}" for p in problems)

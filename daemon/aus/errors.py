@@ -1,0 +1,69 @@
+"""The project's error types.
+
+Every layer below (bcc, the bpf(2) syscall, YAML, pydantic, sockets) has its
+own exceptions; they are translated into these at one point each, with
+``raise ... from exc``, so callers handle one hierarchy::
+
+    AusError
+    +-- ConfigError        ausd.yaml is missing, unreadable or invalid
+    +-- PolicyError        the policy file is invalid (file, field/line, reason)
+    +-- KernelError        the kernel refused something
+    |   +-- ProbeError     a needed kernel feature is missing (one sentence)
+    |   +-- BpfError       one bpf(2) or bcc operation failed (object, errno)
+    +-- LockError          another ausd already owns these pins
+    +-- ControlError       the control socket: unreachable, refused, bad reply
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class AusError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(AusError):
+    pass
+
+
+class PolicyError(AusError):
+    """A policy that cannot be enforced. ``problems`` lists each one."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{source}: policy refused:\n{lines}")
+
+
+class KernelError(AusError):
+    pass
+
+
+class ProbeError(KernelError):
+    pass
+
+
+class BpfError(KernelError):
+    """A bpf(2)/bcc operation failed on a named object."""
+
+    def __init__(self, op: str, obj: str, err: int | None, detail: str = ""):
+        self.op = op
+        self.obj = obj
+        self.errno = err
+        name = _errno.errorcode.get(err, str(err)) if err else "?"
+        text = f"{op} {obj}: "
+        text += f"{name} ({os.strerror(err)})" if err else "failed"
+        if detail:
+            text += f": {detail}"
+        super().__init__(text)
+
+
+class LockError(AusError):
+    pass
+
+
+class ControlError(AusError):
+    pass

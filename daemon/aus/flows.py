@@ -1,0 +1,47 @@
+"""Flow events from the kernel's ring buffer, decoded for people and JSON."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+from . import contract as C
+
+
+def _mono_to_wall(ts_ns: int) -> float:
+    # bpf_ktime_get_ns() is CLOCK_MONOTONIC.
+    return time.time() - (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - ts_ns) / 1e9
+
+
+def decode(raw: bytes, rule_names: dict[int, str]) -> dict:
+    ev = C.Event.from_buffer_copy(raw[:ctypes.sizeof(C.Event)])
+    proto = C.PROTO_NAMES.get(ev.proto, str(ev.proto))
+    return {
+        "time": round(_mono_to_wall(ev.ts_ns), 6),
+        "login_uid": ev.loginuid,
+        "uid": ev.uid,
+        "pid": ev.pid,
+        "comm": ev.comm.decode(errors="replace"),
+        "hook": C.Hook(ev.hook).name.lower() if ev.hook < C.HOOK_MAX else str(ev.hook),
+        "verdict": C.EventVerdict(ev.verdict).name.lower(),
+        "reason": C.Reason(ev.reason).name.lower() if ev.reason < C.REASON_MAX else str(ev.reason),
+        "rule_id": ev.rule,
+        "rule": rule_names.get(ev.rule) if ev.rule else None,
+        "family": ev.family,
+        "proto": proto,
+        "src": str(C.addr_from16(bytes(ev.saddr))),
+        "sport": ev.sport,
+        "dst": str(C.addr_from16(bytes(ev.daddr))),
+        "dport": ev.dport,
+        "bytes": ev.bytes,
+    }
+
+
+def format_line(f: dict) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(f["time"]))
+    dst = f"[{f['dst']}]" if ":" in f["dst"] else f["dst"]
+    port = f":{f['dport']}" if f["proto"] in ("tcp", "udp") else ""
+    rule = f" rule={f['rule']}" if f["rule"] else ""
+    return (f"{when} {f['verdict'].upper():5} login_uid={f['login_uid']} uid={f['uid']} "
+            f"pid={f['pid']} comm={f['comm']} {f['proto']} -> {dst}{port} "
+            f"({f['hook']}, {f['reason']}){rule}")

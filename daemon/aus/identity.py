@@ -1,0 +1,87 @@
+"""Who a login UID is and which directory groups it belongs to, via NSS.
+
+NSS is how SSSD serves Active Directory, LDAP and FreeIPA users and
+groups, so ``getpwuid`` + ``getgrouplist`` see directory groups (nested
+ones too, when SSSD resolves them). Answers are cached per login UID for
+``ttl`` seconds; when a lookup fails after a user was known, the last
+known groups stay (a directory outage must not change enforcement), and
+an unknown user gets no groups, hence only the baseline.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    login_uid: int
+    name: str | None          # None: NSS does not know this UID
+    groups: tuple[str, ...]
+    source: str               # "nss", "nss (stale: <reason>)", "unknown"
+    fetched_at: float         # time.time() of the answer
+
+
+def nss_lookup(login_uid: int) -> tuple[str | None, tuple[str, ...]]:
+    """(user name, group names) from NSS; (None, ()) for an unknown UID."""
+    try:
+        pw = pwd.getpwuid(login_uid)
+    except KeyError:
+        return None, ()
+    names = []
+    for gid in os.getgrouplist(pw.pw_name, pw.pw_gid):
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue  # a GID without a name cannot match a policy group
+    return pw.pw_name, tuple(dict.fromkeys(names))
+
+
+@dataclass
+class Directory:
+    """Cached view of NSS. ``lookup`` and ``clock`` are seams for tests."""
+    ttl: float = 30.0
+    lookup: Callable[[int], tuple[str | None, tuple[str, ...]]] = nss_lookup
+    clock: Callable[[], float] = time.time
+    _cache: dict[int, UserInfo] = field(default_factory=dict)
+
+    def get(self, login_uid: int, *, refresh: bool = False) -> UserInfo:
+        now = self.clock()
+        cached = self._cache.get(login_uid)
+        if cached and not refresh and now - cached.fetched_at < self.ttl:
+            return cached
+        try:
+            name, groups = self.lookup(login_uid)
+        except OSError as exc:
+            if cached and cached.name:
+                log.warning("groups of login UID %d: %s; keeping the last known",
+                            login_uid, exc)
+                info = UserInfo(login_uid, cached.name, cached.groups,
+                                f"nss (stale: {exc})", cached.fetched_at)
+                self._cache[login_uid] = info
+                return info
+            name, groups = None, ()
+        if name is None and cached and cached.name:
+            # NSS forgot a known user (directory unreachable): keep groups.
+            info = UserInfo(login_uid, cached.name, cached.groups,
+                            "nss (stale: user not found)", cached.fetched_at)
+        else:
+            info = UserInfo(login_uid, name, groups,
+                            "nss" if name else "unknown", now)
+        self._cache[login_uid] = info
+        return info
+
+    def forget(self, login_uid: int) -> None:
+        self._cache.pop(login_uid, None)
+
+    def expired(self, login_uid: int) -> bool:
+        cached = self._cache.get(login_uid)
+        return cached is None or self.clock() - cached.fetched_at >= self.ttl

@@ -1,0 +1,603 @@
+"""The policy: who (directory user groups) may reach what (destinations,
+services). Model (pydantic v2, frozen, unknown keys refused) and YAML loader.
+
+A policy file::
+
+    user_groups:
+      - name: DEV
+        sid: S-1-5-21-1-2-3-1104        # optional, AD SID
+        external_id: 8f2c0c6e-...       # optional, Entra ID object ID
+    ip_lists:
+      internet: ["0.0.0.0/0", "::/0"]
+    services:
+      web: ["80/tcp", "443/tcp"]
+    rules:
+      - name: dev-web
+        sources: [DEV]
+        destinations: [internet]
+        services: [web, "8000-8100/tcp", "53/udp", icmp]
+
+Every problem found is reported at once, each with its line and path, as a
+:class:`~aus.errors.PolicyError`. See docs/policy-format.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from typing import Annotated, Any, NamedTuple
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import PolicyError
+from .yamlsource import (
+    YamlSourceError,
+    describe_validation_errors,
+    format_path,
+    load_yaml_with_lines,
+    sorted_problems,
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+RULE_NAME_MAX = 63  # AUS_RULE_NAME_LEN - 1 in bpf/aus.h
+_RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.:@-]+\Z")
+_SID_RE = re.compile(r"S-1-\d+(-\d+)+\Z", re.IGNORECASE)
+_PORTS_RE = re.compile(r"(\d+)(?:-(\d+))?\Z")
+
+SERVICE_GRAMMAR = "PORT/PROTO, LO-HI/PROTO (PROTO tcp or udp), tcp, udp, icmp or any"
+
+# Context key that makes Policy validation skip its cross-reference checks;
+# the loader runs them itself on the raw data so that they are reported
+# together with every structural problem.
+_SKIP_CROSS = "aus.policy.skip_cross_checks"
+
+
+# --------------------------------------------------------------------------
+# Literals
+
+
+class ServiceSpec(NamedTuple):
+    """A resolved service.
+
+    ``proto`` is "tcp", "udp", "icmp" (ICMP for IPv4, ICMPv6 for IPv6) or
+    "any" (every protocol and port). ``lo``/``hi`` is the inclusive port
+    range: 0-65535 for all ports of tcp/udp, 0-0 for icmp and any.
+    """
+
+    proto: str
+    lo: int
+    hi: int
+
+
+def parse_service(text: str) -> ServiceSpec:
+    """Parse a service literal: ``443/tcp``, ``8000-8100/udp``, ``tcp``,
+    ``udp``, ``icmp`` or ``any`` (protocol names in any case).
+
+    Raises ValueError with a message naming the problem.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"a service must be a string, not {type(text).__name__}")
+    raw = text.strip()
+    lowered = raw.lower()
+    if not raw:
+        raise ValueError(f"empty service; expected {SERVICE_GRAMMAR}")
+    if lowered in ("tcp", "udp"):
+        return ServiceSpec(lowered, 0, 65535)
+    if lowered in ("icmp", "any"):
+        return ServiceSpec(lowered, 0, 0)
+    if lowered in ("icmpv6", "icmp6", "ipv6-icmp"):
+        raise ValueError(
+            f"{text!r} is not a service: write 'icmp', which covers ICMP for "
+            "IPv4 and ICMPv6 for IPv6 destinations"
+        )
+    if "/" not in lowered:
+        raise ValueError(f"{text!r} is not a service literal; expected {SERVICE_GRAMMAR}")
+    ports, proto = lowered.split("/", 1)
+    if proto not in ("tcp", "udp"):
+        if proto in ("icmp", "any"):
+            raise ValueError(
+                f"{text!r}: {proto} has no ports; write '{proto}' alone"
+            )
+        raise ValueError(
+            f"{text!r}: unknown protocol {proto!r}; ports go with tcp or udp"
+        )
+    m = _PORTS_RE.match(ports)
+    if not m:
+        raise ValueError(
+            f"{text!r}: {ports!r} is not a port or a LO-HI port range"
+        )
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) is not None else lo
+    for port in (lo, hi):
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{text!r}: port {port} is outside 1..65535")
+    if lo > hi:
+        raise ValueError(f"{text!r}: range start {lo} is above its end {hi}")
+    return ServiceSpec(proto, lo, hi)
+
+
+def parse_network(text: str) -> Network:
+    """Parse a CIDR (``10.0.0.0/8``, ``2001:db8::/32``) or a single address
+    (taken as /32 or /128). Host bits set under the prefix are refused.
+
+    Raises ValueError with a message naming the problem.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"an address must be a string, not {type(text).__name__}")
+    raw = text.strip()
+    if not raw:
+        raise ValueError("empty address")
+    if "%" in raw:
+        raise ValueError(f"{text!r}: scoped IPv6 addresses (%zone) are not supported")
+    if "/" in raw:
+        addr, prefix = raw.split("/", 1)
+        if not prefix.isdigit() or not prefix.isascii():
+            raise ValueError(
+                f"{text!r} is not a valid CIDR: the prefix length must be a number"
+            )
+        try:
+            return ipaddress.ip_network(raw, strict=True)
+        except ValueError as exc:
+            if "host bits set" in str(exc):
+                network = ipaddress.ip_network(raw, strict=False)
+                raise ValueError(
+                    f"{text!r} has host bits set: the network is {network}; "
+                    f"write {network}, or {addr}/{network.max_prefixlen} "
+                    "for the single address"
+                ) from None
+            raise ValueError(f"{text!r} is not a valid CIDR") from None
+    try:
+        return ipaddress.ip_network(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a valid IP address or CIDR") from None
+
+
+def _is_network(text: Any) -> bool:
+    try:
+        parse_network(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_service(text: Any) -> bool:
+    try:
+        parse_service(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _looks_like_network(text: str) -> bool:
+    """Whether a failed destination was meant as an address (to show the
+    parser's reason instead of 'unknown name')."""
+    return "/" in text or ":" in text or re.fullmatch(r"[\d.]+", text) is not None
+
+
+def _looks_like_service(text: str) -> bool:
+    return "/" in text or text[:1].isdigit() or text.strip().lower() in (
+        "icmpv6", "icmp6", "ipv6-icmp")
+
+
+def _check_cidr(value: str) -> str:
+    parse_network(value)
+    return value
+
+
+def _check_service(value: str) -> str:
+    parse_service(value)
+    return value
+
+
+CidrStr = Annotated[str, AfterValidator(_check_cidr)]
+ServiceStr = Annotated[str, AfterValidator(_check_service)]
+
+
+# --------------------------------------------------------------------------
+# Model
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UserGroup(_Frozen):
+    """A directory user group, by the name the directory gives it."""
+
+    name: str
+    sid: str | None = None
+    external_id: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a user group needs a non-empty name")
+        return v
+
+    @field_validator("sid")
+    @classmethod
+    def _sid(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not _SID_RE.match(v.strip()):
+            raise ValueError(
+                f"{v!r} is not a SID; expected S-1-<authority>-<sub>[-<sub>...], "
+                "e.g. S-1-5-21-1004336348-1177238915-682003330-1104"
+            )
+        return "S" + v.strip()[1:]
+
+    @field_validator("external_id")
+    @classmethod
+    def _external_id(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("external_id must not be empty (leave it out instead)")
+        return v
+
+
+class Rule(_Frozen):
+    """Allow ``sources`` (user group names) to reach ``destinations`` (ip
+    list names, CIDRs, addresses) on ``services`` (service names, literals)."""
+
+    name: str
+    sources: list[str]
+    destinations: list[str]
+    services: list[str]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v:
+            raise ValueError("a rule needs a non-empty name")
+        if len(v) > RULE_NAME_MAX:
+            raise ValueError(
+                f"rule name is {len(v)} characters long; at most {RULE_NAME_MAX} are allowed"
+            )
+        if not _RULE_NAME_RE.match(v):
+            bad = sorted({c for c in v if not _RULE_NAME_RE.match(c)})
+            raise ValueError(
+                f"rule name {v!r} contains {''.join(bad)!r}; "
+                "use only letters, digits and _ . : @ -"
+            )
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("a rule needs at least one source (a user group)")
+        return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _destinations(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("a rule needs at least one destination (an ip list or a CIDR)")
+        return v
+
+    @field_validator("services")
+    @classmethod
+    def _services(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("a rule needs at least one service")
+        return v
+
+
+class Policy(_Frozen):
+    """A whole policy. Cross references are checked on construction."""
+
+    user_groups: list[UserGroup] = Field(default_factory=list)
+    ip_lists: dict[str, list[CidrStr]] = Field(default_factory=dict)
+    services: dict[str, list[ServiceStr]] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+
+    _groups_by_key: dict[str, UserGroup] = PrivateAttr(default_factory=dict)
+
+    @field_validator("ip_lists", "services", mode="before")
+    @classmethod
+    def _null_is_empty_mapping(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @field_validator("user_groups", "rules", mode="before")
+    @classmethod
+    def _null_is_empty_list(cls, v: Any) -> Any:
+        return [] if v is None else v
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> Policy:
+        if info.context and info.context.get(_SKIP_CROSS):
+            return self
+        problems = _cross_problems(self.model_dump())
+        if problems:
+            raise ValueError(
+                "; ".join(f"{format_path(p)}: {reason}" for p, reason in problems)
+            )
+        return self
+
+    def model_post_init(self, __context: Any) -> None:
+        index: dict[str, UserGroup] = {}
+        for group in self.user_groups:
+            index.setdefault(group.name.casefold(), group)
+        self._groups_by_key = index
+
+    # -- queries -------------------------------------------------------------
+
+    def group(self, name: str) -> UserGroup | None:
+        """The declared user group called ``name``, compared case-insensitively."""
+        return self._groups_by_key.get(name.casefold())
+
+    def destinations_of(self, rule: Rule) -> list[Network]:
+        """The rule's destinations as networks: lists expanded, duplicates
+        removed, first-seen order kept."""
+        out: list[Network] = []
+        seen: set[Network] = set()
+        for entry in rule.destinations:
+            texts = self.ip_lists[entry] if entry in self.ip_lists else [entry]
+            for text in texts:
+                net = parse_network(text)
+                if net not in seen:
+                    seen.add(net)
+                    out.append(net)
+        return out
+
+    def services_of(self, rule: Rule) -> list[ServiceSpec]:
+        """The rule's services: names expanded, duplicates removed,
+        first-seen order kept."""
+        out: list[ServiceSpec] = []
+        seen: set[ServiceSpec] = set()
+        for entry in rule.services:
+            texts = self.services[entry] if entry in self.services else [entry]
+            for text in texts:
+                spec = parse_service(text)
+                if spec not in seen:
+                    seen.add(spec)
+                    out.append(spec)
+        return out
+
+
+# --------------------------------------------------------------------------
+# Cross-reference checks (on raw, possibly malformed data)
+
+
+def _suggest(word: str, names: list[str]) -> str:
+    folded: dict[str, str] = {}
+    for name in names:
+        folded.setdefault(name.casefold(), name)
+    close = difflib.get_close_matches(word.casefold(), list(folded), n=1, cutoff=0.6)
+    return f" (did you mean {folded[close[0]]!r}?)" if close else ""
+
+
+def _cross_problems(data: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """Problems that involve more than one value: uniqueness, references,
+    names that clash with literals, empty lists. Tolerates malformed data
+    (the structural problems are pydantic's to report)."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    if not isinstance(data, dict):
+        return problems
+
+    # user groups: unique names (case-insensitive), unique SIDs and IDs.
+    groups = data.get("user_groups")
+    group_keys: dict[str, int] | None = None
+    if isinstance(groups, list) or groups is None:
+        group_keys = {}
+        sids: dict[str, int] = {}
+        ext_ids: dict[str, int] = {}
+        for i, g in enumerate(groups or []):
+            if not isinstance(g, dict):
+                continue
+            name = g.get("name")
+            if isinstance(name, str) and name.strip():
+                key = name.casefold()
+                if key in group_keys:
+                    problems.append(((
+                        "user_groups", i, "name"),
+                        f"duplicate user group {name!r} (already declared as "
+                        f"user_groups[{group_keys[key]}]; names are compared "
+                        "case-insensitively)"))
+                else:
+                    group_keys[key] = i
+            sid = g.get("sid")
+            if isinstance(sid, str) and _SID_RE.match(sid.strip()):
+                key = sid.strip().upper()
+                if key in sids:
+                    problems.append((
+                        ("user_groups", i, "sid"),
+                        f"duplicate SID {sid!r} (already given to user_groups[{sids[key]}])"))
+                else:
+                    sids[key] = i
+            ext = g.get("external_id")
+            if isinstance(ext, str) and ext.strip():
+                key = ext.strip().casefold()
+                if key in ext_ids:
+                    problems.append((
+                        ("user_groups", i, "external_id"),
+                        f"duplicate external_id {ext!r} (already given to "
+                        f"user_groups[{ext_ids[key]}])"))
+                else:
+                    ext_ids[key] = i
+
+    # ip lists and services: names must not read as literals; not empty.
+    names: dict[str, list[str] | None] = {}
+    for section, what in (("ip_lists", "ip list"), ("services", "service")):
+        table = data.get(section)
+        if table is None:
+            names[section] = []
+            continue
+        if not isinstance(table, dict):
+            names[section] = None
+            continue
+        names[section] = [k for k in table if isinstance(k, str)]
+        for key, values in table.items():
+            if not isinstance(key, str):
+                continue
+            if not key.strip():
+                problems.append(((section, key), f"{what} names must not be empty"))
+            elif _is_network(key):
+                problems.append(((section, key),
+                                 f"the {what} name {key!r} reads as a CIDR/IP address; "
+                                 "choose a name that does not"))
+            elif _is_service(key):
+                problems.append(((section, key),
+                                 f"the {what} name {key!r} reads as a service literal; "
+                                 "choose a name that does not"))
+            if isinstance(values, list) and not values:
+                problems.append(((section, key),
+                                 f"{what} {key!r} is empty; give it at least one "
+                                 + ("CIDR" if section == "ip_lists" else "service")))
+
+    # rules: unique names; references resolve.
+    rules = data.get("rules")
+    if not isinstance(rules, list):
+        return problems
+    rule_names: dict[str, int] = {}
+    ip_names = names["ip_lists"]
+    svc_names = names["services"]
+    group_list = [g.get("name") for g in (groups or []) if isinstance(g, dict)] \
+        if isinstance(groups, list) else []
+    group_list = [n for n in group_list if isinstance(n, str)]
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict):
+            continue
+        name = rule.get("name")
+        if isinstance(name, str) and name:
+            key = name.casefold()
+            if key in rule_names:
+                problems.append((("rules", i, "name"),
+                                 f"duplicate rule name {name!r} (already used by "
+                                 f"rules[{rule_names[key]}]; names are compared "
+                                 "case-insensitively)"))
+            else:
+                rule_names[key] = i
+        sources = rule.get("sources")
+        if group_keys is not None and isinstance(sources, list):
+            for j, src in enumerate(sources):
+                if isinstance(src, str) and src.casefold() not in group_keys:
+                    problems.append((("rules", i, "sources", j),
+                                     f"{src!r} is not a declared user group"
+                                     + _suggest(src, group_list)))
+        dests = rule.get("destinations")
+        if ip_names is not None and isinstance(dests, list):
+            for j, dst in enumerate(dests):
+                if not isinstance(dst, str) or dst in ip_names:
+                    continue
+                try:
+                    parse_network(dst)
+                except ValueError as exc:
+                    if _looks_like_network(dst):
+                        reason = str(exc)
+                    else:
+                        reason = (f"{dst!r} is neither an ip_list name nor a CIDR"
+                                  + _suggest(dst, ip_names))
+                    problems.append((("rules", i, "destinations", j), reason))
+        svcs = rule.get("services")
+        if svc_names is not None and isinstance(svcs, list):
+            for j, svc in enumerate(svcs):
+                if not isinstance(svc, str) or svc in svc_names:
+                    continue
+                try:
+                    parse_service(svc)
+                except ValueError as exc:
+                    if _looks_like_service(svc):
+                        reason = str(exc)
+                    else:
+                        reason = (f"{svc!r} is neither a service name nor a service "
+                                  f"literal ({SERVICE_GRAMMAR})" + _suggest(svc, svc_names))
+                    problems.append((("rules", i, "services", j), reason))
+    return problems
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def _describe_top(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _nesting_reason(data: dict[str, Any], path: tuple[Any, ...]) -> str | None:
+    """A clearer reason when an ip list or service entry names another list
+    (lists do not nest)."""
+    if len(path) != 3 or path[0] not in ("ip_lists", "services"):
+        return None
+    table = data.get(path[0])
+    try:
+        value = table[path[1]][path[2]]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(value, str) or value not in table:
+        return None
+    if path[0] == "ip_lists":
+        return (f"{value!r} is an ip list name; an ip list holds CIDRs and "
+                "addresses only (lists do not nest)")
+    return (f"{value!r} is a service name; a service holds service literals "
+            "only (services do not nest)")
+
+
+def policy_from_text(text: str, source: str = "<policy>") -> Policy:
+    """Parse and validate a policy. Raises PolicyError listing every problem
+    as ``line N: path: reason``. Empty text is the empty policy."""
+    try:
+        data, line_of = load_yaml_with_lines(text, source)
+    except YamlSourceError as exc:
+        raise PolicyError(source, exc.problems) from exc
+    if data is None:
+        return empty_policy()
+    if not isinstance(data, dict):
+        line = line_of(())
+        raise PolicyError(source, [
+            f"line {line}: the policy must be a mapping with the keys user_groups, "
+            f"ip_lists, services and rules, not {_describe_top(data)}"
+        ])
+    items: list[tuple[tuple[Any, ...], int | None, str]] = []
+    policy: Policy | None = None
+    try:
+        policy = Policy.model_validate(data, context={_SKIP_CROSS: True})
+    except ValidationError as exc:
+        for path, line, reason in describe_validation_errors(exc, Policy, line_of):
+            items.append((path, line, _nesting_reason(data, path) or reason))
+    for path, reason in _cross_problems(data):
+        items.append((path, line_of(path), reason))
+    if items:
+        raise PolicyError(source, sorted_problems(items))
+    assert policy is not None
+    return policy
+
+
+def load_policy(path: str | os.PathLike) -> Policy:
+    """Read and validate a policy file. Raises PolicyError with the path as
+    ``source`` (unreadable file, invalid YAML, invalid policy)."""
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise PolicyError(source, [f"cannot read the policy: {reason}"]) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PolicyError(source, [
+            f"line {line}: not valid UTF-8 (byte {exc.start})"
+        ]) from exc
+    return policy_from_text(text, source)
+
+
+def empty_policy() -> Policy:
+    """The policy with no groups, lists, services or rules."""
+    return Policy()

@@ -1,0 +1,73 @@
+"""Which login UIDs are active: opened sessions plus a scan of /proc.
+
+A login UID is active while any process carries it, and for a short
+grace after ``ausctl session open`` (called by the PAM hook), so the rules
+are in the kernel before the login's first process is. The scan finds sessions that began while ausd was down and processes
+that outlive their session; an entry goes only when both are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
+
+from . import contract as C
+
+
+def read_loginuid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/loginuid", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def scan_loginuids(proc_pids=None) -> dict[int, int]:
+    """{login UID: number of processes} for every set login UID."""
+    counts: dict[int, int] = {}
+    for pid in proc_pids if proc_pids is not None else psutil.pids():
+        uid = read_loginuid(pid)
+        if uid is not None and uid != C.LOGINUID_UNSET:
+            counts[uid] = counts.get(uid, 0) + 1
+    return counts
+
+
+@dataclass
+class Sessions:
+    """Opened sessions and the last scan, per login UID.
+
+    A login UID is active while processes carry it, or for ``grace``
+    seconds after a session opened (the login's first process may not be
+    visible to a scan yet). Closing a session ends the grace at once, so
+    the entry goes as soon as no process is left.
+    """
+    grace: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    opened_at: dict[int, float] = field(default_factory=dict)
+    processes: dict[int, int] = field(default_factory=dict)
+
+    def open(self, login_uid: int) -> None:
+        self.opened_at[login_uid] = self.clock()
+
+    def close(self, login_uid: int) -> None:
+        self.opened_at.pop(login_uid, None)
+
+    def update_scan(self, counts: dict[int, int]) -> None:
+        self.processes = dict(counts)
+        now = self.clock()
+        for uid, t in list(self.opened_at.items()):
+            if now - t >= self.grace:
+                del self.opened_at[uid]
+
+    def active(self, unmanaged: set[int]) -> set[int]:
+        uids = set(self.opened_at) | {u for u, n in self.processes.items() if n > 0}
+        return {u for u in uids if u != C.LOGINUID_UNSET and u not in unmanaged}
+
+
+def peer_loginuid(pid: int) -> int | None:
+    """Login UID of a control-socket peer, from its PID (SO_PEERCRED)."""
+    return read_loginuid(pid) if pid > 0 and os.path.exists(f"/proc/{pid}") else None
