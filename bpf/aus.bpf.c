@@ -395,9 +395,16 @@ static __always_inline int aus_sock_addr(struct bpf_sock_addr *ctx, u8 hook,
 				aus_stamp(st, AUS_SOCK_LATE);
 		}
 	}
+	int is_connect = hook == AUS_HOOK_CONNECT4 || hook == AUS_HOOK_CONNECT6;
+	if (is_connect && f.proto != IPPROTO_TCP) {
+		/* connect() on a UDP or ICMP socket sends nothing (ping and
+		 * getaddrinfo() use it to pick a source address); the datagrams
+		 * are judged when they leave, by the egress program. */
+		return AUS_PASS;
+	}
 	if (st) {
 		aus_identity_from(&d, st);
-		if (hook == AUS_HOOK_CONNECT4 || hook == AUS_HOOK_CONNECT6)
+		if (is_connect)
 			st->flags |= AUS_SOCK_OUTBOUND;
 	} else {
 		d.loginuid = aus_current_loginuid();

@@ -1,0 +1,322 @@
+"""The kernel tests' lab: a tree of privileged fixtures, each with a unique
+name and its cleanup in ``finally`` so a failed test leaves nothing behind.
+
+    Peer       a network namespace with a veth pair: the destination host
+    Cgroup     a child of the cgroup2 root; only test processes join it
+    Users      local users and groups made with useradd/groupadd
+    Ausd       the real daemon on the test cgroup, with its own pins
+    Session    a login session: a process holding a login UID, announced
+               with `ausctl session open` as the PAM hook does
+
+Traffic goes only to the peer's addresses inside its own namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from aus import loader, mapview
+from aus.config import cgroup2_root
+
+HERE = Path(__file__).resolve().parent
+PYTHON = sys.executable
+LOGINUID_UNSET = 4294967295
+
+
+def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+def wait_until(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+# ---- the destination host ---------------------------------------------------
+
+@dataclass
+class Peer:
+    ns: str
+    v4: str
+    v6: str
+    host_v4: str
+    host_v6: str
+    proc: subprocess.Popen | None = None
+
+
+@contextlib.contextmanager
+def peer(ports: list[int]):
+    """A namespace reachable over a veth pair, serving TCP and UDP echo."""
+    ns = unique("aust")
+    host_if, peer_if = unique("ausv"), unique("ausp")
+    a, b = secrets.randbelow(200) + 20, secrets.randbelow(60) * 4
+    # 198.18.0.0/15 is reserved for network tests (RFC 2544) and
+    # 2001:db8::/32 for documentation: neither routes anywhere else.
+    p = Peer(ns, f"198.18.{a}.{b + 2}", f"2001:db8:{a:x}:{b:x}::2",
+             f"198.18.{a}.{b + 1}", f"2001:db8:{a:x}:{b:x}::1")
+    try:
+        run("ip", "netns", "add", ns)
+        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+        run("ip", "link", "set", peer_if, "netns", ns)
+        run("ip", "addr", "add", f"{p.host_v4}/30", "dev", host_if)
+        run("ip", "-6", "addr", "add", f"{p.host_v6}/64", "dev", host_if, "nodad")
+        run("ip", "link", "set", host_if, "up")
+        nsx = ("ip", "netns", "exec", ns)
+        run(*nsx, "ip", "addr", "add", f"{p.v4}/30", "dev", peer_if)
+        run(*nsx, "ip", "-6", "addr", "add", f"{p.v6}/64", "dev", peer_if, "nodad")
+        run(*nsx, "ip", "link", "set", peer_if, "up")
+        run(*nsx, "ip", "link", "set", "lo", "up")
+        p.proc = subprocess.Popen([*nsx, PYTHON, str(HERE / "peer.py"), ",".join(map(str, ports))],
+                                  stdout=subprocess.PIPE, text=True)
+        assert p.proc.stdout.readline().strip() == "ready"
+        yield p
+    finally:
+        if p.proc:
+            p.proc.kill()
+            p.proc.wait()
+        run("ip", "link", "del", host_if, check=False)
+        run("ip", "netns", "del", ns, check=False)
+
+
+# ---- cgroup ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def cgroup():
+    path = cgroup2_root() / unique("aus-test-")
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        # Only processes this test started are in here; end them by PID.
+        for _ in range(50):
+            pids = [int(x) for x in (path / "cgroup.procs").read_text().split()]
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        path.rmdir()
+
+
+# ---- users ----------------------------------------------------------------
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int
+    groups: list[str]
+
+
+@contextlib.contextmanager
+def users(spec: dict[str, list[str]]):
+    """Local users ({short name: [group short names]}) with unique names.
+    Yields ({short: User}, {short group: real group name})."""
+    tag = secrets.token_hex(2)
+    group_names = {g: f"aus{tag}{g}" for gs in spec.values() for g in gs}
+    made_users, made_groups = [], []
+    try:
+        for g, real in group_names.items():
+            run("groupadd", real)
+            made_groups.append(real)
+        out = {}
+        for short, gs in spec.items():
+            name = f"aus{tag}{short}"
+            cmd = ["useradd", "-M", "-N", "-s", "/usr/sbin/nologin"]
+            if gs:
+                cmd += ["-G", ",".join(group_names[g] for g in gs)]
+            run(*cmd, name)
+            made_users.append(name)
+            ids = run("id", "-u", name).stdout.strip(), run("id", "-g", name).stdout.strip()
+            out[short] = User(name, int(ids[0]), int(ids[1]), [group_names[g] for g in gs])
+        yield out, group_names
+    finally:
+        for name in made_users:
+            run("userdel", name, check=False)
+        for g in made_groups:
+            run("groupdel", g, check=False)
+
+
+# ---- processes with a login UID ------------------------------------------
+
+def _become(cg: Path | None, loginuid: int | None, uid: int | None, gid: int | None):
+    def pre():
+        if loginuid is not None:
+            with open("/proc/self/loginuid", "w") as f:
+                f.write(str(loginuid))
+        if cg is not None:
+            with open(cg / "cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(gid if gid is not None else uid)
+            os.setuid(uid)
+    return pre
+
+
+def spawn(args: list[str], *, cg: Path | None = None, loginuid: int | None = None,
+          uid: int | None = None, gid: int | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen(args, preexec_fn=_become(cg, loginuid, uid, gid), **kw)
+
+
+def act(cg: Path, action: str, *args, loginuid: int | None, uid: int | None = None,
+        gid: int | None = None) -> dict:
+    """Run one client action as a real process in the cgroup; its result."""
+    p = spawn([PYTHON, str(HERE / "client.py"), action, *map(str, args)], cg=cg,
+              loginuid=loginuid, uid=uid, gid=gid, stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, f"client failed: {err}"
+    return json.loads(out)
+
+
+# ---- the daemon -------------------------------------------------------------
+
+@dataclass
+class Ausd:
+    workdir: Path
+    cgroup: Path
+    pin_dir: Path
+    config_path: Path
+    policy_path: Path
+    proc: subprocess.Popen | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "ausd.sock"
+
+    def write_policy(self, policy: dict | str) -> None:
+        text = policy if isinstance(policy, str) else yaml.safe_dump(policy, sort_keys=False)
+        tmp = self.policy_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.policy_path)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start ausd and wait for its sd_notify READY."""
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        npath = self.workdir / f"notify-{secrets.token_hex(2)}"
+        notify.bind(str(npath))
+        notify.settimeout(timeout)
+        logf = open(self.workdir / "ausd.log", "ab")
+        env = dict(os.environ, NOTIFY_SOCKET=str(npath))
+        self.proc = subprocess.Popen([PYTHON, "-m", "aus.ausd", "--config", str(self.config_path)],
+                                     stdout=logf, stderr=subprocess.STDOUT, env=env)
+        logf.close()
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    msg = notify.recv(4096).decode()
+                except socket.timeout:
+                    raise AssertionError(f"ausd sent no READY in {timeout}s:\n{self.read_log()}")
+                if "READY=1" in msg.split("\n"):
+                    break
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"ausd did not start:\n{self.read_log()}")
+        finally:
+            notify.close()
+            npath.unlink()
+
+    def read_log(self) -> str:
+        return (self.workdir / "ausd.log").read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        p = run(PYTHON, "-m", "aus.ausctl", "--config", str(self.config_path), *args, check=False)
+        if check and p.returncode != 0:
+            raise AssertionError(f"ausctl {' '.join(args)} -> {p.returncode}: {p.stderr}")
+        return p
+
+    def ctl_json(self, *args: str) -> dict:
+        return json.loads(self.ctl(*args, "--json").stdout)
+
+    def check(self, loginuid: int, to: str, proto: str, port: int = 0) -> dict:
+        p = self.ctl("check", "--login-uid", str(loginuid), "--to", to, "--proto", proto,
+                     "--port", str(port), "--json", check=False)
+        assert p.returncode in (0, 3), p.stderr
+        res = json.loads(p.stdout)
+        assert (p.returncode == 0) == res["allowed"]
+        return res
+
+    def counters(self) -> dict:
+        maps = mapview.open_pinned(self.pin_dir)
+        try:
+            return {"users": mapview.user_counters(maps),
+                    "rules": mapview.rule_counters(maps, range(0, 64))}
+        finally:
+            mapview.close_all(maps)
+
+
+@contextlib.contextmanager
+def ausd(cg: Path, policy: dict | str, **config):
+    """A configured (not yet started) ausd on ``cg``; removed afterwards:
+    process stopped by PID, programs detached, pins deleted."""
+    workdir = Path(tempfile.mkdtemp(prefix="aus-test-"))
+    workdir.chmod(0o755)  # unprivileged test users read the config too
+    pin_dir = Path("/sys/fs/bpf") / unique("aus-test-")
+    d = Ausd(workdir, cg, pin_dir, workdir / "ausd.yaml", workdir / "policy.yaml")
+    d.write_policy(policy)
+    cfg = {"policy": str(d.policy_path), "cgroup": str(cg), "pin_dir": str(pin_dir),
+           "socket": str(d.socket), "scan_interval": 0.2, "log_level": "debug", **config}
+    d.config_path.write_text(yaml.safe_dump(cfg))
+    try:
+        yield d
+    finally:
+        d.stop(signal.SIGKILL)
+        if pin_dir.exists():
+            loader.uninstall(pin_dir)
+        for p in sorted(workdir.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        workdir.rmdir()
+
+
+@contextlib.contextmanager
+def session(d: Ausd, loginuid: int, uid: int | None = None, gid: int | None = None):
+    """A login session: a process holding ``loginuid`` (outside the test
+    cgroup, like a login shell elsewhere), announced with
+    `ausctl session open` from a process carrying the same login UID."""
+    holder = spawn(["sleep", "600"], loginuid=loginuid, uid=uid, gid=gid)
+    try:
+        p = spawn([PYTHON, "-m", "aus.ausctl", "--config", str(d.config_path),
+                   "session", "open", "--json"], loginuid=loginuid,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, f"session open failed: {err}"
+        yield json.loads(out)
+    finally:
+        holder.kill()
+        holder.wait()
