@@ -188,8 +188,9 @@ static __always_inline void aus_judge(struct aus_decision *d,
 	d->reason = user ? AUS_REASON_NO_RULE : AUS_REASON_PENDING;
 	d->allowed = 0;
 	struct aus_dst_key dk = {
-		.prefixlen = 32 + 128,
+		.prefixlen = 64 + 128,
 		.ruleset = d->ruleset,
+		.family = f->family,
 	};
 	__builtin_memcpy(dk.addr, f->daddr, 16);
 	struct aus_dst_val *dv = aus_dst.lookup(&dk);
@@ -378,6 +379,8 @@ static __always_inline int aus_sock_addr(struct bpf_sock_addr *ctx, u8 hook,
 		a[3] = ctx->user_ip6[3];
 		/* A v4-mapped destination is judged as the IPv4 one. */
 		__builtin_memcpy(f.daddr, a, 16);
+		if (a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff))
+			f.family = 4;
 	} else {
 		aus_v4_mapped(f.daddr, ctx->user_ip4);
 	}

@@ -118,15 +118,16 @@ struct aus_user {
 	__u32 flags;    /* AUS_USER_* */
 };
 
-/* ---- aus_dst: LPM_TRIE (ruleset, IPv6 address) -> portset. IPv4
- * addresses are stored v4-mapped (::ffff:a.b.c.d), so one trie serves both
- * families and a v4-mapped connect() on an IPv6 socket is judged as IPv4.
- * The daemon flattens rules so that the longest matching prefix carries
- * every service allowed to that address. */
+/* ---- aus_dst: LPM_TRIE (ruleset, family, address) -> portset. IPv4
+ * addresses are stored v4-mapped (::ffff:a.b.c.d) under family 4, so a
+ * v4-mapped connect() on an IPv6 socket is judged as IPv4, and an IPv6
+ * prefix such as ::/0 never covers IPv4. The daemon flattens rules so that
+ * the longest matching prefix carries every service allowed there. */
 #define AUS_MAP_DST "aus_dst"
 struct aus_dst_key {
-	__u32 prefixlen;  /* 32 (ruleset) + address prefix length */
+	__u32 prefixlen;  /* 64 (ruleset, family) + 128-bit address prefix */
 	__u32 ruleset;
+	__u32 family;     /* 4 or 6 */
 	__u8 addr[16];
 };
 struct aus_dst_val {

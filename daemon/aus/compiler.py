@@ -96,9 +96,15 @@ def _key(net: Network) -> tuple[bytes, int]:
     return C.addr16(net.network_address), C.addr_prefixlen(net)
 
 
+def _family(addr: int, plen: int) -> int:
+    return C.family_of16(addr.to_bytes(16, "big"), plen)
+
+
 def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
+    """Prefix containment within one family: in the kernel the family is
+    part of the key, so ::/0 does not cover the v4-mapped IPv4 space."""
     (oaddr, oplen), (iaddr, iplen) = outer, inner
-    if oplen > iplen:
+    if oplen > iplen or _family(oaddr, oplen) != _family(iaddr, iplen):
         return False
     shift = 128 - oplen
     return (oaddr >> shift) == (iaddr >> shift) if oplen else True

@@ -85,8 +85,8 @@ STAT_MAX = 3
 REASON_SLOTS = HOOK_MAX * REASON_MAX
 
 # Prefix lengths of the LPM keys: the id in front is always matched whole.
-DST_ID_BITS = 32
-DST_FULL_PREFIX = 32 + 128
+DST_ID_BITS = 64              # ruleset + family
+DST_FULL_PREFIX = 64 + 128
 SVC_ANY_PREFIX = 32           # every protocol
 SVC_PROTO_PREFIX = 48         # every port of one protocol (proto + pad)
 SVC_FULL_PREFIX = 64
@@ -129,6 +129,7 @@ class DstKey(ctypes.Structure):
     _fields_ = [
         ("prefixlen", ctypes.c_uint32),
         ("ruleset", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
         ("addr", ctypes.c_uint8 * 16),
     ]
 
@@ -232,6 +233,14 @@ def addr16(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
 def addr_from16(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     ip6 = ipaddress.IPv6Address(bytes(raw))
     return ip6.ipv4_mapped or ip6
+
+
+def family_of16(raw: bytes, plen128: int) -> int:
+    """4 for a v4-mapped prefix at least /96 long, else 6."""
+    return 4 if plen128 >= 96 and bytes(raw[:12]) == _V4_MAPPED else 6
+
+
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
 def addr_prefixlen(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:

@@ -21,6 +21,7 @@ def dst_key(ruleset: int, addr: bytes, plen128: int) -> C.DstKey:
     k = C.DstKey()
     k.prefixlen = C.DST_ID_BITS + plen128
     k.ruleset = ruleset
+    k.family = C.family_of16(addr, plen128)
     ctypes.memmove(k.addr, addr, 16)
     return k
 

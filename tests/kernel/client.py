@@ -4,7 +4,10 @@ The test starts it inside its cgroup with the login UID and uid it wants,
 so what this process sees is what a user's process sees.
 
 usage: client.py tcp ADDR PORT | udp ADDR PORT | ping ADDR | hold ADDR PORT
+                 | probe ADDR ALLOWED_PORT DENIED_PORT
 hold: connect, then for each line on stdin send it and report the echo.
+probe: connect to both ports over and over until stdin closes, then report
+how often each outcome was seen.
 """
 
 import errno
@@ -75,8 +78,26 @@ def hold(addr: str, port: int) -> None:
             print(json.dumps(result(False, e)), flush=True)
 
 
+def probe(addr: str, allowed: int, denied: int) -> None:
+    import threading
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    counts = {"allowed_ok": 0, "allowed_fail": 0, "denied_ok": 0, "denied_fail": 0, "errors": []}
+    print("started", flush=True)
+    while not stop.is_set():
+        for port, name in ((allowed, "allowed"), (denied, "denied")):
+            r = tcp(addr, port)
+            counts[f"{name}_{'ok' if r['ok'] else 'fail'}"] += 1
+            if r["ok"] != (name == "allowed") and len(counts["errors"]) < 10:
+                counts["errors"].append([port, r])
+    print(json.dumps(counts), flush=True)
+
+
 def main() -> None:
     action, addr = sys.argv[1], sys.argv[2]
+    if action == "probe":
+        probe(addr, int(sys.argv[3]), int(sys.argv[4]))
+        return
     if action == "hold":
         hold(addr, int(sys.argv[3]))
         return

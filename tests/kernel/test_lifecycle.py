@@ -1,0 +1,124 @@
+"""The daemon's life: visibility mode, SIGKILL, restart and upgrade without
+a gap, a second daemon on the same pins."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from aus import bpfsys, loader
+
+from . import lab
+from .conftest import lab_policy
+
+pytestmark = pytest.mark.kernel
+
+
+def link_and_prog_ids(pin_dir):
+    layout = loader.PinLayout(pin_dir)
+    out = {}
+    for hook in loader.HOOKS:
+        fd = bpfsys.obj_get(str(layout.link(hook.link)))
+        try:
+            info = bpfsys.link_info(fd)
+        finally:
+            os.close(fd)
+        out[hook.link] = (info["id"], info["prog_id"])
+    return out
+
+
+def test_visibility_mode_reports_but_never_drops(cg, peer, people):
+    users, groups = people
+    alice = users["alice"]
+    with lab.ausd(cg, lab_policy(peer, groups), mode="visibility") as d:
+        d.start()
+        with lab.session(d, alice.uid):
+            got = lab.act(cg, "tcp", peer.v4, 443, loginuid=alice.uid, uid=alice.uid, gid=alice.gid)
+            assert got == {"ok": True, "errno": None}
+            res = d.check(alice.uid, peer.v4, "tcp", 443)
+            assert res["allowed"] is False and res["verdict"] == "audit"
+            assert lab.act(cg, "udp", peer.v6, 5353, loginuid=alice.uid, uid=alice.uid, gid=alice.gid)["ok"]
+            counters = d.counters()["users"][alice.uid]
+            assert counters["denied_packets"] >= 2 and counters["denied_bytes"] > 0
+
+            def audit_flow():
+                flows = [json.loads(l) for l in d.ctl("flows", "--json").stdout.splitlines()]
+                return [f for f in flows if f["verdict"] == "audit" and f["dport"] == 443
+                        and f["login_uid"] == alice.uid]
+            assert lab.wait_until(audit_flow, what="an audit flow event")
+
+
+def test_sigkill_leaves_enforcement_in_place(cg, peer, people):
+    users, groups = people
+    alice = users["alice"]
+    with lab.ausd(cg, lab_policy(peer, groups)) as d:
+        d.start()
+        with lab.session(d, alice.uid):
+            d.stop(signal.SIGKILL)
+            assert d.proc.returncode == -signal.SIGKILL
+            assert lab.act(cg, "tcp", peer.v4, 80, loginuid=alice.uid, uid=alice.uid, gid=alice.gid)["ok"]
+            got = lab.act(cg, "tcp", peer.v4, 443, loginuid=alice.uid, uid=alice.uid, gid=alice.gid)
+            assert got["errno"] == "EPERM"
+            # ausctl reads the pins with no daemon.
+            assert d.check(alice.uid, peer.v4, "tcp", 443)["allowed"] is False
+            assert d.check(alice.uid, peer.v4, "tcp", 80)["allowed"] is True
+            status = d.ctl_json("status")
+            assert status["daemon"]["running"] is False and status["installed"] is True
+            maps = d.ctl_json("maps")
+            assert alice.uid in [u["login_uid"] for u in maps["users"]]
+
+
+def test_restart_adopts_pins_with_no_gap(cg, peer, people):
+    users, groups = people
+    alice = users["alice"]
+    with lab.ausd(cg, lab_policy(peer, groups)) as d:
+        d.start()
+        with lab.session(d, alice.uid):
+            before = link_and_prog_ids(d.pin_dir)
+            prober = lab.spawn([lab.PYTHON, str(lab.HERE / "client.py"), "probe", peer.v4, "80", "443"],
+                               cg=cg, loginuid=alice.uid, uid=alice.uid, gid=alice.gid,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert prober.stdout.readline().strip() == "started"
+                time.sleep(0.5)
+                assert d.stop(signal.SIGTERM) == 0
+                time.sleep(0.5)           # no daemon at all for a while
+                d.start()                 # compiles anew, swaps programs in place
+                time.sleep(0.5)
+                prober.stdin.close()
+                counts = json.loads(prober.stdout.readline())
+            finally:
+                prober.kill()
+                prober.wait()
+            after = link_and_prog_ids(d.pin_dir)
+            log = d.read_log()
+    assert counts["allowed_fail"] == 0 and counts["denied_ok"] == 0, counts
+    assert counts["allowed_ok"] > 20 and counts["denied_fail"] > 20, counts
+    for hook, (link_id, prog_id) in before.items():
+        assert after[hook][0] == link_id, f"{hook}: the link was replaced, not updated"
+        assert after[hook][1] != prog_id, f"{hook}: the program was not replaced"
+    assert "replaced in place" in log
+
+
+def test_second_ausd_on_the_same_pins_refuses(cg, peer, people):
+    users, groups = people
+    with lab.ausd(cg, lab_policy(peer, groups)) as d:
+        d.start()
+        p = subprocess.run([lab.PYTHON, "-m", "aus.ausd", "--config", str(d.config_path)],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1
+        assert "another ausd is already running on" in p.stderr
+        assert d.proc.poll() is None
+        assert d.ctl_json("status")["daemon"]["running"]
+
+
+def test_bad_policy_at_start_is_refused_clearly(cg, peer, people):
+    with lab.ausd(cg, "rules:\n  - name: x\n    sources: [NOPE]\n") as d:
+        p = subprocess.run([lab.PYTHON, "-m", "aus.ausd", "--config", str(d.config_path)],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1
+        assert str(d.policy_path) in p.stderr and "line 3" in p.stderr and "NOPE" in p.stderr
+        assert not loader.is_installed(d.pin_dir)
