@@ -336,7 +336,9 @@ static __always_inline int aus_finish(const struct aus_config *cfg,
 
 	u8 verdict = d->allowed ? AUS_EV_ALLOW :
 		     (enforce ? AUS_EV_DENY : AUS_EV_AUDIT);
-	if (d->managed && d->fresh)
+	/* Reported: every refused call, the first denied packet of a flow,
+	 * and the first allowed decision of a flow (repeats hit the cache). */
+	if (d->managed && (d->fresh || (!d->allowed && hook != AUS_HOOK_EGRESS)))
 		aus_emit(cfg, d, f, hook, verdict, bytes);
 
 	return verdict == AUS_EV_DENY ? AUS_DROP : AUS_PASS;

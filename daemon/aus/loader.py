@@ -318,8 +318,20 @@ def attach(loaded: Loaded, cgroup: Path) -> None:
     finally:
         os.close(cg_fd)
     loaded.adopted = adopted == len(HOOKS)
+    _remove_old_abi(layout)
     log.info("programs attached to %s (%s)", cgroup,
              "replaced in place" if loaded.adopted else "new links")
+
+
+def _remove_old_abi(layout: PinLayout) -> None:
+    """After an upgrade to a new map layout the programs use the new maps;
+    the old version's pins only hold memory."""
+    for d in layout.pin_dir.glob("v*"):
+        if d.is_dir() and d != layout.maps_dir and d.name[1:].isdigit():
+            for p in d.iterdir():
+                p.unlink()
+            d.rmdir()
+            log.info("removed the pins of map layout %s", d.name)
 
 
 def _repin(fd: int, path: Path) -> None:

@@ -4,7 +4,7 @@ The test starts it inside its cgroup with the login UID and uid it wants,
 so what this process sees is what a user's process sees.
 
 usage: client.py tcp ADDR PORT | udp ADDR PORT | ping ADDR | hold ADDR PORT
-                 | probe ADDR ALLOWED_PORT DENIED_PORT
+                 | probe ADDR ALLOWED_PORT DENIED_PORT | flood ADDR PORT COUNT
 hold: connect, then for each line on stdin send it and report the echo.
 probe: connect to both ports over and over until stdin closes, then report
 how often each outcome was seen.
@@ -93,6 +93,19 @@ def probe(addr: str, allowed: int, denied: int) -> None:
     print(json.dumps(counts), flush=True)
 
 
+def flood(addr: str, port: int, count: int) -> dict:
+    """Unconnected UDP datagrams to one port, as fast as possible."""
+    s = socket.socket(family(addr), socket.SOCK_DGRAM)
+    refused = 0
+    for _ in range(count):
+        try:
+            s.sendto(b"x", (addr, port))
+        except PermissionError:
+            refused += 1
+    s.close()
+    return {"ok": True, "errno": None, "refused": refused}
+
+
 def main() -> None:
     action, addr = sys.argv[1], sys.argv[2]
     if action == "probe":
@@ -103,7 +116,8 @@ def main() -> None:
         return
     out = {"tcp": lambda: tcp(addr, int(sys.argv[3])),
            "udp": lambda: udp(addr, int(sys.argv[3])),
-           "ping": lambda: ping(addr)}[action]()
+           "ping": lambda: ping(addr),
+           "flood": lambda: flood(addr, int(sys.argv[3]), int(sys.argv[4]))}[action]()
     print(json.dumps(out), flush=True)
 
 

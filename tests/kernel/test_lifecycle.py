@@ -122,3 +122,22 @@ def test_bad_policy_at_start_is_refused_clearly(cg, peer, people):
         assert p.returncode == 1
         assert str(d.policy_path) in p.stderr and "line 3" in p.stderr and "NOPE" in p.stderr
         assert not loader.is_installed(d.pin_dir)
+
+
+def test_flow_events_are_rate_limited(cg, peer, people):
+    users, groups = people
+    alice = users["alice"]
+    with lab.ausd(cg, lab_policy(peer, groups), events_per_second=5, events_burst=5) as d:
+        d.start()
+        with lab.session(d, alice.uid):
+            got = lab.act(cg, "flood", peer.v4, 5353, 3000, loginuid=alice.uid,
+                          uid=alice.uid, gid=alice.gid)
+            assert got["refused"] == 3000
+            events = d.ctl_json("maps")["events"]
+            # Every denial was counted, but only about burst + rate * time
+            # events per CPU reached the ring buffer.
+            assert d.counters()["users"][alice.uid]["denied_packets"] >= 3000
+            assert events["events_rate_limited"] >= 2900
+            assert events["events_sent"] <= 60
+            assert events["events_lost"] == 0
+            assert d.ctl_json("status")["daemon"]["running"]
