@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__, bpfsys, compiler, contract as C, control, flows, loader, mapsync
+from . import __version__, compiler, contract as C, control, flows, loader, mapsync
 from .config import DaemonConfig, load_config
 from .errors import AusError, PolicyError
 from .identity import Directory

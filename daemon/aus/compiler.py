@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Iterable
 
 from . import contract as C
@@ -113,20 +112,28 @@ def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
 def flatten(grants: Iterable[tuple[Network, Iterable[SvcEntry]]]) -> Ruleset:
     """Turn (destination, services) grants into LPM entries in which the
     longest matching prefix carries every service any containing prefix
-    grants."""
-    by_prefix: dict[tuple[int, int], set[SvcEntry]] = {}
+    grants.
+
+    One sweep in address order: prefixes either nest or are disjoint, so
+    the prefixes containing the current one form a stack, and the top of
+    the stack already carries everything above it. O(P log P).
+    """
+    by_prefix: dict[tuple[int, int, int], set[SvcEntry]] = {}
     for net, entries in grants:
         addr, plen = _key(net)
-        by_prefix.setdefault((int.from_bytes(addr, "big"), plen), set()).update(entries)
-    # Sorting by prefix length lets each prefix look only at shorter ones.
-    prefixes = sorted(by_prefix, key=lambda p: p[1])
+        a = int.from_bytes(addr, "big")
+        by_prefix.setdefault((_family(a, plen), a, plen), set()).update(entries)
     out = []
-    for i, p in enumerate(prefixes):
-        merged = set(by_prefix[p])
-        for q in prefixes[:i]:
-            if q[1] < p[1] and _contains(q, p):
-                merged.update(by_prefix[q])
-        out.append((p[0].to_bytes(16, "big"), p[1], _dedupe(merged)))
+    stack: list[tuple[int, int, int, set[SvcEntry]]] = []   # (family, first, last, merged)
+    for fam, a, plen in sorted(by_prefix):
+        last = a | ((1 << (128 - plen)) - 1)
+        while stack and (stack[-1][0] != fam or stack[-1][2] < a):
+            stack.pop()
+        merged = set(by_prefix[(fam, a, plen)])
+        if stack:
+            merged |= stack[-1][3]
+        stack.append((fam, a, last, merged))
+        out.append((a.to_bytes(16, "big"), plen, _dedupe(merged)))
     return frozenset(out)
 
 

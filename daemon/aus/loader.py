@@ -207,7 +207,7 @@ def _bcc(op: str, obj: str, fn, *args, **kwargs):
     except Exception as exc:  # noqa: BLE001 - bcc gives nothing narrower
         err = getattr(exc, "errno", None)
         text = str(exc)
-        for code, name in errno.errorcode.items():
+        for code in errno.errorcode:
             if os.strerror(code) in text:
                 err = err or code
                 break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from . import __version__, bpfsys, contract as C, loader, mapview
@@ -20,12 +21,11 @@ def status(d) -> dict:
         try:
             info = bpfsys.prog_info(fd, hook.link)
         finally:
-            import os
             os.close(fd)
         programs.append({"hook": hook.link, "attached": d.loaded.layout.link(hook.link).exists(),
                          "prog_id": info["id"], "tag": info["tag"]})
     return {
-        "daemon": {"running": True, "version": __version__, "pid": _pid(),
+        "daemon": {"running": True, "version": __version__, "pid": os.getpid(),
                    "uptime": round(time.time() - d.started, 1)},
         "mode": d.cfg.mode,
         "cgroup": str(d.cfg.cgroup_path),
@@ -42,11 +42,6 @@ def status(d) -> dict:
         "events": mapview.event_stats(maps),
         "last_sync": d.last_sync,
     }
-
-
-def _pid() -> int:
-    import os
-    return os.getpid()
 
 
 def users(d) -> list[dict]:

@@ -140,7 +140,7 @@ def users(spec: dict[str, list[str]]):
     group_names = {g: f"aus{tag}{g}" for gs in spec.values() for g in gs}
     made_users, made_groups = [], []
     try:
-        for g, real in group_names.items():
+        for real in group_names.values():
             run("groupadd", real)
             made_groups.append(real)
         out = {}
@@ -233,7 +233,7 @@ class Ausd:
                 try:
                     msg = notify.recv(4096).decode()
                 except socket.timeout:
-                    raise AssertionError(f"ausd sent no READY in {timeout}s:\n{self.read_log()}")
+                    raise AssertionError(f"ausd sent no READY in {timeout}s:\n{self.read_log()}") from None
                 if "READY=1" in msg.split("\n"):
                     break
                 if time.monotonic() > deadline or self.proc.poll() is not None:
