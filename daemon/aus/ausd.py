@@ -130,7 +130,14 @@ class Daemon:
         t0 = time.perf_counter()
         p, new = plan(self.kstate, self.desired())
         if p:
-            mapsync.apply(p, self.loaded.maps)
+            try:
+                mapsync.apply(p, self.loaded.maps)
+            except AusError:
+                # Half applied (a map full, say): every user still points
+                # at complete content; model what the maps really hold so
+                # the next plan starts from there.
+                self.kstate = mapsync.read_state(self.loaded.maps)
+                raise
             self.kstate = new
             log.debug("sync (%s): %s", why, p.summary())
         self.last_sync = {"why": why, "changes": p.summary() if p else {},

@@ -9,7 +9,7 @@ two LPM tries (see bpf/aus.h):
   a prefix inherits the services of every shorter prefix containing it, so
   the longest match alone decides, with no loop over rules in the kernel.
 * ``aus_svc``: a portset's (protocol, port block) entries, each naming the
-  rule that allows it (the first in policy order when several do). A port
+  rule that allows it (the lowest rule id when several do). A port
   range becomes a few aligned power-of-two blocks.
 
 Users with the same matching rules share one ruleset, so the kernel holds
@@ -81,8 +81,8 @@ def service_entries(spec: ServiceSpec, rule: int) -> list[SvcEntry]:
 
 
 def _dedupe(entries: Iterable[SvcEntry]) -> Portset:
-    """Keep one rule per (proto, port, plen): the lowest id, i.e. the
-    first rule in policy order."""
+    """Keep one rule per (proto, port, plen): the lowest id, so the same
+    rule is credited every time."""
     best: dict[tuple[int, int, int], int] = {}
     for e in entries:
         k = (e.proto, e.port, e.plen)
@@ -156,7 +156,7 @@ def assign_rule_ids(names: list[str], existing: dict[str, int],
                     max_rules: int) -> dict[str, int]:
     """Stable ids: a rule keeps its id across reloads while its name stays,
     so its counters do; new rules get the lowest free ids from 2."""
-    ids = {n: existing[n] for n in names if n in existing}
+    ids = {n: existing[n] for n in names if n in existing and existing[n] < max_rules}
     used = set(ids.values())
     nxt = C.RULE_BASELINE + 1
     for n in names:
@@ -215,7 +215,10 @@ def compile_policy(policy: Policy, baseline: Iterable[Network], *,
         rid = ids[r.name]
         entries = tuple(e for spec in policy.services_of(r)
                         for e in service_entries(spec, rid))
-        grants = tuple((net, entries) for net in policy.destinations_of(r))
+        # icmp means ICMP towards IPv4 and ICMPv6 towards IPv6.
+        other = {4: C.PROTO_ICMPV6, 6: C.PROTO_ICMP}
+        grants = tuple((net, tuple(e for e in entries if e.proto != other[net.version]))
+                       for net in policy.destinations_of(r))
         rules.append(CompiledRule(rid, r.name, tuple(r.sources), grants))
     return CompiledPolicy(tuple(rules), tuple(baseline), version)
 

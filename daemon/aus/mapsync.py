@@ -50,6 +50,8 @@ def apply(plan: Plan, maps: dict[str, Map]) -> None:
     for rid, addr, plen, pid in plan.dst_put:
         dst.update(dst_key(rid, addr, plen), C.DstVal(pid))
     for rid, name in plan.rules_put:
+        # A new name for an id: its counters start from zero.
+        maps[C.MAP_RULE_STATS].update(_u32(rid), C.Counters())
         rules.update(_u32(rid), C.RuleInfo(name.encode()[:C.RULE_NAME_LEN - 1]))
     if plan.config_put is not None:
         maps[C.MAP_CONFIG].update(_u32(0), config_struct(plan.config_put))

@@ -103,7 +103,11 @@ def plan(actual: KernelState, desired: Desired) -> tuple[Plan, KernelState]:
     # Index what exists by content, so unchanged content keeps its id.
     portset_ids = {content: pid for pid, content in actual.portsets.items()}
     ruleset_ids = {actual.ruleset_content(rid): rid for rid in actual.rulesets}
-    ruleset_seq, portset_seq = cfg.ruleset_seq, cfg.portset_seq
+    # Ids are never reused: past the stored sequence and past any id the
+    # maps hold (an apply interrupted before its config write leaves
+    # entries under ids the sequence has not counted yet).
+    ruleset_seq = max([cfg.ruleset_seq, *(rid + 1 for rid in actual.rulesets)])
+    portset_seq = max([cfg.portset_seq, *(pid + 1 for pid in actual.portsets)])
 
     def portset_id(content: Portset) -> int:
         nonlocal portset_seq
