@@ -141,3 +141,21 @@ def test_flow_events_are_rate_limited(cg, peer, people):
             assert events["events_sent"] <= 60
             assert events["events_lost"] == 0
             assert d.ctl_json("status")["daemon"]["running"]
+
+
+def test_sighup_reloads_the_policy(cg, peer, people):
+    users, groups = people
+    alice = users["alice"]
+    with lab.ausd(cg, lab_policy(peer, groups)) as d:
+        d.start()
+        with lab.session(d, alice.uid):
+            assert d.check(alice.uid, peer.v4, "tcp", 443)["allowed"] is False
+            version = d.ctl_json("status")["policy"]["version"]
+            d.write_policy(lab_policy(peer, groups, dev_services=["443/tcp"]))
+            d.proc.send_signal(signal.SIGHUP)
+            lab.wait_until(lambda: d.ctl_json("status")["policy"]["version"] > version,
+                           what="the reload")
+            assert lab.act(cg, "tcp", peer.v4, 443, loginuid=alice.uid, uid=alice.uid,
+                           gid=alice.gid)["ok"]
+            assert d.check(alice.uid, peer.v4, "tcp", 443)["rule"] == "dev-web"
+            assert d.check(alice.uid, peer.v4, "tcp", 80)["allowed"] is False
