@@ -1,0 +1,145 @@
+"""Shared pieces of the benchmark: building the C workload, private network
+namespaces and cgroups, starting a process inside them with a login UID,
+and the statistics every table uses."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aus.config import cgroup2_root
+
+HERE = Path(__file__).resolve().parent
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+def build_workload(out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    binary = out_dir / "workload"
+    src = HERE / "workload.c"
+    if not binary.exists() or binary.stat().st_mtime < src.stat().st_mtime:
+        run("cc", "-O2", "-Wall", "-o", str(binary), str(src))
+    return binary
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+@contextlib.contextmanager
+def netns(addr: str):
+    """A network namespace whose loopback also holds ``addr``: the
+    destination is on this machine, in a namespace of our own."""
+    name = unique("ausb")
+    try:
+        run("ip", "netns", "add", name)
+        nsx = ("ip", "netns", "exec", name)
+        run(*nsx, "ip", "link", "set", "lo", "up")
+        run(*nsx, "ip", "addr", "add", f"{addr}/32", "dev", "lo")
+        run(*nsx, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535")
+        yield name
+    finally:
+        run("ip", "netns", "del", name, check=False)
+
+
+@contextlib.contextmanager
+def cgroup(prefix: str = "aus-bench-"):
+    path = cgroup2_root() / unique(prefix)
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for _ in range(100):
+            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        path.rmdir()
+
+
+def enter(ns: str | None = None, cg: Path | None = None, loginuid: int | None = None,
+          uid: int | None = None, cpu: int | None = None):
+    """preexec_fn: join a netns and a cgroup, set the login UID and uid."""
+    def pre():
+        if ns is not None:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                os._exit(90)
+            os.close(fd)
+        if loginuid is not None:
+            with open("/proc/self/loginuid", "w") as f:
+                f.write(str(loginuid))
+        if cg is not None:
+            with open(cg / "cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+    return pre
+
+
+@contextlib.contextmanager
+def server(binary: Path, ns: str, addr: str, cpu: int | None = None):
+    p = subprocess.Popen([str(binary), "server", addr], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=enter(ns=ns, cpu=cpu))
+    try:
+        assert p.stdout.readline().strip() == "ready", "workload server did not start"
+        yield p
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def client(binary: Path, mode: str, ns: str, cg: Path, uid: int, addr: str, port: int,
+           seconds: float, cpu: int | None = None) -> dict:
+    """One measurement: the C client as the measured user; its figures."""
+    p = subprocess.run([str(binary), mode, addr, str(port), str(seconds)],
+                       preexec_fn=enter(ns=ns, cg=cg, loginuid=uid, uid=uid, cpu=cpu),
+                       capture_output=True, text=True, timeout=seconds + 30)
+    if p.returncode != 0:
+        raise RuntimeError(f"workload {mode} failed: {p.stderr.strip()}")
+    fields = dict(kv.split("=") for kv in p.stdout.split())
+    out = {k: float(v) for k, v in fields.items()}
+    out["rate"] = (out["bytes"] if mode == "bulk" else out["ops"]) / out["seconds"]
+    return out
+
+
+@dataclass(frozen=True)
+class Summary:
+    median: float
+    lo: float
+    hi: float
+    n: int
+
+    def fmt(self, digits: int = 2) -> str:
+        return f"{self.median:.{digits}f} ({self.lo:.{digits}f}-{self.hi:.{digits}f})"
+
+
+def summarize(values: list[float]) -> Summary:
+    return Summary(statistics.median(values), min(values), max(values), len(values))
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100 * (len(s) - 1))))
+    return s[k]
