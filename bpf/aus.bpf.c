@@ -8,7 +8,8 @@
  *   the socket, stamped into socket storage at socket() and inherited by
  *   accepted sockets. A socket that predates these programs is judged by the
  *   login UID of the task that calls connect()/sendmsg() on it, and its
- *   packets by the socket's UID.
+ *   other packets by the socket owner's UID when that UID is a logged-in
+ *   managed user (otherwise they pass: the owner may be a service).
  *
  *   Traffic passes when
  *     - the login UID is unset (system services) or marked unmanaged, or
@@ -38,6 +39,13 @@
 #include <uapi/linux/tcp.h>
 #include "aus.h"
 
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
 #ifndef AUS_LOGINUID_OFFSET
 #error "AUS_LOGINUID_OFFSET must be given (offset of task_struct.loginuid from BTF)"
 #endif
@@ -56,7 +64,7 @@ BPF_F_TABLE(AUS_PINNED("lpm_trie", AUS_MAP_DST), struct aus_dst_key,
 	    struct aus_dst_val, aus_dst, AUS_MAX_DESTINATIONS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE(AUS_PINNED("lpm_trie", AUS_MAP_SVC), struct aus_svc_key,
 	    struct aus_svc_val, aus_svc, AUS_MAX_SERVICES, BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lru_percpu_hash", u32, struct aus_counters, aus_user_stats,
+BPF_TABLE_PINNED("percpu_array", u32, struct aus_counters, aus_user_stats,
 		 AUS_MAX_USERS, AUS_PIN_MAPS "/" AUS_MAP_USER_STATS);
 BPF_TABLE_PINNED("percpu_array", u32, struct aus_counters, aus_rule_stats,
 		 AUS_MAX_RULES, AUS_PIN_MAPS "/" AUS_MAP_RULE_STATS);
@@ -101,11 +109,13 @@ struct aus_decision {
 	u32 uid;
 	u32 tgid;
 	u32 ruleset;
+	u32 slot;    /* aus_user_stats index */
 	u32 rule;
 	u8 reason;
 	u8 allowed;
-	u8 fresh;    /* not a repeat of the socket's cached decision */
+	u8 fresh;    /* not a repeat of the socket's last decision */
 	u8 managed;
+	u8 by_owner; /* no stamp: judged by the socket owner's UID */
 	char comm[AUS_COMM_LEN];
 };
 
@@ -117,14 +127,12 @@ static __always_inline void aus_v4_mapped(u8 addr[16], u32 ip4_be)
 	__builtin_memcpy(&addr[12], &ip4_be, 4);
 }
 
+/* task_struct.loginuid read in place: bpf_get_current_task_btf() gives a
+ * pointer the verifier checks against the running kernel's BTF, at the
+ * offset the loader took from that same BTF. */
 static __always_inline u32 aus_current_loginuid(void)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	u32 loginuid = AUS_LOGINUID_UNSET;
-
-	bpf_probe_read_kernel(&loginuid, sizeof(loginuid),
-			      (char *)task + AUS_LOGINUID_OFFSET);
-	return loginuid;
+	return *(u32 *)((char *)bpf_get_current_task_btf() + AUS_LOGINUID_OFFSET);
 }
 
 static __always_inline void aus_stamp(struct aus_sock *st, u32 flags)
@@ -155,38 +163,31 @@ static __always_inline int aus_cache_hit(const struct aus_sock *st,
 	       a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
-/* The rule lookup: fills d->ruleset, d->rule, d->reason, d->allowed. */
-static __always_inline void aus_judge(struct aus_decision *d,
-				      const struct aus_config *cfg,
-				      struct aus_sock *st,
-				      const struct aus_flow *f)
+/* The rule lookup: fills everything in d but the identity. */
+static __always_inline void aus_lookup(struct aus_decision *d,
+				       const struct aus_config *cfg,
+				       const struct aus_flow *f)
 {
-	d->fresh = 1;
 	if (d->loginuid == AUS_LOGINUID_UNSET) {
 		d->reason = AUS_REASON_UNMANAGED;
 		d->allowed = 1;
 		return;
 	}
 	struct aus_user *user = aus_users.lookup(&d->loginuid);
-	if (user && (user->flags & AUS_USER_UNMANAGED)) {
+	/* A socket older than these programs is judged by its owner's UID
+	 * only when that UID is a logged-in managed user: the owner of a
+	 * service's socket is no login. */
+	if ((user && (user->flags & AUS_USER_UNMANAGED)) || (!user && d->by_owner)) {
 		d->reason = AUS_REASON_UNMANAGED;
 		d->allowed = 1;
 		return;
 	}
 	d->managed = 1;
 	d->ruleset = user ? user->ruleset : cfg->baseline_ruleset;
-
-	if (st && st->cache_ruleset == d->ruleset && aus_cache_hit(st, f)) {
-		d->fresh = 0;
-		d->rule = st->cache_rule;
-		d->allowed = st->cache_allowed;
-		d->reason = d->allowed ? AUS_REASON_RULE :
-			    (user ? AUS_REASON_NO_RULE : AUS_REASON_PENDING);
-		return;
-	}
-
+	d->slot = user ? user->slot : 0;
 	d->reason = user ? AUS_REASON_NO_RULE : AUS_REASON_PENDING;
 	d->allowed = 0;
+
 	struct aus_dst_key dk = {
 		.prefixlen = 64 + 128,
 		.ruleset = d->ruleset,
@@ -194,29 +195,55 @@ static __always_inline void aus_judge(struct aus_decision *d,
 	};
 	__builtin_memcpy(dk.addr, f->daddr, 16);
 	struct aus_dst_val *dv = aus_dst.lookup(&dk);
-	if (dv) {
-		struct aus_svc_key sk = {
-			.prefixlen = 64,
-			.portset = dv->portset,
-			.proto = f->proto,
-			.port = f->dport,
-		};
-		struct aus_svc_val *sv = aus_svc.lookup(&sk);
-		if (sv) {
-			d->rule = sv->rule;
-			d->reason = AUS_REASON_RULE;
-			d->allowed = 1;
-		}
+	if (!dv)
+		return;
+	struct aus_svc_key sk = {
+		.prefixlen = 64,
+		.portset = dv->portset,
+		.proto = f->proto,
+		.port = f->dport,
+	};
+	struct aus_svc_val *sv = aus_svc.lookup(&sk);
+	if (sv) {
+		d->rule = sv->rule;
+		d->reason = AUS_REASON_RULE;
+		d->allowed = 1;
 	}
+}
 
+/* Judge a flow, reusing the socket's last decision while its destination
+ * and every user's entry are unchanged (rulesets are immutable, and
+ * users_gen moves whenever an aus_users entry does). */
+static __always_inline void aus_judge(struct aus_decision *d,
+				      const struct aus_config *cfg,
+				      struct aus_sock *st,
+				      const struct aus_flow *f)
+{
+	u32 gen = cfg->users_gen;
+	int same_dst = st && aus_cache_hit(st, f);
+
+	if (same_dst && st->cache_gen == gen) {
+		d->ruleset = st->cache_ruleset;
+		d->slot = st->cache_slot;
+		d->rule = st->cache_rule;
+		d->allowed = st->cache_allowed;
+		d->reason = st->cache_reason;
+		d->managed = st->cache_managed;
+		d->fresh = 0;
+		return;
+	}
+	aus_lookup(d, cfg, f);
+	/* News is a new destination, or a verdict or rule that changed. */
+	d->fresh = !(same_dst && st->cache_allowed == d->allowed &&
+		     st->cache_rule == d->rule);
 	if (st) {
-		/* A repeat of the last destination is not news, whatever the
-		 * ruleset: only a changed destination or a new denial is. */
-		if (aus_cache_hit(st, f) && d->allowed)
-			d->fresh = 0;
+		st->cache_gen = gen;
 		st->cache_ruleset = d->ruleset;
+		st->cache_slot = d->slot;
 		st->cache_rule = d->rule;
 		st->cache_allowed = d->allowed;
+		st->cache_reason = d->reason;
+		st->cache_managed = d->managed;
 		st->cache_proto = f->proto;
 		st->cache_port = f->dport;
 		__builtin_memcpy(st->cache_addr, f->daddr, 16);
@@ -244,7 +271,7 @@ static __always_inline int aus_event_allowed(const struct aus_config *cfg)
 	struct aus_bucket *b = aus_ratelimit.lookup(&zero);
 	if (!b)
 		return 0;
-	u64 now = bpf_ktime_get_ns();
+	u64 now = bpf_ktime_get_coarse_ns();   /* ms matter here, not ns */
 	u64 cap = (u64)cfg->events_burst * 1000;
 	u64 elapsed = now - b->last_ns;
 	/* tokens_milli grows by events_per_sec per millisecond... per ms:
@@ -325,11 +352,8 @@ static __always_inline int aus_finish(const struct aus_config *cfg,
 	if (d->managed && (packet || (!d->allowed && enforce))) {
 		u32 pkts = 1;
 		u32 len = packet ? bytes : 0;
-		struct aus_counters zero = {};
-		u32 loginuid = d->loginuid;
-		struct aus_counters *uc =
-			aus_user_stats.lookup_or_try_init(&loginuid, &zero);
-		aus_add(uc, d->allowed, pkts, len);
+		u32 slot = d->slot;
+		aus_add(aus_user_stats.lookup(&slot), d->allowed, pkts, len);
 		u32 rule = d->rule;
 		aus_add(aus_rule_stats.lookup(&rule), d->allowed, pkts, len);
 	}
@@ -443,55 +467,95 @@ int aus_sendmsg6(struct bpf_sock_addr *ctx)
 }
 
 /* ---- cgroup_skb/egress: the per-packet backstop, IPv4 and IPv6. */
+/* Read the headers in place when they are in the linear part of the
+ * packet (nearly always on egress), else copy them out. */
 static __always_inline int aus_parse(struct __sk_buff *skb,
 				     struct aus_flow *f, u8 *tcp_flags)
 {
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
 	u32 l4 = 0;
 	int fragment = 0;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		struct iphdr ip;
-		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
-			return -1;
+		struct iphdr copy, *ip = data;
+		if ((void *)(ip + 1) > end) {
+			if (bpf_skb_load_bytes(skb, 0, &copy, sizeof(copy)) < 0)
+				return -1;
+			ip = &copy;
+		}
 		f->family = 4;
-		f->proto = ip.protocol;
-		aus_v4_mapped(f->saddr, ip.saddr);
-		aus_v4_mapped(f->daddr, ip.daddr);
-		l4 = (u32)ip.ihl * 4;
-		fragment = (ip.frag_off & bpf_htons(0x1fff)) != 0;
+		f->proto = ip->protocol;
+		aus_v4_mapped(f->saddr, ip->saddr);
+		aus_v4_mapped(f->daddr, ip->daddr);
+		l4 = (u32)ip->ihl * 4;
+		fragment = (ip->frag_off & bpf_htons(0x1fff)) != 0;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr ip6;
-		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
-			return -1;
+		struct ipv6hdr copy, *ip6 = data;
+		if ((void *)(ip6 + 1) > end) {
+			if (bpf_skb_load_bytes(skb, 0, &copy, sizeof(copy)) < 0)
+				return -1;
+			ip6 = &copy;
+		}
 		f->family = 6;
 		/* Extension headers are not walked: such a packet is judged
 		 * by its first next-header value, which no port rule allows. */
-		f->proto = ip6.nexthdr;
-		__builtin_memcpy(f->saddr, &ip6.saddr, 16);
-		__builtin_memcpy(f->daddr, &ip6.daddr, 16);
-		l4 = sizeof(ip6);
+		f->proto = ip6->nexthdr;
+		__builtin_memcpy(f->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(f->daddr, &ip6->daddr, 16);
+		l4 = sizeof(*ip6);
 	} else {
 		return -1;
 	}
 
-	if (fragment)
+	if (fragment || (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP))
 		return 0;
-	if (f->proto == IPPROTO_TCP) {
-		u8 th[14];
-		if (bpf_skb_load_bytes(skb, l4, th, sizeof(th)) < 0)
+	/* Ports, and for TCP the flags byte: the first 14 bytes. */
+	u8 copy4[14], *th = data + l4;
+	u32 need = f->proto == IPPROTO_TCP ? 14 : 4;
+	if (l4 > 60 || (void *)(th + 14) > end) {
+		if (bpf_skb_load_bytes(skb, l4 & 0x3f, copy4, need == 14 ? 14 : 4) < 0)
 			return 0;
-		__builtin_memcpy(&f->sport, &th[0], 2);
-		__builtin_memcpy(&f->dport, &th[2], 2);
-		*tcp_flags = th[13];
-	} else if (f->proto == IPPROTO_UDP) {
-		u16 ports[2];
-		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
-			return 0;
-		f->sport = ports[0];
-		f->dport = ports[1];
+		th = copy4;
 	}
+	__builtin_memcpy(&f->sport, &th[0], 2);
+	__builtin_memcpy(&f->dport, &th[2], 2);
+	if (need == 14)
+		*tcp_flags = th[13];
 	return 0;
 }
+
+/* The flow of a connected TCP socket, from the socket itself. A macro,
+ * not a function: bcc rewrites field reads through a pointer passed to a
+ * function into probe reads, which the verifier refuses on a socket. */
+#define AUS_FLOW_OF_SOCK(sk, f, ok)						\
+	do {									\
+		u32 fam_ = (sk)->family;					\
+		u32 dport_ = (sk)->dst_port;					\
+		u32 sport_ = (sk)->src_port;					\
+		(f)->proto = IPPROTO_TCP;					\
+		(f)->dport = (u16)dport_;					\
+		(f)->sport = bpf_htons((u16)sport_);				\
+		(ok) = 1;							\
+		if (fam_ == AF_INET) {						\
+			u32 d4_ = (sk)->dst_ip4, s4_ = (sk)->src_ip4;		\
+			(f)->family = 4;					\
+			aus_v4_mapped((f)->daddr, d4_);				\
+			aus_v4_mapped((f)->saddr, s4_);				\
+		} else if (fam_ == AF_INET6) {					\
+			u32 a_[4], b_[4];					\
+			a_[0] = (sk)->dst_ip6[0]; a_[1] = (sk)->dst_ip6[1];	\
+			a_[2] = (sk)->dst_ip6[2]; a_[3] = (sk)->dst_ip6[3];	\
+			b_[0] = (sk)->src_ip6[0]; b_[1] = (sk)->src_ip6[1];	\
+			b_[2] = (sk)->src_ip6[2]; b_[3] = (sk)->src_ip6[3];	\
+			__builtin_memcpy((f)->daddr, a_, 16);			\
+			__builtin_memcpy((f)->saddr, b_, 16);			\
+			(f)->family = (a_[0] == 0 && a_[1] == 0 &&		\
+				       a_[2] == bpf_htonl(0xffff)) ? 4 : 6;	\
+		} else {							\
+			(ok) = 0;						\
+		}								\
+	} while (0)
 
 #define AUS_TCP_SYN 0x02
 #define AUS_TCP_ACK 0x10
@@ -507,22 +571,33 @@ int aus_egress(struct __sk_buff *skb)
 	u8 tcp_flags = 0;
 	u32 len = skb->len;
 
+	struct bpf_sock *sk = skb->sk;
+	if (sk)
+		sk = bpf_sk_fullsock(sk);
+	struct aus_sock *st = sk ? aus_sock.sk_storage_get(sk, 0, 0) : 0;
+
+	/* Fast path: a TCP connection whose connect() was judged has its
+	 * destination in the socket; no need to parse the packet. */
+	int from_sock = 0;
+	if (st && (st->flags & AUS_SOCK_OUTBOUND) && sk->protocol == IPPROTO_TCP)
+		AUS_FLOW_OF_SOCK(sk, &f, from_sock);
+	if (from_sock) {
+		aus_identity_from(&d, st);
+		aus_judge(&d, cfg, st, &f);
+		return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+	}
+
 	if (aus_parse(skb, &f, &tcp_flags) < 0) {
 		d.reason = AUS_REASON_NOT_IP;
 		d.allowed = 1;
 		return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
 	}
-
-	struct bpf_sock *sk = skb->sk;
-	if (sk)
-		sk = bpf_sk_fullsock(sk);
 	if (!sk) {
 		d.reason = AUS_REASON_NO_SOCKET;
 		d.allowed = 1;
 		return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
 	}
 
-	struct aus_sock *st = aus_sock.sk_storage_get(sk, 0, 0);
 	if (st) {
 		aus_identity_from(&d, st);
 		if (f.proto == IPPROTO_TCP && !(st->flags & AUS_SOCK_OUTBOUND)) {
@@ -544,6 +619,7 @@ int aus_egress(struct __sk_buff *skb)
 		/* The socket predates us: fall back to its owner's UID. */
 		d.loginuid = bpf_get_socket_uid(skb);
 		d.uid = d.loginuid;
+		d.by_owner = 1;
 	}
 
 	aus_judge(&d, cfg, st, &f);

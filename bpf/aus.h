@@ -106,6 +106,10 @@ struct aus_config {
 	__u32 ruleset_seq;       /* next ruleset id (daemon bookkeeping) */
 	__u32 portset_seq;       /* next portset id (daemon bookkeeping) */
 	__u64 policy_version;    /* daemon bookkeeping, shown by ausctl */
+	__u32 users_gen;         /* bumped after any aus_users change: a
+				  * socket's cached decision is reused only
+				  * while this is unchanged */
+	__u32 pad;
 };
 
 /* ---- aus_users: HASH login UID -> user. Written by the daemon when a
@@ -116,6 +120,8 @@ struct aus_config {
 struct aus_user {
 	__u32 ruleset;  /* id of the user's immutable ruleset */
 	__u32 flags;    /* AUS_USER_* */
+	__u32 slot;     /* index in aus_user_stats; 0 is for users not in
+			 * this map yet */
 };
 
 /* ---- aus_dst: LPM_TRIE (ruleset, family, address) -> portset. IPv4
@@ -159,8 +165,11 @@ struct aus_counters {
 	__u64 denied_bytes;
 };
 
-/* ---- aus_user_stats: LRU_PERCPU_HASH login UID -> counters. Written by
- * the programs, read by ausctl. */
+/* ---- aus_user_stats: PERCPU_ARRAY user slot -> counters. Written by the
+ * programs, read by ausctl through aus_users; the daemon zeroes a slot
+ * before giving it to a user. An array, not a hash keyed by login UID:
+ * the slot travels in the socket's cached decision, so counting a packet
+ * costs no hash lookup. */
 #define AUS_MAP_USER_STATS "aus_user_stats"
 
 /* ---- aus_rule_stats: PERCPU_ARRAY rule id -> counters. */
@@ -209,12 +218,17 @@ struct aus_sock {
 	/* The last decision, reused while the user's ruleset and the
 	 * destination stay the same (rulesets are immutable). A flow event
 	 * is sent when a decision is not a repeat of this one. */
+	__u32 cache_gen;            /* aus_config.users_gen of the decision */
 	__u32 cache_ruleset;
+	__u32 cache_slot;
 	__u32 cache_rule;
 	__u8 cache_addr[16];
 	__u16 cache_port;           /* network byte order */
 	__u8 cache_proto;
 	__u8 cache_allowed;
+	__u8 cache_reason;
+	__u8 cache_managed;
+	__u8 pad[2];
 };
 
 /* ---- aus_events: RINGBUF of struct aus_event, drained by the daemon. */

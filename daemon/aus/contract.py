@@ -118,11 +118,14 @@ class Config(ctypes.Structure):
         ("ruleset_seq", ctypes.c_uint32),
         ("portset_seq", ctypes.c_uint32),
         ("policy_version", ctypes.c_uint64),
+        ("users_gen", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 
 class User(ctypes.Structure):
-    _fields_ = [("ruleset", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [("ruleset", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("slot", ctypes.c_uint32)]
 
 
 class DstKey(ctypes.Structure):
@@ -176,12 +179,17 @@ class Sock(ctypes.Structure):
         ("tgid", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
         ("comm", ctypes.c_char * COMM_LEN),
+        ("cache_gen", ctypes.c_uint32),
         ("cache_ruleset", ctypes.c_uint32),
+        ("cache_slot", ctypes.c_uint32),
         ("cache_rule", ctypes.c_uint32),
         ("cache_addr", ctypes.c_uint8 * 16),
         ("cache_port", ctypes.c_uint16),
         ("cache_proto", ctypes.c_uint8),
         ("cache_allowed", ctypes.c_uint8),
+        ("cache_reason", ctypes.c_uint8),
+        ("cache_managed", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
     ]
 
 

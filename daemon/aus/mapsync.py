@@ -39,7 +39,7 @@ def svc_key(portset: int, proto: int, port: int, plen: int) -> C.SvcKey:
 def config_struct(cfg: ConfigValues) -> C.Config:
     return C.Config(cfg.mode, cfg.baseline_ruleset, cfg.events_per_sec,
                     cfg.events_burst, cfg.ruleset_seq, cfg.portset_seq,
-                    cfg.policy_version)
+                    cfg.policy_version, cfg.users_gen, 0)
 
 
 def apply(plan: Plan, maps: dict[str, Map]) -> None:
@@ -53,12 +53,14 @@ def apply(plan: Plan, maps: dict[str, Map]) -> None:
         # A new name for an id: its counters start from zero.
         maps[C.MAP_RULE_STATS].update(_u32(rid), C.Counters())
         rules.update(_u32(rid), C.RuleInfo(name.encode()[:C.RULE_NAME_LEN - 1]))
-    if plan.config_put is not None:
-        maps[C.MAP_CONFIG].update(_u32(0), config_struct(plan.config_put))
-    for uid, ruleset, flags in plan.users_put:
-        users.update(_u32(uid), C.User(ruleset, flags))
+    for slot in plan.stats_reset:
+        maps[C.MAP_USER_STATS].update(_u32(slot), C.Counters())
+    for uid, ruleset, flags, slot in plan.users_put:
+        users.update(_u32(uid), C.User(ruleset, flags, slot))
     for uid in plan.users_del:
         users.delete(_u32(uid))
+    if plan.config_put is not None:
+        maps[C.MAP_CONFIG].update(_u32(0), config_struct(plan.config_put))
     for rid, addr, plen in plan.dst_del:
         dst.delete(dst_key(rid, addr, plen))
     for pid, e in plan.svc_del:
@@ -74,9 +76,9 @@ def read_state(maps: dict[str, Map]) -> KernelState:
     if raw is not None and raw.ruleset_seq:
         st.config = ConfigValues(raw.mode, raw.baseline_ruleset, raw.events_per_sec,
                                  raw.events_burst, raw.ruleset_seq, raw.portset_seq,
-                                 raw.policy_version)
+                                 raw.policy_version, raw.users_gen)
     for k, v in maps[C.MAP_USERS].items():
-        st.users[k.value] = (v.ruleset, v.flags)
+        st.users[k.value] = (v.ruleset, v.flags, v.slot)
     for k, v in maps[C.MAP_DST].items():
         st.rulesets.setdefault(k.ruleset, {})[
             (bytes(k.addr), k.prefixlen - C.DST_ID_BITS)] = v.portset

@@ -44,8 +44,18 @@ def config(maps) -> dict:
 
 
 def user_counters(maps) -> dict[int, dict[str, int]]:
-    return {k.value: bpfsys.sum_percpu(v, COUNTER_FIELDS)
-            for k, v in maps[C.MAP_USER_STATS].items()}
+    """Counters per login UID in aus_users (through its stats slot), plus
+    slot 0 under LOGINUID_UNSET: managed users not in the map yet."""
+    stats = maps[C.MAP_USER_STATS]
+    out = {}
+    slots = {k.value: v.slot for k, v in maps[C.MAP_USERS].items()
+             if not v.flags & C.USER_UNMANAGED}
+    slots[C.LOGINUID_UNSET] = 0
+    for uid, slot in slots.items():
+        v = stats.lookup(ctypes.c_uint32(slot))
+        if v is not None:
+            out[uid] = bpfsys.sum_percpu(v, COUNTER_FIELDS)
+    return out
 
 
 def rule_counters(maps, rule_ids) -> dict[int, dict[str, int]]:
@@ -92,7 +102,7 @@ def _ports(e_port: int, plen: int) -> str:
 def dump(maps) -> dict:
     """Every map, decoded; the stable shape of ``ausctl maps --json``."""
     names = rule_names(maps)
-    users = [{"login_uid": k.value, "ruleset": v.ruleset,
+    users = [{"login_uid": k.value, "ruleset": v.ruleset, "slot": v.slot,
               "unmanaged": bool(v.flags & C.USER_UNMANAGED)}
              for k, v in maps[C.MAP_USERS].items()]
     dst = []
@@ -112,7 +122,8 @@ def dump(maps) -> dict:
         "destinations": sorted(dst, key=lambda d: (d["ruleset"], d["destination"])),
         "services": sorted(svc, key=lambda s: (s["portset"], s["proto"], s["ports"])),
         "rules": [{"id": k, "name": v} for k, v in sorted(names.items())],
-        "user_counters": [{"login_uid": k, **v} for k, v in sorted(counters.items())],
+        "user_counters": [{"login_uid": None if k == C.LOGINUID_UNSET else k, **v}
+                          for k, v in sorted(counters.items())],
         "rule_counters": [{"rule_id": k, "rule": names.get(k), **v}
                           for k, v in sorted(rule_counters(maps, [0, *names]).items())],
         "reasons": reason_counters(maps),

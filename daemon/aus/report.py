@@ -47,7 +47,7 @@ def status(d) -> dict:
 def users(d) -> list[dict]:
     counters = mapview.user_counters(d.loaded.maps)
     out = []
-    for uid, (ruleset, flags) in sorted(d.kstate.users.items()):
+    for uid, (ruleset, flags, _slot) in sorted(d.kstate.users.items()):
         if flags & C.USER_UNMANAGED:
             continue
         info = d.directory.get(uid)

@@ -32,13 +32,15 @@ class ConfigValues:
     ruleset_seq: int = 1
     portset_seq: int = 1
     policy_version: int = 0
+    users_gen: int = 0
 
 
 @dataclass
 class KernelState:
     """What the maps hold (as read at adoption, then as written)."""
     config: ConfigValues = field(default_factory=ConfigValues)
-    users: dict[int, tuple[int, int]] = field(default_factory=dict)   # uid -> (ruleset, flags)
+    # login UID -> (ruleset, flags, stats slot)
+    users: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     rulesets: dict[int, dict[tuple[bytes, int], int]] = field(default_factory=dict)
     portsets: dict[int, Portset] = field(default_factory=dict)
     rules: dict[int, str] = field(default_factory=dict)
@@ -73,23 +75,25 @@ class Plan:
     svc_put: list[tuple[int, SvcEntry]] = field(default_factory=list)
     dst_put: list[tuple[int, bytes, int, int]] = field(default_factory=list)
     rules_put: list[tuple[int, str]] = field(default_factory=list)
-    config_put: ConfigValues | None = None
-    users_put: list[tuple[int, int, int]] = field(default_factory=list)
+    stats_reset: list[int] = field(default_factory=list)
+    users_put: list[tuple[int, int, int, int]] = field(default_factory=list)
     users_del: list[int] = field(default_factory=list)
+    config_put: ConfigValues | None = None
     dst_del: list[tuple[int, bytes, int]] = field(default_factory=list)
     svc_del: list[tuple[int, SvcEntry]] = field(default_factory=list)
     rules_del: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return any((self.svc_put, self.dst_put, self.rules_put, self.config_put,
-                    self.users_put, self.users_del, self.dst_del, self.svc_del,
-                    self.rules_del))
+        return any((self.svc_put, self.dst_put, self.rules_put, self.stats_reset,
+                    self.config_put, self.users_put, self.users_del, self.dst_del,
+                    self.svc_del, self.rules_del))
 
     def summary(self) -> dict[str, int]:
         return {"svc_put": len(self.svc_put), "dst_put": len(self.dst_put),
                 "users_put": len(self.users_put), "users_del": len(self.users_del),
                 "dst_del": len(self.dst_del), "svc_del": len(self.svc_del),
                 "rules_put": len(self.rules_put), "rules_del": len(self.rules_del),
+                "stats_reset": len(self.stats_reset),
                 "config": int(self.config_put is not None)}
 
 
@@ -134,12 +138,27 @@ def plan(actual: KernelState, desired: Desired) -> tuple[Plan, KernelState]:
         return rid
 
     baseline_id = ruleset_id(desired.baseline)
-    want_users: dict[int, tuple[int, int]] = {}
-    for uid, content in desired.users.items():
+    # Stats slots: a user keeps its slot; a new user gets the lowest free
+    # one (0 counts users not in the map yet), zeroed before it is used.
+    kept = {uid: v[2] for uid, v in actual.users.items()
+            if uid in desired.users and desired.users[uid] != UNMANAGED and v[2]}
+    # Slots of users about to go stay taken in this plan: they still count
+    # into them until their entry is deleted.
+    used = {v[2] for v in actual.users.values() if v[2]}
+    free_slot = 1
+    want_users: dict[int, tuple[int, int, int]] = {}
+    for uid, content in sorted(desired.users.items()):
         if content == UNMANAGED:
-            want_users[uid] = (C.RULESET_NONE, C.USER_UNMANAGED)
-        else:
-            want_users[uid] = (ruleset_id(content), 0)
+            want_users[uid] = (C.RULESET_NONE, C.USER_UNMANAGED, 0)
+            continue
+        slot = kept.get(uid)
+        if slot is None:
+            while free_slot in used:
+                free_slot += 1
+            slot = free_slot
+            used.add(slot)
+            p.stats_reset.append(slot)
+        want_users[uid] = (ruleset_id(content), 0, slot)
 
     for rid, name in desired.rules.items():
         if actual.rules.get(rid) != name:
@@ -150,15 +169,6 @@ def plan(actual: KernelState, desired: Desired) -> tuple[Plan, KernelState]:
             p.rules_del.append(rid)
             del new.rules[rid]
 
-    new_cfg = replace(cfg, mode=desired.mode, baseline_ruleset=baseline_id,
-                      events_per_sec=desired.events_per_sec,
-                      events_burst=desired.events_burst,
-                      ruleset_seq=ruleset_seq, portset_seq=portset_seq,
-                      policy_version=desired.policy_version)
-    if new_cfg != cfg:
-        p.config_put = new_cfg
-        new.config = new_cfg
-
     for uid, value in sorted(want_users.items()):
         if actual.users.get(uid) != value:
             p.users_put.append((uid, *value))
@@ -167,6 +177,19 @@ def plan(actual: KernelState, desired: Desired) -> tuple[Plan, KernelState]:
         if uid not in want_users:
             p.users_del.append(uid)
             del new.users[uid]
+
+    # Written after the users: bumping users_gen makes every socket drop
+    # its cached decision and look its user up again.
+    users_changed = bool(p.users_put or p.users_del) or baseline_id != cfg.baseline_ruleset
+    new_cfg = replace(cfg, mode=desired.mode, baseline_ruleset=baseline_id,
+                      events_per_sec=desired.events_per_sec,
+                      events_burst=desired.events_burst,
+                      ruleset_seq=ruleset_seq, portset_seq=portset_seq,
+                      policy_version=desired.policy_version,
+                      users_gen=(cfg.users_gen + 1) & 0xFFFFFFFF if users_changed else cfg.users_gen)
+    if new_cfg != cfg:
+        p.config_put = new_cfg
+        new.config = new_cfg
 
     # Garbage: rulesets no user (and not the baseline) points at, then
     # portsets no remaining ruleset points at.

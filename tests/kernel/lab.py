@@ -221,7 +221,7 @@ class Ausd:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         npath = self.workdir / f"notify-{secrets.token_hex(2)}"
         notify.bind(str(npath))
-        notify.settimeout(timeout)
+        notify.settimeout(0.5)
         logf = open(self.workdir / "ausd.log", "ab")
         env = dict(os.environ, NOTIFY_SOCKET=str(npath))
         self.proc = subprocess.Popen([PYTHON, "-m", "aus.ausd", "--config", str(self.config_path)],
@@ -231,13 +231,15 @@ class Ausd:
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    msg = notify.recv(4096).decode()
+                    if "READY=1" in notify.recv(4096).decode().split("\n"):
+                        break
                 except socket.timeout:
-                    raise AssertionError(f"ausd sent no READY in {timeout}s:\n{self.read_log()}") from None
-                if "READY=1" in msg.split("\n"):
-                    break
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise AssertionError(f"ausd did not start:\n{self.read_log()}")
+                    pass
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"ausd exited with {self.proc.returncode} before "
+                                         f"READY:\n{self.read_log()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"ausd sent no READY in {timeout}s:\n{self.read_log()}")
         finally:
             notify.close()
             npath.unlink()

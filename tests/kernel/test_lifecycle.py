@@ -159,3 +159,39 @@ def test_sighup_reloads_the_policy(cg, peer, people):
                            gid=alice.gid)["ok"]
             assert d.check(alice.uid, peer.v4, "tcp", 443)["rule"] == "dev-web"
             assert d.check(alice.uid, peer.v4, "tcp", 80)["allowed"] is False
+
+
+def test_sockets_older_than_ausd_are_judged_by_their_owner(cg, peer, people):
+    """Connections made before ausd first started have no stamp: their
+    packets are judged by the socket owner's UID when that UID is a
+    logged-in managed user, and pass otherwise (a service's socket)."""
+    users, groups = people
+    alice, carol = users["alice"], users["carol"]
+
+    def hold(user, loginuid):
+        p = lab.spawn([lab.PYTHON, str(lab.HERE / "client.py"), "hold", peer.v4, "443"],
+                      cg=cg, loginuid=loginuid, uid=user.uid, gid=user.gid,
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert json.loads(p.stdout.readline())["ok"]
+        return p
+
+    def say(p, line):
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+        return json.loads(p.stdout.readline())
+
+    with lab.ausd(cg, lab_policy(peer, groups)) as d:
+        mine = hold(alice, alice.uid)
+        service = hold(carol, None)
+        try:
+            assert say(mine, "before")["ok"] and say(service, "before")["ok"]
+            d.start()
+            with lab.session(d, alice.uid):
+                got = say(mine, "after")
+                assert got["ok"] is False, got
+                assert d.check(alice.uid, peer.v4, "tcp", 443)["allowed"] is False
+                assert say(service, "after")["ok"]
+        finally:
+            for p in (mine, service):
+                p.kill()
+                p.wait()

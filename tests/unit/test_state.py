@@ -42,8 +42,8 @@ def desired(users, baseline=BASE, rules=None, mode=C.MODE_ENFORCE, eps=1000, bur
 # ---------------------------------------------------------------------------
 # Helpers: apply a plan op by op, checking that every step is consistent.
 
-ORDER = ("svc_put", "dst_put", "rules_put", "config_put", "users_put", "users_del",
-         "dst_del", "svc_del", "rules_del")
+ORDER = ("svc_put", "dst_put", "rules_put", "stats_reset", "users_put", "users_del",
+         "config_put", "dst_del", "svc_del", "rules_del")
 
 
 def _ops(p: Plan):
@@ -70,7 +70,7 @@ class Maps:
         self.rules = dict(st.rules)
 
     def referenced_rulesets(self):
-        return ({r for r, f in self.users.values() if not f & C.USER_UNMANAGED}
+        return ({r for r, f, *_ in self.users.values() if not f & C.USER_UNMANAGED}
                 | {self.config.baseline_ruleset})
 
     def referenced_portsets(self):
@@ -113,13 +113,18 @@ class Maps:
             elif name == "config_put":
                 assert self.content(item.baseline_ruleset) == want.baseline
                 self.config = item
+            elif name == "stats_reset":
+                live = {v[2] for v in self.users.values() if v[2]}
+                assert item not in live, f"stats slot {item} reset while a user counts in it"
             elif name == "users_put":
-                uid, rid, flags = item
+                uid, rid, flags, slot = item
                 if flags & C.USER_UNMANAGED:
-                    assert want.users[uid] == UNMANAGED and rid == C.RULESET_NONE
+                    assert want.users[uid] == UNMANAGED and rid == C.RULESET_NONE and slot == 0
                 else:
                     assert self.content(rid) == want.users[uid], f"user {uid} -> incomplete {rid}"
-                self.users[uid] = (rid, flags)
+                    others = {v[2] for u, v in self.users.items() if u != uid}
+                    assert slot >= 1 and slot not in others, f"user {uid}: slot {slot} shared"
+                self.users[uid] = (rid, flags, slot)
             elif name == "users_del":
                 del self.users[item]
             elif name == "dst_del":
@@ -155,7 +160,7 @@ def step(actual: KernelState, want: Desired) -> tuple[Plan, KernelState]:
     # the planner's new state describes the desired content
     assert new.ruleset_content(new.config.baseline_ruleset) == want.baseline
     for uid, content in want.users.items():
-        rid, flags = new.users[uid]
+        rid, flags, _slot = new.users[uid]
         if content == UNMANAGED:
             assert (rid, flags) == (C.RULESET_NONE, C.USER_UNMANAGED)
         else:
@@ -175,7 +180,7 @@ def step(actual: KernelState, want: Desired) -> tuple[Plan, KernelState]:
     assert all(rid < cfg.ruleset_seq for rid in new.rulesets)
     assert all(pid < cfg.portset_seq for pid in new.portsets)
     # nothing unreferenced is left behind
-    live = {r for r, f in new.users.values() if not f} | {cfg.baseline_ruleset}
+    live = {r for r, f, *_ in new.users.values() if not f} | {cfg.baseline_ruleset}
     assert set(new.rulesets) == live
     assert set(new.portsets) == {pid for es in new.rulesets.values() for pid in es.values()}
     # idempotent
@@ -201,8 +206,8 @@ def test_from_empty_state():
     # put before (svc_put precedes dst_put), every ruleset a user names too
     put_portsets = {pid for pid, _ in p.svc_put}
     assert {pid for *_, pid in p.dst_put} <= put_portsets
-    assert {rid for _, rid, _ in p.users_put} <= {rid for rid, *_ in p.dst_put}
-    users = {uid: rid for uid, rid, _ in p.users_put}
+    assert {rid for _, rid, *_ in p.users_put} <= {rid for rid, *_ in p.dst_put}
+    users = {uid: rid for uid, rid, *_ in p.users_put}
     assert users[1000] == users[1002] != users[1001]
     assert sorted(users) == [1000, 1001, 1002]
     assert p.rules_put == sorted(RULES.items())
@@ -233,18 +238,21 @@ def test_mapsync_applies_in_plan_order():
             assert names[i - 1] == C.MAP_RULE_STATS
     log[:] = [e for e in log if e[0] != C.MAP_RULE_STATS]
     seen = [n for i, (n, _) in enumerate(log) if i == 0 or log[i - 1][0] != n]
-    assert seen == [C.MAP_SVC, C.MAP_DST, C.MAP_RULES, C.MAP_CONFIG, C.MAP_USERS]
+    # New users' stats slots are zeroed before the users point at them;
+    # the config (users_gen) follows the users.
+    assert seen == [C.MAP_SVC, C.MAP_DST, C.MAP_RULES, C.MAP_USER_STATS, C.MAP_USERS,
+                    C.MAP_CONFIG]
     log.clear()
     p, _ = plan(new, desired({}, rules={1: "baseline"}))
     mapsync.apply(p, maps)
     seen = [n for i, (n, _) in enumerate(log) if i == 0 or log[i - 1][0] != n]
-    assert seen == [C.MAP_USERS, C.MAP_DST, C.MAP_SVC, C.MAP_RULES]
-    assert {op for n, op in log} == {"del"}
+    assert seen == [C.MAP_USERS, C.MAP_CONFIG, C.MAP_DST, C.MAP_SVC, C.MAP_RULES]
+    assert {op for n, op in log if n != C.MAP_CONFIG} == {"del"}
 
 
 def test_identical_content_shares_rulesets_and_portsets():
     p, new = step(KernelState(), desired({1000: B, 1001: B, 1002: A}))
-    r = {uid: rid for uid, rid, _ in p.users_put}
+    r = {uid: rid for uid, rid, *_ in p.users_put}
     assert r[1000] == r[1001]
     # B's two prefixes carry the same services: one portset for both, and A
     # (same services again) reuses it too
@@ -256,7 +264,7 @@ def test_identical_content_shares_rulesets_and_portsets():
     assert len({pid for pid, _ in p.svc_put}) == 2
     # a user whose content equals the baseline shares the baseline ruleset
     p2, new2 = step(new, desired({1000: B, 1001: B, 1002: A, 1003: BASE}))
-    assert p2.users_put == [(1003, new.config.baseline_ruleset, 0)]
+    assert [u[:3] for u in p2.users_put] == [(1003, new.config.baseline_ruleset, 0)]
     assert not p2.dst_put and not p2.svc_put
 
 
@@ -269,15 +277,15 @@ def test_user_change_gets_new_ruleset_and_gc_when_unreferenced():
     rid_c = s1.users[1000][0]
     assert rid_c not in s0.rulesets and rid_c != rid_a
     assert {rid for rid, *_ in p1.dst_put} == {rid_c}
-    assert p1.users_put == [(1000, rid_c, 0)]
+    assert [u[:3] for u in p1.users_put] == [(1000, rid_c, 0)]
     assert not p1.dst_del
-    assert s1.users[1001] == (rid_a, 0)
+    assert s1.users[1001][:2] == (rid_a, 0)
     assert s1.rulesets[rid_a] == s0.rulesets[rid_a]
 
     # 1001 moves to existing content: shared, nothing written but users
     p2, s2 = step(s1, desired({1000: CC, 1001: CC}))
     assert not p2.dst_put and not p2.svc_put
-    assert p2.users_put == [(1001, rid_c, 0)]
+    assert [u[:3] for u in p2.users_put] == [(1001, rid_c, 0)]
     # A is now unreferenced: all its dst entries go, and so does its
     # portset (nothing else holds tcp/80)
     assert sorted(p2.dst_del) == sorted((rid_a, a, pl) for (a, pl) in s1.rulesets[rid_a])
@@ -295,14 +303,18 @@ def test_user_change_gets_new_ruleset_and_gc_when_unreferenced():
 def test_removing_users_collects_garbage_but_not_the_baseline():
     _, s0 = step(KernelState(), desired({1000: A, 1001: CC, 1002: BASE}))
     base = s0.config.baseline_ruleset
-    assert s0.users[1002] == (base, 0)
+    assert s0.users[1002][:2] == (base, 0)
     rid_c = s0.users[1001][0]
 
     p1, s1 = step(s0, desired({1000: A, 1002: BASE}))
     assert p1.users_del == [1001]
     assert {rid for rid, *_ in p1.dst_del} == {rid_c}
     assert rid_c not in s1.rulesets
-    assert p1.config_put is None
+    # only users_gen moves, so sockets drop their cached decisions
+    assert p1.config_put is not None
+    assert p1.config_put.users_gen == s0.config.users_gen + 1
+    assert (p1.config_put.baseline_ruleset, p1.config_put.ruleset_seq) == \
+        (s0.config.baseline_ruleset, s0.config.ruleset_seq)
 
     p2, s2 = step(s1, desired({}))
     assert p2.users_del == [1000, 1002]
@@ -325,12 +337,12 @@ def test_removing_users_collects_garbage_but_not_the_baseline():
 
 def test_unmanaged_users():
     p, s = step(KernelState(), desired({1000: UNMANAGED, 1001: A}))
-    assert (1000, C.RULESET_NONE, C.USER_UNMANAGED) in p.users_put
-    assert s.users[1000] == (0, C.USER_UNMANAGED)
+    assert (1000, C.RULESET_NONE, C.USER_UNMANAGED, 0) in p.users_put
+    assert s.users[1000] == (0, C.USER_UNMANAGED, 0)
     assert state.lookup(s, 1000, ip("203.0.113.1"), TCP, 1) == (C.Reason.UNMANAGED, None)
     rid_a = s.users[1001][0]
     p2, s2 = step(s, desired({1000: UNMANAGED, 1001: UNMANAGED}))
-    assert p2.users_put == [(1001, C.RULESET_NONE, C.USER_UNMANAGED)]
+    assert [u[:3] for u in p2.users_put] == [(1001, C.RULESET_NONE, C.USER_UNMANAGED)]
     assert {rid for rid, *_ in p2.dst_del} == {rid_a}
     assert state.lookup(s2, 1001, ip("10.0.0.1"), TCP, 80) == (C.Reason.UNMANAGED, None)
     # and back to managed
@@ -367,7 +379,7 @@ def test_rule_names_and_config_changes():
     assert p2.config_put.ruleset_seq == s1.config.ruleset_seq
     assert p2.summary() == {"svc_put": 0, "dst_put": 0, "users_put": 0, "users_del": 0,
                             "dst_del": 0, "svc_del": 0, "rules_put": 0, "rules_del": 0,
-                            "config": 1}
+                            "stats_reset": 0, "config": 1}
 
 
 # ---------------------------------------------------------------------------
@@ -477,3 +489,19 @@ def test_plan_after_interrupted_apply_does_not_reuse_ids():
     kernel = maps.as_state()
     assert state.lookup(kernel, 1001, ip("192.0.2.1"), TCP, 22) == (C.Reason.NO_RULE, None)
     assert state.lookup(kernel, 1001, ip("10.2.0.0"), TCP, 443) == (C.Reason.NO_RULE, None)
+
+
+def test_stats_slots_are_kept_and_reused_only_after_release():
+    p0, s0 = step(KernelState(), desired({1000: A, 1001: CC}))
+    slots = {uid: v[2] for uid, v in s0.users.items()}
+    assert sorted(slots.values()) == [1, 2] and sorted(p0.stats_reset) == [1, 2]
+    # a new ruleset for 1000 keeps its slot (and its counters)
+    p1, s1 = step(s0, desired({1000: CC, 1001: CC}))
+    assert s1.users[1000][2] == slots[1000] and not p1.stats_reset
+    # 1001 leaves while 1002 arrives: 1002 must not take 1001's slot yet
+    p2, s2 = step(s1, desired({1000: CC, 1002: A}))
+    assert s2.users[1002][2] not in slots.values()
+    assert p2.stats_reset == [s2.users[1002][2]]
+    # once released, the slot is free for the next newcomer (zeroed first)
+    p3, s3 = step(s2, desired({1000: CC, 1002: A, 1003: A}))
+    assert s3.users[1003][2] == slots[1001] and p3.stats_reset == [slots[1001]]
