@@ -20,7 +20,6 @@ import selectors
 import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .config import DaemonConfig, load_config
 from .errors import AusError, PolicyError
 from .identity import Directory
 from .policy import Policy, load_policy
+from .ringbuf import RingBuffer
 from .sdnotify import Notifier
 from .sessions import Sessions, peer_loginuid, scan_loginuids
 from .state import UNMANAGED, Desired, KernelState, plan
@@ -62,9 +62,7 @@ class Daemon:
         self.started = time.time()
         self.flow_history: collections.deque = collections.deque(maxlen=FLOW_HISTORY)
         self.followers: list[socket.socket] = []
-        self._events_lock = threading.Lock()
-        self._pending_events: list[bytes] = []
-        self._stop = threading.Event()
+        self.ring: RingBuffer | None = None
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         self.listener: socket.socket | None = None
@@ -172,29 +170,9 @@ class Daemon:
                  len(self.sessions.active(self.unmanaged)), self.cfg.pin_dir)
 
     def _start_events(self) -> None:
-        bpf = self.loaded.bpf
-
-        def on_event(_ctx, data, size):
-            raw = bytes((ctypes_char * size).from_address(data))
-            with self._events_lock:
-                self._pending_events.append(raw)
-            try:
-                os.write(self._wake_w, b"e")
-            except OSError:
-                pass
-
-        import ctypes
-        ctypes_char = ctypes.c_char
-        bpf[C.MAP_EVENTS.encode()].open_ring_buffer(on_event)
-
-        def pump():
-            while not self._stop.is_set():
-                bpf.ring_buffer_poll(200)
-
-        threading.Thread(target=pump, name="aus-events", daemon=True).start()
+        self.ring = RingBuffer(str(self.loaded.layout.map(C.MAP_EVENTS)))
 
     def close(self) -> None:
-        self._stop.set()
         for f in self.followers:
             f.close()
         if self.listener:
@@ -203,7 +181,8 @@ class Daemon:
                 os.unlink(self.cfg.socket)
             except OSError:
                 pass
-        time.sleep(0.25)  # let the event thread leave ring_buffer_poll
+        if self.ring:
+            self.ring.close()
         if self.loaded:
             self.loaded.close()
         self.lock.release()
@@ -222,12 +201,15 @@ class Daemon:
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ, "accept")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(self.ring, selectors.EVENT_READ, "events")
         next_scan = time.monotonic() + self.cfg.scan_interval
         while True:
             timeout = max(0.0, next_scan - time.monotonic())
             for key, _ in sel.select(timeout):
                 if key.data == "accept":
                     self._accept()
+                elif key.data == "events":
+                    self.ring.drain(self._on_event)
                 else:
                     os.read(self._wake_r, 4096)
             while self._signals:
@@ -240,7 +222,6 @@ class Daemon:
                              signal.Signals(signum).name)
                     self.notifier.stopping()
                     return 0
-            self._drain_events()
             if time.monotonic() >= next_scan:
                 try:
                     self.scan()
@@ -249,21 +230,15 @@ class Daemon:
                 self.notifier.watchdog()
                 next_scan = time.monotonic() + self.cfg.scan_interval
 
-    def _drain_events(self) -> None:
-        with self._events_lock:
-            pending, self._pending_events = self._pending_events, []
-        if not pending:
-            return
-        names = self.kstate.rules
-        for raw in pending:
-            ev = flows.decode(raw, names)
-            self.flow_history.append(ev)
-            for f in list(self.followers):
-                try:
-                    control.send(f, {"ok": True, "flow": ev})
-                except OSError:
-                    self.followers.remove(f)
-                    f.close()
+    def _on_event(self, raw: bytes) -> None:
+        ev = flows.decode(raw, self.kstate.rules)
+        self.flow_history.append(ev)
+        for f in list(self.followers):
+            try:
+                control.send(f, {"ok": True, "flow": ev})
+            except OSError:
+                self.followers.remove(f)
+                f.close()
 
     # ---- control requests --------------------------------------------------
     def _accept(self) -> None:

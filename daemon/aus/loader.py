@@ -4,6 +4,7 @@ Pins under ``pin_dir``::
 
     <pin_dir>/v<ABI>/<map>        maps (kept across restarts and upgrades)
     <pin_dir>/v<ABI>/prog_<hook>  the programs currently attached
+    <pin_dir>/v<ABI>/stage_<hook> a program just built, until taken over
     <pin_dir>/links/<hook>        cgroup links; they keep the programs
                                   attached while no ausd runs
 
@@ -21,6 +22,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import logging
 import os
 import platform
@@ -99,6 +101,9 @@ class PinLayout:
 
     def prog(self, hook: str) -> Path:
         return self.maps_dir / f"prog_{hook}"
+
+    def stage(self, hook: str) -> Path:
+        return self.maps_dir / f"stage_{hook}"
 
 
 def default_bpf_dir() -> Path:
@@ -230,8 +235,7 @@ def cflags(cfg: DaemonConfig, loginuid_offset: int, bpf_dir: Path) -> list[str]:
 
 @dataclass
 class Loaded:
-    """The compiled programs and the pinned maps they use."""
-    bpf: object                      # bcc.BPF, kept alive for the ring buffer
+    """The loaded programs (by fd) and the pinned maps they use."""
     prog_fds: dict[str, int]
     layout: PinLayout
     maps: dict[str, bpfsys.Map] = field(default_factory=dict)
@@ -241,15 +245,18 @@ class Loaded:
         for m in self.maps.values():
             m.close()
         self.maps.clear()
-        with contextlib.suppress(Exception):
-            self.bpf.cleanup()
+        for fd in self.prog_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.prog_fds.clear()
 
 
-def compile_and_load(cfg: DaemonConfig, loginuid_offset: int) -> Loaded:
-    from bcc import BPF  # imported here: ausctl never needs it
+def _build(cfg: DaemonConfig, loginuid_offset: int, layout: PinLayout) -> None:
+    """Compile with bcc and load every program, pinning each under a
+    staging name. Runs in a child process: bcc and LLVM stay out of the
+    daemon's memory, and the pins outlive the child."""
+    from bcc import BPF
 
-    layout = PinLayout(cfg.pin_dir)
-    layout.maps_dir.mkdir(parents=True, exist_ok=True)
     bpf_dir = cfg.bpf_dir or default_bpf_dir()
     src = bpf_dir / BPF_SRC
     if not src.exists():
@@ -257,14 +264,67 @@ def compile_and_load(cfg: DaemonConfig, loginuid_offset: int) -> Loaded:
                          "reinstall aus or set bpf_dir in ausd.yaml")
     flags = cflags(cfg, loginuid_offset, bpf_dir)
     bpf = _bcc("compile", str(src), BPF, src_file=str(src).encode(), cflags=flags)
-    fds = {}
     for hook in HOOKS:
         fn = _bcc("load", hook.func, bpf.load_func, hook.func.encode(),
                   hook.prog_type, attach_type=hook.attach_type)
-        fds[hook.link] = fn.fd
-    loaded = Loaded(bpf=bpf, prog_fds=fds, layout=layout)
-    loaded.maps = open_maps(layout)
+        _repin(fn.fd, layout.stage(hook.link))
+
+
+def compile_and_load(cfg: DaemonConfig, loginuid_offset: int) -> Loaded:
+    """Build the programs in a child process and take them over by pin."""
+    layout = PinLayout(cfg.pin_dir)
+    layout.maps_dir.mkdir(parents=True, exist_ok=True)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: build, report, leave without cleanup handlers
+        code = 0
+        try:
+            os.close(r)
+            _build(cfg, loginuid_offset, layout)
+            os.write(w, b"{}")
+        except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent
+            os.write(w, json.dumps(_describe(exc)).encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        report = f.read()
+    os.waitpid(pid, 0)
+    failure = json.loads(report or b'{"kind": "BpfError", "op": "compile", "obj": "programs",'
+                                  b' "errno": null, "text": "the build process died"}')
+    if failure:
+        raise _rebuild(failure)
+    fds: dict[str, int] = {}
+    try:
+        for hook in HOOKS:
+            stage = layout.stage(hook.link)
+            fds[hook.link] = bpfsys.obj_get(str(stage))
+            stage.unlink()
+        loaded = Loaded(prog_fds=fds, layout=layout)
+        loaded.maps = open_maps(layout)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
     return loaded
+
+
+def _describe(exc: BaseException) -> dict:
+    if isinstance(exc, BpfError):
+        return {"kind": "BpfError", "op": exc.op, "obj": exc.obj, "errno": exc.errno,
+                "text": str(exc)}
+    kind = "ProbeError" if isinstance(exc, ProbeError) else "BpfError"
+    return {"kind": kind, "op": "compile", "obj": "programs", "errno": None,
+            "text": f"{type(exc).__name__}: {exc}"}
+
+
+def _rebuild(d: dict) -> Exception:
+    if d["kind"] == "ProbeError":
+        return ProbeError(d["text"])
+    err = BpfError(d["op"], d["obj"], d["errno"])
+    err.args = (d["text"],)
+    return err
 
 
 def open_maps(layout: PinLayout, names=None) -> dict[str, bpfsys.Map]:
