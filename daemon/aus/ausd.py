@@ -37,6 +37,7 @@ log = logging.getLogger("aus.ausd")
 
 DEFAULT_CONFIG = "/etc/aus/ausd.yaml"
 FLOW_HISTORY = 2000
+REFRESHES_PER_SCAN = 500   # directory lookups at most per scan
 
 
 def setup_logging(level: str) -> None:
@@ -56,6 +57,7 @@ class Daemon:
         self.policy_digest = ""
         self.policy_error: str | None = None
         self.compiled: compiler.CompiledPolicy | None = None
+        self.want: dict[int, compiler.Ruleset | str] = {}
         self.directory = Directory(ttl=cfg.groups_ttl)
         self.sessions = Sessions()
         self.unmanaged = set(cfg.unmanaged_login_uids)
@@ -102,31 +104,40 @@ class Daemon:
             return {"ok": False, "error": str(exc)}
         self.policy, self.policy_digest, self.compiled = policy, digest, compiled
         self.policy_error = None
-        for uid in list(self.sessions.processes):
-            self.directory.forget(uid)
+        self.rebuild_want()
         self.sync("reload")
         log.info("policy %s loaded: version %d, %d rules", self.cfg.policy,
                  compiled.version, len(compiled.rules))
         return {"ok": True, "version": compiled.version, "rules": len(compiled.rules)}
 
     # ---- desired state and sync -------------------------------------------
+    # self.want holds each login UID's desired ruleset; it is updated for
+    # the users that change (a login, a scan, a group refresh) and rebuilt
+    # whole only when the policy changes, so a login costs O(1) users.
+    def _content(self, uid: int):
+        info = self.directory.get(uid)
+        return self.compiled.ruleset(self.compiled.matching_rules(info.groups))
+
+    def rebuild_want(self) -> None:
+        self.want = {uid: UNMANAGED for uid in self.unmanaged}
+        for uid in self.sessions.active(self.unmanaged):
+            self.want[uid] = self._content(uid)
+
     def desired(self) -> Desired:
         assert self.compiled is not None
-        users: dict[int, compiler.Ruleset | str] = {uid: UNMANAGED for uid in self.unmanaged}
-        for uid in self.sessions.active(self.unmanaged):
-            info = self.directory.get(uid)
-            users[uid] = self.compiled.ruleset(self.compiled.matching_rules(info.groups))
-        return Desired(users=users, baseline=self.compiled.baseline_ruleset(),
+        return Desired(users=self.want, baseline=self.compiled.baseline_ruleset(),
                        rules=self.compiled.rule_names,
                        mode=C.MODES[self.cfg.mode],
                        events_per_sec=self.cfg.events_per_second,
                        events_burst=self.cfg.events_burst,
                        policy_version=self.compiled.version)
 
-    def sync(self, why: str) -> None:
+    def sync(self, why: str, changed: set[int] | None = None) -> None:
+        """Bring the maps to self.want; ``changed`` names the only users
+        that may differ (None: compare everyone)."""
         assert self.loaded is not None
         t0 = time.perf_counter()
-        p, new = plan(self.kstate, self.desired())
+        p, new = plan(self.kstate, self.desired(), changed)
         if p:
             try:
                 mapsync.apply(p, self.loaded.maps)
@@ -143,11 +154,28 @@ class Daemon:
                           "at": time.time()}
 
     def scan(self) -> None:
+        """Users that came or went, and stale group lists, since the last
+        scan. Refreshes are capped per scan so that many users do not
+        flood the directory all at once."""
         self.sessions.update_scan(scan_loginuids())
-        for uid in self.sessions.active(self.unmanaged):
-            if self.directory.expired(uid):
-                self.directory.get(uid, refresh=True)
-        self.sync("scan")
+        active = self.sessions.active(self.unmanaged)
+        changed = set()
+        for uid in active - self.want.keys():
+            self.want[uid] = self._content(uid)
+            changed.add(uid)
+        for uid in [u for u in self.want if u not in active and u not in self.unmanaged]:
+            del self.want[uid]
+            self.directory.forget(uid)
+            changed.add(uid)
+        stale = [u for u in active if u not in changed and self.directory.expired(u)]
+        for uid in stale[:REFRESHES_PER_SCAN]:
+            self.directory.get(uid, refresh=True)
+            content = self._content(uid)
+            if content != self.want.get(uid):
+                self.want[uid] = content
+                changed.add(uid)
+        if changed:
+            self.sync("scan", changed)
 
     # ---- start / stop ----------------------------------------------------
     def start(self) -> None:
@@ -160,6 +188,7 @@ class Daemon:
         self.compiled = self._compile(policy, version)
         self.policy, self.policy_digest = policy, digest
         self.sessions.update_scan(scan_loginuids())
+        self.rebuild_want()
         self.sync("start")
         loader.attach(self.loaded, self.cfg.cgroup_path)
         self._start_events()
@@ -313,7 +342,8 @@ class Daemon:
             return {"ok": True, "login_uid": uid, "managed": False}
         self.sessions.open(uid)
         info = self.directory.get(uid, refresh=True)
-        self.sync("session open")
+        self.want[uid] = self._content(uid)
+        self.sync("session open", {uid})
         entry = self.kstate.users.get(uid)
         rules = sorted(self.compiled.rule_names[r]
                        for r in self.compiled.matching_rules(info.groups))
@@ -326,10 +356,10 @@ class Daemon:
     def cmd_session_close(self, req, peer) -> dict:
         uid = self._peer_uid(req, peer)
         self.sessions.close(uid)
-        self.sessions.update_scan(scan_loginuids())
-        self.sync("session close")
+        # The entry goes at the next scan if no process carries the login
+        # UID any more (scanning all of /proc here would slow logouts).
         return {"ok": True, "login_uid": uid,
-                "active": uid in self.kstate.users and uid not in self.unmanaged}
+                "processes": self.sessions.processes.get(uid, 0)}
 
 
 def main(argv: list[str] | None = None) -> int:

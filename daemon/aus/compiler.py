@@ -178,6 +178,8 @@ class CompiledPolicy:
     baseline: tuple[Network, ...]
     version: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
+    _matches: dict = field(default_factory=dict, repr=False)
+    _index: dict | None = field(default=None, repr=False)
 
     @property
     def rule_names(self) -> dict[int, str]:
@@ -186,9 +188,36 @@ class CompiledPolicy:
         return names
 
     def matching_rules(self, groups: Iterable[str]) -> frozenset[int]:
-        groups = list(groups)
-        return frozenset(r.id for r in self.rules
-                         if any(group_matches(s, g) for s in r.sources for g in groups))
+        """Rules whose sources match any of these directory groups. Looked
+        up by name (see group_matches), memoized per group list: users
+        share group lists."""
+        key = tuple(groups)
+        hit = self._matches.get(key)
+        if hit is None:
+            index = self._source_index()
+            ids: set[int] = set()
+            for g in key:
+                name = g.casefold()
+                ids.update(index.get(name, ()))
+                short = name.split("@", 1)[0]
+                if short != name:
+                    ids.update(index.get(("short", short), ()))
+            hit = self._matches[key] = frozenset(ids)
+        return hit
+
+    def _source_index(self) -> dict:
+        """casefolded source -> rule ids; a source without '@' is also
+        reachable as ("short", name), for directory names with a domain."""
+        if self._index is None:
+            index: dict = {}
+            for r in self.rules:
+                for src in r.sources:
+                    name = src.casefold()
+                    index.setdefault(name, set()).add(r.id)
+                    if "@" not in name:
+                        index.setdefault(("short", name), set()).add(r.id)
+            self._index = index
+        return self._index
 
     def ruleset(self, rule_ids: frozenset[int]) -> Ruleset:
         """The compiled ruleset of a set of rules (memoized: many users share)."""

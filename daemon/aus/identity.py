@@ -30,19 +30,35 @@ class UserInfo:
     fetched_at: float         # time.time() of the answer
 
 
+_GID_NAMES: dict[int, str | None] = {}
+_GID_NAMES_AT = [0.0]
+GID_NAME_TTL = 60.0
+
+
+def _group_name(gid: int) -> str | None:
+    """A GID's name, cached for a minute: getgrgid() also builds the
+    group's member list, which for a large group costs more than the whole
+    rest of a lookup."""
+    now = time.monotonic()
+    if now - _GID_NAMES_AT[0] > GID_NAME_TTL:
+        _GID_NAMES.clear()
+        _GID_NAMES_AT[0] = now
+    if gid not in _GID_NAMES:
+        try:
+            _GID_NAMES[gid] = grp.getgrgid(gid).gr_name
+        except KeyError:
+            _GID_NAMES[gid] = None  # a GID without a name matches no policy group
+    return _GID_NAMES[gid]
+
+
 def nss_lookup(login_uid: int) -> tuple[str | None, tuple[str, ...]]:
     """(user name, group names) from NSS; (None, ()) for an unknown UID."""
     try:
         pw = pwd.getpwuid(login_uid)
     except KeyError:
         return None, ()
-    names = []
-    for gid in os.getgrouplist(pw.pw_name, pw.pw_gid):
-        try:
-            names.append(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            continue  # a GID without a name cannot match a policy group
-    return pw.pw_name, tuple(dict.fromkeys(names))
+    names = [_group_name(gid) for gid in os.getgrouplist(pw.pw_name, pw.pw_gid)]
+    return pw.pw_name, tuple(dict.fromkeys(n for n in names if n))
 
 
 @dataclass

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -152,12 +153,11 @@ def probe(cfg: DaemonConfig) -> int:
     if os.geteuid() != 0:
         raise ProbeError("ausd must run as root (it needs CAP_BPF, CAP_NET_ADMIN "
                          "and CAP_SYS_ADMIN to load cgroup programs).")
-    try:
-        import bcc  # noqa: F401
-    except ImportError as exc:
+    # Found, not imported: only the build process loads bcc (and LLVM).
+    if importlib.util.find_spec("bcc") is None:
         raise ProbeError("the bcc Python module is missing; install it with: "
                          "apt-get install python3-bpfcc (and run ausd from a venv "
-                         "made with --system-site-packages)") from exc
+                         "made with --system-site-packages)")
     build = Path("/lib/modules") / platform.release() / "build"
     if not (build / "include").exists():
         raise ProbeError(f"kernel headers are missing at {build}; install "

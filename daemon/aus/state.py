@@ -16,6 +16,7 @@ result twice is a no-op (puts are upserts, deletes of absent keys pass).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Iterable
 
 from . import contract as C
 from .compiler import Portset, Ruleset, SvcEntry
@@ -44,15 +45,49 @@ class KernelState:
     rulesets: dict[int, dict[tuple[bytes, int], int]] = field(default_factory=dict)
     portsets: dict[int, Portset] = field(default_factory=dict)
     rules: dict[int, str] = field(default_factory=dict)
+    # content -> id, built once and then kept up to date by plan(), so a
+    # plan costs no rebuilding of every ruleset's content
+    _rs_index: dict | None = field(default=None, compare=False, repr=False)
+    _ps_index: dict | None = field(default=None, compare=False, repr=False)
+    # ruleset id -> number of managed users on it; slots in use
+    _refs: dict | None = field(default=None, compare=False, repr=False)
+    _slots: set | None = field(default=None, compare=False, repr=False)
 
     def ruleset_content(self, rid: int) -> Ruleset:
         return frozenset((addr, plen, self.portsets.get(pid, frozenset()))
                          for (addr, plen), pid in self.rulesets.get(rid, {}).items())
 
+    def ruleset_index(self) -> dict:
+        if self._rs_index is None:
+            self._rs_index = {self.ruleset_content(rid): rid for rid in self.rulesets}
+        return self._rs_index
+
+    def portset_index(self) -> dict:
+        if self._ps_index is None:
+            self._ps_index = {content: pid for pid, content in self.portsets.items()}
+        return self._ps_index
+
+    def ruleset_refs(self) -> dict:
+        if self._refs is None:
+            refs: dict[int, int] = {}
+            for rid, flags, _slot in self.users.values():
+                if not flags & C.USER_UNMANAGED:
+                    refs[rid] = refs.get(rid, 0) + 1
+            self._refs = refs
+        return self._refs
+
+    def used_slots(self) -> set:
+        if self._slots is None:
+            self._slots = {v[2] for v in self.users.values() if v[2]}
+        return self._slots
+
     def copy(self) -> "KernelState":
-        return KernelState(self.config, dict(self.users),
-                           {k: dict(v) for k, v in self.rulesets.items()},
-                           dict(self.portsets), dict(self.rules))
+        # Rulesets and portsets are never edited in place, so their
+        # containers are shared, not copied.
+        return KernelState(self.config, dict(self.users), dict(self.rulesets),
+                           dict(self.portsets), dict(self.rules),
+                           dict(self.ruleset_index()), dict(self.portset_index()),
+                           dict(self.ruleset_refs()), set(self.used_slots()))
 
 
 @dataclass(frozen=True)
@@ -97,21 +132,27 @@ class Plan:
                 "config": int(self.config_put is not None)}
 
 
-def plan(actual: KernelState, desired: Desired) -> tuple[Plan, KernelState]:
+_GONE = object()
+
+
+def plan(actual: KernelState, desired: Desired,
+         changed: Iterable[int] | None = None) -> tuple[Plan, KernelState]:
     """The operations that turn ``actual`` into ``desired``, and the state
-    after them."""
+    after them. ``changed`` limits the comparison of users to these login
+    UIDs (the others are known to be unchanged): a login costs O(1) users,
+    not O(all users)."""
     p = Plan()
     new = actual.copy()
     cfg = actual.config
 
-    # Index what exists by content, so unchanged content keeps its id.
-    portset_ids = {content: pid for pid, content in actual.portsets.items()}
-    ruleset_ids = {actual.ruleset_content(rid): rid for rid in actual.rulesets}
+    # What exists, by content, so unchanged content keeps its id.
+    portset_ids = new.portset_index()
+    ruleset_ids = new.ruleset_index()
     # Ids are never reused: past the stored sequence and past any id the
     # maps hold (an apply interrupted before its config write leaves
     # entries under ids the sequence has not counted yet).
-    ruleset_seq = max([cfg.ruleset_seq, *(rid + 1 for rid in actual.rulesets)])
-    portset_seq = max([cfg.portset_seq, *(pid + 1 for pid in actual.portsets)])
+    ruleset_seq = max(cfg.ruleset_seq, max(actual.rulesets, default=0) + 1)
+    portset_seq = max(cfg.portset_seq, max(actual.portsets, default=0) + 1)
 
     def portset_id(content: Portset) -> int:
         nonlocal portset_seq
@@ -138,27 +179,61 @@ def plan(actual: KernelState, desired: Desired) -> tuple[Plan, KernelState]:
         return rid
 
     baseline_id = ruleset_id(desired.baseline)
-    # Stats slots: a user keeps its slot; a new user gets the lowest free
-    # one (0 counts users not in the map yet), zeroed before it is used.
-    kept = {uid: v[2] for uid, v in actual.users.items()
-            if uid in desired.users and desired.users[uid] != UNMANAGED and v[2]}
-    # Slots of users about to go stay taken in this plan: they still count
-    # into them until their entry is deleted.
-    used = {v[2] for v in actual.users.values() if v[2]}
-    free_slot = 1
-    want_users: dict[int, tuple[int, int, int]] = {}
-    for uid, content in sorted(desired.users.items()):
-        if content == UNMANAGED:
-            want_users[uid] = (C.RULESET_NONE, C.USER_UNMANAGED, 0)
+    refs = new.ruleset_refs()
+    used = new.used_slots()
+    dropped: set[int] = set()          # rulesets that lost a user
+
+    def point(uid: int, old, value) -> None:
+        if old is not None and not old[1] & C.USER_UNMANAGED:
+            refs[old[0]] -= 1
+            dropped.add(old[0])
+        if value is not None and not value[1] & C.USER_UNMANAGED:
+            refs[value[0]] = refs.get(value[0], 0) + 1
+
+    check = (desired.users.keys() | actual.users.keys()) if changed is None else set(changed)
+    newcomers, freed = [], []
+    for uid in check:
+        content = desired.users.get(uid, _GONE)
+        old = actual.users.get(uid)
+        if content is _GONE:
+            if old is not None:
+                p.users_del.append(uid)
+                del new.users[uid]
+                point(uid, old, None)
+                if old[2]:
+                    freed.append(old[2])
             continue
-        slot = kept.get(uid)
-        if slot is None:
-            while free_slot in used:
-                free_slot += 1
-            slot = free_slot
-            used.add(slot)
-            p.stats_reset.append(slot)
-        want_users[uid] = (ruleset_id(content), 0, slot)
+        if content is UNMANAGED or content == UNMANAGED:
+            value = (C.RULESET_NONE, C.USER_UNMANAGED, 0)
+            if old is not None and old[2]:
+                freed.append(old[2])
+        elif old is not None and old[2] and not old[1] & C.USER_UNMANAGED:
+            # A user keeps its stats slot (and counters).
+            value = (ruleset_id(content), 0, old[2])
+        else:
+            newcomers.append(uid)
+            continue
+        if old != value:
+            p.users_put.append((uid, *value))
+            new.users[uid] = value
+            point(uid, old, value)
+    # A newcomer gets the lowest free slot, zeroed before use. Slots freed
+    # in this plan stay taken until the next: their users still count
+    # into them until their entries are gone.
+    free_slot = 1
+    for uid in sorted(newcomers):
+        while free_slot in used:
+            free_slot += 1
+        used.add(free_slot)
+        p.stats_reset.append(free_slot)
+        old = actual.users.get(uid)
+        value = (ruleset_id(desired.users[uid]), 0, free_slot)
+        p.users_put.append((uid, *value))
+        new.users[uid] = value
+        point(uid, old, value)
+    used.difference_update(freed)
+    p.users_put.sort()
+    p.users_del.sort()
 
     for rid, name in desired.rules.items():
         if actual.rules.get(rid) != name:
@@ -168,15 +243,6 @@ def plan(actual: KernelState, desired: Desired) -> tuple[Plan, KernelState]:
         if rid not in desired.rules:
             p.rules_del.append(rid)
             del new.rules[rid]
-
-    for uid, value in sorted(want_users.items()):
-        if actual.users.get(uid) != value:
-            p.users_put.append((uid, *value))
-            new.users[uid] = value
-    for uid in sorted(actual.users):
-        if uid not in want_users:
-            p.users_del.append(uid)
-            del new.users[uid]
 
     # Written after the users: bumping users_gen makes every socket drop
     # its cached decision and look its user up again.
@@ -192,18 +258,36 @@ def plan(actual: KernelState, desired: Desired) -> tuple[Plan, KernelState]:
         new.config = new_cfg
 
     # Garbage: rulesets no user (and not the baseline) points at, then
-    # portsets no remaining ruleset points at.
-    live_rulesets = {v[0] for v in new.users.values()} | {baseline_id}
-    for rid in sorted(new.rulesets):
-        if rid not in live_rulesets:
-            for (addr, plen) in sorted(new.rulesets[rid]):
-                p.dst_del.append((rid, addr, plen))
-            del new.rulesets[rid]
-    live_portsets = {pid for entries in new.rulesets.values() for pid in entries.values()}
-    for pid in sorted(new.portsets):
-        if pid not in live_portsets:
-            p.svc_del.extend((pid, e) for e in sorted(new.portsets[pid]))
-            del new.portsets[pid]
+    # portsets no remaining ruleset points at. A full plan looks at every
+    # ruleset (leftovers of an interrupted apply included).
+    if changed is None:
+        candidates = set(new.rulesets)
+    else:
+        candidates = dropped | {cfg.baseline_ruleset}
+    doomed = sorted(rid for rid in candidates
+                    if rid in new.rulesets and rid != baseline_id and not refs.get(rid))
+    maybe_free: set[int] = set()
+    for rid in doomed:
+        entries = new.rulesets.pop(rid)
+        for (addr, plen) in sorted(entries):
+            p.dst_del.append((rid, addr, plen))
+        maybe_free.update(entries.values())
+        content = frozenset((a, pl, new.portsets.get(pid, frozenset()))
+                            for (a, pl), pid in entries.items())
+        if ruleset_ids.get(content) == rid:
+            del ruleset_ids[content]
+        refs.pop(rid, None)
+    if changed is None:
+        maybe_free = set(new.portsets)
+    if maybe_free:
+        live = {pid for entries in new.rulesets.values() for pid in entries.values()}
+        for pid in sorted(maybe_free - live):
+            content = new.portsets.pop(pid, None)
+            if content is None:
+                continue
+            p.svc_del.extend((pid, e) for e in sorted(content))
+            if portset_ids.get(content) == pid:
+                del portset_ids[content]
     return p, new
 
 

@@ -505,3 +505,39 @@ def test_stats_slots_are_kept_and_reused_only_after_release():
     # once released, the slot is free for the next newcomer (zeroed first)
     p3, s3 = step(s2, desired({1000: CC, 1002: A, 1003: A}))
     assert s3.users[1003][2] == slots[1001] and p3.stats_reset == [slots[1001]]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_incremental_plan_matches_full_plan(seed):
+    """plan(..., changed=uids) for the users that changed gives the maps
+    the same users, contents and slots as a full plan, and its operations
+    pass the same step-by-step checks."""
+    rnd = random.Random(seed)
+    contents = [A, B, CC, BASE, rs(("198.51.100.0/24", 3, "53/udp")), UNMANAGED]
+    want = {uid: rnd.choice(contents) for uid in range(1000, 1012)}
+    _, inc = step(KernelState(), desired(want))
+    full = inc
+    for _ in range(40):
+        changed = set(rnd.sample(range(1000, 1016), rnd.randint(1, 4)))
+        for uid in changed:
+            if rnd.random() < 0.3:
+                want.pop(uid, None)
+            else:
+                want[uid] = rnd.choice(contents)
+        d = desired(want)
+        p_inc, inc_new = plan(inc, d, changed=changed)
+        maps = Maps(inc)
+        maps.apply(p_inc, d)
+        assert maps.as_state().users == _nonempty(inc_new).users
+        _, full = step(full, d)
+        # same content per user, same slots
+        for uid in want:
+            assert inc_new.ruleset_content(inc_new.users[uid][0]) == \
+                full.ruleset_content(full.users[uid][0])
+        assert {u: v[1:] for u, v in inc_new.users.items()} == \
+            {u: v[1:] for u, v in full.users.items()}
+        # nothing referenced is ever collected; nothing unreferenced lingers
+        live = {v[0] for v in inc_new.users.values() if not v[1]} | {inc_new.config.baseline_ruleset}
+        assert set(inc_new.rulesets) == live
+        assert plan(inc_new, d)[0].users_put == []
+        inc = inc_new
