@@ -216,6 +216,7 @@ def run(*, users: int, logins: int, workdir: Path, log=print) -> dict:
         log("control path: cold start ...")
         res["cold_start_s"] = d.start()
         res["rss_mb_ready"] = d.rss_mb()
+        res["start_stages"] = control.request(d.socket, "status")["start_stages"]
         before = users_pointing_at(d.pin_dir, holder_uids)
         res["users_in_maps_at_ready"] = len(before)
 
@@ -259,6 +260,8 @@ def tables(res: dict) -> tuple[str, list[str]]:
         "| measure | value |",
         "|---|---|",
         f"| cold start to READY (compile, attach, {res['users']} users written) | {res['cold_start_s']:.2f} s |",
+        f"| of which: " + ", ".join(f"{k} {v:.2f} s" for k, v in res["start_stages"].items())
+        + " |  |",
         f"| restart to READY, adopting the pins | {res['restart_s']:.2f} s |",
         f"| policy change reaching all {res['users']} users, median (min-max) of 5 | "
         f"{chg.median * 1000:.0f} ms ({chg.lo * 1000:.0f}-{chg.hi * 1000:.0f}) |",
@@ -271,7 +274,7 @@ def tables(res: dict) -> tuple[str, list[str]]:
         f"| aus_users: {users_map.get('entries')} entries of {users_map.get('max_entries')} | "
         f"{users_map.get('bytes')} bytes (preallocated: "
         f"{users_map['bytes'] / users_map['max_entries']:.0f} bytes per user slot) |",
-        f"| aus_user_stats (per-CPU, LRU) | {mem['aus_user_stats']['bytes']} bytes "
+        f"| aus_user_stats (per-CPU array) | {mem['aus_user_stats']['bytes']} bytes "
         f"({mem['aus_user_stats']['bytes'] / mem['aus_user_stats']['max_entries']:.0f} per user slot) |",
         f"| aus_svc: {mem['aus_svc'].get('entries')} entries | {mem['aus_svc']['bytes']} bytes |",
     ]

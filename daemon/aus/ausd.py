@@ -69,6 +69,7 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe()
         self.listener: socket.socket | None = None
         self.last_sync: dict = {}
+        self.start_stages: dict[str, float] = {}
 
     # ---- policy ----------------------------------------------------------
     def _read_policy(self) -> tuple[Policy, str]:
@@ -179,18 +180,33 @@ class Daemon:
 
     # ---- start / stop ----------------------------------------------------
     def start(self) -> None:
+        stages = self.start_stages = {}
+        t = time.perf_counter()
+
+        def stage(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            stages[name] = round(now - t, 3)
+            t = now
+
         offset = loader.probe(self.cfg)
         self.lock.acquire()
         policy, digest = self._read_policy()   # a bad policy stops the start
+        stage("probe and policy")
         self.loaded = loader.compile_and_load(self.cfg, offset)
+        stage("compile and load")
         self.kstate = mapsync.read_state(self.loaded.maps)
         version = self.kstate.config.policy_version + 1
         self.compiled = self._compile(policy, version)
         self.policy, self.policy_digest = policy, digest
         self.sessions.update_scan(scan_loginuids())
+        stage("adopt maps and scan /proc")
         self.rebuild_want()
+        stage("directory lookups")
         self.sync("start")
+        stage("write maps")
         loader.attach(self.loaded, self.cfg.cgroup_path)
+        stage("attach")
         self._start_events()
         self.listener = control.listen(self.cfg.socket)
         self.notifier.ready(f"enforcing policy version {self.compiled.version}")

@@ -41,6 +41,7 @@ def status(d) -> dict:
         "decisions": mapview.reason_counters(maps),
         "events": mapview.event_stats(maps),
         "last_sync": d.last_sync,
+        "start_stages": d.start_stages,
     }
 
 
