@@ -260,7 +260,7 @@ def tables(res: dict) -> tuple[str, list[str]]:
         "| measure | value |",
         "|---|---|",
         f"| cold start to READY (compile, attach, {res['users']} users written) | {res['cold_start_s']:.2f} s |",
-        f"| of which: " + ", ".join(f"{k} {v:.2f} s" for k, v in res["start_stages"].items())
+        "| of which: " + ", ".join(f"{k} {v:.2f} s" for k, v in res["start_stages"].items())
         + " |  |",
         f"| restart to READY, adopting the pins | {res['restart_s']:.2f} s |",
         f"| policy change reaching all {res['users']} users, median (min-max) of 5 | "

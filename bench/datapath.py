@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +96,7 @@ def setup_aus(cfg: Config, pin_dir: Path) -> loader.Loaded:
     dcfg = DaemonConfig(cgroup=cfg.cg, pin_dir=pin_dir, baseline=["127.0.0.0/8"],
                         max_users=max(1024, 2 * cfg.users),
                         max_destinations=max(1024, 2 * total + 16),
-                        max_services=4096, max_rules=total + 16)
+                        max_services=max(1024, 2 * total + 16), max_rules=total + 16)
     offset = loader.probe(dcfg)
     loaded = loader.compile_and_load(dcfg, offset)
     rules, users = [], {}

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: needs root (cgroups, namespaces, eBPF)", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C: namespaces, cgroups, pins and servers go.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.tiny:
         users, rules, linear_max = [1, 10], [1, 10], 100
         rounds, seconds = args.rounds or 2, args.seconds or 0.1
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds, seconds = args.rounds or 5, args.seconds or 0.5
         cp_users, cp_logins = 10000, 1000
     started = time.time()
-    out = [f"# Benchmark results\n", f"Machine: {machine()}  ",
+    out = ["# Benchmark results\n", f"Machine: {machine()}  ",
            f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
            f"command: `sudo scripts/bench.sh{' --tiny' if args.tiny else ''}`\n", TARGETS, ""]
     raw = {}

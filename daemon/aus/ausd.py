@@ -3,9 +3,9 @@
 Start: probe the kernel, lock the pins, read the policy, compile and load
 the programs (reusing pinned maps), rebuild the model of what the maps
 hold, write the first policy, swap the programs into the cgroup links, and
-only then tell systemd READY. Then one loop: control requests, a /proc
-scan every ``scan_interval``, signals (HUP reloads, TERM/INT exit), and
-flow events from the ring buffer. Exiting leaves programs and maps pinned
+only then tell systemd READY. Then one loop: control requests, the results
+of a /proc scan (read every ``scan_interval`` by a helper thread), signals
+(HUP reloads, TERM/INT exit), and flow events from the ring buffer. Exiting leaves programs and maps pinned
 and attached: enforcement does not depend on this process.
 """
 
@@ -20,6 +20,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +66,8 @@ class Daemon:
         self.flow_history: collections.deque = collections.deque(maxlen=FLOW_HISTORY)
         self.followers: list[socket.socket] = []
         self.ring: RingBuffer | None = None
+        self._scanned: dict[int, int] | None = None   # handed over by the scanner
+        self._stopping = threading.Event()
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         self.listener: socket.socket | None = None
@@ -155,10 +158,13 @@ class Daemon:
                           "at": time.time()}
 
     def scan(self) -> None:
+        self.apply_scan(scan_loginuids())
+
+    def apply_scan(self, counts: dict[int, int]) -> None:
         """Users that came or went, and stale group lists, since the last
         scan. Refreshes are capped per scan so that many users do not
         flood the directory all at once."""
-        self.sessions.update_scan(scan_loginuids())
+        self.sessions.update_scan(counts)
         active = self.sessions.active(self.unmanaged)
         changed = set()
         for uid in active - self.want.keys():
@@ -168,8 +174,8 @@ class Daemon:
             del self.want[uid]
             self.directory.forget(uid)
             changed.add(uid)
-        stale = [u for u in active if u not in changed and self.directory.expired(u)]
-        for uid in stale[:REFRESHES_PER_SCAN]:
+        stale = [u for u in self.directory.due(REFRESHES_PER_SCAN) if u in active]
+        for uid in stale:
             self.directory.get(uid, refresh=True)
             content = self._content(uid)
             if content != self.want.get(uid):
@@ -247,10 +253,10 @@ class Daemon:
         sel.register(self.listener, selectors.EVENT_READ, "accept")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         sel.register(self.ring, selectors.EVENT_READ, "events")
-        next_scan = time.monotonic() + self.cfg.scan_interval
+        scanner = threading.Thread(target=self._scanner, name="aus-scan", daemon=True)
+        scanner.start()
         while True:
-            timeout = max(0.0, next_scan - time.monotonic())
-            for key, _ in sel.select(timeout):
+            for key, _ in sel.select():
                 if key.data == "accept":
                     self._accept()
                 elif key.data == "events":
@@ -266,14 +272,31 @@ class Daemon:
                     log.info("%s: exiting; enforcement stays in the kernel",
                              signal.Signals(signum).name)
                     self.notifier.stopping()
+                    self._stopping.set()
                     return 0
-            if time.monotonic() >= next_scan:
+            counts, self._scanned = self._scanned, None
+            if counts is not None:
                 try:
-                    self.scan()
+                    self.apply_scan(counts)
                 except AusError as exc:
                     log.error("scan: %s", exc)
                 self.notifier.watchdog()
-                next_scan = time.monotonic() + self.cfg.scan_interval
+
+    def _scanner(self) -> None:
+        """Reads /proc in its own thread: with many processes a scan takes
+        tens of milliseconds, which logins must not wait for. The main loop
+        takes each result and acts on it."""
+        while not self._stopping.wait(self.cfg.scan_interval):
+            try:
+                counts = scan_loginuids()
+            except OSError as exc:
+                log.error("scan of /proc: %s", exc)
+                continue
+            self._scanned = counts
+            try:
+                os.write(self._wake_w, b"p")
+            except OSError:
+                pass
 
     def _on_event(self, raw: bytes) -> None:
         ev = flows.decode(raw, self.kstate.rules)

@@ -180,6 +180,7 @@ class CompiledPolicy:
     _cache: dict = field(default_factory=dict, repr=False)
     _matches: dict = field(default_factory=dict, repr=False)
     _index: dict | None = field(default=None, repr=False)
+    _by_id: dict | None = field(default=None, repr=False)
 
     @property
     def rule_names(self) -> dict[int, str]:
@@ -225,9 +226,10 @@ class CompiledPolicy:
         if rs is None:
             grants = [(net, service_entries(ServiceSpec("any", 0, 0), C.RULE_BASELINE))
                       for net in self.baseline]
-            for r in self.rules:
-                if r.id in rule_ids:
-                    grants.extend(r.grants)
+            if self._by_id is None:
+                self._by_id = {r.id: r for r in self.rules}
+            for rid in sorted(rule_ids):
+                grants.extend(self._by_id[rid].grants)
             rs = self._cache[rule_ids] = flatten(grants)
         return rs
 

@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -67,7 +68,9 @@ class Directory:
     ttl: float = 30.0
     lookup: Callable[[int], tuple[str | None, tuple[str, ...]]] = nss_lookup
     clock: Callable[[], float] = time.time
-    _cache: dict[int, UserInfo] = field(default_factory=dict)
+    # in order of fetch time (a fetch moves a user to the end), so the
+    # users due for a refresh are found at the front without a full pass
+    _cache: "OrderedDict[int, UserInfo]" = field(default_factory=OrderedDict)
 
     def get(self, login_uid: int, *, refresh: bool = False) -> UserInfo:
         now = self.clock()
@@ -93,7 +96,20 @@ class Directory:
             info = UserInfo(login_uid, name, groups,
                             "nss" if name else "unknown", now)
         self._cache[login_uid] = info
+        if info.fetched_at == now:
+            self._cache.move_to_end(login_uid)
         return info
+
+    def due(self, limit: int) -> list[int]:
+        """Up to ``limit`` users whose groups are older than the TTL,
+        oldest first."""
+        now = self.clock()
+        out = []
+        for uid, info in self._cache.items():
+            if now - info.fetched_at < self.ttl or len(out) >= limit:
+                break
+            out.append(uid)
+        return out
 
     def forget(self, login_uid: int) -> None:
         self._cache.pop(login_uid, None)

@@ -20,10 +20,15 @@ from . import contract as C
 
 def read_loginuid(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/loginuid", "rb") as f:
-            return int(f.read())
+        fd = os.open(f"/proc/{pid}/loginuid", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 16))
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
 def scan_loginuids(proc_pids=None) -> dict[int, int]:

@@ -252,3 +252,17 @@ def test_directory_forget(nss):
     nss.answers[1000] = OSError("down")
     # forgotten: no last known groups to fall back on
     assert d.get(1000).groups == ()
+
+
+def test_directory_due_lists_the_oldest_expired_first():
+    now = [1000.0]
+    d = Directory(ttl=10, lookup=lambda uid: (f"u{uid}", ("g",)), clock=lambda: now[0])
+    for uid in (1, 2, 3):
+        d.get(uid)
+        now[0] += 1
+    assert d.due(10) == []
+    now[0] = 1011.5          # 1 and 2 are older than 10 s, 3 is not
+    assert d.due(10) == [1, 2]
+    assert d.due(1) == [1]
+    d.get(1, refresh=True)   # refreshed: to the back of the line
+    assert d.due(10) == [2]

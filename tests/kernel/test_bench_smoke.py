@@ -1,0 +1,42 @@
+"""The benchmark suite runs, end to end, in a tiny configuration, so it
+cannot rot. (Figures are not checked here: they mean something only in a
+full run on a quiet machine; see BENCHMARKS.md.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.kernel
+
+
+def test_bench_suite_runs_tiny(tmp_path):
+    out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
+    tmp_path.chmod(0o755)
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--out", str(out),
+                        "--json", str(raw)], capture_output=True, text=True, timeout=600,
+                       cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = out.read_text()
+    for heading in ("## Data path", "## Control path", "## Verdicts"):
+        assert heading in text
+    data = json.loads(raw.read_text())
+    samples = data["datapath"]["samples"]
+    assert set(samples) == {"connect allowed", "connect denied", "udp allowed", "udp denied",
+                            "bulk tcp"}
+    # every configuration was measured in every round, and traffic flowed
+    for workload, by_config in samples.items():
+        assert "aus 10x10" in by_config and "nft-set 10x10" in by_config
+        for config, rows in by_config.items():
+            assert all(r["rate"] > 0 for r in rows), (workload, config)
+    # allowed traffic went through under aus, denied traffic was refused
+    aus = samples["connect allowed"]["aus 10x10"]
+    assert all(r["ok"] > 0 and r["fail"] == 0 for r in aus)
+    denied = samples["connect denied"]["aus 10x10"]
+    assert all(r["ok"] == 0 and r["fail"] > 0 for r in denied)
+    cp = data["controlpath"]
+    assert len(cp["login_s"]) == cp["logins"] and cp["users_in_maps_at_ready"] == cp["users"]
