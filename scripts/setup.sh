@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 python3-venv python3-pip
-              iproute2 iputils-ping nftables passwd procps)
+              iproute2 iputils-ping nftables passwd procps python3-libsss-nss-idmap)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -120,7 +120,7 @@ class Daemon:
     # whole only when the policy changes, so a login costs O(1) users.
     def _content(self, uid: int):
         info = self.directory.get(uid)
-        return self.compiled.ruleset(self.compiled.matching_rules(info.groups))
+        return self.compiled.ruleset(self.compiled.matching_rules(info.groups, info.sids))
 
     def rebuild_want(self) -> None:
         self.want = {uid: UNMANAGED for uid in self.unmanaged}
@@ -385,7 +385,7 @@ class Daemon:
         self.sync("session open", {uid})
         entry = self.kstate.users.get(uid)
         rules = sorted(self.compiled.rule_names[r]
-                       for r in self.compiled.matching_rules(info.groups))
+                       for r in self.compiled.matching_rules(info.groups, info.sids))
         log.info("session opened: login UID %d (%s), groups %s, rules %s",
                  uid, info.name, list(info.groups), rules)
         return {"ok": True, "login_uid": uid, "managed": True, "user": info.name,

@@ -177,6 +177,7 @@ class CompiledPolicy:
     rules: tuple[CompiledRule, ...]
     baseline: tuple[Network, ...]
     version: int = 0
+    group_sids: tuple[tuple[str, str], ...] = ()   # (policy group name, SID)
     _cache: dict = field(default_factory=dict, repr=False)
     _matches: dict = field(default_factory=dict, repr=False)
     _index: dict | None = field(default=None, repr=False)
@@ -188,16 +189,18 @@ class CompiledPolicy:
         names.update({r.id: r.name for r in self.rules})
         return names
 
-    def matching_rules(self, groups: Iterable[str]) -> frozenset[int]:
-        """Rules whose sources match any of these directory groups. Looked
-        up by name (see group_matches), memoized per group list: users
-        share group lists."""
-        key = tuple(groups)
+    def matching_rules(self, groups: Iterable[str], sids: Iterable[str] = ()) -> frozenset[int]:
+        """Rules whose sources match any of these directory groups, by name
+        (see group_matches) or by SID (a policy group given with ``sid``).
+        Memoized per group list: users share group lists."""
+        key = (tuple(groups), tuple(sids))
         hit = self._matches.get(key)
         if hit is None:
             index = self._source_index()
             ids: set[int] = set()
-            for g in key:
+            for sid in key[1]:
+                ids.update(index.get(("sid", sid.upper()), ()))
+            for g in key[0]:
                 name = g.casefold()
                 ids.update(index.get(name, ()))
                 short = name.split("@", 1)[0]
@@ -211,12 +214,15 @@ class CompiledPolicy:
         reachable as ("short", name), for directory names with a domain."""
         if self._index is None:
             index: dict = {}
+            sid_of = {name.casefold(): sid.upper() for name, sid in self.group_sids}
             for r in self.rules:
                 for src in r.sources:
                     name = src.casefold()
                     index.setdefault(name, set()).add(r.id)
                     if "@" not in name:
                         index.setdefault(("short", name), set()).add(r.id)
+                    if name in sid_of:
+                        index.setdefault(("sid", sid_of[name]), set()).add(r.id)
             self._index = index
         return self._index
 
@@ -251,7 +257,8 @@ def compile_policy(policy: Policy, baseline: Iterable[Network], *,
         grants = tuple((net, tuple(e for e in entries if e.proto != other[net.version]))
                        for net in policy.destinations_of(r))
         rules.append(CompiledRule(rid, r.name, tuple(r.sources), grants))
-    return CompiledPolicy(tuple(rules), tuple(baseline), version)
+    sids = tuple((g.name, g.sid) for g in policy.user_groups if g.sid)
+    return CompiledPolicy(tuple(rules), tuple(baseline), version, sids)
 
 
 def lookup(ruleset: Ruleset, addr: ipaddress.IPv4Address | ipaddress.IPv6Address,

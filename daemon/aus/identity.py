@@ -29,6 +29,7 @@ class UserInfo:
     groups: tuple[str, ...]
     source: str               # "nss", "nss (stale: <reason>)", "unknown"
     fetched_at: float         # time.time() of the answer
+    sids: tuple[str, ...] = ()  # the groups' SIDs, where SSSD knows them (AD)
 
 
 _GID_NAMES: dict[int, str | None] = {}
@@ -52,14 +53,32 @@ def _group_name(gid: int) -> str | None:
     return _GID_NAMES[gid]
 
 
-def nss_lookup(login_uid: int) -> tuple[str | None, tuple[str, ...]]:
-    """(user name, group names) from NSS; (None, ()) for an unknown UID."""
+try:  # Debian's python3-libsss-nss-idmap: SIDs of AD groups served by SSSD
+    import pysss_nss_idmap as _idmap
+except ImportError:  # pragma: no cover - depends on the host
+    _idmap = None
+
+
+def _group_sids(gids: list[int]) -> tuple[str, ...]:
+    if _idmap is None or not gids:
+        return ()
+    try:
+        found = _idmap.getsidbygid(gids)
+    except (OSError, SystemError, ValueError):
+        return ()  # SSSD down or not an SSSD group: names still match
+    return tuple(v[_idmap.SID_KEY].upper() for v in found.values() if _idmap.SID_KEY in v)
+
+
+def nss_lookup(login_uid: int) -> tuple[str | None, tuple[str, ...], tuple[str, ...]]:
+    """(user name, group names, group SIDs) from NSS; (None, (), ()) for an
+    unknown UID. Nested groups are in the list when SSSD resolves them."""
     try:
         pw = pwd.getpwuid(login_uid)
     except KeyError:
-        return None, ()
-    names = [_group_name(gid) for gid in os.getgrouplist(pw.pw_name, pw.pw_gid)]
-    return pw.pw_name, tuple(dict.fromkeys(n for n in names if n))
+        return None, (), ()
+    gids = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    names = [_group_name(gid) for gid in gids]
+    return pw.pw_name, tuple(dict.fromkeys(n for n in names if n)), _group_sids(gids)
 
 
 @dataclass
@@ -78,23 +97,24 @@ class Directory:
         if cached and not refresh and now - cached.fetched_at < self.ttl:
             return cached
         try:
-            name, groups = self.lookup(login_uid)
+            name, groups, *more = self.lookup(login_uid)
+            sids = tuple(more[0]) if more else ()
         except OSError as exc:
             if cached and cached.name:
                 log.warning("groups of login UID %d: %s; keeping the last known",
                             login_uid, exc)
                 info = UserInfo(login_uid, cached.name, cached.groups,
-                                f"nss (stale: {exc})", cached.fetched_at)
+                                f"nss (stale: {exc})", cached.fetched_at, cached.sids)
                 self._cache[login_uid] = info
                 return info
-            name, groups = None, ()
+            name, groups, sids = None, (), ()
         if name is None and cached and cached.name:
             # NSS forgot a known user (directory unreachable): keep groups.
             info = UserInfo(login_uid, cached.name, cached.groups,
-                            "nss (stale: user not found)", cached.fetched_at)
+                            "nss (stale: user not found)", cached.fetched_at, cached.sids)
         else:
             info = UserInfo(login_uid, name, groups,
-                            "nss" if name else "unknown", now)
+                            "nss" if name else "unknown", now, sids)
         self._cache[login_uid] = info
         if info.fetched_at == now:
             self._cache.move_to_end(login_uid)

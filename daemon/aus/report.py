@@ -52,11 +52,12 @@ def users(d) -> list[dict]:
         if flags & C.USER_UNMANAGED:
             continue
         info = d.directory.get(uid)
-        rule_ids = sorted(d.compiled.matching_rules(info.groups))
+        rule_ids = sorted(d.compiled.matching_rules(info.groups, info.sids))
         out.append({
             "login_uid": uid,
             "user": info.name,
             "groups": list(info.groups),
+            "group_sids": list(info.sids),
             "groups_source": info.source,
             "groups_age": round(time.time() - info.fetched_at, 1),
             "rules": [d.compiled.rule_names[r] for r in rule_ids],
@@ -72,7 +73,7 @@ def rules(d, login_uid: int | None) -> list[dict]:
     ids = [r.id for r in c.rules]
     if login_uid is not None:
         info = d.directory.get(int(login_uid))
-        wanted = c.matching_rules(info.groups)
+        wanted = c.matching_rules(info.groups, info.sids)
         ids = [i for i in ids if i in wanted]
     counters = mapview.rule_counters(d.loaded.maps, [C.RULE_BASELINE, *ids])
     zero = dict.fromkeys(mapview.COUNTER_FIELDS, 0)

@@ -578,3 +578,23 @@ def test_differential_random_policies(seed):
                 checked += 1
     assert checked > 500
     assert allowed_seen > 0
+
+
+def test_policy_group_matches_by_sid():
+    """A policy group given with an AD SID matches a directory group with
+    that SID whatever its name (SSSD may name it dev@corp.example or by a
+    renamed group); the name still matches too."""
+    policy = policy_from_text(
+        "user_groups:\n"
+        "  - {name: DEV, sid: S-1-5-21-1-2-3-1104}\n"
+        "  - {name: OPS}\n"
+        "rules:\n"
+        "  - {name: dev-web, sources: [DEV], destinations: ['192.0.2.0/24'], services: ['80/tcp']}\n"
+        "  - {name: ops-ssh, sources: [OPS], destinations: ['192.0.2.0/24'], services: ['22/tcp']}\n")
+    cp = compiler.compile_policy(policy, [])
+    by_sid = cp.matching_rules(["developers-renamed"], ["s-1-5-21-1-2-3-1104"])
+    assert [cp.rule_names[r] for r in by_sid] == ["dev-web"]
+    assert cp.matching_rules(["developers-renamed"], ["S-1-5-21-1-2-3-9999"]) == frozenset()
+    assert [cp.rule_names[r] for r in cp.matching_rules(["dev@corp.example"])] == ["dev-web"]
+    both = cp.matching_rules(["ops"], ["S-1-5-21-1-2-3-1104"])
+    assert sorted(cp.rule_names[r] for r in both) == ["dev-web", "ops-ssh"]

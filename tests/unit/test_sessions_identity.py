@@ -266,3 +266,20 @@ def test_directory_due_lists_the_oldest_expired_first():
     assert d.due(1) == [1]
     d.get(1, refresh=True)   # refreshed: to the back of the line
     assert d.due(10) == [2]
+
+
+def test_directory_keeps_group_sids_and_their_staleness():
+    answers = {1: ("alice", ("dev",), ("S-1-5-21-1-2-3-1104",))}
+    now = [0.0]
+
+    def lookup(uid):
+        if uid not in answers:
+            raise OSError("sssd is down")
+        return answers[uid]
+
+    d = Directory(ttl=5, lookup=lookup, clock=lambda: now[0])
+    assert d.get(1).sids == ("S-1-5-21-1-2-3-1104",)
+    del answers[1]
+    now[0] = 10
+    stale = d.get(1)
+    assert stale.sids == ("S-1-5-21-1-2-3-1104",) and stale.source.startswith("nss (stale")

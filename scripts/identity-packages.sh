@@ -1,0 +1,28 @@
+#!/bin/bash
+# Install, idempotently, the identity stack the identity tests build in a
+# private mount namespace (tests/identity): OpenLDAP slapd, its client
+# tools, SSSD with the LDAP provider, the sss NSS and PAM modules, and
+# pamtester. Nothing is configured or started here; note that the packages'
+# postinst scripts add `sss` to the host's /etc/nsswitch.conf and pam_sss to
+# /etc/pam.d/common-* (the tests never rely on that). Needs root.
+set -euo pipefail
+
+PACKAGES=(slapd ldap-utils sssd-ldap libnss-sss libpam-sss pamtester)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "identity-packages: all installed (${PACKAGES[*]})"
+    exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "identity-packages: missing ${missing[*]}; run as root to install" >&2
+    exit 1
+fi
+echo "identity-packages: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "identity-packages: installed ${missing[*]}"
