@@ -1,13 +1,15 @@
 #!/bin/bash
 # Install, idempotently, the identity stack the identity tests build in a
 # private mount namespace (tests/identity): OpenLDAP slapd, its client
-# tools, SSSD with the LDAP provider, the sss NSS and PAM modules, and
-# pamtester. Nothing is configured or started here; note that the packages'
-# postinst scripts add `sss` to the host's /etc/nsswitch.conf and pam_sss to
-# /etc/pam.d/common-* (the tests never rely on that). Needs root.
+# tools, SSSD with the LDAP provider, the sss NSS and PAM modules,
+# pamtester, and sssd-tools for `sss_cache` (the tests flush SSSD's caches
+# with it; none of the other packages ships it). Nothing is configured or
+# started here. Note that the packages' postinst scripts add `sss` to the
+# host's /etc/nsswitch.conf and pam_sss to /etc/pam.d/common-* (the tests
+# never rely on that). Needs root when something is missing.
 set -euo pipefail
 
-PACKAGES=(slapd ldap-utils sssd-ldap libnss-sss libpam-sss pamtester)
+PACKAGES=(slapd ldap-utils sssd-ldap libnss-sss libpam-sss pamtester sssd-tools)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,7 +1,9 @@
 #!/bin/bash
-# Set up everything (scripts/setup.sh) and run the whole test suite: unit
-# tests, then the kernel tests, which load the real programs on cgroups,
-# users and network namespaces they create and remove. Needs root.
+# Set up everything (scripts/setup.sh, and the identity stack's packages)
+# and run the whole test suite: unit tests; kernel tests, which load the
+# real programs on cgroups, users and network namespaces they create and
+# remove; identity tests, which log directory users in through slapd, sssd
+# and PAM built in a private mount namespace. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -9,4 +11,5 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 bash scripts/setup.sh
+bash scripts/identity-packages.sh
 exec .venv/bin/python -m pytest -ra "$@"

@@ -1,0 +1,247 @@
+"""A directory user's login through a real identity stack: OpenLDAP slapd,
+SSSD, NSS (`sss`), PAM (pam_loginuid + pam_exec of the aus hook) driven by
+pamtester, the real ausd and real traffic.
+
+The whole stack lives in a private mount namespace for its whole life, so
+it runs as one script, tests/identity/scenario.py, under
+`unshare -m --propagation private`; it prints one JSON object with what each
+case saw, and the tests here assert on it. Each test shows the scenario's
+stderr (its progress and the ausd, sssd and hook logs) when it fails.
+
+Needs root and the packages of scripts/identity-packages.sh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT = 300
+TOOLS = ["unshare", "mount", "ip", "getent", "id", "slapd", "slapadd", "slappasswd",
+         "ldapsearch", "ldapmodify", "sssd", "sss_cache", "pamtester"]
+ALICE, BOB = 41001, 41002
+EPERM = {"ok": False, "errno": "EPERM"}
+OK = {"ok": True, "errno": None}
+
+
+@dataclass
+class Run:
+    rc: int
+    data: dict
+    stderr: str
+    seconds: float
+    host_before: dict
+    host_after: dict
+
+
+def host_config_digest() -> dict:
+    """Hashes of the host's /etc/nsswitch.conf and every file (and link) of
+    /etc/pam.d: the scenario must not change them."""
+    out = {"/etc/nsswitch.conf": hashlib.sha256(Path("/etc/nsswitch.conf").read_bytes()).hexdigest()}
+    for root, dirs, files in os.walk("/etc/pam.d"):
+        for name in sorted(files + dirs):
+            p = Path(root) / name
+            if p.is_symlink():
+                out[str(p)] = "-> " + os.readlink(p)
+            elif p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def run() -> Run:
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    assert not missing, f"missing tools: {missing} (run scripts/identity-packages.sh)"
+    work = tempfile.mkdtemp(prefix="aus-identity-")
+    before = host_config_digest()
+    cmd = ["unshare", "-m", "--propagation", "private", sys.executable, str(HERE / "scenario.py"), work]
+    env = dict(os.environ, AUS_OUTER_MNT_NS=os.readlink("/proc/self/ns/mnt"))
+    t = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        try:
+            out, err = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            p.terminate()   # the scenario unwinds and cleans up on SIGTERM
+            try:
+                out, err = p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            err = f"(scenario timed out after {TIMEOUT}s)\n{err}"
+        seconds = time.monotonic() - t
+        try:
+            data = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        except json.JSONDecodeError:
+            data = {}
+            err = f"(unparsable stdout: {out[-2000:]!r})\n{err}"
+        yield Run(p.returncode, data, err, seconds, before, host_config_digest())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def case(run: Run, name: str) -> dict:
+    """A case's observations; the scenario's stderr goes to this test's
+    captured stderr, which pytest shows when the test fails."""
+    print(f"----- scenario stderr -----\n{run.stderr}", file=sys.stderr)
+    assert run.rc == 0, f"scenario exited {run.rc}"
+    assert "setup_error" not in run.data, run.data.get("setup_error")
+    assert "terminated" not in run.data, run.data["terminated"]
+    obs = run.data["cases"].get(name)
+    assert obs is not None, f"case {name} did not run"
+    assert "error" not in obs, obs["error"]
+    print(f"----- observations of {name} -----\n{json.dumps(obs, indent=1, sort_keys=True)}",
+          file=sys.stderr)
+    return obs
+
+
+def test_stack_is_built_in_a_private_mount_namespace(run):
+    print(f"----- scenario stderr -----\n{run.stderr}", file=sys.stderr)
+    assert run.rc == 0 and "setup_error" not in run.data, run.data.get("setup_error")
+    setup = run.data["setup"]
+    assert sorted(setup["mounts"]) == sorted(["/etc/nsswitch.conf", "/etc/sssd", "/etc/pam.d",
+                                              "/var/lib/sss", "/var/log/sssd", "/run"])
+    assert setup["getent"]["alice"].startswith(f"alice:*:{ALICE}:")
+    assert "(dev)" in setup["id"]["alice"] and "(ops)" in setup["id"]["bob"]
+    print(f"scenario {run.data['total_s']}s, whole run {run.seconds:.1f}s")
+
+
+def test_login_through_pam_puts_the_users_rules_in_the_kernel(run):
+    obs = case(run, "login")
+    bad = obs["wrong_password"]
+    assert bad["rc"] != 0 and "Authentication failure" in bad["stderr"], bad
+    assert "opened a session" not in bad["stdout"], bad
+    assert bad["hook_log"] == [] and not bad["in_maps_after"], bad
+    pam = obs["pam"]
+    assert pam["rc"] == 0, pam
+    assert "successfully authenticated" in pam["stdout"] and "opened a session" in pam["stdout"]
+    assert any(f"session open: login UID {ALICE} (alice)" in l for l in pam["hook_log"]), pam["hook_log"]
+    entry = obs["users_entry"]
+    assert entry is not None and obs["listed_after_s"] <= 2.0, obs
+    assert entry["login_uid"] == ALICE and entry["user"] == "alice"
+    assert "dev" in entry["groups"] and entry["groups_source"] == "nss"
+    assert entry["rules"] == ["dev-web"]
+    assert obs["tcp80_v4"] == OK
+    assert obs["tcp80_v6"] == OK
+    assert obs["tcp22_v4"] == EPERM
+    # uid 0 with her login UID (what sudo leaves) is held to her rules
+    assert obs["sudo_tcp22_v4"] == EPERM
+    assert obs["sudo_tcp80_v4"] == OK
+
+
+def test_two_users_get_their_own_rules_at_the_same_time(run):
+    obs = case(run, "two_users")
+    assert obs["pam"]["rc"] == 0, obs["pam"]
+    entry = obs["users_entry"]
+    assert entry and entry["user"] == "bob" and "ops" in entry["groups"] and entry["rules"] == ["ops-ssh"]
+    assert obs["both_listed"] == [ALICE, BOB]
+    t = obs["traffic"]
+    assert t["alice_80"] == OK and t["alice_22"] == EPERM
+    assert t["bob_22"] == OK and t["bob_80"] == EPERM
+
+
+def test_group_change_in_ldap_reaches_a_logged_in_user(run):
+    obs = case(run, "group_change")
+    assert obs["before"] == {"tcp80": OK, "tcp22": EPERM}
+    assert obs["ldapmodify"]["rc"] == 0, obs["ldapmodify"]
+    assert obs["sss_cache"]["rc"] == 0, obs["sss_cache"]
+    assert obs["flipped"], f"no flip within 15 s: last {obs['last']}"
+    assert obs["seconds_since_ldapmodify"] <= 15.0
+    assert obs["last"] == {"tcp22": OK, "tcp80": EPERM}
+    assert "(ops)" in obs["id_alice"] and "(dev)" not in obs["id_alice"]
+    entry = obs["users_entry"]
+    assert "ops" in entry["groups"] and "dev" not in entry["groups"]
+    assert entry["rules"] == ["ops-ssh"]
+    assert obs["shell_alive"], "the change must apply without a new login"
+    assert obs["bob_unchanged"] == {"tcp22": OK, "tcp80": EPERM}
+    print(f"group change propagated in {obs['seconds_since_ldapmodify']} s "
+          f"({obs['seconds_since_sss_cache']} s after sss_cache -E)")
+
+
+def test_logout_removes_the_user_and_fails_closed(run):
+    obs = case(run, "logout")
+    assert obs["in_maps_before"]
+    # close_session from a process without her login UID: ausd cannot tell
+    # whose session it is, and the hook must not fail the PAM call
+    assert obs["pam_no_loginuid"]["rc"] == 0
+    assert any("failed" in l for l in obs["pam_no_loginuid"]["hook_log"])
+    pam = obs["pam"]
+    assert pam["rc"] == 0 and "closed" in pam["stdout"], pam
+    assert any(f"session close: login UID {ALICE}" in l for l in pam["hook_log"]), pam["hook_log"]
+    assert obs["gone_from_maps"] and obs["gone_after_s"] <= 5.0, obs
+    assert ALICE not in obs["users_listed"]
+    assert obs["check_after"]["allowed"] is False and obs["check_after"]["reason"] == "pending"
+    assert obs["leftover_tcp80"] == EPERM
+    assert obs["bob_still_22"] == OK
+
+
+def test_sssd_down_keeps_the_last_known_groups(run):
+    obs = case(run, "sssd_down")
+    assert obs["sssd_exit"] is not None
+    # NSS really fails (fast cache flushed), so ausd's refreshes fail ...
+    assert obs["getent_bob_after_flush"] != 0 and obs["id_bob_after_flush"] != 0
+    assert obs["stale_seen_after_s"] is not None, obs["groups_sources_seen"]
+    # ... and bob keeps his rules for groups_ttl * 3 seconds and more
+    assert obs["ok_while_stale_s"] >= obs["required_s"], obs
+    assert obs["probes"] > 0 and obs["probes_ok"] == obs["probes"], obs["failures"]
+    assert obs["bob_tcp80"] == EPERM
+    entry = obs["bob_entry_after"]
+    assert entry["rules"] == ["ops-ssh"] and "ops" in entry["groups"]
+    assert entry["groups_source"].startswith("nss (stale")
+
+
+def test_ausd_down_login_still_works_and_stays_enforced(run):
+    obs = case(run, "ausd_down")
+    assert obs["ausd_exit"] == 0
+    pam = obs["pam"]
+    assert pam["rc"] == 0 and "opened a session" in pam["stdout"], pam
+    assert pam["seconds"] <= 3.5, pam
+    assert any("failed" in l for l in pam["hook_log"]), pam["hook_log"]
+    assert ALICE not in obs["maps_users"] and BOB in obs["maps_users"]
+    # not in the maps: baseline only, even for the port her group (ops) has
+    assert obs["tcp80"] == EPERM
+    assert obs["tcp22"] == EPERM
+    assert obs["check_22"]["reason"] == "pending"
+    # the pinned programs and maps keep enforcing for bob
+    assert obs["bob_tcp22"] == OK and obs["bob_tcp80"] == EPERM
+
+
+def test_nothing_is_left_behind(run):
+    print(f"----- scenario stderr -----\n{run.stderr}", file=sys.stderr)
+    made = run.data.get("setup", {}).get("made")
+    assert made, "the scenario recorded nothing it made"
+    assert run.host_after == run.host_before, "host /etc/nsswitch.conf or /etc/pam.d changed"
+    assert not Path(made["cgroup"]).exists()
+    assert not Path(made["pin_dir"]).exists()
+    assert not Path(made["ausd_workdir"]).exists()
+    namespaces = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        for ns in ("mnt", "net"):
+            try:
+                namespaces.add(os.readlink(f"/proc/{pid}/ns/{ns}"))
+            except OSError:
+                pass
+    assert made["mnt_ns"] not in namespaces, "a process still lives in the scenario's mount namespace"
+    assert made["netns_id"] not in namespaces, "a process still lives in the peer's network namespace"
+    addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    assert f" {run.data['setup']['peer']['host_v4']}/" not in addrs, "the veth pair is still there"
+    for what, pids in run.data["pids"].items():
+        for pid in pids:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            assert comm not in ("slapd", "sssd", "sleep", "python", "ausd"), (what, pid, comm)
