@@ -205,6 +205,9 @@ class Ausd:
     policy_path: Path
     proc: subprocess.Popen | None = None
     log: list[str] = field(default_factory=list)
+    # how to run ausd and ausctl: the source tree's, or an installed one
+    ausd_cmd: tuple[str, ...] = (PYTHON, "-m", "aus.ausd")
+    ausctl_cmd: tuple[str, ...] = (PYTHON, "-m", "aus.ausctl")
 
     @property
     def socket(self) -> Path:
@@ -224,7 +227,7 @@ class Ausd:
         notify.settimeout(0.5)
         logf = open(self.workdir / "ausd.log", "ab")
         env = dict(os.environ, NOTIFY_SOCKET=str(npath))
-        self.proc = subprocess.Popen([PYTHON, "-m", "aus.ausd", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([*self.ausd_cmd, "--config", str(self.config_path)],
                                      stdout=logf, stderr=subprocess.STDOUT, env=env)
         logf.close()
         try:
@@ -258,7 +261,7 @@ class Ausd:
         return self.proc.returncode if self.proc else None
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        p = run(PYTHON, "-m", "aus.ausctl", "--config", str(self.config_path), *args, check=False)
+        p = run(*self.ausctl_cmd, "--config", str(self.config_path), *args, check=False)
         if check and p.returncode != 0:
             raise AssertionError(f"ausctl {' '.join(args)} -> {p.returncode}: {p.stderr}")
         return p
