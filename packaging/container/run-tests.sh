@@ -11,9 +11,9 @@
 #                           the host's cgroup v2 hierarchy
 #   /sys/fs/bpf             bpffs for the pins (mounted by the tests if
 #                           absent, but sharing the host's is simpler)
-#   /lib/modules, /usr/src  the host's kernel headers for bcc, read-only;
-#                           without them the tests link Debian's headers
-#                           (every kernel-internal offset comes from BTF)
+#   kernel headers          none needed from the host: scripts/setup.sh
+#                           links Debian's inside the container (every
+#                           kernel-internal offset comes from BTF)
 # Usage: packaging/container/run-tests.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,6 +21,5 @@ ENGINE=${ENGINE:-docker}
 IMAGE=${IMAGE:-aus-tests}
 "$ENGINE" build -t "$IMAGE" -f packaging/container/Dockerfile .
 mounts=(-v /sys/fs/cgroup:/sys/fs/cgroup:rw -v /sys/fs/bpf:/sys/fs/bpf:rw)
-[ -d /usr/src ] && mounts+=(-v /usr/src:/host/usr/src:ro)
-exec "$ENGINE" run --rm --privileged --cap-add AUDIT_CONTROL --cgroupns host --pid host \
+exec "$ENGINE" run --rm --privileged --cap-add AUDIT_CONTROL --cgroupns host \
     "${mounts[@]}" "$IMAGE" bash scripts/test.sh -v "$@"
