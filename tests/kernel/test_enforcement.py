@@ -6,6 +6,7 @@ Each case asserts what the process saw, what the kernel counted, and that
 """
 
 import json
+import select
 import subprocess
 import time
 
@@ -287,3 +288,21 @@ def test_only_root_may_change_ausd(daemon, people):
                   uid=carol.uid, gid=carol.gid, stdout=subprocess.PIPE, text=True)
     out, _ = p.communicate(timeout=30)
     assert p.returncode == 0 and json.loads(out)["daemon"]["running"]
+
+
+def test_flows_follow_streams_new_events(daemon, peer, cg, alice):
+    user, _ = alice
+    follower = subprocess.Popen([lab.PYTHON, "-m", "aus.ausctl", "--config", str(daemon.config_path),
+                                 "flows", "--follow", "--json", "--limit", "0"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)   # subscribed before the traffic
+        lab.act(cg, "tcp", peer.v4, 8101, loginuid=user.uid, uid=user.uid, gid=user.gid)
+        ready, _, _ = select.select([follower.stdout], [], [], 10)
+        assert ready, "no flow event streamed within 10 s"
+        flow = json.loads(follower.stdout.readline())
+        assert flow["login_uid"] == user.uid and flow["dport"] == 8101
+        assert flow["verdict"] == "deny" and flow["hook"] == "connect4"
+    finally:
+        follower.kill()
+        follower.wait()
