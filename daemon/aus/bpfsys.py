@@ -26,7 +26,6 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
-BPF_PROG_QUERY = 16
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
@@ -142,18 +141,6 @@ def link_detach(link_fd: int, what: str) -> None:
     attr = _attr()
     _put(attr, "I", 0, link_fd)
     _bpf(BPF_LINK_DETACH, attr, "detach", what, ok_errnos=(errno.ENOLINK,))
-
-
-def prog_query(cgroup_fd: int, attach_type: int, what: str) -> list[int]:
-    """Program ids attached to a cgroup at one attach point."""
-    ids = (ctypes.c_uint32 * 64)()
-    attr = _attr()
-    # target_fd, attach_type, query_flags, attach_flags, prog_ids, prog_cnt
-    _put(attr, "IIIIQI", 0, cgroup_fd, attach_type, 0, 0,
-         ctypes.addressof(ids), 64)
-    _bpf(BPF_PROG_QUERY, attr, "query programs of", what)
-    count = struct.unpack_from("I", attr, 24)[0]
-    return list(ids[:count])
 
 
 def enable_stats() -> int:

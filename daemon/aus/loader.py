@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,11 +429,3 @@ def uninstall(pin_dir: Path) -> list[str]:
             removed.append(str(p))
         pin_dir.rmdir()
     return removed
-
-
-def maps_present(pin_dir: Path) -> bool:
-    return PinLayout(pin_dir).map(C.MAP_USERS).exists()
-
-
-def have_tool(name: str) -> bool:
-    return shutil.which(name) is not None

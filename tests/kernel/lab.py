@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from aus import loader, mapview
-from aus.config import cgroup2_root
+from bench import common as bench_common
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -51,8 +51,7 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05, what: str = 
         time.sleep(interval)
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(3)}"
+unique = bench_common.unique
 
 
 # ---- the destination host ---------------------------------------------------
@@ -103,23 +102,10 @@ def peer(ports: list[int]):
 
 # ---- cgroup ---------------------------------------------------------------
 
-@contextlib.contextmanager
 def cgroup():
-    path = cgroup2_root() / unique("aus-test-")
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        # Only processes this test started are in here; end them by PID.
-        for _ in range(50):
-            pids = [int(x) for x in (path / "cgroup.procs").read_text().split()]
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-        path.rmdir()
+    """A child of the cgroup2 root that only test processes join; removed
+    afterwards, its leftover processes (ours) killed by PID."""
+    return bench_common.cgroup("aus-test-")
 
 
 # ---- users ----------------------------------------------------------------
