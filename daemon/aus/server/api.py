@@ -1,0 +1,7 @@
+"""Management API (being written)."""
+
+from fastapi import FastAPI
+
+
+def install(app: FastAPI) -> None:
+    pass

@@ -1,0 +1,44 @@
+"""The ASGI application: SCIM under ``/scim/orgs/{org_id}/``, the
+management API under ``/api/orgs/{org_id}/``, the console under ``/``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+from .auth import Verifier
+from .bundle import BundleService
+from .db import open_database
+
+log = logging.getLogger("aus.server")
+
+
+def create_app(db_url: str | None = None, *, bundle_interval: float = 0.25,
+               max_wait: float = 60.0) -> FastAPI:
+    engine, sessions = open_database(db_url)
+    bundles = BundleService(sessions, interval=bundle_interval, max_wait=max_wait)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await bundles.start()
+        try:
+            yield
+        finally:
+            await bundles.stop()
+            engine.dispose()
+
+    app = FastAPI(title="aus-server", version="0.1.0", lifespan=lifespan,
+                  docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+    app.state.engine = engine
+    app.state.sessions = sessions
+    app.state.verifier = Verifier(sessions)
+    app.state.bundles = bundles
+
+    from . import api
+    from .scim import routes as scim_routes
+
+    scim_routes.install(app)
+    api.install(app)
+    return app

@@ -1,0 +1,274 @@
+"""The policy bundle every ``ausd`` long-polls.
+
+A bundle is the org's rules, the user groups they name and each group's
+active immediate members, in the policy document the daemon validates
+(``aus.policy.Policy``) plus a ``members`` map. Every write bumps the org's
+``generation``; :class:`BundleService` rebuilds the bundle when the
+generation moved (at most every ``interval`` seconds, so a burst of SCIM
+requests costs one build), and only a bundle whose content changed gets a
+new ``version``. The current bundle lives in the database, so replicas
+sharing PostgreSQL serve the same version; each replica watches the
+``bundles`` table and wakes its own long-pollers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import PolicyError
+from ..policy import Policy, parse_network
+from .db import Bundle, Group, IpList, Membership, Org, Rule, RuleSource, User, utcnow
+
+log = logging.getLogger("aus.server.bundle")
+FORMAT = 1
+
+
+def touch(session: Session, org_id: str) -> None:
+    """Mark the org's bundle stale; call inside the writing transaction."""
+    session.execute(update(Org).where(Org.id == org_id).values(generation=Org.generation + 1))
+
+
+def _is_literal(dest: str) -> bool:
+    try:
+        parse_network(dest)
+        return True
+    except ValueError:
+        return False
+
+
+def build_content(session: Session, org_id: str) -> dict:
+    """The bundle's policy and members, without version (pure read)."""
+    rules = session.scalars(select(Rule).where(Rule.org_id == org_id)
+                            .order_by(Rule.position, Rule.name)).all()
+    sources = session.execute(
+        select(RuleSource.rule_id, RuleSource.group_id)
+        .join(Rule, Rule.id == RuleSource.rule_id)
+        .where(Rule.org_id == org_id).order_by(RuleSource.position)).all()
+    by_rule: dict[str, list[str]] = {}
+    for rule_id, group_id in sources:
+        by_rule.setdefault(rule_id, []).append(group_id)
+    wanted = {g for ids in by_rule.values() for g in ids}
+    groups = {g.id: g for g in session.scalars(
+        select(Group).where(Group.org_id == org_id, Group.id.in_(wanted)))} if wanted else {}
+    lists = {l.name: l.entries for l in session.scalars(
+        select(IpList).where(IpList.org_id == org_id))}
+
+    out_rules, used_lists, used_groups = [], {}, {}
+    for rule in rules:
+        names = [groups[g].display_name for g in by_rule.get(rule.id, []) if g in groups]
+        if not names:
+            continue   # every source group is gone: the rule grants nothing
+        for d in rule.destinations:
+            if not _is_literal(d) and d in lists:
+                used_lists[d] = lists[d]
+        for g in by_rule[rule.id]:
+            if g in groups:
+                used_groups[g] = groups[g]
+        out_rules.append({"name": rule.name, "sources": names,
+                          "destinations": list(rule.destinations),
+                          "services": list(rule.services)})
+
+    members: dict[str, list[str]] = {}
+    if used_groups:
+        rows = session.execute(
+            select(Membership.group_id, User.user_name)
+            .join(User, User.id == Membership.member_id)
+            .where(Membership.group_id.in_(list(used_groups)), User.active.is_(True))).all()
+        for group_id, user_name in rows:
+            members.setdefault(used_groups[group_id].display_name, []).append(user_name)
+    user_groups = []
+    for g in sorted(used_groups.values(), key=lambda g: g.display_name):
+        entry: dict = {"name": g.display_name}
+        if g.sid:
+            entry["sid"] = g.sid
+        if g.external_id:
+            entry["external_id"] = g.external_id
+        user_groups.append(entry)
+        members.setdefault(g.display_name, [])
+    return {
+        "policy": {"user_groups": user_groups, "ip_lists": dict(sorted(used_lists.items())),
+                   "services": {}, "rules": out_rules},
+        "members": {k: sorted(v) for k, v in sorted(members.items())},
+    }
+
+
+def _digest(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def rebuild(session: Session, org_id: str) -> Bundle:
+    """Bring the org's bundle up to its generation, in the caller's
+    transaction; the version moves only when the content changed."""
+    org = session.get(Org, org_id, with_for_update=True)
+    if org is None:
+        raise KeyError(org_id)
+    row = session.get(Bundle, org_id, with_for_update=True)
+    if row is None:
+        row = Bundle(org_id=org_id, version=0, generation=-1, digest="", body="")
+        session.add(row)
+    if row.generation == org.generation and row.body:
+        return row
+    content = build_content(session, org_id)
+    digest = _digest(content)
+    if digest != row.digest or not row.body:
+        try:
+            Policy.model_validate(content["policy"])
+        except Exception as exc:   # a rule the API let through but the daemon refuses
+            raise PolicyError(f"bundle of org {org_id}", [str(exc)]) from exc
+        row.version += 1
+        row.digest = digest
+        now = utcnow()
+        row.built_at = now
+        row.body = json.dumps({
+            "format": FORMAT, "org": org_id, "version": row.version,
+            "generated_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), **content,
+        }, separators=(",", ":"))
+    row.generation = org.generation
+    return row
+
+
+@dataclass(frozen=True)
+class Current:
+    version: int
+    etag: str
+    body: bytes
+
+
+class BundleService:
+    """Keeps each org's bundle current and wakes long-pollers on change."""
+
+    def __init__(self, sessions: sessionmaker, *, interval: float = 0.25, max_wait: float = 60.0):
+        self.sessions = sessions
+        self.interval = interval
+        self.max_wait = max_wait
+        self._current: dict[str, Current] = {}
+        self._cond: asyncio.Condition | None = None
+        self._poke: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._cond = asyncio.Condition()
+        self._poke = asyncio.Event()
+        await asyncio.to_thread(self._tick)
+        self._task = asyncio.create_task(self._loop(), name="bundle-service")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def poke(self) -> None:
+        """A write just committed: rebuild without waiting for the next tick."""
+        if self._poke is not None:
+            loop = self._task.get_loop() if self._task else None
+            if loop is not None:
+                loop.call_soon_threadsafe(self._poke.set)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._poke.wait(), timeout=self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._poke.clear()
+            try:
+                changed = await asyncio.to_thread(self._tick)
+            except Exception:
+                log.exception("bundle rebuild failed; the bundles in force stay")
+                await asyncio.sleep(self.interval)
+                continue
+            if changed:
+                async with self._cond:
+                    self._cond.notify_all()
+            await asyncio.sleep(self.interval)   # bounds rebuilds under a write burst
+
+    def _tick(self) -> bool:
+        """Rebuild stale bundles; load bundles other replicas built.
+        Returns whether any org's current bundle changed."""
+        with self.sessions() as s:
+            stale = s.execute(
+                select(Org.id).outerjoin(Bundle, Bundle.org_id == Org.id)
+                .where((Bundle.org_id.is_(None)) | (Bundle.generation != Org.generation))).scalars().all()
+        for org_id in stale:
+            try:
+                with self.sessions.begin() as s:
+                    rebuild(s, org_id)
+            except PolicyError as exc:
+                log.error("%s; the bundle in force stays", exc)
+        return self.refresh()
+
+    def refresh(self) -> bool:
+        changed = False
+        with self.sessions() as s:
+            versions = dict(s.execute(select(Bundle.org_id, Bundle.digest)).all())
+            for org_id, digest in versions.items():
+                cur = self._current.get(org_id)
+                if cur is not None and cur.etag == f'"{digest[:32]}"':
+                    continue
+                row = s.get(Bundle, org_id)
+                if row is None or not row.body:
+                    continue
+                self._current[org_id] = Current(row.version, f'"{row.digest[:32]}"', row.body.encode())
+                changed = True
+        return changed
+
+    def rebuild_now(self, org_id: str) -> int:
+        """Rebuild synchronously (after a management write) and return the
+        version now in force."""
+        with self.sessions.begin() as s:
+            version = rebuild(s, org_id).version
+        self.refresh()
+        if self._cond is not None and self._task is not None:
+            loop = self._task.get_loop()
+            asyncio.run_coroutine_threadsafe(self._notify(), loop)
+        return version
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    def current(self, org_id: str) -> Current | None:
+        return self._current.get(org_id)
+
+    async def wait_change(self, org_id: str, etag: str | None, wait: float) -> Current | None:
+        """The org's bundle once its ETag differs from ``etag``, or None
+        after ``wait`` seconds (capped at ``max_wait``) without a change."""
+        wait = max(0.0, min(wait, self.max_wait))
+        cur = self._current.get(org_id)
+        if cur is not None and cur.etag != etag:
+            return cur
+        deadline = asyncio.get_running_loop().time() + wait
+        async with self._cond:
+            while True:
+                cur = self._current.get(org_id)
+                if cur is not None and cur.etag != etag:
+                    return cur
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(self._cond.wait(), timeout=left)
+                except asyncio.TimeoutError:
+                    return None
+
+
+def parse_if_none_match(value: str | None) -> str | None:
+    if not value:
+        return None
+    return value.split(",")[0].strip().removeprefix("W/")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

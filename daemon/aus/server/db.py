@@ -1,0 +1,265 @@
+"""Storage: the tables, the engine, and schema migrations.
+
+SQLite is the default (one file, no set-up); PostgreSQL is used when
+several server replicas share one database. Both run the same Alembic
+migrations (``migrations/``), applied by :func:`open_database`.
+
+Case-insensitive uniqueness (SCIM userName and group displayName are
+``caseExact: false``) is kept in ``*_key`` columns holding the casefolded
+value, so the same unique index and the same lookups work on both engines.
+Names themselves are stored exactly as sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from ..errors import AusError
+
+DEFAULT_DB = "sqlite:////var/lib/aus/aus-server.db"
+
+
+class StoreError(AusError):
+    """The database is unreachable, or its schema cannot be brought up to date."""
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def fold(text: str) -> str:
+    """The key under which names compare case-insensitively."""
+    return text.casefold()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Org(Base):
+    __tablename__ = "orgs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Bumped by every write that may change the bundle; the bundle builder
+    # compares it with the generation its last bundle was built from.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), index=True)
+    salt: Mapped[bytes] = mapped_column(LargeBinary(32))
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class User(Base):
+    """A SCIM user. ``doc`` is the resource as accepted (core + extension
+    attributes, without id/meta); the columns are what filters and the
+    bundle need."""
+
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    user_name: Mapped[str] = mapped_column(Text)
+    user_name_key: Mapped[str] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    display_name: Mapped[str | None] = mapped_column(Text, nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    doc: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    modified_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    __table_args__ = (
+        UniqueConstraint("org_id", "user_name_key", name="uq_users_org_name"),
+        Index("ix_users_org_external", "org_id", "external_id"),
+    )
+
+
+class Group(Base):
+    """A user group: pushed by SCIM (``source`` "scim") or added by hand
+    (``source`` "manual", name + SID as for Active Directory)."""
+
+    __tablename__ = "groups"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    display_name: Mapped[str] = mapped_column(Text)
+    display_name_key: Mapped[str] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sid: Mapped[str | None] = mapped_column(Text, nullable=True)
+    source: Mapped[str] = mapped_column(String(16), default="scim")
+    doc: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    modified_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_sync_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_sync_op: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_sync_outcome: Mapped[str | None] = mapped_column(Text, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    __table_args__ = (
+        UniqueConstraint("org_id", "display_name_key", name="uq_groups_org_name"),
+        Index("ix_groups_org_external", "org_id", "external_id"),
+    )
+
+
+class Membership(Base):
+    """An immediate member of a group: a user, or (kept visible, never
+    expanded) another group."""
+
+    __tablename__ = "memberships"
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    member_type: Mapped[str] = mapped_column(String(8))  # "User" | "Group"
+    __table_args__ = (Index("ix_memberships_member", "member_id"),)
+
+
+class Rule(Base):
+    __tablename__ = "rules"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(63))
+    description: Mapped[str] = mapped_column(Text, default="")
+    # Each destination is a CIDR, an address, or the name of an IpList.
+    destinations: Mapped[list] = mapped_column(JSON)
+    services: Mapped[list] = mapped_column(JSON)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    modified_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_rules_org_name"),)
+
+
+class IpList(Base):
+    """A named list of addresses and CIDRs that rules use as a destination."""
+
+    __tablename__ = "ip_lists"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(63))
+    entries: Mapped[list] = mapped_column(JSON)
+    modified_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_ip_lists_org_name"),)
+
+
+class RuleSource(Base):
+    """A rule's source group. No foreign key to groups: a group deleted by
+    the directory leaves the rule pointing at nothing, which the API shows."""
+
+    __tablename__ = "rule_sources"
+    rule_id: Mapped[str] = mapped_column(ForeignKey("rules.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    group_id: Mapped[str] = mapped_column(String(36), primary_key=True, index=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Bundle(Base):
+    """The org's current policy bundle, shared by every replica."""
+
+    __tablename__ = "bundles"
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    digest: Mapped[str] = mapped_column(String(64), default="")
+    body: Mapped[str] = mapped_column(Text, default="")
+    built_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Workload(Base):
+    """A daemon that fetched the bundle, as it last reported itself."""
+
+    __tablename__ = "workloads"
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    address: Mapped[str] = mapped_column(String(64), default="")
+    enforcing_version: Mapped[int] = mapped_column(Integer, default=0)
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# --------------------------------------------------------------------------
+# Engine
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # Transactions are begun by the "begin" listener below, not by pysqlite.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    # WAL lets readers go on while one writer commits; busy_timeout makes
+    # concurrent writers queue instead of failing with "database is locked".
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=20, max_overflow=20)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # Take the write lock at BEGIN, so a transaction that reads then
+        # writes never fails on lock upgrade ("database is locked").
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn):  # noqa: ANN001
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest migration."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def open_database(url: str | None = None) -> tuple[Engine, sessionmaker]:
+    url = url or os.environ.get("AUS_SERVER_DB") or DEFAULT_DB
+    try:
+        engine = make_engine(url)
+        migrate(engine)
+    except Exception as exc:  # driver, network and migration errors alike
+        raise StoreError(f"database {redact(url)}: {exc}") from exc
+    return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database URL>"

@@ -1,0 +1,7 @@
+"""SCIM endpoints (being written)."""
+
+from fastapi import FastAPI
+
+
+def install(app: FastAPI) -> None:
+    pass
