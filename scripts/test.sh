@@ -12,4 +12,5 @@ if [ "$(id -u)" != 0 ]; then
 fi
 bash scripts/setup.sh
 bash scripts/identity-packages.sh
+bash scripts/server-packages.sh
 exec .venv/bin/python -m pytest -ra "$@"
