@@ -220,3 +220,10 @@ def test_org_isolation_on_every_route(server):
     r = c.post("/api/orgs/2/rules", json=_rule([ids["DEV"]]), auth=other)
     assert r.status_code == 422 and "no user group" in json.dumps(r.json())
     assert c.get(f"{server.api}/rules/{rid}", auth=server.basic()).status_code == 200
+
+
+def test_whoami_tells_the_org_of_a_key(server):
+    c = server.client
+    assert c.get("/api/whoami", auth=server.basic()).json()["org"] == "1"
+    assert c.get("/api/whoami", auth=server.basic(server.other_token)).json()["org"] == "2"
+    assert c.get("/api/whoami", auth=("x", "y")).status_code == 401

@@ -560,8 +560,16 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
                              "Cache-Control": "no-cache"})
 
 
+def whoami_any(request: Request) -> dict:
+    """The org a key belongs to: the console signs in with the key alone."""
+    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
+    key_id, org_id = request.app.state.verifier.verify(token)
+    return {"org": org_id, "key": key_id}
+
+
 def install(app: FastAPI) -> None:
     app.state.workload_seen = {}
+    app.add_api_route("/api/whoami", whoami_any, methods=["GET"], tags=["management"])
 
     def is_api(request: Request) -> bool:
         return request.url.path.startswith("/api/")
