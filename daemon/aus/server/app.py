@@ -42,3 +42,11 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.25,
     scim_routes.install(app)
     api.install(app)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``aus-server serve``'s workers: the database URL comes
+    from AUS_SERVER_DB (set by the CLI)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return create_app(None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 
 from ..errors import AusError
@@ -39,8 +40,6 @@ def _is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
-
     host, port = args.listen
     if bool(args.tls_cert) != bool(args.tls_key):
         print("aus-server: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -50,8 +49,16 @@ def serve(args: argparse.Namespace) -> int:
         print(f"aus-server: plain HTTP is served on loopback only; give --tls-cert and "
               f"--tls-key to listen on {host}", file=sys.stderr)
         return 2
-    app = create_app(args.db)
-    uvicorn.run(app, host=host, port=port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+    if args.db:
+        os.environ["AUS_SERVER_DB"] = args.db
+    # Migrate once here, so worker processes start on an up-to-date schema
+    # and a bad URL is reported before anything listens.
+    engine, _ = open_database(args.db)
+    engine.dispose()
+    # Several workers are several replicas on one database: each keeps its
+    # long-pollers current from the shared bundles table.
+    uvicorn.run("aus.server.app:app_from_env", factory=True, host=host, port=port,
+                workers=args.workers, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                 log_level=args.log_level.lower(), access_log=args.access_log,
                 timeout_keep_alive=75, backlog=4096)
     return 0
@@ -68,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--db", help=db_help)
     s.add_argument("--tls-cert", help="PEM certificate (chain); serve HTTPS")
     s.add_argument("--tls-key", help="PEM private key")
+    s.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--access-log", action="store_true", help="log every request")
 
