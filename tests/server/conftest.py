@@ -13,7 +13,7 @@ from aus.server.app import create_app
 from aus.server.auth import create_key
 from aus.server.db import open_database
 
-from .pg import PostgresServer
+from bench.pg import PostgresServer
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""A throwaway PostgreSQL server for tests: its own data directory, port
-and socket directory, started and removed by the test session, so the
+"""A throwaway PostgreSQL server for tests and benchmarks: its own data directory, port
+and socket directory, started and removed by whoever uses it, so the
 machine's own clusters are never touched."""
 
 from __future__ import annotations
