@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -29,6 +31,7 @@ from .policy import parse_network
 from .yamlsource import (
     YamlSourceError,
     describe_validation_errors,
+    describe_value,
     load_yaml_with_lines,
     sorted_problems,
 )
@@ -44,9 +47,12 @@ _CGROUP2_HINT = (
     "mount -t cgroup2 none /sys/fs/cgroup"
 )
 
-# Context key: directory relative ``policy`` and ``bpf_dir`` are resolved
-# against (the configuration file's directory, set by load_config).
+# Context key: directory relative ``policy``, ``bpf_dir``,
+# ``policy_credentials`` and ``policy_ca`` are resolved against (the
+# configuration file's directory, set by load_config).
 _BASE_DIR = "aus.config.base_dir"
+
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _unescape_mount_field(field: str) -> str:
@@ -112,6 +118,63 @@ def _absolute(value: Path | None) -> Path | None:
     return value
 
 
+def check_policy_url(url: str) -> str:
+    """Check a policy server URL: https://, or http:// to a loopback
+    address only (plain http elsewhere would hand the policy and the API
+    key to anyone on the path). Raises ValueError naming the problem."""
+    if any(c.isspace() for c in url):
+        raise ValueError(f"{url!r}: a URL must not contain spaces")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a valid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(
+            f"{url!r}: unsupported scheme {parts.scheme!r}; the policy is a file "
+            "path or an https:// URL of the policy server")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{url!r}: the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"{url!r}: credentials do not go in the URL; put them in the file "
+            "named by policy_credentials")
+    if parts.fragment:
+        raise ValueError(f"{url!r}: a policy URL has no #fragment")
+    if port == 0:
+        raise ValueError(f"{url!r}: port 0 is not a port")
+    if scheme == "http" and not _is_loopback(host):
+        raise ValueError(
+            f"{url!r}: plain http is allowed only to a loopback address (for "
+            f"tests); the API key and the policy would cross the network in "
+            f"clear: use https://{url.split('://', 1)[1]}")
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _policy_source(value: Any) -> Any:
+    """``policy`` is a URL (kept as a checked string) or a file path."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("expected a path or an https:// URL, got an empty string")
+        if _URL_RE.match(value.strip()):
+            return check_policy_url(value.strip())
+        return Path(value)
+    if isinstance(value, Path):
+        return value
+    raise ValueError(f"expected a path or an https:// URL, got {describe_value(value)}")
+
+
 def _login_uid(value: int) -> int:
     if value == LOGINUID_UNSET:
         raise ValueError(
@@ -162,7 +225,7 @@ class DaemonConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: Annotated[Path, PathIn] = Path("/etc/aus/policy.yaml")
+    policy: Annotated[Path | str, BeforeValidator(_policy_source)] = Path("/etc/aus/policy.yaml")
     cgroup: Annotated[Path | None, PathIn, AfterValidator(_absolute)] = None
     pin_dir: AbsPath = Path("/sys/fs/bpf/aus")
     socket: AbsPath = Path("/run/aus/ausd.sock")
@@ -181,19 +244,41 @@ class DaemonConfig(BaseModel):
     max_rules: MapSize = 4096
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     bpf_dir: Annotated[Path | None, PathIn] = None
+    # With a policy URL (see docs/policy-server-client.md):
+    policy_credentials: Annotated[Path | None, PathIn] = Field(
+        default=None, validate_default=True)
+    policy_cache: AbsPath = Path("/var/lib/aus/bundle.json")
+    policy_ca: Annotated[Path | None, PathIn] = None
+    bundle_user_match: Literal["exact", "local-part"] = "exact"
+    bundle_wait: Annotated[int, Field(strict=True), _between(1, 60, " seconds")] = 30
 
-    @field_validator("mode", "log_level", mode="before")
+    @field_validator("mode", "log_level", "bundle_user_match", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("policy", "bpf_dir")
+    @field_validator("policy", "bpf_dir", "policy_credentials", "policy_ca")
     @classmethod
-    def _relative_to_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+    def _relative_to_file(cls, value: Path | str | None,
+                          info: ValidationInfo) -> Path | str | None:
         base = (info.context or {}).get(_BASE_DIR)
-        if value is not None and base is not None and not value.is_absolute():
+        if isinstance(value, Path) and base is not None and not value.is_absolute():
             return Path(base) / value
         return value
+
+    @field_validator("policy_credentials")
+    @classmethod
+    def _credentials_with_url(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None and isinstance(info.data.get("policy"), str):
+            raise ValueError(
+                "required when policy is a URL: the path of a file holding one "
+                "line <api_key>:<secret>, readable by root only")
+        return value
+
+    @property
+    def policy_url(self) -> str | None:
+        """The policy server URL, or None when the policy is a file."""
+        return self.policy if isinstance(self.policy, str) else None
 
     @property
     def cgroup_path(self) -> Path:

@@ -12,6 +12,8 @@ own exceptions; they are translated into these at one point each, with
     |   +-- BpfError       one bpf(2) or bcc operation failed (object, errno)
     +-- LockError          another ausd already owns these pins
     +-- ControlError       the control socket: unreachable, refused, bad reply
+    +-- PolicySourceError  the policy server or the bundle cache: unreachable,
+                           refused (HTTP status), bad reply, unwritable
 """
 
 from __future__ import annotations
@@ -67,3 +69,18 @@ class LockError(AusError):
 
 class ControlError(AusError):
     pass
+
+
+class PolicySourceError(AusError):
+    """Fetching the policy bundle failed, or its cache could not be used.
+
+    ``kind`` says what failed, for the retry logic and status: "network",
+    "tls", "auth" (401), "forbidden" (403), "not_found" (404), "server"
+    (5xx), "protocol" (a reply ausd cannot use), "interrupted" (an
+    immediate re-fetch was asked for), "cache". ``status`` is the HTTP
+    status when there was one."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None):
+        self.kind = kind
+        self.status = status
+        super().__init__(message)

@@ -27,6 +27,7 @@ import difflib
 import ipaddress
 import os
 import re
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, NamedTuple
 
 from pydantic import (
@@ -47,6 +48,7 @@ from .yamlsource import (
     describe_validation_errors,
     format_path,
     load_yaml_with_lines,
+    render_problem,
     sorted_problems,
 )
 
@@ -555,23 +557,37 @@ def policy_from_text(text: str, source: str = "<policy>") -> Policy:
         data, line_of = load_yaml_with_lines(text, source)
     except YamlSourceError as exc:
         raise PolicyError(source, exc.problems) from exc
+    return policy_from_data(data, source, line_of=line_of)
+
+
+def policy_from_data(
+    data: Any,
+    source: str = "<policy>",
+    *,
+    line_of: Callable[[Sequence[Any]], int | None] | None = None,
+    path_prefix: tuple[Any, ...] = (),
+) -> Policy:
+    """Validate an already parsed policy document (from YAML, or the
+    ``policy`` of a bundle). Raises PolicyError listing every problem as
+    ``[line N: ]path: reason``; ``path_prefix`` is put in front of every
+    path (``("policy",)`` inside a bundle). None is the empty policy."""
+    lines = line_of or (lambda path: None)
     if data is None:
         return empty_policy()
     if not isinstance(data, dict):
-        line = line_of(())
-        raise PolicyError(source, [
-            f"line {line}: the policy must be a mapping with the keys user_groups, "
-            f"ip_lists, services and rules, not {_describe_top(data)}"
-        ])
+        raise PolicyError(source, [render_problem(
+            lines(()), path_prefix,
+            "the policy must be a mapping with the keys user_groups, "
+            f"ip_lists, services and rules, not {_describe_top(data)}")])
     items: list[tuple[tuple[Any, ...], int | None, str]] = []
     policy: Policy | None = None
     try:
         policy = Policy.model_validate(data, context={_SKIP_CROSS: True})
     except ValidationError as exc:
-        for path, line, reason in describe_validation_errors(exc, Policy, line_of):
-            items.append((path, line, _nesting_reason(data, path) or reason))
+        for path, line, reason in describe_validation_errors(exc, Policy, lines):
+            items.append((path_prefix + path, line, _nesting_reason(data, path) or reason))
     for path, reason in _cross_problems(data):
-        items.append((path, line_of(path), reason))
+        items.append((path_prefix + path, lines(path), reason))
     if items:
         raise PolicyError(source, sorted_problems(items))
     assert policy is not None

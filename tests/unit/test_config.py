@@ -164,7 +164,7 @@ scan_intervall: 1
     ("log_level: trace\n", "line 1: log_level: input should be 'debug', 'info', 'warning' or 'error' (got 'trace')"),
     ("cgroup: sys/fs/cgroup\n", "line 1: cgroup: must be an absolute path, got 'sys/fs/cgroup'"),
     ("socket: ausd.sock\n", "line 1: socket: must be an absolute path, got 'ausd.sock'"),
-    ("policy: ''\n", "line 1: policy: expected a path, got an empty string"),
+    ("policy: ''\n", "line 1: policy: expected a path or an https:// URL, got an empty string"),
     ("baseline: [127.0.0.1/8]\n", "line 1: baseline[0]: '127.0.0.1/8' has host bits set: "
      "the network is 127.0.0.0/8; write 127.0.0.0/8, or 127.0.0.1/32 for the single address"),
     ("baseline: [localhost]\n", "line 1: baseline[0]: 'localhost' is not a valid IP address or CIDR"),
@@ -242,3 +242,86 @@ def test_cgroup2_root_reads_proc_mounts():
 def test_packaged_config_is_the_defaults():
     path = Path(__file__).resolve().parents[2] / "packaging" / "ausd.yaml"
     assert load_config(path) == DaemonConfig()
+
+
+# --------------------------------------------------------------------------
+# The policy as a URL of the policy server
+
+
+def test_policy_url_defaults_and_relative_paths(tmp_path):
+    cfg = load_config(write(tmp_path, """\
+policy: https://aus.example.com/v1/orgs/1/bundle
+policy_credentials: credentials
+policy_ca: ca.pem
+"""))
+    assert cfg.policy == cfg.policy_url == "https://aus.example.com/v1/orgs/1/bundle"
+    assert cfg.policy_credentials == tmp_path / "credentials"
+    assert cfg.policy_ca == tmp_path / "ca.pem"
+    assert cfg.policy_cache == Path("/var/lib/aus/bundle.json")
+    assert cfg.bundle_user_match == "exact"
+    assert cfg.bundle_wait == 30
+
+
+def test_policy_file_has_no_url():
+    cfg = DaemonConfig()
+    assert cfg.policy_url is None and cfg.policy_credentials is None
+    assert cfg.policy_cache == Path("/var/lib/aus/bundle.json")
+    assert (cfg.policy_ca, cfg.bundle_user_match, cfg.bundle_wait) == (None, "exact", 30)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080/v1/orgs/1/bundle",
+    "http://127.3.4.5/bundle",
+    "http://[::1]:9000/bundle",
+    "http://localhost:8080/bundle",
+    "HTTPS://aus.example.com/bundle?tenant=x",
+    "https://10.1.2.3:8443/bundle",
+])
+def test_accepted_urls(tmp_path, url):
+    cfg = load_config(write(tmp_path, f"policy: '{url}'\npolicy_credentials: /etc/aus/key\n"))
+    assert cfg.policy_url == url
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://10.0.0.1/bundle", "plain http is allowed only to a loopback address (for tests); "
+     "the API key and the policy would cross the network in clear: use https://10.0.0.1/bundle"),
+    ("http://aus.example.com/bundle", "plain http is allowed only to a loopback address"),
+    ("http://[2001:db8::1]/bundle", "plain http is allowed only to a loopback address"),
+    ("ftp://aus.example.com/bundle", "unsupported scheme 'ftp'; the policy is a file path or "
+     "an https:// URL of the policy server"),
+    ("https:///bundle", "the URL has no host"),
+    ("https://key:secret@aus.example.com/b", "credentials do not go in the URL; put them in "
+     "the file named by policy_credentials"),
+    ("https://aus.example.com:99999/b", "is not a valid URL"),
+    ("https://aus.example.com/b#x", "a policy URL has no #fragment"),
+])
+def test_refused_urls(tmp_path, url, reason):
+    problems = problems_of(tmp_path, f"policy: '{url}'\npolicy_credentials: /etc/aus/key\n")
+    assert len(problems) == 1
+    assert problems[0].startswith(f"line 1: policy: '{url}'"), problems
+    assert reason in problems[0]
+
+
+def test_url_needs_credentials(tmp_path):
+    problems = problems_of(tmp_path, "policy: https://aus.example.com/v1/orgs/1/bundle\n")
+    assert problems == ["line 1: policy_credentials: required when policy is a URL: the path "
+                        "of a file holding one line <api_key>:<secret>, readable by root only"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("bundle_user_match: upn\n",
+     "line 1: bundle_user_match: input should be 'exact' or 'local-part' (got 'upn')"),
+    ("bundle_wait: 0\n", "line 1: bundle_wait: must be between 1 and 60 seconds, got 0"),
+    ("bundle_wait: 61\n", "line 1: bundle_wait: must be between 1 and 60 seconds, got 61"),
+    ("bundle_wait: 2.5\n", "line 1: bundle_wait: expected an integer, got the number 2.5"),
+    ("policy_cache: bundle.json\n",
+     "line 1: policy_cache: must be an absolute path, got 'bundle.json'"),
+    ("policy: 5\n", "line 1: policy: expected a path or an https:// URL, got the integer 5"),
+])
+def test_policy_server_key_errors(tmp_path, text, expected):
+    assert problems_of(tmp_path, text) == [expected]
+
+
+def test_user_match_any_case(tmp_path):
+    assert load_config(write(tmp_path, "bundle_user_match: Local-Part\n")).bundle_user_match \
+        == "local-part"
