@@ -15,6 +15,7 @@ import argparse
 import ipaddress
 import json
 import sys
+import time
 
 from . import __version__, control, flows, loader, mapview
 from .config import DaemonConfig, load_config
@@ -36,6 +37,33 @@ def _out(args, obj, human) -> None:
         print(json.dumps(obj, indent=2, sort_keys=True))
     else:
         print(human(obj))
+
+
+def _ago(t: float | None) -> str:
+    if t is None:
+        return "never"
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    return f"{at} ({max(0, round(time.time() - t))} s ago)"
+
+
+def _server_lines(srv: dict) -> list[str]:
+    """The policy server part of ``status``: the bundle in force and the
+    state of the long poll."""
+    pad = " " * 11
+    if srv["bundle_version"] is None:
+        head = "no bundle yet: enforcing the baseline only (fail closed)"
+    else:
+        head = (f"bundle version {srv['bundle_version']} of org {srv['org']} "
+                f"(generated {srv['generated_at']}), ETag {srv['etag']}")
+        head += (f", from the cache {srv['cache']} (fetched {_ago(srv['fetched_at'])})"
+                 if srv["from_cache"] else f", fetched {_ago(srv['fetched_at'])}")
+    lines = [pad + head, f"{pad}server: {srv['state']}, last answer {_ago(srv['last_fetch'])}"]
+    if srv["last_error"]:
+        lines.append(f"{pad}last error: {srv['last_error']} "
+                     f"({srv['failures']} failures in a row)")
+    if srv["cache_error"]:
+        lines.append(f"{pad}cache: {srv['cache_error']}")
+    return lines
 
 
 def _counts(c: dict) -> str:
@@ -67,9 +95,13 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
         if d["running"]:
             p = s["policy"]
             lines += [f"mode:      {s['mode']}", f"cgroup:    {s['cgroup']}",
-                      f"policy:    {p['path']} version {p['version']}, {p['rules']} rules"
-                      + (f"\n           last reload refused: {p['error']}" if p["error"] else ""),
-                      f"users:     {s['users']['active']} active",
+                      f"policy:    {p['path']} version {p['version']}, {p['rules']} rules"]
+            if p.get("server"):
+                lines += _server_lines(p["server"])
+            if p["error"]:
+                lines.append(f"           last {'bundle' if p.get('server') else 'reload'} "
+                             f"refused: {p['error']}")
+            lines += [f"users:     {s['users']['active']} active",
                       f"kernel:    {s['kernel']['rulesets']} rulesets, "
                       f"{s['kernel']['destinations']} destinations, {s['kernel']['services']} services",
                       "programs:  " + ", ".join(
@@ -87,10 +119,22 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
     return EXIT_OK
 
 
+def _groups_cell(u: dict) -> str:
+    """NSS groups as they are; bundle groups marked: the source stays visible."""
+    nss = u.get("nss_groups", u["groups"])
+    return ",".join([*nss, *(f"{g}(bundle)" for g in u.get("bundle_groups", ()))])
+
+
+def _source_cell(u: dict) -> str:
+    if u.get("bundle_groups"):
+        return f"{u['groups_source']}+bundle v{u['bundle_version']}"
+    return u["groups_source"]
+
+
 def cmd_users(args, cfg) -> int:
     users = control.request(cfg.socket, "users")["users"]
     _out(args, {"users": users}, lambda o: _table(
-        [[u["login_uid"], u["user"], ",".join(u["groups"]), u["groups_source"],
+        [[u["login_uid"], u["user"], _groups_cell(u), _source_cell(u),
           ",".join(u["rules"]), u["processes"], _counts(u["counters"])] for u in o["users"]],
         ["LOGIN_UID", "USER", "GROUPS", "SOURCE", "RULES", "PROCS",
          "ALLOWED pkts/bytes DENIED pkts/bytes"]))
@@ -169,7 +213,10 @@ def cmd_flows(args, cfg) -> int:
 def cmd_reload(args, cfg) -> int:
     r = control.request(cfg.socket, "reload")
     r.pop("ok", None)
-    _out(args, r, lambda r: f"policy reloaded: version {r['version']}, {r['rules']} rules")
+    _out(args, r, lambda r: (
+        f"re-fetch of the policy bundle requested from {r['url']}; in force: version "
+        f"{r['version']}, {r['rules']} rules (see ausctl status)" if r.get("refetch") else
+        f"policy reloaded: version {r['version']}, {r['rules']} rules"))
     return EXIT_OK
 
 
@@ -240,7 +287,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(fn=cmd_flows)
-    sub.add_parser("reload", parents=[common], help="re-read the policy file").set_defaults(fn=cmd_reload)
+    sub.add_parser("reload", parents=[common],
+                   help="re-read the policy file (a policy URL: fetch the bundle now)").set_defaults(fn=cmd_reload)
     p = sub.add_parser("session", parents=[common], help="tell ausd a login session opened or closed")
     p.add_argument("action", choices=["open", "close"])
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for ausd (default 2)")

@@ -4,9 +4,13 @@ Start: probe the kernel, lock the pins, read the policy, compile and load
 the programs (reusing pinned maps), rebuild the model of what the maps
 hold, write the first policy, swap the programs into the cgroup links, and
 only then tell systemd READY. Then one loop: control requests, the results
-of a /proc scan (read every ``scan_interval`` by a helper thread), signals
-(HUP reloads, TERM/INT exit), and flow events from the ring buffer. Exiting leaves programs and maps pinned
-and attached: enforcement does not depend on this process.
+of a /proc scan (read every ``scan_interval`` by a helper thread), new
+policy bundles (long-polled from the policy server by another helper
+thread, when ``policy`` is a URL), signals (HUP reloads, TERM/INT exit),
+and flow events from the ring buffer. Helper threads never change the
+daemon's state: they hand their results to the loop. Exiting leaves
+programs and maps pinned and attached: enforcement does not depend on this
+process.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import time
 from pathlib import Path
 
 from . import __version__, compiler, contract as C, control, flows, loader, mapsync
+from .bundle import Bundle, read_cache, write_cache
 from .config import DaemonConfig, load_config
-from .errors import AusError, PolicyError
-from .identity import Directory
-from .policy import Policy, load_policy
+from .errors import AusError, ConfigError, PolicyError, PolicySourceError
+from .identity import Directory, UserInfo
+from .policy import Policy, empty_policy, load_policy
+from .policysource import Fetched, Poller, Refused, load_client, read_credentials
 from .ringbuf import RingBuffer
 from .sdnotify import Notifier
 from .sessions import Sessions, peer_loginuid, scan_loginuids
@@ -73,6 +79,16 @@ class Daemon:
         self.listener: socket.socket | None = None
         self.last_sync: dict = {}
         self.start_stages: dict[str, float] = {}
+        # With a policy URL: the bundle in force, where it came from, and
+        # the poller's deliveries waiting for the main loop.
+        self.bundle: Bundle | None = None
+        self.bundle_info: dict = {}
+        self.poller: Poller | None = None
+        self._inbox: collections.deque = collections.deque()
+
+    @property
+    def policy_source(self) -> str:
+        return self.cfg.policy_url or str(self.cfg.policy)
 
     # ---- policy ----------------------------------------------------------
     def _read_policy(self) -> tuple[Policy, str]:
@@ -84,7 +100,8 @@ class Daemon:
             digest = ""
         return policy, digest
 
-    def _compile(self, policy: Policy, version: int) -> compiler.CompiledPolicy:
+    def _compile(self, policy: Policy, version: int,
+                 source: str | None = None) -> compiler.CompiledPolicy:
         names = {name: rid for rid, name in self.kstate.rules.items()
                  if rid != C.RULE_BASELINE}
         try:
@@ -92,35 +109,157 @@ class Daemon:
                                            rule_ids=names, max_rules=self.cfg.max_rules,
                                            version=version)
         except ValueError as exc:
-            raise PolicyError(str(self.cfg.policy), [str(exc)]) from exc
+            raise PolicyError(source or self.policy_source, [str(exc)]) from exc
+
+    def _install(self, policy: Policy, digest: str, version: int, why: str,
+                 source: str, bundle: Bundle | None = None) -> compiler.CompiledPolicy:
+        """The one way a new policy takes effect after the start (reload,
+        SIGHUP, a new bundle): compile it, recompute every logged-in user's
+        rules (a bundle also changes memberships) and bring the maps there,
+        atomically per user. A policy that does not compile changes nothing."""
+        compiled = self._compile(policy, version, source)
+        self.policy, self.policy_digest, self.compiled = policy, digest, compiled
+        self.bundle = bundle
+        self.policy_error = None
+        self.rebuild_want()
+        self.sync(why)
+        return compiled
 
     def reload(self) -> dict:
-        """Re-read the policy; a bad one is refused and the old stays."""
+        """Re-read the policy; a bad one is refused and the old stays.
+        With a policy URL: re-read the credentials and fetch now."""
+        if self.cfg.policy_url:
+            return self.refetch()
         try:
             policy, digest = self._read_policy()
             version = self.kstate.config.policy_version
             if digest != self.policy_digest:
                 version += 1
-            compiled = self._compile(policy, version)
+            compiled = self._install(policy, digest, version, "reload", str(self.cfg.policy))
         except PolicyError as exc:
             self.policy_error = str(exc)
             log.error("%s (the policy in force stays)", exc)
             return {"ok": False, "error": str(exc)}
-        self.policy, self.policy_digest, self.compiled = policy, digest, compiled
-        self.policy_error = None
-        self.rebuild_want()
-        self.sync("reload")
         log.info("policy %s loaded: version %d, %d rules", self.cfg.policy,
                  compiled.version, len(compiled.rules))
         return {"ok": True, "version": compiled.version, "rules": len(compiled.rules)}
+
+    # ---- policy bundles (policy: a URL) --------------------------------------
+    def refetch(self) -> dict:
+        """Fetch the bundle now instead of at the end of the long poll; the
+        credentials file is read again first (key rotation)."""
+        assert self.poller is not None
+        try:
+            self.poller.client.set_credentials(read_credentials(self.cfg.policy_credentials))
+        except ConfigError as exc:
+            log.error("%s (the credentials in use stay)", exc)
+            return {"ok": False, "error": str(exc)}
+        self.poller.kick()
+        return {"ok": True, "refetch": True, "url": self.cfg.policy_url,
+                "version": self.compiled.version, "rules": len(self.compiled.rules)}
+
+    def _deliver(self, item: Fetched | Refused) -> None:
+        """Called by the poller thread: queue for the main loop."""
+        self._inbox.append(item)
+        try:
+            os.write(self._wake_w, b"b")
+        except OSError:
+            pass
+
+    def _start_bundle(self) -> tuple[Bundle | None, Fetched | None]:
+        """At start with a URL: the cached bundle when there is a valid
+        one (enforced at once, without waiting for the server); else one
+        quick fetch; else none, and the policy is empty (baseline only:
+        fail closed) until the server answers."""
+        url = self.cfg.policy_url
+        client = load_client(url, self.cfg.policy_credentials, self.cfg.policy_ca)
+        try:
+            cached = read_cache(self.cfg.policy_cache, url)
+        except PolicyError as exc:
+            log.warning("%s", exc)
+            self.bundle_info["cache_error"] = str(exc)
+            cached = None
+        if cached is not None:
+            self.poller = Poller(client, self._deliver, wait=self.cfg.bundle_wait,
+                                 etag=cached.etag, enforcing=cached.bundle.version)
+            self.bundle_info.update(etag=cached.etag, fetched_at=cached.fetched_at,
+                                    from_cache=True)
+            log.info("enforcing the cached bundle %s (version %d) until the policy "
+                     "server answers", self.cfg.policy_cache, cached.bundle.version)
+            return cached.bundle, None
+        self.poller = Poller(client, self._deliver, wait=self.cfg.bundle_wait)
+        self.poller.poll_once(first=True)
+        first = None
+        while self._inbox:
+            item = self._inbox.popleft()
+            if isinstance(item, Refused):
+                self._refused(item)
+            else:
+                first = item
+        if first is None:
+            log.warning("no bundle from %s and no cache at %s: enforcing the baseline "
+                        "only until the policy server answers", url, self.cfg.policy_cache)
+            return None, None
+        return first.bundle, first
+
+    def _refused(self, item: Refused) -> None:
+        self.policy_error = str(item.error)
+        log.error("%s (the policy in force stays)", item.error)
+
+    def _bundle_in_force(self, item: Fetched) -> None:
+        """Bookkeeping once a fetched bundle is enforced: status, the
+        version the server is told, and the cache (only a bundle that was
+        applied is 'last good')."""
+        b = item.bundle
+        self.bundle_info.update(etag=item.etag, fetched_at=item.fetched_at,
+                                from_cache=False, cache_error=None)
+        log.info("policy bundle version %d of org %s in force (from %s): %d rules, "
+                 "%d groups", b.version, b.org, self.cfg.policy_url,
+                 len(self.compiled.rules), len(b.policy.user_groups))
+        try:
+            write_cache(self.cfg.policy_cache, self.cfg.policy_url, item.etag, b,
+                        item.fetched_at)
+        except PolicySourceError as exc:
+            self.bundle_info["cache_error"] = str(exc)
+            log.error("%s", exc)
+
+    def apply_fetched(self, item: Fetched | Refused) -> None:
+        """A delivery from the poller, in the main loop; the poller is told
+        the version in force afterwards, whatever happened."""
+        try:
+            if isinstance(item, Refused):
+                self._refused(item)
+                return
+            b = item.bundle
+            try:
+                self._install(b.policy, b.digest, b.version, "bundle",
+                              f"bundle version {b.version} from {self.cfg.policy_url}",
+                              bundle=b)
+            except AusError as exc:
+                self.policy_error = str(exc)
+                log.error("%s (the policy in force stays)", exc)
+                return
+            self._bundle_in_force(item)
+        finally:
+            self.poller.acknowledge(self.bundle.version if self.bundle else 0)
+
+    def groups_of(self, uid: int) -> tuple[UserInfo, tuple[str, ...]]:
+        """A user's NSS answer and the bundle groups it is a member of."""
+        info = self.directory.get(uid)
+        extra = self.bundle.groups_of(info.name, self.cfg.bundle_user_match) \
+            if self.bundle is not None else ()
+        return info, extra
+
+    def rules_of(self, info: UserInfo, bundle_groups: tuple[str, ...]) -> frozenset[int]:
+        groups = info.groups + tuple(g for g in bundle_groups if g not in info.groups)
+        return self.compiled.matching_rules(groups, info.sids)
 
     # ---- desired state and sync -------------------------------------------
     # self.want holds each login UID's desired ruleset; it is updated for
     # the users that change (a login, a scan, a group refresh) and rebuilt
     # whole only when the policy changes, so a login costs O(1) users.
     def _content(self, uid: int):
-        info = self.directory.get(uid)
-        return self.compiled.ruleset(self.compiled.matching_rules(info.groups, info.sids))
+        return self.compiled.ruleset(self.rules_of(*self.groups_of(uid)))
 
     def rebuild_want(self) -> None:
         self.want = {uid: UNMANAGED for uid in self.unmanaged}
@@ -197,14 +336,36 @@ class Daemon:
 
         offset = loader.probe(self.cfg)
         self.lock.acquire()
-        policy, digest = self._read_policy()   # a bad policy stops the start
+        bundle = first = None
+        if self.cfg.policy_url:
+            bundle, first = self._start_bundle()
+            policy = bundle.policy if bundle else empty_policy()
+            digest = bundle.digest if bundle else ""
+        else:
+            policy, digest = self._read_policy()   # a bad policy stops the start
         stage("probe and policy")
         self.loaded = loader.compile_and_load(self.cfg, offset)
         stage("compile and load")
         self.kstate = mapsync.read_state(self.loaded.maps)
-        version = self.kstate.config.policy_version + 1
-        self.compiled = self._compile(policy, version)
-        self.policy, self.policy_digest = policy, digest
+        if self.cfg.policy_url:
+            # The kernel's version is the bundle's (0: none yet).
+            version = bundle.version if bundle else 0
+        else:
+            version = self.kstate.config.policy_version + 1
+        try:
+            self.compiled = self._compile(policy, version)
+        except PolicyError as exc:
+            if bundle is None:
+                raise
+            # A bundle this ausd cannot compile (more rules than max_rules):
+            # fail closed and keep polling for a better one.
+            self.policy_error = str(exc)
+            log.error("%s; enforcing the baseline only", exc)
+            bundle = first = None
+            policy, digest = empty_policy(), ""
+            self.bundle_info = {}
+            self.compiled = self._compile(policy, 0)
+        self.policy, self.policy_digest, self.bundle = policy, digest, bundle
         self.sessions.update_scan(scan_loginuids())
         stage("adopt maps and scan /proc")
         self.rebuild_want()
@@ -213,9 +374,15 @@ class Daemon:
         stage("write maps")
         loader.attach(self.loaded, self.cfg.cgroup_path)
         stage("attach")
+        if first is not None:
+            self._bundle_in_force(first)
+        if self.poller is not None:
+            self.poller.enforcing = self.bundle.version if self.bundle else 0
         self._start_events()
         self.listener = control.listen(self.cfg.socket)
-        self.notifier.ready(f"enforcing policy version {self.compiled.version}")
+        self.notifier.ready(f"enforcing policy version {self.compiled.version}"
+                            if self.compiled.version or not self.cfg.policy_url else
+                            "no policy bundle yet: enforcing the baseline only")
         log.info("ausd %s ready: mode %s, cgroup %s, %d active users, pins %s",
                  __version__, self.cfg.mode, self.cfg.cgroup_path,
                  len(self.sessions.active(self.unmanaged)), self.cfg.pin_dir)
@@ -224,6 +391,8 @@ class Daemon:
         self.ring = RingBuffer(str(self.loaded.layout.map(C.MAP_EVENTS)))
 
     def close(self) -> None:
+        if self.poller is not None:
+            self.poller.stop()
         for f in self.followers:
             f.close()
         if self.listener:
@@ -255,6 +424,8 @@ class Daemon:
         sel.register(self.ring, selectors.EVENT_READ, "events")
         scanner = threading.Thread(target=self._scanner, name="aus-scan", daemon=True)
         scanner.start()
+        if self.poller is not None:
+            self.poller.start()
         while True:
             for key, _ in sel.select():
                 if key.data == "accept":
@@ -267,13 +438,18 @@ class Daemon:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: reloading the policy")
-                    self.reload()
+                    try:
+                        self.reload()
+                    except AusError as exc:
+                        log.error("reload: %s", exc)
                 else:
                     log.info("%s: exiting; enforcement stays in the kernel",
                              signal.Signals(signum).name)
                     self.notifier.stopping()
                     self._stopping.set()
                     return 0
+            while self._inbox:
+                self.apply_fetched(self._inbox.popleft())
             counts, self._scanned = self._scanned, None
             if counts is not None:
                 try:
@@ -380,16 +556,17 @@ class Daemon:
         if uid in self.unmanaged:
             return {"ok": True, "login_uid": uid, "managed": False}
         self.sessions.open(uid)
-        info = self.directory.get(uid, refresh=True)
+        self.directory.get(uid, refresh=True)
+        info, extra = self.groups_of(uid)
         self.want[uid] = self._content(uid)
         self.sync("session open", {uid})
         entry = self.kstate.users.get(uid)
-        rules = sorted(self.compiled.rule_names[r]
-                       for r in self.compiled.matching_rules(info.groups, info.sids))
-        log.info("session opened: login UID %d (%s), groups %s, rules %s",
-                 uid, info.name, list(info.groups), rules)
+        rules = sorted(self.compiled.rule_names[r] for r in self.rules_of(info, extra))
+        log.info("session opened: login UID %d (%s), groups %s, bundle groups %s, rules %s",
+                 uid, info.name, list(info.groups), list(extra), rules)
         return {"ok": True, "login_uid": uid, "managed": True, "user": info.name,
-                "groups": list(info.groups), "rules": rules,
+                "groups": list(dict.fromkeys(info.groups + extra)),
+                "bundle_groups": list(extra), "rules": rules,
                 "ruleset": entry[0] if entry else None}
 
     def cmd_session_close(self, req, peer) -> dict:

@@ -30,8 +30,10 @@ def status(d) -> dict:
         "mode": d.cfg.mode,
         "cgroup": str(d.cfg.cgroup_path),
         "pin_dir": str(d.cfg.pin_dir),
-        "policy": {"path": str(d.cfg.policy), "version": d.compiled.version,
-                   "rules": len(d.compiled.rules), "error": d.policy_error},
+        "policy": {"path": d.policy_source, "version": d.compiled.version,
+                   "rules": len(d.compiled.rules), "error": d.policy_error,
+                   "source": "server" if d.cfg.policy_url else "file",
+                   "server": server(d) if d.cfg.policy_url else None},
         "users": {"active": len([u for u in d.kstate.users if u not in d.unmanaged]),
                   "unmanaged": sorted(d.unmanaged)},
         "kernel": {"rulesets": len(d.kstate.rulesets), "portsets": len(d.kstate.portsets),
@@ -45,18 +47,46 @@ def status(d) -> dict:
     }
 
 
+def server(d) -> dict:
+    """Where the policy in force came from, when it is fetched from the
+    policy server: the bundle, the cache, the poller's last fetch and error."""
+    b = d.bundle
+    info = d.bundle_info
+    poll = d.poller.status() if d.poller is not None else {}
+    return {"url": d.cfg.policy_url,
+            "bundle_version": b.version if b else None,
+            "org": b.org if b else None,
+            "generated_at": b.generated_at if b else None,
+            "etag": info.get("etag") if b else None,
+            "fetched_at": info.get("fetched_at") if b else None,
+            "from_cache": bool(info.get("from_cache")) if b else False,
+            "cache": str(d.cfg.policy_cache),
+            "cache_error": info.get("cache_error"),
+            "last_fetch": poll.get("last_fetch"),
+            "last_error": poll.get("last_error"),
+            "last_error_at": poll.get("last_error_at"),
+            "failures": poll.get("failures", 0),
+            "next_retry": poll.get("next_retry"),
+            "state": poll.get("state"),
+            "user_match": d.cfg.bundle_user_match}
+
+
 def users(d) -> list[dict]:
     counters = mapview.user_counters(d.loaded.maps)
     out = []
     for uid, (ruleset, flags, _slot) in sorted(d.kstate.users.items()):
         if flags & C.USER_UNMANAGED:
             continue
-        info = d.directory.get(uid)
-        rule_ids = sorted(d.compiled.matching_rules(info.groups, info.sids))
+        info, extra = d.groups_of(uid)
+        rule_ids = sorted(d.rules_of(info, extra))
         out.append({
             "login_uid": uid,
             "user": info.name,
-            "groups": list(info.groups),
+            # every group the rules are matched with; where each came from:
+            "groups": list(dict.fromkeys(info.groups + extra)),
+            "nss_groups": list(info.groups),
+            "bundle_groups": list(extra),
+            "bundle_version": d.bundle.version if d.bundle else None,
             "group_sids": list(info.sids),
             "groups_source": info.source,
             "groups_age": round(time.time() - info.fetched_at, 1),
@@ -72,8 +102,7 @@ def rules(d, login_uid: int | None) -> list[dict]:
     c = d.compiled
     ids = [r.id for r in c.rules]
     if login_uid is not None:
-        info = d.directory.get(int(login_uid))
-        wanted = c.matching_rules(info.groups, info.sids)
+        wanted = d.rules_of(*d.groups_of(int(login_uid)))
         ids = [i for i in ids if i in wanted]
     counters = mapview.rule_counters(d.loaded.maps, [C.RULE_BASELINE, *ids])
     zero = dict.fromkeys(mapview.COUNTER_FIELDS, 0)
