@@ -273,16 +273,25 @@ class Ausd:
 
 
 @contextlib.contextmanager
-def ausd(cg: Path, policy: dict | str, **config):
+def ausd(cg: Path, policy: dict | str, *, policy_url: str | None = None,
+         credentials: str | None = None, **config):
     """A configured (not yet started) ausd on ``cg``; removed afterwards:
-    process stopped by PID, programs detached, pins deleted."""
+    process stopped by PID, programs detached, pins deleted. With
+    ``policy_url``, the policy comes from that server, with ``credentials``
+    ("key:secret") in a private file; the bundle cache is in the workdir."""
     workdir = Path(tempfile.mkdtemp(prefix="aus-test-"))
     workdir.chmod(0o755)  # unprivileged test users read the config too
     pin_dir = Path("/sys/fs/bpf") / unique("aus-test-")
     d = Ausd(workdir, cg, pin_dir, workdir / "ausd.yaml", workdir / "policy.yaml")
     d.write_policy(policy)
-    cfg = {"policy": str(d.policy_path), "cgroup": str(cg), "pin_dir": str(pin_dir),
-           "socket": str(d.socket), "scan_interval": 0.2, "log_level": "debug", **config}
+    cfg = {"policy": policy_url or str(d.policy_path), "cgroup": str(cg),
+           "pin_dir": str(pin_dir), "socket": str(d.socket), "scan_interval": 0.2,
+           "log_level": "debug", "policy_cache": str(workdir / "bundle.json"), **config}
+    if credentials is not None:
+        path = workdir / "credentials"
+        path.touch(mode=0o600)
+        path.write_text(credentials + "\n")
+        cfg["policy_credentials"] = str(path)
     d.config_path.write_text(yaml.safe_dump(cfg))
     try:
         yield d
