@@ -36,11 +36,12 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.25,
     app.state.verifier = Verifier(sessions)
     app.state.bundles = bundles
 
-    from . import api
+    from . import api, console
     from .scim import routes as scim_routes
 
     scim_routes.install(app)
     api.install(app)
+    console.install(app)
     return app
 
 
