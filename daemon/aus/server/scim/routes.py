@@ -1,7 +1,491 @@
-"""SCIM endpoints (being written)."""
+"""SCIM 2.0 endpoints under ``/scim/orgs/{org_id}/``, as Microsoft Entra
+ID's provisioning service calls them (Tenant URL
+``https://<server>/scim/orgs/<org_id>/``, ``Authorization: Bearer
+<api_key>:<secret>``).
 
-from fastapi import FastAPI
+Handlers that touch the database are plain ``def`` (FastAPI runs them in
+its thread pool). Each write is one transaction that ends with
+``bundle.touch`` (the org row is locked last); the bundle service is
+poked after commit. A failed operation on a group is noted on the group
+(``last_sync_*``) in a transaction of its own, after the rollback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
+from starlette.responses import Response
+
+from ..auth import AuthError, token_from_header
+from ..bundle import touch
+from . import discovery, store
+from .errors import INVALID_SYNTAX, ScimError, ScimResponse, ScimRoute, bad_request, not_found
+from .filter import parse_filter
+from .patch import _member_values, member_ops, normalize
+from .patch import apply as apply_patch
+from .resources import GROUP, LIST_RESPONSE, USER, Kind, Projection, accept, etag, render
+
+router = APIRouter(prefix="/scim/orgs/{org_id}", route_class=ScimRoute)
+fallback = APIRouter(route_class=ScimRoute)
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+# --------------------------------------------------------------------------
+# Request plumbing
+
+
+@dataclass
+class Ctx:
+    request: Request
+    org: str
+    base: str                      # the tenant URL, for meta.location and $ref
+    sessions: sessionmaker
+    params: dict[str, str]         # query parameters, names casefolded
+
+    def poke(self) -> None:
+        self.request.app.state.bundles.poke()
+
+
+def _ctx(request: Request, org_id: str) -> Ctx:
+    try:
+        token = token_from_header(request.headers.get("authorization"), basic=False, bearer=True)
+        request.app.state.verifier.for_org(token, org_id)
+    except AuthError as exc:
+        headers = {"WWW-Authenticate": 'Bearer realm="aus-server"'} if exc.status == 401 else None
+        raise ScimError(exc.status, str(exc), headers=headers) from None
+    base = f"{str(request.base_url).rstrip('/')}/scim/orgs/{org_id}"
+    params = {k.casefold(): v for k, v in request.query_params.items()}
+    return Ctx(request, org_id, base, request.app.state.sessions, params)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused past :data:`discovery.MAX_PAYLOAD`."""
+    limit = discovery.MAX_PAYLOAD
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ScimError(413, f"the request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ScimError(413, f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(body: bytes) -> Any:
+    if not body.strip():
+        raise bad_request("the request has no body", INVALID_SYNTAX)
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise bad_request(f"malformed JSON: {exc}", INVALID_SYNTAX) from None
+
+
+def _int_param(ctx: Ctx, name: str, default: int) -> int:
+    raw = ctx.params.get(name.casefold())
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise bad_request(f"{name} must be an integer, not {raw!r}") from None
+
+
+def _projection(ctx: Ctx, kind: Kind) -> Projection:
+    return Projection(kind, ctx.params.get("attributes"), ctx.params.get("excludedattributes"))
+
+
+def _check_if_match(ctx: Ctx, version: int) -> None:
+    """If-Match (RFC 7644 §3.14): the write applies only to this version."""
+    header = ctx.request.headers.get("if-match")
+    if not header or header.strip() == "*":
+        return
+    current = etag(version).removeprefix("W/")
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    if current not in tags:
+        raise ScimError(412, f"the resource is at version {etag(version)}, not {header.strip()}")
+
+
+def _member_view(ctx: Ctx, mid: str, mtype: str, display: str | None) -> dict:
+    out = {"value": mid, "type": mtype,
+           "$ref": f"{ctx.base}/{'Users' if mtype == 'User' else 'Groups'}/{mid}"}
+    if display is not None:
+        out["display"] = display
+    return out
+
+
+def _views(s, ctx: Ctx, kind: Kind, rows: list, proj: Projection) -> list[dict]:
+    """Rows as SCIM resources; members/groups loaded only when shown, for
+    the whole page in one query."""
+    members = groups = None
+    ids = [r.id for r in rows]
+    if kind is GROUP and ids and proj.wants("members"):
+        members = store.members_of(s, ids)
+    if kind is USER and ids and proj.wants("groups"):
+        groups = store.groups_of(s, ctx.org, ids)
+    out = []
+    for r in rows:
+        m = [_member_view(ctx, *t) for t in members[r.id]] if members is not None else None
+        g = [{"value": gid, "display": name, "type": "direct",
+              "$ref": f"{ctx.base}/Groups/{gid}"} for gid, name in groups[r.id]] \
+            if groups is not None else None
+        out.append(proj.apply(render(kind, r, ctx.base, members=m, groups=g)))
+    return out
+
+
+def _resource_response(view: dict, status: int = 200, location: bool = False) -> Response:
+    headers = {"ETag": view["meta"]["version"]} if "meta" in view else {}
+    if location and "meta" in view:
+        headers["Location"] = view["meta"]["location"]
+    return ScimResponse(view, status_code=status, headers=headers)
+
+
+def _list_response(resources: list[dict], total: int, start: int) -> Response:
+    return ScimResponse({"schemas": [LIST_RESPONSE], "totalResults": total,
+                         "startIndex": start, "itemsPerPage": len(resources),
+                         "Resources": resources})
+
+
+# --------------------------------------------------------------------------
+# Reads
+
+
+def _list(request: Request, org_id: str, kind: Kind) -> Response:
+    ctx = _ctx(request, org_id)
+    text = ctx.params.get("filter")
+    node = parse_filter(text) if text is not None else None
+    start = max(1, _int_param(ctx, "startIndex", 1))
+    count = min(max(0, _int_param(ctx, "count", discovery.DEFAULT_PAGE)), discovery.MAX_PAGE)
+    proj = _projection(ctx, kind)
+    with ctx.sessions() as s:
+        total, rows = store.search(s, kind, ctx.org, node, start, count)
+        resources = _views(s, ctx, kind, rows, proj)
+    return _list_response(resources, total, start)
+
+
+def _get(request: Request, org_id: str, kind: Kind, rid: str) -> Response:
+    ctx = _ctx(request, org_id)
+    proj = _projection(ctx, kind)
+    with ctx.sessions() as s:
+        row = (store.get_user if kind is USER else store.get_group)(s, ctx.org, rid)
+        inm = request.headers.get("if-none-match")
+        if inm and etag(row.version).removeprefix("W/") in [
+                t.strip().removeprefix("W/") for t in inm.split(",")]:
+            return Response(status_code=304, headers={"ETag": etag(row.version)})
+        view = _views(s, ctx, kind, [row], proj)[0]
+    return _resource_response(view)
+
+
+@router.get("/Users")
+def list_users(request: Request, org_id: str) -> Response:
+    return _list(request, org_id, USER)
+
+
+@router.get("/Users/{user_id}")
+def get_user(request: Request, org_id: str, user_id: str) -> Response:
+    return _get(request, org_id, USER, user_id)
+
+
+@router.get("/Groups")
+def list_groups(request: Request, org_id: str) -> Response:
+    return _list(request, org_id, GROUP)
+
+
+@router.get("/Groups/{group_id}")
+def get_group(request: Request, org_id: str, group_id: str) -> Response:
+    return _get(request, org_id, GROUP, group_id)
+
+
+# --------------------------------------------------------------------------
+# Users: writes
+
+
+
+
+@router.post("/Users")
+def create_user(request: Request, org_id: str, body: bytes = Depends(read_body)) -> Response:
+    ctx = _ctx(request, org_id)
+    proj = _projection(ctx, USER)
+    doc = accept(USER, _json(body))
+    try:
+        with ctx.sessions.begin() as s:
+            row = store.create_user(s, ctx.org, doc)
+            touch(s, ctx.org)
+            view = _view(s, ctx, USER, row, proj)
+    except IntegrityError as exc:
+        raise store.integrity_conflict(exc, USER) from None
+    ctx.poke()
+    return _resource_response(view, 201, location=True)
+
+
+@router.put("/Users/{user_id}")
+def replace_user(request: Request, org_id: str, user_id: str,
+                 body: bytes = Depends(read_body)) -> Response:
+    ctx = _ctx(request, org_id)
+    proj = _projection(ctx, USER)
+    doc = accept(USER, _json(body))
+    try:
+        with ctx.sessions.begin() as s:
+            row = store.get_user(s, ctx.org, user_id, lock=True)
+            _check_if_match(ctx, row.version)
+            store.save_user(s, row, doc)
+            touch(s, ctx.org)
+            view = _view(s, ctx, USER, row, proj)
+    except IntegrityError as exc:
+        raise store.integrity_conflict(exc, USER) from None
+    ctx.poke()
+    return _resource_response(view)
+
+
+@router.patch("/Users/{user_id}")
+def patch_user(request: Request, org_id: str, user_id: str,
+               body: bytes = Depends(read_body)) -> Response:
+    ctx = _ctx(request, org_id)
+    proj = _projection(ctx, USER)
+    ops = normalize(USER, _json(body))
+    changed = False
+    try:
+        with ctx.sessions.begin() as s:
+            row = store.get_user(s, ctx.org, user_id, lock=True)
+            _check_if_match(ctx, row.version)
+            doc = apply_patch(USER, row.doc, ops)
+            if doc != row.doc:
+                store.save_user(s, row, doc)
+                touch(s, ctx.org)
+                changed = True
+            view = _view(s, ctx, USER, row, proj)
+    except IntegrityError as exc:
+        raise store.integrity_conflict(exc, USER) from None
+    if changed:
+        ctx.poke()
+    return _resource_response(view)
+
+
+@router.delete("/Users/{user_id}")
+def delete_user(request: Request, org_id: str, user_id: str) -> Response:
+    ctx = _ctx(request, org_id)
+    with ctx.sessions.begin() as s:
+        row = store.get_user(s, ctx.org, user_id, lock=True)
+        _check_if_match(ctx, row.version)
+        store.delete_user(s, ctx.org, user_id)
+        touch(s, ctx.org)
+    ctx.poke()
+    return Response(status_code=204)
+
+
+# --------------------------------------------------------------------------
+# Groups: writes
+
+
+def _group_write(ctx: Ctx, group_id: str, op: str, work: Callable[[Any, Any], Any],
+                 prepare: Callable[[], Any] = lambda: None) -> Any:
+    """``prepare()`` (parsing, validation: no database), then
+    ``work(session, prepared)`` in one transaction; if either fails, note
+    the failure on the group (when it exists) after the rollback."""
+    try:
+        prepared = prepare()
+        with ctx.sessions.begin() as s:
+            result = work(s, prepared)
+    except ScimError as exc:
+        if exc.status != 404:
+            store.record_sync_failure(ctx.sessions, ctx.org, group_id, op,
+                                      f"{exc.status} {exc.detail}")
+        raise
+    except IntegrityError as exc:
+        err = store.integrity_conflict(exc, GROUP)
+        store.record_sync_failure(ctx.sessions, ctx.org, group_id, op,
+                                  f"{err.status} {err.detail}")
+        raise err from None
+    except Exception as exc:
+        store.record_sync_failure(ctx.sessions, ctx.org, group_id, op,
+                                  f"500 internal error ({type(exc).__name__})")
+        raise
+    ctx.poke()
+    return result
+
+
+def _view(s, ctx: Ctx, kind: Kind, row, proj: Projection) -> dict:
+    return _views(s, ctx, kind, [row], proj)[0]
+
+
+def _split_members(doc: dict) -> list[dict] | None:
+    members = doc.pop("members", None)
+    if members is not None:
+        _member_values(members)          # each needs a "value"
+    return members
+
+
+@router.post("/Groups")
+def create_group(request: Request, org_id: str, body: bytes = Depends(read_body)) -> Response:
+    ctx = _ctx(request, org_id)
+    proj = _projection(ctx, GROUP)
+    doc = accept(GROUP, _json(body))
+    members = _split_members(doc)
+    try:
+        with ctx.sessions.begin() as s:
+            row = store.create_group(s, ctx.org, doc)
+            if members:
+                store.replace_members(s, ctx.org, row.id, members)
+            touch(s, ctx.org)
+            view = _view(s, ctx, GROUP, row, proj)
+    except IntegrityError as exc:
+        raise store.integrity_conflict(exc, GROUP) from None
+    ctx.poke()
+    return _resource_response(view, 201, location=True)
+
+
+@router.put("/Groups/{group_id}")
+def replace_group(request: Request, org_id: str, group_id: str,
+                  body: bytes = Depends(read_body)) -> Response:
+    ctx = _ctx(request, org_id)
+    proj = _projection(ctx, GROUP)
+
+    def prepare():
+        doc = accept(GROUP, _json(body))
+        return doc, _split_members(doc)
+
+    def work(s, prepared):
+        doc, members = prepared
+        row = store.get_group(s, ctx.org, group_id, lock=True)
+        _check_if_match(ctx, row.version)
+        store.save_group(s, row, doc)
+        # members left out of a PUT are not asserted (RFC 7644 §3.5.1): they stay
+        if members is not None:
+            store.replace_members(s, ctx.org, row.id, members)
+        store.mark_group(s, row, "replace")
+        touch(s, ctx.org)
+        return _view(s, ctx, GROUP, row, proj)
+
+    return _resource_response(_group_write(ctx, group_id, "replace", work, prepare))
+
+
+@router.patch("/Groups/{group_id}")
+def patch_group(request: Request, org_id: str, group_id: str,
+                body: bytes = Depends(read_body)) -> Response:
+    ctx = _ctx(request, org_id)
+    proj = _projection(ctx, GROUP)
+    shown = "attributes" in ctx.params or "excludedattributes" in ctx.params
+
+    def prepare():
+        ops = normalize(GROUP, _json(body))
+        return ops, member_ops(ops)
+
+    def work(s, prepared):
+        ops, mops = prepared
+        row = store.get_group(s, ctx.org, group_id, lock=True)
+        _check_if_match(ctx, row.version)
+        doc = apply_patch(GROUP, row.doc, ops)
+        if doc != row.doc:
+            store.save_group(s, row, doc)
+        added, removed = store.apply_members(s, ctx.org, row.id, mops)
+        what = "update"
+        if mops:
+            what += f" (+{added} -{removed} members)"
+        store.mark_group(s, row, what)
+        touch(s, ctx.org)
+        return _view(s, ctx, GROUP, row, proj) if shown else None
+
+    view = _group_write(ctx, group_id, "update", work, prepare)
+    # Entra ID expects 204 for group PATCH; a body only when attributes are asked for
+    return Response(status_code=204) if view is None else _resource_response(view)
+
+
+@router.delete("/Groups/{group_id}")
+def delete_group(request: Request, org_id: str, group_id: str) -> Response:
+    ctx = _ctx(request, org_id)
+
+    def work(s, _prepared):
+        row = store.get_group(s, ctx.org, group_id, lock=True)
+        _check_if_match(ctx, row.version)
+        store.delete_group(s, ctx.org, group_id)
+        touch(s, ctx.org)
+
+    _group_write(ctx, group_id, "delete", work)
+    return Response(status_code=204)
+
+
+# --------------------------------------------------------------------------
+# Discovery
+
+
+@router.get("/ServiceProviderConfig")
+def service_provider_config(request: Request, org_id: str) -> Response:
+    ctx = _ctx(request, org_id)
+    return ScimResponse(discovery.service_provider_config(ctx.base))
+
+
+@router.get("/ResourceTypes")
+def resource_types(request: Request, org_id: str) -> Response:
+    ctx = _ctx(request, org_id)
+    docs = discovery.resource_types(ctx.base)
+    return _list_response(docs, len(docs), 1)
+
+
+@router.get("/ResourceTypes/{type_id}")
+def resource_type(request: Request, org_id: str, type_id: str) -> Response:
+    ctx = _ctx(request, org_id)
+    for doc in discovery.resource_types(ctx.base):
+        if doc["id"].casefold() == type_id.casefold():
+            return ScimResponse(doc)
+    raise not_found(f"no ResourceType {type_id!r}; there are User and Group")
+
+
+@router.get("/Schemas")
+def schemas(request: Request, org_id: str) -> Response:
+    ctx = _ctx(request, org_id)
+    docs = discovery.schemas(ctx.base)
+    return _list_response(docs, len(docs), 1)
+
+
+@router.get("/Schemas/{schema_id}")
+def schema(request: Request, org_id: str, schema_id: str) -> Response:
+    ctx = _ctx(request, org_id)
+    for doc in discovery.schemas(ctx.base):
+        if doc["id"].casefold() == schema_id.casefold():
+            return ScimResponse(doc)
+    raise not_found(f"no Schema {schema_id!r}")
+
+
+# --------------------------------------------------------------------------
+# Everything else under /scim: SCIM errors, not the framework's
+
+
+_ENDPOINTS = [
+    (re.compile(r"^(Users|Groups)$"), {"GET", "POST"}),
+    (re.compile(r"^(Users|Groups)/[^/]+$"), {"GET", "PUT", "PATCH", "DELETE"}),
+    (re.compile(r"^(ServiceProviderConfig|ResourceTypes|Schemas)$"), {"GET"}),
+    (re.compile(r"^(ResourceTypes|Schemas)/[^/]+$"), {"GET"}),
+]
+
+
+def _unknown(request: Request, rest: str) -> Response:
+    for pattern, allowed in _ENDPOINTS:
+        if pattern.match(rest):
+            listed = ", ".join(sorted(allowed))
+            raise ScimError(405, f"{request.method} is not allowed here; use {listed}",
+                            headers={"Allow": listed})
+    raise not_found(f"no SCIM endpoint at {request.url.path}")
+
+
+@router.api_route("/{rest:path}", methods=ALL_METHODS, include_in_schema=False)
+def unknown_in_org(request: Request, org_id: str, rest: str) -> Response:
+    _ctx(request, org_id)
+    return _unknown(request, rest)
+
+
+@fallback.api_route("/scim/{rest:path}", methods=ALL_METHODS, include_in_schema=False)
+def unknown(request: Request, rest: str) -> Response:
+    raise not_found(f"no SCIM endpoint at {request.url.path}; the tenant URL is "
+                    f"/scim/orgs/<org id>/")
 
 
 def install(app: FastAPI) -> None:
-    pass
+    app.include_router(router, tags=["scim"])
+    app.include_router(fallback)
