@@ -305,14 +305,17 @@ class Client:
 
 
 def _detail(body: bytes) -> str:
-    """The server's short reason, from a JSON {"error"|"detail": ...} or text."""
+    """The server's short reason: {"error": {"message": ...}} (aus-server),
+    {"error"|"detail"|"message": "..."}, or the text itself."""
     text = body[:2000].decode("utf-8", "replace").strip()
     try:
         doc = json.loads(text)
     except ValueError:
         doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        doc = doc["error"]
     if isinstance(doc, dict):
-        for key in ("error", "detail", "message"):
+        for key in ("message", "error", "detail"):
             if isinstance(doc.get(key), str):
                 text = doc[key]
                 break

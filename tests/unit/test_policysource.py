@@ -200,6 +200,17 @@ def test_error_statuses(server, status, kind, text):
     assert (info.value.kind, info.value.status, str(info.value)) == (kind, status, text)
 
 
+def test_error_detail_in_the_servers_shape(server):
+    # aus-server's error body: {"error": {"status", "message", "fields"}}
+    server._answer = lambda h, path, wait: (
+        404, b'{"error": {"status": 404, "message": "org \'1\' has no policy bundle yet", '
+             b'"fields": []}}', None)
+    with pytest.raises(PolicySourceError) as info:
+        client(server).fetch(None, 0, 1)
+    assert str(info.value).endswith("check the organisation in the policy URL: "
+                                    "org '1' has no policy bundle yet")
+
+
 def test_server_down_is_a_network_error():
     port = free_port()
     c = Client(f"http://127.0.0.1:{port}/v1/orgs/1/bundle", CREDS)
