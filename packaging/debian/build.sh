@@ -27,14 +27,14 @@ WRAP
 done
 install -m 644 packaging/ausd.yaml "$ROOT/etc/aus/ausd.yaml"
 install -m 644 packaging/policy.example.yaml "$ROOT/usr/share/doc/aus/policy.example.yaml"
-install -m 644 README.md docs/policy-format.md "$ROOT/usr/share/doc/aus/"
+install -m 644 README.md docs/policy-format.md docs/policy-server-client.md "$ROOT/usr/share/doc/aus/"
 install -m 644 packaging/pam/README.md "$ROOT/usr/share/doc/aus/PAM.md"
 install -m 755 packaging/pam/aus-pam-hook "$ROOT/usr/lib/aus/aus-pam-hook"
 install -m 755 packaging/debian/link-kernel-headers "$ROOT/usr/lib/aus/link-kernel-headers"
 install -m 644 packaging/systemd/ausd.service "$ROOT/lib/systemd/system/ausd.service"
 install -m 644 packaging/systemd/aus.tmpfiles.conf "$ROOT/usr/lib/tmpfiles.d/aus.conf"
 sed "s/@VERSION@/$VERSION/" packaging/debian/control.in > "$ROOT/DEBIAN/control"
-install -m 755 packaging/debian/postinst packaging/debian/prerm "$ROOT/DEBIAN/"
+install -m 755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm "$ROOT/DEBIAN/"
 echo /etc/aus/ausd.yaml > "$ROOT/DEBIAN/conffiles"
 mkdir -p "$OUT"
 dpkg-deb --root-owner-group --build "$ROOT" "$OUT/aus_${VERSION}_amd64.deb" >/dev/null
