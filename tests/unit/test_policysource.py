@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 import socket
 import ssl
 import threading
@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from aus import ausctl, report
 from aus.ausd import Daemon
 from aus.bundle import bundle_from_bytes, bundle_from_data, read_cache, write_cache
 from aus.config import DaemonConfig
@@ -103,7 +104,6 @@ def test_credentials_missing_or_not_a_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot open"):
         read_credentials(link)          # a symlink could point anywhere
     with pytest.raises(ConfigError, match="not a regular file"):
-        os.chmod(tmp_path, 0o700)
         read_credentials(tmp_path)
 
 
@@ -591,3 +591,36 @@ def test_reload_with_a_url_refetches_and_rereads_credentials(tmp_path, server):
     d.cfg.policy_credentials.chmod(0o644)
     reply = d.reload()
     assert reply["ok"] is False and "chmod 600" in reply["error"]
+
+
+def test_status_shows_the_source_of_the_policy(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1/orgs/1/bundle"
+    d = daemon(tmp_path, url)
+    write_cache(d.cfg.policy_cache, url, '"b7"', bundle_from_data(bundle(7, {}), "x"),
+                fetched_at=time.time() - 60)
+    start_policy(d)
+    d.poller.poll_once()                     # the server is down
+    srv = report.server(d)
+    assert srv["url"] == url and srv["bundle_version"] == 7 and srv["org"] == "1"
+    assert srv["etag"] == '"b7"' and srv["from_cache"] is True
+    assert srv["cache"] == str(d.cfg.policy_cache) and srv["cache_error"] is None
+    assert srv["state"] == "error" and srv["failures"] == 1 and srv["last_fetch"] is None
+    assert "Connection refused" in srv["last_error"]
+    lines = ausctl._server_lines(srv)
+    assert lines[0].strip().startswith('bundle version 7 of org 1 (generated '
+                                       '2026-11-28T15:00:00Z), ETag "b7", from the cache ')
+    assert re.search(r"\(fetched \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(6[0-2] s ago\)\)$",
+                     lines[0])
+    assert lines[1].strip() == "server: error, last answer never"
+    assert lines[2].strip().startswith("last error: cannot reach 127.0.0.1:")
+    assert lines[2].endswith("(1 failures in a row)")
+
+
+def test_status_without_a_bundle_says_fail_closed(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1/orgs/1/bundle"
+    d = daemon(tmp_path, url)
+    start_policy(d)
+    srv = report.server(d)
+    assert srv["bundle_version"] is None and srv["from_cache"] is False
+    assert ausctl._server_lines(srv)[0].strip() == \
+        "no bundle yet: enforcing the baseline only (fail closed)"
