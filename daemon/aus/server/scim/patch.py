@@ -346,17 +346,24 @@ def _apply_one(doc: dict, op: Op) -> None:
                     del c[name]
             return
         inner = c.get(name)
-        if not isinstance(inner, dict):
+        if not isinstance(inner, dict) or _new_reference(inner, {t.sub.name: op.value}):
             inner = c[name] = {}
         inner[t.sub.name] = op.value
         return
     if op.op == "remove":
         c.pop(name, None)
         return
-    if attr.type == "complex" and isinstance(c.get(name), dict):
-        c[name] = {**c[name], **op.value}            # sub-attributes not named stay
+    old = c.get(name)
+    if attr.type == "complex" and isinstance(old, dict) and not _new_reference(old, op.value):
+        c[name] = {**old, **op.value}                # sub-attributes not named stay
     else:
         c[name] = op.value
+
+
+def _new_reference(old: dict, new: dict) -> bool:
+    """Whether ``new`` points a reference (manager) at another resource:
+    then the old ``$ref`` and display name describe the wrong one."""
+    return "value" in new and "value" in old and new["value"] != old["value"]
 
 
 def _apply_multi(c: dict, op: Op) -> None:
