@@ -179,7 +179,9 @@ def test_bundle_etag_304_and_long_poll_wakes_on_change(server):
     assert got["body"]["policy"]["rules"][0]["name"] == "dev-web"
     assert got["elapsed"] < 3.5, got["elapsed"]   # woke on the change, not at the end of the wait
     assert time.monotonic() - changed_at < 2
-    w = c.get(f"{server.api}/workloads", auth=auth).json()
+    deadline = time.monotonic() + 5   # check-ins are written in batches
+    while not (w := c.get(f"{server.api}/workloads", auth=auth).json())["items"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [x["name"] for x in w["items"]] == ["host-a"]
     assert w["items"][0]["enforcing_version"] == 1 and w["items"][0]["current"] is False
 

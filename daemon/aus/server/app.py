@@ -15,7 +15,7 @@ from .db import open_database
 log = logging.getLogger("aus.server")
 
 
-def create_app(db_url: str | None = None, *, bundle_interval: float = 0.25,
+def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
                max_wait: float = 60.0) -> FastAPI:
     engine, sessions = open_database(db_url)
     bundles = BundleService(sessions, interval=bundle_interval, max_wait=max_wait)

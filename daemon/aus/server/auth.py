@@ -86,14 +86,23 @@ class Verifier:
             with v._lock:
                 v._cache.clear()
 
-    def verify(self, token: str) -> tuple[str, str]:
-        """Return ``(key id, org id)`` for a valid token, else AuthError."""
+    def cached(self, token: str) -> tuple[str, str] | None:
+        """``(key id, org id)`` if this token was verified recently; no I/O,
+        so the event loop may call it directly."""
         digest = hashlib.sha256(token.encode()).digest()
-        now = time.monotonic()
         with self._lock:
             hit = self._cache.get(digest)
-        if hit and hit[2] > now:
+        if hit and hit[2] > time.monotonic():
             return hit[0], hit[1]
+        return None
+
+    def verify(self, token: str) -> tuple[str, str]:
+        """Return ``(key id, org id)`` for a valid token, else AuthError."""
+        hit = self.cached(token)
+        if hit:
+            return hit
+        digest = hashlib.sha256(token.encode()).digest()
+        now = time.monotonic()
         key_id, sep, secret = token.partition(":")
         if not sep or not key_id or not secret:
             raise AuthError("the credentials must have the form <api_key>:<secret>")
@@ -111,9 +120,16 @@ class Verifier:
             self._cache[digest] = (key_id, org_id, now + CACHE_SECONDS)
         return key_id, org_id
 
-    def for_org(self, token: str, org_id: str) -> str:
-        """Verify ``token`` and that it belongs to ``org_id``; return the key id."""
-        key_id, key_org = self.verify(token)
+    def for_org(self, token: str, org_id: str, *, cached_only: bool = False) -> str | None:
+        """Verify ``token`` and that it belongs to ``org_id``; return the key
+        id. With ``cached_only``, return None when the cache cannot tell."""
+        if cached_only:
+            hit = self.cached(token)
+            if hit is None:
+                return None
+            key_id, key_org = hit
+        else:
+            key_id, key_org = self.verify(token)
         if key_org != org_id:
             raise AuthError(f"this API key belongs to another org, not org {org_id!r}", 403)
         return key_id

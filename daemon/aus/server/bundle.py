@@ -18,14 +18,16 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import PolicyError
 from ..policy import Policy, parse_network
-from .db import Bundle, Group, IpList, Membership, Org, Rule, RuleSource, User, utcnow
+from .db import Bundle, Group, IpList, Membership, Org, Rule, RuleSource, User, Workload, utcnow
 
 log = logging.getLogger("aus.server.bundle")
 FORMAT = 1
@@ -146,7 +148,7 @@ class Current:
 class BundleService:
     """Keeps each org's bundle current and wakes long-pollers on change."""
 
-    def __init__(self, sessions: sessionmaker, *, interval: float = 0.25, max_wait: float = 60.0):
+    def __init__(self, sessions: sessionmaker, *, interval: float = 0.1, max_wait: float = 60.0):
         self.sessions = sessions
         self.interval = interval
         self.max_wait = max_wait
@@ -154,6 +156,8 @@ class BundleService:
         self._cond: asyncio.Condition | None = None
         self._poke: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._checkins: dict[tuple[str, str], tuple[int, str, dt.datetime]] = {}
+        self._checkin_lock = threading.Lock()
 
     async def start(self) -> None:
         self._cond = asyncio.Condition()
@@ -194,9 +198,40 @@ class BundleService:
                     self._cond.notify_all()
             await asyncio.sleep(self.interval)   # bounds rebuilds under a write burst
 
+    def note_workload(self, org_id: str, name: str, version: int, address: str) -> None:
+        with self._checkin_lock:
+            self._checkins[(org_id, name)] = (version, address, utcnow())
+
+    def _flush_checkins(self) -> None:
+        with self._checkin_lock:
+            batch, self._checkins = self._checkins, {}
+        if not batch:
+            return
+        try:
+            self._write_checkins(batch)
+        except IntegrityError:   # another replica inserted one of them first
+            self._write_checkins(batch)
+
+    def _write_checkins(self, batch: dict) -> None:
+        with self.sessions.begin() as s:
+            known = {(w.org_id, w.name): w for w in s.scalars(select(Workload).where(
+                Workload.org_id.in_({o for o, _ in batch}), Workload.name.in_({n for _, n in batch})))}
+            for key, (version, address, seen) in batch.items():
+                row = known.get(key)
+                if row is None:
+                    s.add(Workload(org_id=key[0], name=key[1], enforcing_version=version,
+                                   address=address, last_seen=seen))
+                else:
+                    row.enforcing_version, row.address, row.last_seen = version, address, seen
+
     def _tick(self) -> bool:
-        """Rebuild stale bundles; load bundles other replicas built.
-        Returns whether any org's current bundle changed."""
+        """Rebuild stale bundles; load bundles other replicas built; write
+        queued workload check-ins. Returns whether any org's current
+        bundle changed."""
+        try:
+            self._flush_checkins()
+        except Exception:
+            log.exception("recording workload check-ins failed")
         with self.sessions() as s:
             stale = s.execute(
                 select(Org.id).outerjoin(Bundle, Bundle.org_id == Org.id)
