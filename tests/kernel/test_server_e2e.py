@@ -1,0 +1,121 @@
+"""End to end: Entra-style SCIM pushes into the real aus-server, a rule
+written through its API, the bundle long-polled by ausd, and a logged-in
+user's traffic allowed or denied in the kernel. Membership changes pushed
+over SCIM (both PATCH shapes Entra sends) and a user disabled with the
+string "False" reach the kernel without a new login."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from ..server.test_cli import CLI, _free_port, _wait_port, serving
+from . import lab
+
+pytestmark = pytest.mark.kernel
+
+USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+GROUP = ["urn:ietf:params:scim:schemas:core:2.0:Group",
+         "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"]
+PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+
+
+def tcp(cg, user, addr, port):
+    return lab.act(cg, "tcp", addr, port, loginuid=user.uid, uid=user.uid, gid=user.gid)
+
+
+@pytest.fixture
+def aus_server(tmp_path):
+    db = f"sqlite:///{tmp_path}/server.db"
+    token = subprocess.run(CLI + ["api-key", "create", "--org", "1", "--db", db], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    port = _free_port()
+    with serving("--listen", f"127.0.0.1:{port}", "--db", db) as proc:
+        _wait_port(port, proc)
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=30) as c:
+            yield base, token, c
+
+
+def test_scim_push_rule_bundle_kernel(cg, peer, people, aus_server):
+    base, token, c = aus_server
+    users, _groups = people
+    alice, bob = users["alice"], users["bob"]
+    scim = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
+    basic = tuple(token.split(":", 1))
+
+    def push(method, path, body=None, want=(200, 201, 204)):
+        r = c.request(method, f"/scim/orgs/1{path}", json=body, headers=scim)
+        assert r.status_code in want, (method, path, r.status_code, r.text)
+        return r.json() if r.content else None
+
+    # Entra: match by filter (no hit), then create; the same for the group.
+    ids = {}
+    for u in (alice, bob):
+        assert push("GET", f'/Users?filter=userName eq "{u.name}"')["totalResults"] == 0
+        ids[u.name] = push("POST", "/Users", {"schemas": [USER], "userName": u.name, "active": True,
+                                              "externalId": f"ext-{u.name}",
+                                              "name": {"givenName": u.name, "familyName": "Test"}})["id"]
+    dev = push("POST", "/Groups", {"schemas": GROUP, "displayName": "DEV", "externalId": "grp-dev",
+                                   "members": []})["id"]
+    push("PATCH", f"/Groups/{dev}", {"schemas": [PATCH], "Operations": [
+        {"op": "Add", "path": "members", "value": [{"value": ids[alice.name]}]}]})
+
+    r = c.post("/api/orgs/1/rules", auth=basic, json={
+        "name": "dev-web", "sources": [dev], "destinations": [f"{peer.v4}/32", f"{peer.v6}/128"],
+        "services": ["80/tcp"]})
+    assert r.status_code == 201, r.text
+    version = r.json()["policy_version"]
+
+    with lab.ausd(cg, {}, policy_url=f"{base}/api/orgs/1/bundle", credentials=token,
+                  bundle_wait=30) as d:
+        d.start()
+        st = d.ctl_json("status")["policy"]
+        assert st["source"] == "server" and st["version"] == version, st
+        with lab.session(d, alice.uid) as reply, lab.session(d, bob.uid):
+            assert reply["rules"] == ["dev-web"] and reply["bundle_groups"] == ["DEV"]
+            assert tcp(cg, alice, peer.v4, 80)["ok"]
+            assert tcp(cg, alice, peer.v4, 443)["errno"] == "EPERM"
+            assert tcp(cg, bob, peer.v4, 80)["errno"] == "EPERM"
+
+            # The workload checked in with the version it enforces.
+            lab.wait_until(lambda: any(w["enforcing_version"] == version for w in
+                                       c.get("/api/orgs/1/workloads", auth=basic).json()["items"]),
+                           what="the workload check-in")
+
+            # aadOptscim062020 shape: add bob, remove alice by value filter path.
+            t0 = time.monotonic()
+            push("PATCH", f"/Groups/{dev}", {"schemas": [PATCH], "Operations": [
+                {"op": "add", "path": "members", "value": [{"value": ids[bob.name]}]},
+                {"op": "remove", "path": f'members[value eq "{ids[alice.name]}"]'}]})
+            lab.wait_until(lambda: not d.check(alice.uid, peer.v4, "tcp", 80)["allowed"]
+                           and d.check(bob.uid, peer.v4, "tcp", 80)["allowed"],
+                           timeout=5, interval=0.02, what="the SCIM change in the kernel")
+            assert time.monotonic() - t0 < 3
+            assert tcp(cg, alice, peer.v4, 80)["errno"] == "EPERM"
+            assert tcp(cg, bob, peer.v4, 80)["ok"]
+
+            # Entra disables bob with the string "False": his rules go.
+            push("PATCH", f"/Users/{ids[bob.name]}", {"schemas": [PATCH], "Operations": [
+                {"op": "Replace", "path": "active", "value": "False"}]})
+            lab.wait_until(lambda: not d.check(bob.uid, peer.v4, "tcp", 80)["allowed"],
+                           timeout=5, interval=0.02, what="the disabled user's rules to go")
+            assert tcp(cg, bob, peer.v4, 80)["errno"] == "EPERM"
+
+            # Default shape: remove by value list, then add alice back.
+            push("PATCH", f"/Groups/{dev}", {"schemas": [PATCH], "Operations": [
+                {"op": "Remove", "path": "members", "value": [{"value": ids[bob.name]}]},
+                {"op": "Add", "path": "members", "value": [{"value": ids[alice.name]}]}]})
+            lab.wait_until(lambda: d.check(alice.uid, peer.v4, "tcp", 80)["allowed"],
+                           timeout=5, interval=0.02, what="alice back in DEV")
+            assert tcp(cg, alice, peer.v4, 80)["ok"]
+
+            # Deleting the rule in the API takes her access away.
+            rule_id = c.get("/api/orgs/1/rules", auth=basic).json()["items"][0]["id"]
+            assert c.delete(f"/api/orgs/1/rules/{rule_id}", auth=basic).status_code == 200
+            lab.wait_until(lambda: not d.check(alice.uid, peer.v4, "tcp", 80)["allowed"],
+                           timeout=5, interval=0.02, what="the rule deletion")
+            assert tcp(cg, alice, peer.v4, 80)["errno"] == "EPERM"
