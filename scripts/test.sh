@@ -13,4 +13,5 @@ fi
 bash scripts/setup.sh
 bash scripts/identity-packages.sh
 bash scripts/server-packages.sh
+bash scripts/service-packages.sh
 exec .venv/bin/python -m pytest -ra "$@"
