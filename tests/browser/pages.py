@@ -56,10 +56,12 @@ class Console:
     # -- reading ---------------------------------------------------------
 
     def wait(self, cond, what: str, timeout: float = TIMEOUT):
+        """cond() until truthy; a page that is still rendering (elements
+        missing, replaced, or a list not filled yet) counts as not yet."""
         def attempt(_):
             try:
                 return cond()
-            except (NoSuchElementException, StaleElementReferenceException):
+            except (NoSuchElementException, StaleElementReferenceException, IndexError):
                 return None
         return WebDriverWait(self.d, timeout, poll_frequency=0.05).until(
             attempt, f"waited {timeout} s for {what}")

@@ -52,9 +52,10 @@ export function navigate(hash, { status } = {}) {
 }
 
 // Change the hash without rendering again (search terms, page offsets),
-// so a reload or a shared link shows the same view.
+// so a reload or a shared link shows the same view. Only while the address
+// still shows that page: a navigation that is under way must not be undone.
 export function remember(hash) {
-  history.replaceState(null, "", hash);
+  if (parseHash().path === hash.slice(1).split("?")[0]) history.replaceState(null, "", hash);
 }
 
 function setVersion(v) {
