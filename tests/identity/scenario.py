@@ -9,7 +9,11 @@ namespace (see /work/shared/design/identity-facts.md):
 
     slapd     a throwaway OpenLDAP on 127.0.0.1:<free port>, rfc2307 users
               alice (41001, in dev) and bob (41002, in ops) loaded by slapadd
-    sssd      domain `corp` on that LDAP, in the foreground
+    slapd     a second one, rfc2307bis (groups list member DNs, so a group
+              can be a member of another) with AD-style binary objectSids on
+              the groups: carol (43001, in inner, which is in outer, and in
+              dbadm) and dave (43002, in support)
+    sssd      domains `corp` and `nest` on them, in the foreground
     NSS/PAM   /etc/nsswitch.conf (`sss`), /etc/sssd, /etc/pam.d (the host's
               copy plus the service `aus-test`: pam_loginuid, then pam_exec
               of the aus PAM hook), /var/lib/sss, /var/log/sssd and a tmpfs
@@ -17,8 +21,10 @@ namespace (see /work/shared/design/identity-facts.md):
     lab       the kernel tests' peer namespace, cgroup and ausd
               (tests/kernel/lab.py)
 
-then logs users in and out with pamtester, changes groups in LDAP, stops
-sssd and ausd, and records what real traffic saw. It prints ONE JSON object
+then logs users in and out with pamtester, changes groups in LDAP (a
+nested group's membership too), stops sssd and ausd, and records what real
+traffic saw. The policy names outer (reached only through inner) by name
+and dbadm only by its SID, under another name. It prints ONE JSON object
 on stdout, {"setup": {...}, "cases": {name: observations}}; the pytest side
 (test_identity_stack.py) asserts. Progress and logs go to stderr. Every
 process, namespace, cgroup and pin it made is removed in ``finally``.
@@ -26,12 +32,14 @@ process, namespace, cgroup and pin it made is removed in ``finally``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -48,7 +56,6 @@ HERE = Path(__file__).resolve().parent
 SHIPPED_HOOK = HERE.parents[1] / "packaging" / "pam" / "aus-pam-hook"
 PYTHON = sys.executable
 SUFFIX = "dc=corp,dc=test"
-ROOTDN = f"cn=admin,{SUFFIX}"
 SERVICE = "aus-test"
 GROUPS_TTL = 1.0
 SCAN_INTERVAL = 0.2
@@ -56,6 +63,41 @@ SCAN_INTERVAL = 0.2
 # name: (uid, primary gid, supplementary groups)
 USERS = {"alice": (41001, 41001, ["dev"]), "bob": (41002, 41002, ["ops"])}
 GROUPS = {"dev": 42001, "ops": 42002}
+
+# The rfc2307bis directory (SSSD domain `nest`). Groups name their members
+# by DN, users and groups alike: carol is in inner, inner is in outer.
+BIS_SUFFIX = "dc=nest,dc=test"
+BIS_USERS = {"carol": (43001, 43001, ["inner", "dbadm"]), "dave": (43002, 43002, ["support"])}
+DOMAIN_SID = "S-1-5-21-3623811015-3361044348-30300820"
+# name: (gid, RID of its objectSid, groups that are members)
+BIS_GROUPS = {"inner": (44001, 1101, []), "outer": (44002, 1102, ["inner"]),
+              "dbadm": (44003, 1103, []), "support": (44004, 1104, [])}
+ACCOUNTS = {**USERS, **BIS_USERS}
+
+# Debian's slapd has no rfc2307bis schema: this one stands in for nis.schema
+# in the second slapd. posixGroup is AUXILIARY, so a group entry is a
+# groupOfNames (member DNs) that is also a posixGroup. objectSid is Active
+# Directory's attribute (binary SID), carried by AD's auxiliary class
+# securityPrincipal. (uidNumber and gidNumber are built into slapd 2.5.)
+RFC2307BIS_SCHEMA = """\
+attributetype ( 1.3.6.1.1.1.1.2 NAME 'gecos' EQUALITY caseIgnoreIA5Match
+  SUBSTR caseIgnoreIA5SubstringsMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.26 SINGLE-VALUE )
+attributetype ( 1.3.6.1.1.1.1.3 NAME 'homeDirectory' EQUALITY caseExactIA5Match
+  SYNTAX 1.3.6.1.4.1.1466.115.121.1.26 SINGLE-VALUE )
+attributetype ( 1.3.6.1.1.1.1.4 NAME 'loginShell' EQUALITY caseExactIA5Match
+  SYNTAX 1.3.6.1.4.1.1466.115.121.1.26 SINGLE-VALUE )
+attributetype ( 1.3.6.1.1.1.1.12 NAME 'memberUid' EQUALITY caseExactIA5Match
+  SUBSTR caseExactIA5SubstringsMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.26 )
+objectclass ( 1.3.6.1.1.1.2.0 NAME 'posixAccount' SUP top AUXILIARY
+  MUST ( cn $ uid $ uidNumber $ gidNumber $ homeDirectory )
+  MAY ( userPassword $ loginShell $ gecos $ description ) )
+objectclass ( 1.3.6.1.1.1.2.2 NAME 'posixGroup' SUP top AUXILIARY
+  MUST gidNumber MAY ( userPassword $ memberUid $ description ) )
+attributetype ( 1.2.840.113556.1.4.146 NAME 'objectSid' EQUALITY octetStringMatch
+  SYNTAX 1.3.6.1.4.1.1466.115.121.1.40 SINGLE-VALUE )
+objectclass ( 1.2.840.113556.1.5.6 NAME 'securityPrincipal' SUP top AUXILIARY
+  MUST objectSid )
+"""
 
 T0 = time.monotonic()
 
@@ -171,17 +213,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ldif_base(passwords: dict[str, str]) -> str:
-    out = [f"dn: {SUFFIX}\nobjectClass: top\nobjectClass: dcObject\nobjectClass: organization\n"
-           "o: corp\ndc: corp\n",
-           f"dn: ou=people,{SUFFIX}\nobjectClass: organizationalUnit\nou: people\n",
-           f"dn: ou=groups,{SUFFIX}\nobjectClass: organizationalUnit\nou: groups\n"]
-    for name, (uid, gid, _) in USERS.items():
+def ldif_tree(suffix: str, users: dict, passwords: dict[str, str]) -> list[str]:
+    """The suffix, ou=people and ou=groups, and the users' entries."""
+    dc = suffix.split(",")[0].split("=")[1]
+    out = [f"dn: {suffix}\nobjectClass: top\nobjectClass: dcObject\nobjectClass: organization\n"
+           f"o: {dc}\ndc: {dc}\n",
+           f"dn: ou=people,{suffix}\nobjectClass: organizationalUnit\nou: people\n",
+           f"dn: ou=groups,{suffix}\nobjectClass: organizationalUnit\nou: groups\n"]
+    for name, (uid, gid, _) in users.items():
         hashed = sh("slappasswd", "-s", passwords[name]).stdout.strip()
-        out.append(f"dn: uid={name},ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\n"
+        out.append(f"dn: uid={name},ou=people,{suffix}\nobjectClass: inetOrgPerson\n"
                    f"objectClass: posixAccount\nuid: {name}\ncn: {name.title()}\nsn: {name.title()}\n"
                    f"uidNumber: {uid}\ngidNumber: {gid}\nhomeDirectory: /nonexistent\n"
                    f"loginShell: /usr/sbin/nologin\nuserPassword: {hashed}\n")
+    return out
+
+
+def ldif_base(passwords: dict[str, str]) -> str:
+    out = ldif_tree(SUFFIX, USERS, passwords)
+    for name, (uid, gid, _) in USERS.items():
         out.append(f"dn: cn={name},ou=groups,{SUFFIX}\nobjectClass: posixGroup\n"
                    f"cn: {name}\ngidNumber: {gid}\n")
     for group, gid in GROUPS.items():
@@ -191,13 +241,45 @@ def ldif_base(passwords: dict[str, str]) -> str:
     return "\n".join(out)
 
 
+def sid_bytes(sid: str) -> bytes:
+    """A SID in the binary form AD stores in objectSid: revision, number of
+    sub-authorities, 48-bit big-endian authority, little-endian
+    sub-authorities."""
+    _, rev, auth, *subs = sid.split("-")
+    return (struct.pack("<BB", int(rev), len(subs)) + int(auth).to_bytes(6, "big")
+            + b"".join(struct.pack("<I", int(s)) for s in subs))
+
+
+def bis_dn(name: str) -> str:
+    kind = "uid={},ou=people" if name in BIS_USERS else "cn={},ou=groups"
+    return f"{kind.format(name)},{BIS_SUFFIX}"
+
+
+def ldif_bis(passwords: dict[str, str]) -> str:
+    out = ldif_tree(BIS_SUFFIX, BIS_USERS, passwords)
+    for name, (uid, gid, _) in BIS_USERS.items():
+        # groupOfNames needs a member: the user of a user private group
+        out.append(f"dn: cn={name},ou=groups,{BIS_SUFFIX}\nobjectClass: groupOfNames\nobjectClass: posixGroup\n"
+                   f"cn: {name}\ngidNumber: {gid}\nmember: {bis_dn(name)}\n")
+    for group, (gid, rid, inside) in BIS_GROUPS.items():
+        members = [n for n, (_, _, gs) in BIS_USERS.items() if group in gs] + inside
+        sid = base64.b64encode(sid_bytes(f"{DOMAIN_SID}-{rid}")).decode()
+        out.append(f"dn: {bis_dn(group)}\nobjectClass: groupOfNames\nobjectClass: posixGroup\n"
+                   f"objectClass: securityPrincipal\ncn: {group}\ngidNumber: {gid}\n"
+                   f"objectSid:: {sid}\n" + "".join(f"member: {bis_dn(m)}\n" for m in members))
+    return "\n".join(out)
+
+
 class Slapd:
-    def __init__(self, work: Path, passwords: dict[str, str]):
-        self.dir = work / "ldap"
+    def __init__(self, dir: Path, suffix: str, schemas: list[str], ldif: str, probe: str):
+        """A slapd serving ``suffix`` from ``dir``, with the schema files
+        ``schemas``, loaded with ``ldif``; up once ``probe`` (a filter) answers."""
+        self.dir = dir
         self.db = self.dir / "db"
         self.db.mkdir(parents=True)
+        self.suffix, self.rootdn = suffix, f"cn=admin,{suffix}"
+        self.schemas, self.ldif, self.probe = schemas, ldif, probe
         self.rootpw = os.urandom(9).hex()
-        self.passwords = passwords
         self.pidfile = self.dir / "slapd.pid"
         self.conf = self.dir / "slapd.conf"
         self.port = 0
@@ -209,20 +291,18 @@ class Slapd:
         return f"ldap://127.0.0.1:{self.port}/"
 
     def start(self) -> None:
-        s = "/etc/ldap/schema"
         self.conf.write_text(
-            f"include {s}/core.schema\ninclude {s}/cosine.schema\n"
-            f"include {s}/nis.schema\ninclude {s}/inetorgperson.schema\n"
+            "".join(f"include {f}\n" for f in self.schemas) +
             "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
             f"pidfile {self.pidfile}\nargsfile {self.dir / 'slapd.args'}\n"
             "database mdb\nmaxsize 104857600\n"
-            f'suffix "{SUFFIX}"\nrootdn "{ROOTDN}"\nrootpw {self.rootpw}\n'
+            f'suffix "{self.suffix}"\nrootdn "{self.rootdn}"\nrootpw {self.rootpw}\n'
             f"directory {self.db}\n"
-            "index objectClass eq\nindex uid,memberUid,uidNumber,gidNumber,cn eq\n"
+            "index objectClass eq\nindex uid,memberUid,member,uidNumber,gidNumber,cn eq\n"
             "access to attrs=userPassword by self write by anonymous auth by * none\n"
             "access to * by * read\n")
         ldif = self.dir / "base.ldif"
-        ldif.write_text(ldif_base(self.passwords))
+        ldif.write_text(self.ldif)
         sh("slapadd", "-f", str(self.conf), "-l", str(ldif))
         out = self.dir / "slapd.out"
         for attempt in range(5):
@@ -237,7 +317,7 @@ class Slapd:
             def up():
                 if self.proc.poll() is not None:
                     return "exited"
-                return self.search("(uid=alice)").returncode == 0
+                return self.search(self.probe).returncode == 0
             if lab.wait_until(up, timeout=10, interval=0.1, what="slapd answering") is True:
                 break
             log(f"slapd on port {self.port} exited ({self.proc.returncode}): {tail(out, 5)}; retrying")
@@ -248,11 +328,18 @@ class Slapd:
         assert pidfile == self.pid, (pidfile, self.pid)
         log(f"slapd pid {self.pid} on {self.uri}")
 
-    def search(self, flt: str) -> subprocess.CompletedProcess:
-        return sh("ldapsearch", "-x", "-LLL", "-H", self.uri, "-b", SUFFIX, flt, check=False)
+    def search(self, flt: str, *attrs: str) -> subprocess.CompletedProcess:
+        return sh("ldapsearch", "-x", "-LLL", "-H", self.uri, "-b", self.suffix, flt, *attrs,
+                  check=False)
+
+    def values(self, flt: str, attr: str) -> list[str]:
+        """``attr`` of every entry matching ``flt`` (unwrapped, -o ldif-wrap=no)."""
+        p = sh("ldapsearch", "-x", "-LLL", "-o", "ldif-wrap=no", "-H", self.uri, "-b", self.suffix,
+               flt, attr)
+        return sorted(l.split(": ", 1)[1] for l in p.stdout.splitlines() if l.startswith(f"{attr}: "))
 
     def modify(self, ldif: str) -> subprocess.CompletedProcess:
-        return sh("ldapmodify", "-x", "-H", self.uri, "-D", ROOTDN, "-w", self.rootpw,
+        return sh("ldapmodify", "-x", "-H", self.uri, "-D", self.rootdn, "-w", self.rootpw,
                   input=ldif, check=False)
 
     def stop(self) -> None:
@@ -273,21 +360,27 @@ class Slapd:
 # ---- sssd ---------------------------------------------------------------------
 
 class Sssd:
-    def __init__(self, work: Path, ldap_uri: str):
+    def __init__(self, work: Path, corp_uri: str, nest_uri: str):
         self.work = work
-        self.ldap_uri = ldap_uri
         self.proc: subprocess.Popen | None = None
         self.pids: list[int] = []
+        common = ("id_provider = ldap\nauth_provider = ldap\n"
+                  "ldap_id_use_start_tls = false\n"
+                  "ldap_auth_disable_tls_never_use_in_production = true\n"
+                  "entry_cache_timeout = 2\ncache_credentials = false\nenumerate = false\n")
         conf = Path("/etc/sssd/sssd.conf")  # our bind mount
         conf.write_text(
-            "[sssd]\nconfig_file_version = 2\nservices = nss, pam\ndomains = corp\n\n"
+            "[sssd]\nconfig_file_version = 2\nservices = nss, pam\ndomains = corp, nest\n\n"
             "[nss]\n\n[pam]\n\n"
-            "[domain/corp]\n"
-            "id_provider = ldap\nauth_provider = ldap\n"
-            f"ldap_uri = {ldap_uri}\nldap_search_base = {SUFFIX}\nldap_schema = rfc2307\n"
-            "ldap_id_use_start_tls = false\n"
-            "ldap_auth_disable_tls_never_use_in_production = true\n"
-            "entry_cache_timeout = 2\ncache_credentials = false\nenumerate = false\n")
+            "[domain/corp]\n" + common +
+            f"ldap_uri = {corp_uri}\nldap_search_base = {SUFFIX}\nldap_schema = rfc2307\n\n"
+            # rfc2307bis: members are DNs and SSSD follows groups inside groups
+            # (ldap_group_nesting_level, 2 by default). SSSD reads a group's
+            # SID from the attribute ldap_group_objectsid names, which the
+            # rfc2307 and rfc2307bis schemas leave unset: without it, no SIDs.
+            "[domain/nest]\n" + common +
+            f"ldap_uri = {nest_uri}\nldap_search_base = {BIS_SUFFIX}\nldap_schema = rfc2307bis\n"
+            "ldap_group_objectsid = objectSid\n")
         os.chown(conf, 0, 0)
         conf.chmod(0o600)
 
@@ -304,8 +397,8 @@ class Sssd:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sssd exited with {self.proc.returncode}:\n"
                                    f"{tail(Path('/var/log/sssd/sssd.log'))}")
-            return sh("getent", "passwd", "alice", check=False).returncode == 0
-        lab.wait_until(ready, timeout=30, interval=0.1, what="getent passwd alice via sssd")
+            return all(sh("getent", "passwd", u, check=False).returncode == 0 for u in ("alice", "carol"))
+        lab.wait_until(ready, timeout=30, interval=0.1, what="getent passwd alice and carol via sssd")
         log(f"sssd pid {self.proc.pid} answers")
         return time.monotonic() - t
 
@@ -328,7 +421,7 @@ class Scenario:
     def __init__(self, work: Path, stack: contextlib.ExitStack):
         self.work = work
         self.stack = stack
-        self.passwords = {n: f"{n}-{os.urandom(6).hex()}" for n in USERS}
+        self.passwords = {n: f"{n}-{os.urandom(6).hex()}" for n in ACCOUNTS}
         self.shells: dict[str, subprocess.Popen] = {}   # login stand-ins
         self.pids: dict[str, list[int]] = {"shells": []}
         self.setup: dict = {}
@@ -344,28 +437,53 @@ class Scenario:
                                 if l.split()[4] in ("/etc/nsswitch.conf", "/etc/sssd", "/etc/pam.d",
                                                     "/var/lib/sss", "/var/log/sssd", "/run")]
 
-        self.slapd = Slapd(self.work, self.passwords)
+        s = "/etc/ldap/schema"
+        self.slapd = Slapd(self.work / "ldap", SUFFIX,
+                           [f"{s}/core.schema", f"{s}/cosine.schema", f"{s}/nis.schema",
+                            f"{s}/inetorgperson.schema"],
+                           ldif_base(self.passwords), "(uid=alice)")
         self.stack.callback(self.slapd.stop)
         self.slapd.start()
         self.pids["slapd"] = [self.slapd.pid]
         self.setup["ldap_uri"] = self.slapd.uri
+        bis_schema = self.work / "rfc2307bis.schema"
+        bis_schema.write_text(RFC2307BIS_SCHEMA)
+        self.slapd_bis = Slapd(self.work / "ldap-bis", BIS_SUFFIX,
+                               [f"{s}/core.schema", f"{s}/cosine.schema", str(bis_schema),
+                                f"{s}/inetorgperson.schema"],
+                               ldif_bis(self.passwords), "(uid=carol)")
+        self.stack.callback(self.slapd_bis.stop)
+        self.slapd_bis.start()
+        self.pids["slapd"].append(self.slapd_bis.pid)
+        self.setup["ldap_bis_uri"] = self.slapd_bis.uri
 
-        self.sssd = Sssd(self.work, self.slapd.uri)
+        self.sssd = Sssd(self.work, self.slapd.uri, self.slapd_bis.uri)
         self.stack.callback(self.sssd.stop)
         self.setup["sssd_ready_s"] = round(self.sssd.start(), 3)
         self.pids["sssd"] = self.sssd.pids
-        self.setup["getent"] = {n: sh("getent", "passwd", n).stdout.strip() for n in USERS}
-        self.setup["id"] = {n: sh("id", n, check=False).stdout.strip() for n in USERS}
+        self.setup["getent"] = {n: sh("getent", "passwd", n).stdout.strip() for n in ACCOUNTS}
+        self.setup["id"] = {n: sh("id", n, check=False).stdout.strip() for n in ACCOUNTS}
+        # What SSSD itself reports, asked the way ausd asks (libsss_nss_idmap)
+        import pysss_nss_idmap as idmap
+        found = idmap.getsidbyname(list(BIS_GROUPS) + list(GROUPS))
+        self.setup["sids_by_name"] = {n: v.get(idmap.SID_KEY) for n, v in found.items()}
 
-        self.peer = self.stack.enter_context(lab.peer([22, 80]))
+        self.peer = self.stack.enter_context(lab.peer([22, 80, 443, 5432]))
         self.pids["peer"] = [self.peer.proc.pid]
         self.cg = self.stack.enter_context(lab.cgroup())
         policy = {
-            "user_groups": [{"name": "DEV"}, {"name": "OPS"}],
+            # OUTER has no direct members; DB-ADMINS is the directory's
+            # `dbadm`, named here by its SID only
+            "user_groups": [{"name": "DEV"}, {"name": "OPS"}, {"name": "OUTER"},
+                            {"name": "DB-ADMINS", "sid": f"{DOMAIN_SID}-{BIS_GROUPS['dbadm'][1]}"}],
             "ip_lists": {"peer": [f"{self.peer.v4}/32", f"{self.peer.v6}/128"]},
             "rules": [
                 {"name": "dev-web", "sources": ["DEV"], "destinations": ["peer"], "services": ["80/tcp"]},
                 {"name": "ops-ssh", "sources": ["OPS"], "destinations": ["peer"], "services": ["22/tcp"]},
+                {"name": "outer-https", "sources": ["OUTER"], "destinations": ["peer"],
+                 "services": ["443/tcp"]},
+                {"name": "db-by-sid", "sources": ["DB-ADMINS"], "destinations": ["peer"],
+                 "services": ["5432/tcp"]},
             ],
         }
         self.d = self.stack.enter_context(
@@ -402,6 +520,7 @@ class Scenario:
                            ("sssd.out", self.work / "sssd.out"),
                            ("sssd.log", Path("/var/log/sssd/sssd.log")),
                            ("sssd_corp.log", Path("/var/log/sssd/sssd_corp.log")),
+                           ("sssd_nest.log", Path("/var/log/sssd/sssd_nest.log")),
                            ("sssd_nss.log", Path("/var/log/sssd/sssd_nss.log")),
                            ("sssd_pam.log", Path("/var/log/sssd/sssd_pam.log"))):
             print(f"----- {name} (tail) -----\n{tail(path, 40)}", file=sys.stderr, flush=True)
@@ -414,7 +533,7 @@ class Scenario:
 
     # -- helpers --------------------------------------------------------------------
     def act(self, user: str, port: int, *, v6: bool = False, as_root: bool = False) -> dict:
-        uid, gid, _ = USERS[user]
+        uid, gid, _ = ACCOUNTS[user]
         addr = self.peer.v6 if v6 else self.peer.v4
         if as_root:
             return lab.act(self.cg, "tcp", addr, port, loginuid=uid)
@@ -449,7 +568,7 @@ class Scenario:
 
     def start_shell(self, user: str) -> int:
         """The login's shell: a process carrying the user's login UID."""
-        uid, gid, _ = USERS[user]
+        uid, gid, _ = ACCOUNTS[user]
         p = lab.spawn(["sleep", "600"], loginuid=uid, uid=uid, gid=gid)
         self.shells[user] = p
         self.pids["shells"].append(p.pid)
@@ -470,7 +589,7 @@ class Scenario:
         return [u["login_uid"] for u in self.d.ctl_json("maps")["users"]]
 
     def login(self, user: str) -> dict:
-        uid = USERS[user][0]
+        uid = ACCOUNTS[user][0]
         obs: dict = {"pam": self.pamtester(user, "authenticate", "open_session",
                                            password=self.passwords[user])}
         obs["shell_pid"] = self.start_shell(user)
@@ -537,6 +656,69 @@ class Scenario:
         obs["shell_alive"] = self.shells["alice"].poll() is None   # no new login
         obs["bob_unchanged"] = {"tcp22": self.act("bob", 22), "tcp80": self.act("bob", 80)}
         log(f"group change flipped={flipped} after {obs['seconds_since_ldapmodify']}s")
+        return obs
+
+    def traffic(self, probes: dict[str, tuple]) -> dict:
+        """{key: act(user, port[, v6])} run side by side."""
+        with ThreadPoolExecutor(max_workers=len(probes)) as ex:
+            futs = {k: ex.submit(self.act, user, port, v6=bool(v6))
+                    for k, (user, port, *v6) in probes.items()}
+            return {k: f.result() for k, f in futs.items()}
+
+    def case_nested_group(self) -> dict:
+        carol, dave = BIS_USERS["carol"][0], BIS_USERS["dave"][0]
+        obs: dict = {"carol": self.login("carol"), "dave": self.login("dave")}
+        # What the directory says: carol's own groups, and outer's members
+        # (a group, no user)
+        obs["ldap_carol_groups"] = self.slapd_bis.values(f"(member={bis_dn('carol')})", "cn")
+        obs["ldap_outer_members"] = self.slapd_bis.values("(cn=outer)", "member")
+        obs["id_carol"] = sh("id", "carol", check=False).stdout.strip()
+        obs["traffic"] = self.traffic({
+            "carol_443_v4": ("carol", 443), "carol_443_v6": ("carol", 443, True),
+            "carol_22": ("carol", 22), "carol_80": ("carol", 80), "dave_443": ("dave", 443)})
+        obs["carol_entry"] = self.users_entry(carol)
+        obs["dave_entry"] = self.users_entry(dave)
+        table = self.d.ctl("users").stdout.splitlines()
+        obs["ausctl_users"] = {"header": table[0] if table else "",
+                               "carol": [l for l in table if " carol " in l]}
+        return obs
+
+    def case_sid_group(self) -> dict:
+        carol, dave = BIS_USERS["carol"][0], BIS_USERS["dave"][0]
+        obs: dict = {"traffic": self.traffic({
+            "carol_5432_v4": ("carol", 5432), "carol_5432_v6": ("carol", 5432, True),
+            "dave_5432": ("dave", 5432), "dave_443": ("dave", 443), "dave_22": ("dave", 22)})}
+        obs["carol_entry"] = self.users_entry(carol)
+        obs["dave_entry"] = self.users_entry(dave)
+        obs["check_carol"] = self.d.check(carol, self.peer.v4, "tcp", 5432)
+        obs["check_dave"] = self.d.check(dave, self.peer.v4, "tcp", 5432)
+        return obs
+
+    def case_nested_change(self) -> dict:
+        """In LDAP, outer's member group becomes support instead of inner:
+        outer's rule moves from carol to dave, neither logging in again;
+        carol's dbadm rule (by SID) stays."""
+        carol, dave = BIS_USERS["carol"][0], BIS_USERS["dave"][0]
+        t = time.monotonic()
+        m = self.slapd_bis.modify(f"dn: {bis_dn('outer')}\nchangetype: modify\n"
+                                  f"replace: member\nmember: {bis_dn('support')}\n")
+        obs: dict = {"ldapmodify": {"rc": m.returncode, "stderr": m.stderr.strip()}}
+        c = sh("sss_cache", "-E", check=False)
+        obs["sss_cache"] = {"rc": c.returncode, "stderr": c.stderr.strip()}
+        flipped, last = False, None
+        while time.monotonic() - t < 15.0:
+            last = self.traffic({"carol_443": ("carol", 443), "carol_5432": ("carol", 5432),
+                                 "dave_443": ("dave", 443)})
+            if last["carol_443"]["errno"] == "EPERM" and last["dave_443"]["ok"]:
+                flipped = True
+                break
+            time.sleep(0.1)
+        obs.update(flipped=flipped, last=last, seconds=round(time.monotonic() - t, 3))
+        obs["id"] = {u: sh("id", u, check=False).stdout.strip() for u in ("carol", "dave")}
+        obs["carol_entry"] = self.users_entry(carol)
+        obs["dave_entry"] = self.users_entry(dave)
+        obs["shells_alive"] = all(self.shells[u].poll() is None for u in ("carol", "dave"))
+        log(f"nested change flipped={flipped} after {obs['seconds']}s")
         return obs
 
     def case_logout(self) -> dict:
@@ -623,7 +805,8 @@ class Scenario:
         return obs
 
 
-CASES = ["login", "two_users", "group_change", "logout", "sssd_down", "ausd_down"]
+CASES = ["login", "two_users", "nested_group", "sid_group", "nested_change", "group_change",
+         "logout", "sssd_down", "ausd_down"]
 
 
 def main() -> int:

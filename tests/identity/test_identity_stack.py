@@ -1,6 +1,7 @@
 """A directory user's login through a real identity stack: OpenLDAP slapd,
 SSSD, NSS (`sss`), PAM (pam_loginuid + pam_exec of the aus hook) driven by
-pamtester, the real ausd and real traffic.
+pamtester, the real ausd and real traffic. Two directories: rfc2307
+(memberUid) and rfc2307bis (member DNs, nested groups, AD-style objectSids).
 
 The whole stack lives in a private mount namespace for its whole life, so
 it runs as one script, tests/identity/scenario.py, under
@@ -33,6 +34,10 @@ TIMEOUT = 300
 TOOLS = ["unshare", "mount", "ip", "getent", "id", "slapd", "slapadd", "slappasswd",
          "ldapsearch", "ldapmodify", "sssd", "sss_cache", "pamtester"]
 ALICE, BOB = 41001, 41002
+CAROL, DAVE = 43001, 43002          # the rfc2307bis directory (SSSD domain `nest`)
+DOMAIN_SID = "S-1-5-21-3623811015-3361044348-30300820"
+SIDS = {"inner": f"{DOMAIN_SID}-1101", "outer": f"{DOMAIN_SID}-1102",
+        "dbadm": f"{DOMAIN_SID}-1103", "support": f"{DOMAIN_SID}-1104"}
 EPERM = {"ok": False, "errno": "EPERM"}
 OK = {"ok": True, "errno": None}
 
@@ -116,6 +121,12 @@ def test_stack_is_built_in_a_private_mount_namespace(run):
                                               "/var/lib/sss", "/var/log/sssd", "/run"])
     assert setup["getent"]["alice"].startswith(f"alice:*:{ALICE}:")
     assert "(dev)" in setup["id"]["alice"] and "(ops)" in setup["id"]["bob"]
+    assert setup["getent"]["carol"].startswith(f"carol:*:{CAROL}:")
+    # rfc2307bis: carol is in inner only, and inner in outer
+    assert "(inner)" in setup["id"]["carol"] and "(outer)" in setup["id"]["carol"]
+    assert "(outer)" not in setup["id"]["dave"]
+    # SSSD reports the objectSids of the rfc2307bis groups, none for rfc2307
+    assert setup["sids_by_name"] == SIDS
     print(f"scenario {run.data['total_s']}s, whole run {run.seconds:.1f}s")
 
 
@@ -151,6 +162,65 @@ def test_two_users_get_their_own_rules_at_the_same_time(run):
     t = obs["traffic"]
     assert t["alice_80"] == OK and t["alice_22"] == EPERM
     assert t["bob_22"] == OK and t["bob_80"] == EPERM
+
+
+def test_nested_group_membership_gives_the_outer_groups_rules(run):
+    obs = case(run, "nested_group")
+    for who in ("carol", "dave"):
+        assert obs[who]["pam"]["rc"] == 0 and "opened a session" in obs[who]["pam"]["stdout"], obs[who]
+    # in the directory, carol is not a member of outer; inner (a group) is
+    assert obs["ldap_carol_groups"] == ["carol", "dbadm", "inner"]
+    assert obs["ldap_outer_members"] == ["cn=inner,ou=groups,dc=nest,dc=test"]
+    entry = obs["carol_entry"]
+    assert entry["user"] == "carol" and entry["groups_source"] == "nss"
+    assert {"inner", "outer"} <= set(entry["groups"])
+    assert "outer-https" in entry["rules"]
+    t = obs["traffic"]
+    assert t["carol_443_v4"] == OK and t["carol_443_v6"] == OK
+    assert t["carol_22"] == EPERM and t["carol_80"] == EPERM
+    assert t["dave_443"] == EPERM
+    assert "outer" not in obs["dave_entry"]["groups"] and obs["dave_entry"]["rules"] == []
+    # `ausctl users` (the table) lists outer among carol's groups
+    header = obs["ausctl_users"]["header"].split()
+    assert header[:5] == ["LOGIN_UID", "USER", "GROUPS", "SOURCE", "RULES"], header
+    [row] = obs["ausctl_users"]["carol"]
+    cells = row.split()
+    assert cells[0] == str(CAROL) and "outer" in cells[2].split(","), row
+    assert "outer-https" in cells[4].split(","), row
+
+
+def test_policy_group_given_only_by_sid_matches(run):
+    """The policy's DB-ADMINS carries dbadm's SID and no name the directory
+    knows: only the SID can match."""
+    obs = case(run, "sid_group")
+    carol = obs["carol_entry"]
+    assert SIDS["dbadm"] in carol["group_sids"]
+    assert "db-admins" not in [g.casefold() for g in carol["groups"]]
+    assert "db-by-sid" in carol["rules"]
+    t = obs["traffic"]
+    assert t["carol_5432_v4"] == OK and t["carol_5432_v6"] == OK
+    # dave's groups have SIDs too, not that one
+    dave = obs["dave_entry"]
+    assert dave["group_sids"] == [SIDS["support"]] and dave["rules"] == []
+    assert t["dave_5432"] == EPERM and t["dave_443"] == EPERM and t["dave_22"] == EPERM
+    assert obs["check_carol"]["allowed"] and obs["check_carol"]["rule"] == "db-by-sid"
+    assert not obs["check_dave"]["allowed"] and obs["check_dave"]["reason"] == "no_rule"
+
+
+def test_nested_group_change_in_ldap_moves_the_rule_without_a_new_login(run):
+    obs = case(run, "nested_change")
+    assert obs["ldapmodify"]["rc"] == 0, obs["ldapmodify"]
+    assert obs["sss_cache"]["rc"] == 0, obs["sss_cache"]
+    assert obs["flipped"], f"no flip within 15 s: last {obs['last']}"
+    # outer now holds support instead of inner: carol loses 443, dave gains it
+    assert obs["last"] == {"carol_443": EPERM, "carol_5432": OK, "dave_443": OK}
+    assert "(outer)" not in obs["id"]["carol"] and "(outer)" in obs["id"]["dave"]
+    assert obs["carol_entry"]["rules"] == ["db-by-sid"]
+    assert "outer" not in obs["carol_entry"]["groups"]
+    assert obs["dave_entry"]["rules"] == ["outer-https"]
+    assert SIDS["outer"] in obs["dave_entry"]["group_sids"]
+    assert obs["shells_alive"], "the change must apply without a new login"
+    print(f"nested group change propagated in {obs['seconds']} s")
 
 
 def test_group_change_in_ldap_reaches_a_logged_in_user(run):
