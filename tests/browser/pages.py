@@ -78,15 +78,23 @@ class Console:
         return self.d.find_element(By.ID, lab.get_attribute("for"))
 
     def error_next_to(self, control: WebElement) -> str:
-        """The visible error message in the control's own field or entry,
-        which its aria-describedby must also name."""
-        box = control.find_element(By.XPATH, "./ancestor::*[self::li or contains(@class,'field')][1]")
-        errors = [e for e in box.find_elements(By.CSS_SELECTOR, ".field-error") if e.is_displayed()]
-        if not errors:
+        """The error message the control's aria-describedby names, once it
+        is shown; it must sit in the control's own field, list entry or
+        fieldset, and the control must be marked invalid."""
+        found = self.d.execute_script("""
+            const c = arguments[0];
+            const ids = (c.getAttribute('aria-describedby') || '').split(' ').filter(Boolean);
+            const errs = ids.map(id => document.getElementById(id))
+                            .filter(e => e && e.classList.contains('field-error') && !e.hidden);
+            if (!errs.length) return null;
+            const box = c.closest('li, .field, fieldset');
+            return [errs[0].textContent, box.contains(errs[0]), c.getAttribute('aria-invalid')];
+            """, control)
+        if not found:
             return ""
-        assert control.get_attribute("aria-invalid") == "true"
-        assert errors[0].get_attribute("id") in (control.get_attribute("aria-describedby") or "").split()
-        return errors[0].text.lstrip("⚠ ").strip()
+        text, near, invalid = found
+        assert near and invalid == "true", (text, near, invalid)
+        return text.strip()
 
     def status(self) -> str:
         return self.d.find_element(By.ID, "status").text

@@ -65,6 +65,18 @@ def test_sign_in_shows_the_servers_message_and_sign_out_forgets_the_key(console,
     console.d.refresh()
     console.wait_heading("User groups")
 
+    # A key that stops working (revoked, or here: altered) signs the tab
+    # out at the next request, with the server's reason.
+    console.d.execute_script("""
+        const c = JSON.parse(sessionStorage.getItem('aus.console.credentials'));
+        c.token += 'x';
+        sessionStorage.setItem('aus.console.credentials', JSON.stringify(c));""")
+    console.click_nav("Rules")
+    console.wait(lambda: "Signed out: wrong secret for this API key" in console.find("main").text, "signed out")
+    assert console.d.execute_script("return sessionStorage.length") == 0
+    console.sign_in()
+    console.wait_heading("Rules")   # back where the tab was
+
     console.find("#sign-out").click()
     console.wait(lambda: console.d.find_element(By.NAME, "token").is_displayed(), "the sign-in form")
     assert console.d.execute_script("return sessionStorage.length") == 0
@@ -289,6 +301,16 @@ def test_ip_list_used_as_a_rule_destination(console, org):
     console.go(f"#/rules/new?source={ids['Finance']}", "New rule")
     assert [c.text.split("\n")[0] for c in console.finds(".chip-name")] == ["Finance"]
     console.field("Name").send_keys("finance-builds")
+    # No source: the server's message sits with the picker.
+    console.find("button[aria-label='Remove Finance']").click()
+    console.entry_inputs("destinations")[0].send_keys("build-farm" + Keys.ENTER)
+    picker = console.field("Add a user group")
+    assert console.wait(lambda: console.error_next_to(picker), "the sources error") == \
+        "a rule needs at least one source user group"
+    picker.send_keys("fin")
+    console.wait(lambda: console.find("[role=option][aria-selected=true]").text.startswith("Finance"), "Finance offered")
+    picker.send_keys(Keys.ENTER)
+    console.entry_inputs("destinations")[0].clear()
     console.entry_inputs("destinations")[0].send_keys("build-farm")
     console.entry_inputs("services")[0].send_keys("any" + Keys.ENTER)
     console.wait_heading("Rules")
