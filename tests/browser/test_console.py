@@ -100,7 +100,7 @@ def test_find_a_synced_group_open_it_and_make_it_a_rule_source(console, org):
     row = console.table_rows("groups-table")[0]
     text = row.text
     assert "8f2c0c6e-4b1d-4e0b-9d7a-2f4e1c9b7a11" in text and "Entra ID (SCIM)" in text
-    assert "create: succeeded" in text and "nested" in text
+    assert "create · succeeded" in text and "nested" in text
     assert console.find("#groups-summary").text == "Showing 1–1 of 1 user group matching “develop”"
     # By Entra object ID too, and the hash keeps the search for a reload.
     console.type(search, "3d9e5a77")
@@ -183,6 +183,48 @@ def test_find_a_synced_group_open_it_and_make_it_a_rule_source(console, org):
     assert console.d.find_element(By.LINK_TEXT, "dev-web").is_displayed()
     console.go("#/groups?q=Contoso-Developers", "User groups")
     console.wait(lambda: "dev-web" in console.table_rows("groups-table")[0].text, "the rule in the list")
+
+
+SCIM_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+SCIM_GROUP = ["urn:ietf:params:scim:schemas:core:2.0:Group",
+              "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"]
+SCIM_PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+
+
+def test_groups_pushed_over_scim_show_their_last_sync(console, org):
+    users = {}
+    for name in ("alice@contoso.com", "bob@contoso.com"):
+        users[name] = org.scim("POST", "/Users", {"schemas": [SCIM_USER], "userName": name, "active": True,
+                                                  "externalId": str(uuid.uuid4())})["id"]
+    platform = org.scim("POST", "/Groups", {"schemas": SCIM_GROUP, "displayName": "Contoso-Platform",
+                                            "externalId": "7b0c2f4e-0d1a-4e5b-9c3d-1a2b3c4d5e66",
+                                            "members": []})["id"]
+    org.scim("PATCH", f"/Groups/{platform}", {"schemas": [SCIM_PATCH], "Operations": [
+        {"op": "Add", "path": "members", "value": [{"value": users["alice@contoso.com"]},
+                                                   {"value": users["bob@contoso.com"]}]}]})
+    security = org.scim("POST", "/Groups", {"schemas": SCIM_GROUP, "displayName": "Contoso-Security",
+                                            "externalId": "2e3f4a5b-6c7d-4e8f-9a0b-1c2d3e4f5a77",
+                                            "members": []})["id"]
+    # A rename onto a name in use fails; the group keeps the failure on record.
+    org.scim("PATCH", f"/Groups/{security}", {"schemas": [SCIM_PATCH], "Operations": [
+        {"op": "Replace", "path": "displayName", "value": "contoso-platform"}]}, want=(409,))
+
+    console.sign_in()
+    console.wait_heading("User groups")
+    console.field("Search user groups").send_keys("contoso-")
+    console.wait(lambda: len(console.table_rows("groups-table")) == 2, "the two pushed groups")
+    rows = {r.find_element(By.CSS_SELECTOR, "th a").text: r for r in console.table_rows("groups-table")}
+    ok, failed = rows["Contoso-Platform"], rows["Contoso-Security"]
+    assert "Entra ID (SCIM)" in ok.text and "7b0c2f4e-0d1a-4e5b-9c3d-1a2b3c4d5e66" in ok.text
+    assert "+2 members · succeeded" in ok.find_element(By.CSS_SELECTOR, ".outcome.ok").text
+    assert ok.find_element(By.CSS_SELECTOR, "td.num").text == "2"
+    reason = failed.find_element(By.CSS_SELECTOR, ".outcome.failed").text
+    assert "failed: 409" in reason, reason
+    ok.find_element(By.LINK_TEXT, "Contoso-Platform").click()
+    console.wait_heading("Contoso-Platform")
+    assert [r.text for r in console.table_rows("members-table")] == [
+        "alice@contoso.com user active", "bob@contoso.com user active"]
+    assert not console.finds("#nested-warning")
 
 
 def test_edit_and_delete_a_rule(console, org):

@@ -30,11 +30,13 @@ function lastSync(g) {
     return g.source === "manual" ? h("span", { class: "muted" }, "not synced (added by hand)")
                                  : h("span", { class: "muted" }, "never");
   }
+  // The outcome is "ok", or the error the directory's request got back
+  // (e.g. "409 ..."), kept so an administrator sees why a sync failed.
   const ok = (s.outcome || "").toLowerCase() === "ok";
   return h("div", {},
     time(s.at),
     h("div", { class: ok ? "outcome ok" : "outcome failed" },
-      s.operation ? `${s.operation}: ` : "", ok ? "succeeded" : (s.outcome || "unknown outcome")));
+      s.operation ? `${s.operation} · ` : "", ok ? "succeeded" : `failed: ${s.outcome || "no reason given"}`));
 }
 
 function ruleLinks(rules) {
