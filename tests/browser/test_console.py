@@ -381,14 +381,35 @@ def test_workloads_show_whether_a_change_reached_the_fleet(console, org):
     rows = {r.get_attribute("data-workload"): r.text for r in console.table_rows("workloads-table")}
     assert "current" in rows["host-a.contoso.com"] and "127.0.0.1" in rows["host-a.contoso.com"]
     assert "behind by 1 version" in rows["build-07"]
-    assert console.find("#workloads-summary").text == f"1 of 2 workloads enforce the current policy version {v}."
+    assert console.find("#workloads-summary").text == f"Policy version {v} is enforced by 1 of 2 workloads."
     console.screenshot("console-workloads")
 
     # build-07 catches up; Refresh shows it.
     fetch("build-07", v)
     console.d.find_element(By.XPATH, "//button[normalize-space()='Refresh']").click()
     console.wait(lambda: console.find("#workloads-summary").text
-                 == f"2 of 2 workloads enforce the current policy version {v}.", "both current")
+                 == f"Policy version {v} is enforced by 2 of 2 workloads.", "both current")
+    assert all("current" in r.text for r in console.table_rows("workloads-table"))
+
+
+def test_a_large_group_pages_its_members(console, org):
+    staff = [f"user{i:03d}@contoso.com" for i in range(120)]
+    ids = org.seed(groups={"All-Staff": staff, "Managers": []}, nested={"All-Staff": ["Managers"]})
+    console.sign_in()
+    console.go(f"#/groups/{ids['All-Staff']}", "All-Staff")
+    assert console.find("#members-heading").text == "Immediate members (121)"
+    names = lambda: [r.find_element(By.CSS_SELECTOR, "th").text for r in console.table_rows("members-table")]
+    assert names() == staff[:50]
+    assert "Has 1 group among its members." in console.find("#nested-warning").text
+    pager = console.find("nav[aria-label='Pages of members']")
+    assert "Page 1 of 3" in pager.text
+    console.find("#members button[data-page=next]").click()
+    console.wait(lambda: names() == staff[50:100], "the second page")
+    assert console.focused().get_attribute("data-page") == "next"
+    console.find("#members button[data-page=last]").click()
+    # Users by name, then the groups among the members.
+    console.wait(lambda: names() == staff[100:] + ["Managers"], "the last page")
+    assert console.focused().get_attribute("data-page") == "previous"
 
 
 def _bulk_groups(org, n: int) -> None:

@@ -54,8 +54,8 @@ export class FieldErrors {
       error.textContent = "";
       if (control) {
         control.removeAttribute("aria-invalid");
-        const hint = control.getAttribute("aria-describedby")?.split(" ").filter((x) => x !== error.id);
-        if (hint && hint.length) control.setAttribute("aria-describedby", hint.join(" "));
+        const rest = (control.getAttribute("aria-describedby") || "").split(" ").filter((x) => x && x !== error.id);
+        if (rest.length) control.setAttribute("aria-describedby", rest.join(" "));
         else control.removeAttribute("aria-describedby");
       }
     }
@@ -101,7 +101,9 @@ export class FieldErrors {
     replace(this.summary,
       h("h2", {}, capitalize(err.message)),
       items.length ? h("ul", {}, items) : null);
-    this.summary.hidden = !this.withSummary && items.length > 0 && items.length === this.shown.length;
+    // Without a summary, it still shows what no field could take.
+    const placedAll = items.length > 0 && items.length === this.shown.length;
+    this.summary.hidden = !this.withSummary && placedAll;
     return first;
   }
 }

@@ -90,7 +90,7 @@ export async function list(ctx) {
 
   const searchInput = h("input", {
     id: "group-search", type: "search", name: "q", autocomplete: "off", spellcheck: "false",
-    "aria-describedby": "group-search-hint", "aria-controls": "groups-table",
+    "aria-describedby": "group-search-hint", "aria-controls": "groups-results",
   });
   searchInput.value = q;
   const summary = h("p", { id: "groups-summary", class: "summary", "aria-live": "polite" });
@@ -100,7 +100,6 @@ export async function list(ctx) {
   async function load({ focusPager = null } = {}) {
     if (controller) controller.abort();
     controller = new AbortController();
-    const started = performance.now();
     results.setAttribute("aria-busy", "true");
     let data;
     try {
@@ -123,7 +122,6 @@ export async function list(ctx) {
       ? `Showing ${num(first)}–${num(last)} of ${plural(data.total, "user group", "user groups")}${q ? ` matching “${q}”` : ""}`
       : (q ? `No user group matches “${q}”.` : "No user groups yet. Assign groups to the Entra ID provisioning app, or add one below.");
     summary.dataset.total = String(data.total);
-    summary.dataset.ms = String(Math.round(performance.now() - started));
     replace(results, data.items.length ? h("table", { id: "groups-table", class: "data" },
       h("caption", { class: "visually-hidden" }, "User groups"),
       h("thead", {}, h("tr", {},

@@ -16,7 +16,7 @@ export async function view(ctx) {
     if (!ctx.current()) return;
     const current = data.items.filter((w) => w.current).length;
     summary.textContent = data.items.length
-      ? `${num(current)} of ${plural(data.items.length, "workload", "workloads")} enforce${data.items.length === 1 && current === 1 ? "s" : ""} the current policy version ${num(data.policy_version)}.`
+      ? `Policy version ${num(data.policy_version)} is enforced by ${num(current)} of ${plural(data.items.length, "workload", "workloads")}.`
       : "No workload has fetched the policy yet. Point ausd at this server (policy: https://…/api/orgs/<org>/bundle).";
     summary.className = `summary ${data.items.length && current === data.items.length ? "ok" : ""}`;
     replace(table, data.items.length ? h("table", { class: "data", id: "workloads-table" },
