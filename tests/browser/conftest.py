@@ -176,11 +176,6 @@ class Browser:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
-        # Chromium's helpers outlive the browser process by a moment; as
-        # their subreaper this process collects them instead of leaving
-        # zombies to an init that may not reap.
-        _set_child_subreaper()
-
         self.profile = tempfile.mkdtemp(prefix="aus-console-chromium-")
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
@@ -199,31 +194,7 @@ class Browser:
             if proc is not None:
                 _end(proc, grace=5)
             self._end_strays()
-            self._reap()
             shutil.rmtree(self.profile, ignore_errors=True)
-
-    def _reap(self) -> None:
-        """Collect the exited Chromium helpers handed to us as subreaper."""
-        deadline = time.monotonic() + 5
-        while True:
-            zombies = []
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
-                try:
-                    stat = Path(f"/proc/{pid}/stat").read_text()
-                except OSError:
-                    continue
-                comm_end = stat.rindex(")")
-                state, ppid = stat[comm_end + 2:].split()[:2]
-                if int(ppid) == os.getpid() and "chrom" in stat[:comm_end]:
-                    if state == "Z":
-                        with contextlib.suppress(ChildProcessError):
-                            os.waitpid(int(pid), os.WNOHANG)
-                    zombies.append(pid)
-            if not zombies or time.monotonic() > deadline:
-                return
-            time.sleep(0.1)
 
     def _end_strays(self) -> None:
         # Chromium helpers that outlived chromedriver: found by our profile dir.
@@ -237,14 +208,6 @@ class Browser:
             if self.profile.encode() in cmd:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-
-
-def _set_child_subreaper() -> None:
-    import ctypes
-
-    PR_SET_CHILD_SUBREAPER = 36
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 @pytest.fixture(scope="session")
