@@ -43,6 +43,7 @@ def test_sign_in_shows_the_servers_message_and_sign_out_forgets_the_key(console,
     console.d.find_element(By.NAME, "token").send_keys(f"{key}:{secret}x" + Keys.ENTER)
     box = console.d.find_element(By.NAME, "token")
     assert console.wait(lambda: console.error_next_to(box), "the sign-in error") == "wrong secret for this API key"
+    console.screenshot("console-sign-in")
     # Focus goes back to the field, so the key can be corrected at once.
     assert console.focused() == box
     console.type(box, "no-colon-here" + Keys.ENTER)
@@ -361,6 +362,12 @@ def test_ip_list_used_as_a_rule_destination(console, org):
     assert bundle["policy"]["ip_lists"] == {"build-farm": ["192.0.2.0/24", "2001:db8:100::/48"]}
     console.click_nav("IP lists")
     console.wait(lambda: "finance-builds" in console.find("#ip-lists-table").text, "the list's rule")
+    console.screenshot("console-ip-lists")
+    # A list in use stays; the server says why.
+    console.find("button[aria-label='Delete build-farm']").click()
+    console.confirm_dialog("Delete")
+    console.wait(lambda: "used by rules finance-builds" in console.status(), "the refusal")
+    assert [l["name"] for l in org.get("/ip-lists")["items"]] == ["build-farm"]
 
 
 def test_workloads_show_whether_a_change_reached_the_fleet(console, org):
