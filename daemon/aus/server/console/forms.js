@@ -191,7 +191,7 @@ export function entryList({ key, legend, noun, hint, values = [], datalist = nul
   };
 }
 
-const SOURCE_NAMES = { scim: "Entra ID", manual: "manual" };
+const SOURCE_NAMES = { scim: "Entra ID", manual: "Manual" };
 export function sourceLabel(source) {
   return SOURCE_NAMES[source] || source;
 }
