@@ -5,7 +5,6 @@ malformed requests, unknown attributes, invalid filters, 404/405/409/412/
 from __future__ import annotations
 
 import pytest
-
 from aus.server.scim import discovery
 
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"

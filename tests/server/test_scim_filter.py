@@ -4,15 +4,24 @@ compilation, without a database."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy.dialects import postgresql, sqlite
-
 from aus.server.scim.errors import ScimError
 from aus.server.scim.filter import (
-    And, AttrPath, Compare, FilterError, Match, Not, Or, PatchPath, Present, evaluate,
-    parse_filter, parse_path,
+    And,
+    AttrPath,
+    Compare,
+    FilterError,
+    Match,
+    Not,
+    Or,
+    PatchPath,
+    Present,
+    evaluate,
+    parse_filter,
+    parse_path,
 )
 from aus.server.scim.query import compile_filter
 from aus.server.scim.resources import GROUP, USER
+from sqlalchemy.dialects import postgresql, sqlite
 
 ENT = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 
@@ -132,7 +141,7 @@ def test_evaluate_on_values():
     home = {"type": "home", "value": "babs@jensen.org"}
     user = {"userName": "bjensen", "emails": [work, home], "name": {"familyName": "Jensen"},
             "meta": {"lastModified": "2011-05-13T04:42:34Z"}, "title": ""}
-    ok = lambda f, obj=user: evaluate(parse_filter(f), obj)  # noqa: E731
+    ok = lambda f, obj=user: evaluate(parse_filter(f), obj)
     # strings compare case-insensitively unless the attribute is caseExact
     assert ok('userName eq "BJensen"') and ok('USERNAME sw "bj"') and ok('userName ew "SEN"')
     assert not evaluate(parse_filter('userName eq "BJensen"'), user, lambda a: True)

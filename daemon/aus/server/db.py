@@ -223,10 +223,13 @@ def make_engine(url: str) -> Engine:
                                pool_size=20, max_overflow=20)
         event.listen(engine, "connect", _sqlite_pragmas)
         # Take the write lock at BEGIN, so a transaction that reads then
-        # writes never fails on lock upgrade ("database is locked").
+        # writes never fails on lock upgrade ("database is locked"); one
+        # begun with execution option read_only=True takes none (WAL readers
+        # run beside the writer).
         @event.listens_for(engine, "begin")
         def _begin_immediate(conn):  # noqa: ANN001
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = conn.get_execution_options().get("read_only")
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]

@@ -27,8 +27,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
 from .errors import INVALID_FILTER, INVALID_PATH, ScimError
 
@@ -87,19 +88,19 @@ class Present:
 
 @dataclass(frozen=True)
 class And:
-    left: "Node"
-    right: "Node"
+    left: Node
+    right: Node
 
 
 @dataclass(frozen=True)
 class Or:
-    left: "Node"
-    right: "Node"
+    left: Node
+    right: Node
 
 
 @dataclass(frozen=True)
 class Not:
-    expr: "Node"
+    expr: Node
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,11 @@ class Match:
     ``filter``, whose attribute paths are relative to that value."""
 
     attr: AttrPath
-    filter: "Node"
+    filter: Node
     pos: int = 0
 
 
-Node = Union[Compare, Present, And, Or, Not, Match]
+Node = Compare | Present | And | Or | Not | Match
 
 
 @dataclass(frozen=True)
@@ -378,10 +379,10 @@ def _as_datetime(v: Any) -> dt.datetime | None:
     if not isinstance(v, str):
         return None
     try:
-        d = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+        d = dt.datetime.fromisoformat(v)
     except ValueError:
         return None
-    return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
+    return d if d.tzinfo else d.replace(tzinfo=dt.UTC)
 
 
 def compare(actual: Any, op: str, expected: Any, case_exact: bool) -> bool:

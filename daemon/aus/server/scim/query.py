@@ -19,7 +19,8 @@ true for resources that lack the attribute, as the in-memory evaluator has it.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import and_, false, func, literal, not_, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
@@ -44,8 +45,8 @@ def _like(value: str, op: str) -> str:
 def _datetime(value: Any, node) -> dt.datetime:
     if isinstance(value, str):
         try:
-            d = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-            return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
+            d = dt.datetime.fromisoformat(value)
+            return d if d.tzinfo else d.replace(tzinfo=dt.UTC)
         except ValueError:
             pass
     raise _fail(f"{value!r} is not a dateTime (e.g. \"2024-05-01T12:00:00Z\")", node)
@@ -75,17 +76,29 @@ def text_cmp(expr, op: str, value: Any, case_exact: bool, nullable: bool = True,
         lhs, rhs = expr, literal(value)
     else:
         lhs, rhs = func.lower(expr), func.lower(literal(value))
-    if op == "eq":
-        cmp = lhs == rhs
-    elif op == "ne":
+    if op == "ne":
         cmp = lhs != rhs
         return or_(expr.is_(None), cmp) if nullable else cmp
-    elif op in ("co", "sw", "ew"):
+    if op in ("co", "sw", "ew"):
         pat = literal(_like(value, op))
         cmp = lhs.like(pat if case_exact else func.lower(pat), escape="\\")
     else:
-        cmp = {"gt": lhs > rhs, "ge": lhs >= rhs, "lt": lhs < rhs, "le": lhs <= rhs}[op]
+        cmp = _ordered(lhs, op, rhs)
     return and_(expr.isnot(None), cmp) if nullable else cmp
+
+
+def _ordered(lhs, op: str, rhs) -> ColumnElement:
+    if op == "eq":
+        return lhs == rhs
+    if op == "ne":
+        return lhs != rhs
+    if op == "gt":
+        return lhs > rhs
+    if op == "ge":
+        return lhs >= rhs
+    if op == "lt":
+        return lhs < rhs
+    return lhs <= rhs
 
 
 def key_cmp(col, op: str, value: Any, node=None) -> ColumnElement:
@@ -99,8 +112,7 @@ def key_cmp(col, op: str, value: Any, node=None) -> ColumnElement:
     v = fold(value)
     if op in ("co", "sw", "ew"):
         return col.like(_like(v, op), escape="\\")
-    return {"eq": col == v, "ne": col != v, "gt": col > v, "ge": col >= v,
-            "lt": col < v, "le": col <= v}[op]
+    return _ordered(col, op, v)
 
 
 def bool_cmp(expr, op: str, value: Any, nullable: bool, node=None) -> ColumnElement:
@@ -119,9 +131,7 @@ def time_cmp(col, op: str, value: Any, node=None) -> ColumnElement:
         raise _fail(f"'{op}' does not apply to a dateTime", node)
     if value is None:
         return false() if op == "eq" else true()
-    d = _datetime(value, node)
-    return {"eq": col == d, "ne": col != d, "gt": col > d, "ge": col >= d,
-            "lt": col < d, "le": col <= d}[op]
+    return _ordered(col, op, _datetime(value, node))
 
 
 class Compiler:

@@ -27,7 +27,11 @@ from scim2_models import (
     CaseExact,
     EnterpriseUser,
     Extension,
+)
+from scim2_models import (
     Group as ScimGroup,
+)
+from scim2_models import (
     User as ScimUser,
 )
 
@@ -84,9 +88,9 @@ class AttrDef:
     returned: str = "default"
     uniqueness: str = "none"
     required: bool = False
-    subs: dict[str, "AttrDef"] = field(default_factory=dict)   # casefolded name ->
+    subs: dict[str, AttrDef] = field(default_factory=dict)   # casefolded name ->
 
-    def sub(self, name: str) -> "AttrDef | None":
+    def sub(self, name: str) -> AttrDef | None:
         return self.subs.get(name.casefold())
 
 
@@ -448,8 +452,8 @@ def check_mutable(resolved: Resolved) -> None:
 
 def iso(ts: dt.datetime) -> str:
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=dt.timezone.utc)
-    return ts.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        ts = ts.replace(tzinfo=dt.UTC)
+    return ts.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def etag(version: int) -> str:

@@ -12,24 +12,43 @@ poked after commit. A failed operation on a group is noted on the group
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
 from ..auth import AuthError, token_from_header
 from ..bundle import touch
 from . import discovery, store
-from .errors import INVALID_SYNTAX, ScimError, ScimResponse, ScimRoute, bad_request, not_found
+from .errors import (
+    INVALID_SYNTAX,
+    ScimError,
+    ScimResponse,
+    ScimRoute,
+    bad_request,
+    not_found,
+)
 from .filter import parse_filter
-from .patch import _member_values, member_ops, normalize
 from .patch import apply as apply_patch
-from .resources import GROUP, LIST_RESPONSE, USER, Kind, Projection, accept, etag, render
+from .patch import member_ops, member_values, normalize, summary
+from .resources import (
+    GROUP,
+    LIST_RESPONSE,
+    USER,
+    Kind,
+    Projection,
+    accept,
+    etag,
+    render,
+)
 
 router = APIRouter(prefix="/scim/orgs/{org_id}", route_class=ScimRoute)
 fallback = APIRouter(route_class=ScimRoute)
@@ -50,6 +69,24 @@ class Ctx:
 
     def poke(self) -> None:
         self.request.app.state.bundles.poke()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction: on SQLite it takes no write lock, so
+        lookups run beside writes (WAL)."""
+        with self.sessions() as s:
+            s.connection(execution_options={"read_only": True})
+            yield s
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Session]:
+        """One write transaction. On SQLite, writers of this process queue
+        on a lock first: they wake as soon as the writer before them
+        commits, instead of polling the database lock."""
+        lock = self.request.app.state.scim_write_lock
+        with lock if lock is not None else contextlib.nullcontext(), \
+                self.sessions.begin() as s:
+            yield s
 
 
 def _ctx(request: Request, org_id: str) -> Ctx:
@@ -140,6 +177,10 @@ def _views(s, ctx: Ctx, kind: Kind, rows: list, proj: Projection) -> list[dict]:
     return out
 
 
+def _view(s, ctx: Ctx, kind: Kind, row, proj: Projection) -> dict:
+    return _views(s, ctx, kind, [row], proj)[0]
+
+
 def _resource_response(view: dict, status: int = 200, location: bool = False) -> Response:
     headers = {"ETag": view["meta"]["version"]} if "meta" in view else {}
     if location and "meta" in view:
@@ -164,7 +205,7 @@ def _list(request: Request, org_id: str, kind: Kind) -> Response:
     start = max(1, _int_param(ctx, "startIndex", 1))
     count = min(max(0, _int_param(ctx, "count", discovery.DEFAULT_PAGE)), discovery.MAX_PAGE)
     proj = _projection(ctx, kind)
-    with ctx.sessions() as s:
+    with ctx.reading() as s:
         total, rows = store.search(s, kind, ctx.org, node, start, count)
         resources = _views(s, ctx, kind, rows, proj)
     return _list_response(resources, total, start)
@@ -173,7 +214,7 @@ def _list(request: Request, org_id: str, kind: Kind) -> Response:
 def _get(request: Request, org_id: str, kind: Kind, rid: str) -> Response:
     ctx = _ctx(request, org_id)
     proj = _projection(ctx, kind)
-    with ctx.sessions() as s:
+    with ctx.reading() as s:
         row = (store.get_user if kind is USER else store.get_group)(s, ctx.org, rid)
         inm = request.headers.get("if-none-match")
         if inm and etag(row.version).removeprefix("W/") in [
@@ -207,15 +248,13 @@ def get_group(request: Request, org_id: str, group_id: str) -> Response:
 # Users: writes
 
 
-
-
 @router.post("/Users")
 def create_user(request: Request, org_id: str, body: bytes = Depends(read_body)) -> Response:
     ctx = _ctx(request, org_id)
     proj = _projection(ctx, USER)
     doc = accept(USER, _json(body))
     try:
-        with ctx.sessions.begin() as s:
+        with ctx.writing() as s:
             row = store.create_user(s, ctx.org, doc)
             touch(s, ctx.org)
             view = _view(s, ctx, USER, row, proj)
@@ -225,39 +264,16 @@ def create_user(request: Request, org_id: str, body: bytes = Depends(read_body))
     return _resource_response(view, 201, location=True)
 
 
-@router.put("/Users/{user_id}")
-def replace_user(request: Request, org_id: str, user_id: str,
-                 body: bytes = Depends(read_body)) -> Response:
-    ctx = _ctx(request, org_id)
-    proj = _projection(ctx, USER)
-    doc = accept(USER, _json(body))
-    try:
-        with ctx.sessions.begin() as s:
-            row = store.get_user(s, ctx.org, user_id, lock=True)
-            _check_if_match(ctx, row.version)
-            store.save_user(s, row, doc)
-            touch(s, ctx.org)
-            view = _view(s, ctx, USER, row, proj)
-    except IntegrityError as exc:
-        raise store.integrity_conflict(exc, USER) from None
-    ctx.poke()
-    return _resource_response(view)
-
-
-@router.patch("/Users/{user_id}")
-def patch_user(request: Request, org_id: str, user_id: str,
-               body: bytes = Depends(read_body)) -> Response:
-    ctx = _ctx(request, org_id)
-    proj = _projection(ctx, USER)
-    ops = normalize(USER, _json(body))
+def _write_user(ctx: Ctx, user_id: str, proj: Projection, change: Callable[[Any], dict]) -> Response:
+    """Lock the user, check If-Match, store ``change(row)`` if it differs."""
     changed = False
     try:
-        with ctx.sessions.begin() as s:
+        with ctx.writing() as s:
             row = store.get_user(s, ctx.org, user_id, lock=True)
             _check_if_match(ctx, row.version)
-            doc = apply_patch(USER, row.doc, ops)
+            doc = change(row)
             if doc != row.doc:
-                store.save_user(s, row, doc)
+                row = store.save_user(s, ctx.org, row, doc)
                 touch(s, ctx.org)
                 changed = True
             view = _view(s, ctx, USER, row, proj)
@@ -268,13 +284,29 @@ def patch_user(request: Request, org_id: str, user_id: str,
     return _resource_response(view)
 
 
+@router.put("/Users/{user_id}")
+def replace_user(request: Request, org_id: str, user_id: str,
+                 body: bytes = Depends(read_body)) -> Response:
+    ctx = _ctx(request, org_id)
+    proj = _projection(ctx, USER)
+    doc = accept(USER, _json(body))
+    return _write_user(ctx, user_id, proj, lambda row: doc)
+
+
+@router.patch("/Users/{user_id}")
+def patch_user(request: Request, org_id: str, user_id: str,
+               body: bytes = Depends(read_body)) -> Response:
+    ctx = _ctx(request, org_id)
+    proj = _projection(ctx, USER)
+    ops = normalize(USER, _json(body))
+    return _write_user(ctx, user_id, proj, lambda row: apply_patch(USER, row.doc, ops))
+
+
 @router.delete("/Users/{user_id}")
 def delete_user(request: Request, org_id: str, user_id: str) -> Response:
     ctx = _ctx(request, org_id)
-    with ctx.sessions.begin() as s:
-        row = store.get_user(s, ctx.org, user_id, lock=True)
-        _check_if_match(ctx, row.version)
-        store.delete_user(s, ctx.org, user_id)
+    with ctx.writing() as s:
+        _check_if_match(ctx, store.delete_user(s, ctx.org, user_id))
         touch(s, ctx.org)
     ctx.poke()
     return Response(status_code=204)
@@ -291,34 +323,32 @@ def _group_write(ctx: Ctx, group_id: str, op: str, work: Callable[[Any, Any], An
     the failure on the group (when it exists) after the rollback."""
     try:
         prepared = prepare()
-        with ctx.sessions.begin() as s:
+        with ctx.writing() as s:
             result = work(s, prepared)
     except ScimError as exc:
         if exc.status != 404:
-            store.record_sync_failure(ctx.sessions, ctx.org, group_id, op,
-                                      f"{exc.status} {exc.detail}")
+            _record_failure(ctx, group_id, op, f"{exc.status} {exc.detail}")
         raise
     except IntegrityError as exc:
         err = store.integrity_conflict(exc, GROUP)
-        store.record_sync_failure(ctx.sessions, ctx.org, group_id, op,
-                                  f"{err.status} {err.detail}")
+        _record_failure(ctx, group_id, op, f"{err.status} {err.detail}")
         raise err from None
     except Exception as exc:
-        store.record_sync_failure(ctx.sessions, ctx.org, group_id, op,
-                                  f"500 internal error ({type(exc).__name__})")
+        _record_failure(ctx, group_id, op, f"500 internal error ({type(exc).__name__})")
         raise
     ctx.poke()
     return result
 
 
-def _view(s, ctx: Ctx, kind: Kind, row, proj: Projection) -> dict:
-    return _views(s, ctx, kind, [row], proj)[0]
+def _record_failure(ctx: Ctx, group_id: str, op: str, outcome: str) -> None:
+    with ctx.writing() as s:
+        store.record_sync_failure(s, ctx.org, group_id, op, outcome)
 
 
 def _split_members(doc: dict) -> list[dict] | None:
     members = doc.pop("members", None)
     if members is not None:
-        _member_values(members)          # each needs a "value"
+        member_values(members)           # each needs a "value"
     return members
 
 
@@ -329,7 +359,7 @@ def create_group(request: Request, org_id: str, body: bytes = Depends(read_body)
     doc = accept(GROUP, _json(body))
     members = _split_members(doc)
     try:
-        with ctx.sessions.begin() as s:
+        with ctx.writing() as s:
             row = store.create_group(s, ctx.org, doc)
             if members:
                 store.replace_members(s, ctx.org, row.id, members)
@@ -353,13 +383,12 @@ def replace_group(request: Request, org_id: str, group_id: str,
 
     def work(s, prepared):
         doc, members = prepared
-        row = store.get_group(s, ctx.org, group_id, lock=True)
-        _check_if_match(ctx, row.version)
-        store.save_group(s, row, doc)
+        row = store.begin_group_write(s, ctx.org, group_id, "replace")
+        _check_if_match(ctx, row.version - 1)
+        row = store.save_group(s, ctx.org, row, doc)
         # members left out of a PUT are not asserted (RFC 7644 §3.5.1): they stay
         if members is not None:
             store.replace_members(s, ctx.org, row.id, members)
-        store.mark_group(s, row, "replace")
         touch(s, ctx.org)
         return _view(s, ctx, GROUP, row, proj)
 
@@ -379,16 +408,13 @@ def patch_group(request: Request, org_id: str, group_id: str,
 
     def work(s, prepared):
         ops, mops = prepared
-        row = store.get_group(s, ctx.org, group_id, lock=True)
-        _check_if_match(ctx, row.version)
-        doc = apply_patch(GROUP, row.doc, ops)
-        if doc != row.doc:
-            store.save_group(s, row, doc)
-        added, removed = store.apply_members(s, ctx.org, row.id, mops)
-        what = "update"
-        if mops:
-            what += f" (+{added} -{removed} members)"
-        store.mark_group(s, row, what)
+        row = store.begin_group_write(s, ctx.org, group_id, summary(ops, mops))
+        _check_if_match(ctx, row.version - 1)
+        if any(not op.is_members for op in ops):
+            doc = apply_patch(GROUP, row.doc, ops)
+            if doc != row.doc:
+                row = store.save_group(s, ctx.org, row, doc)
+        store.apply_members(s, ctx.org, group_id, mops)
         touch(s, ctx.org)
         return _view(s, ctx, GROUP, row, proj) if shown else None
 
@@ -402,9 +428,7 @@ def delete_group(request: Request, org_id: str, group_id: str) -> Response:
     ctx = _ctx(request, org_id)
 
     def work(s, _prepared):
-        row = store.get_group(s, ctx.org, group_id, lock=True)
-        _check_if_match(ctx, row.version)
-        store.delete_group(s, ctx.org, group_id)
+        _check_if_match(ctx, store.delete_group(s, ctx.org, group_id))
         touch(s, ctx.org)
 
     _group_write(ctx, group_id, "delete", work)
@@ -487,5 +511,7 @@ def unknown(request: Request, rest: str) -> Response:
 
 
 def install(app: FastAPI) -> None:
+    sqlite = app.state.engine.dialect.name == "sqlite"
+    app.state.scim_write_lock = threading.Lock() if sqlite else None
     app.include_router(router, tags=["scim"])
     app.include_router(fallback)
