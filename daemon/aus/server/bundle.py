@@ -156,6 +156,7 @@ class BundleService:
         self._cond: asyncio.Condition | None = None
         self._poke: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._checkins: dict[tuple[str, str], tuple[int, str, dt.datetime]] = {}
         self._checkin_lock = threading.Lock()
 
@@ -166,12 +167,12 @@ class BundleService:
         self._task = asyncio.create_task(self._loop(), name="bundle-service")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # The loop also checks _stopping: a cancellation that lands as a
+            # wait completes can be lost, and shutdown must not hang on it.
+            await asyncio.wait({self._task}, timeout=5)
 
     def poke(self) -> None:
         """A write just committed: rebuild without waiting for the next tick."""
@@ -181,10 +182,11 @@ class BundleService:
                 loop.call_soon_threadsafe(self._poke.set)
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                await asyncio.wait_for(self._poke.wait(), timeout=self.interval)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.interval):
+                    await self._poke.wait()
+            except TimeoutError:
                 pass
             self._poke.clear()
             try:
@@ -294,8 +296,9 @@ class BundleService:
                 if left <= 0:
                     return None
                 try:
-                    await asyncio.wait_for(self._cond.wait(), timeout=left)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(left):
+                        await self._cond.wait()
+                except TimeoutError:
                     return None
 
 
