@@ -253,3 +253,10 @@ def test_payload_cap(server, monkeypatch):
     r = server.client.post(f"{server.scim}/Users", headers=server.bearer(), json={
         "schemas": [CORE_USER], "userName": "x" * 2000})
     assert "larger than 1000 bytes" in scim_error(r, 413)
+
+
+def test_tenant_url_with_trailing_slash(server):
+    # Tenant URL "https://<server>/scim/orgs/1/" with "/Users" appended
+    r = server.client.get(f"{server.scim}//Users", headers=server.bearer(),
+                          params={"filter": 'userName eq "nobody"'})
+    assert r.status_code == 200 and r.json()["totalResults"] == 0

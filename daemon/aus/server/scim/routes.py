@@ -510,7 +510,26 @@ def unknown(request: Request, rest: str) -> Response:
                     f"/scim/orgs/<org id>/")
 
 
+class _CollapseSlashes:
+    """``/scim/orgs/1//Users`` -> ``/scim/orgs/1/Users``: the Tenant URL is
+    entered with a trailing slash, and a client that appends "/Users" to it
+    must still reach the endpoint."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path.startswith("/scim/") and "//" in path:
+                scope = dict(scope)
+                scope["path"] = re.sub("/{2,}", "/", path)
+                scope["raw_path"] = re.sub(b"/{2,}", b"/", scope.get("raw_path") or path.encode())
+        await self.app(scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
+    app.add_middleware(_CollapseSlashes)
     sqlite = app.state.engine.dialect.name == "sqlite"
     app.state.scim_write_lock = threading.Lock() if sqlite else None
     app.include_router(router, tags=["scim"])
