@@ -5,7 +5,7 @@ malformed requests, unknown attributes, invalid filters, 404/405/409/412/
 from __future__ import annotations
 
 import pytest
-from aus.server.scim import discovery
+from aus.server.scim import discovery, store
 
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -260,3 +260,26 @@ def test_tenant_url_with_trailing_slash(server):
     r = server.client.get(f"{server.scim}//Users", headers=server.bearer(),
                           params={"filter": 'userName eq "nobody"'})
     assert r.status_code == 200 and r.json()["totalResults"] == 0
+
+
+def test_unexpected_failure_is_a_scim_500_and_changes_nothing(server, monkeypatch):
+    c, h = server.client, server.bearer()
+    uid = new_user(server)
+    gid = new_group(server)
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(store, "search", broken)
+    detail = scim_error(c.get(f"{server.scim}/Users", headers=h), 500)
+    assert "disk on fire" not in detail
+    monkeypatch.setattr(store, "apply_members", broken)
+    scim_error(c.patch(f"{server.scim}/Groups/{gid}", headers=h, json={
+        "schemas": [PATCH], "Operations": [
+            {"op": "replace", "path": "displayName", "value": "Renamed"},
+            {"op": "add", "path": "members", "value": [{"value": uid}]}]}), 500)
+    monkeypatch.undo()
+    body = c.get(f"{server.scim}/Groups/{gid}", headers=h).json()
+    assert body["displayName"] == "Sales" and body["members"] == []
+    r = c.get(f"{server.api}/groups/{gid}", auth=server.basic())
+    assert r.json()["last_sync"]["outcome"] == "500 internal error (RuntimeError)"

@@ -312,13 +312,17 @@ def test_every_write_moves_the_bundle_generation(server):
     assert generation(server.db_url) == before
 
 
-def test_deleting_a_user_removes_its_memberships(server):
+def test_deletes_leave_no_membership_behind(server):
     c, h = server.client, server.bearer()
     u1, u2 = bulk_users(server.db_url, "1", 2)
     g1 = new_group(server, "a", members=[u1, u2])
-    g2 = new_group(server, "b", members=[u1])
+    g2 = new_group(server, "b", members=[u1, g1])
     assert c.delete(f"{server.scim}/Users/{u1}", headers=h).status_code == 204
-    assert member_ids(server, g1) == {u2} and member_ids(server, g2) == set()
+    assert member_ids(server, g1) == {u2} and member_ids(server, g2) == {g1}
+    assert c.delete(f"{server.scim}/Groups/{g1}", headers=h).status_code == 204
+    assert member_ids(server, g2) == set()
+    with database(server.db_url) as sessions, sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Membership)) == 0
 
 
 def test_pagination(server):
