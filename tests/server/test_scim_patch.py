@@ -117,6 +117,10 @@ def test_filtered_replace_creates_the_value_entra_means(user):
     doc = patched(user, {"op": "Replace", "path": "phoneNumbers[type eq \"mobile\"].value",
                          "value": "+1 555 0100"})
     assert doc["phoneNumbers"] == [{"type": "mobile", "value": "+1 555 0100"}]
+    # a boolean in the filter is stored as one
+    doc = patched(user, {"op": "Replace", "path": "roles[primary eq \"True\"].value",
+                         "value": "Reader"})
+    assert doc["roles"] == [{"primary": True, "value": "Reader"}]
     with pytest.raises(ScimError) as exc:
         patched(user, {"op": "replace", "path": "emails[value co \"nowhere\"].display",
                        "value": "x"})

@@ -327,10 +327,14 @@ def _equal_filter_fields(node: Node) -> dict[str, Any] | None:
 
 
 def _canonical_fields(attr: AttrDef, fields: dict[str, Any]) -> dict[str, Any]:
+    """The filter's values under canonical names and in their types
+    (``roles[primary eq "True"]`` makes ``"primary": true``)."""
     out = {}
     for k, v in fields.items():
         sub = attr.sub(k)
-        out[sub.name if sub else k] = v
+        if sub is None:
+            raise _path_error(f"{attr.name!r} has no sub-attribute {k!r}")
+        out[sub.name] = canon_single(sub, v, f"{attr.name}.{sub.name}")
     return out
 
 
