@@ -20,6 +20,7 @@ import yaml
 from aus.config import cgroup2_root
 from aus.loader import HOOKS
 
+from ..kernel.lab import wait_until
 from . import container
 from .conftest import POLICY, REPO
 
@@ -63,17 +64,6 @@ def cap_mask(names) -> int:
     return sum(1 << CAPABILITIES.index(n.lower().removeprefix("cap_")) for n in names)
 
 
-def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def state(m, *props: str) -> dict[str, str]:
     return m.show("ausd", "ActiveState", "SubState", "MainPID", "NRestarts", *props)
 
@@ -114,7 +104,7 @@ def wait_log(m, after: str, text: str, timeout: float = 15) -> str:
     def found():
         log = log_since(m, after)
         return log if text in log else ""
-    return wait_until(found, timeout, f"{text!r} in ausd's journal")
+    return wait_until(found, timeout, interval=0.2, what=f"{text!r} in ausd's journal")
 
 
 def attached(box) -> set[str]:
@@ -233,7 +223,7 @@ def test_watchdog_is_pinged_and_a_silent_daemon_is_restarted(box):
         since = cursor(m)
         m.run("kill", "-STOP", pid)
         s = wait_until(lambda: (s := state(m))["MainPID"] not in ("0", pid)
-                       and s["ActiveState"] == "active" and s, 30, "a restarted ausd")
+                       and s["ActiveState"] == "active" and s, 30, interval=0.2, what="a restarted ausd")
         assert int(s["NRestarts"]) == restarts + 1
         wait_log(m, since, "Watchdog timeout")
     m.systemctl("restart", "ausd")
@@ -259,7 +249,7 @@ def test_kill_9_restarts_ausd_and_enforcement_never_stops(box):
         time.sleep(0.2)
         m.run("kill", "-9", pid)
         s = wait_until(lambda: (s := state(m))["MainPID"] not in ("0", pid)
-                       and s["ActiveState"] == "active" and s, 60, "a restarted ausd")
+                       and s["ActiveState"] == "active" and s, 60, interval=0.2, what="a restarted ausd")
         time.sleep(0.2)
     finally:
         stop.set()
@@ -287,7 +277,7 @@ def test_reload_rereads_the_policy_in_the_same_process(box):
     try:
         m.systemctl("reload", "ausd")
         after = wait_until(lambda: (p := m.ausctl_json("status")["policy"])["version"]
-                           == before["version"] + 1 and p, 15, "the new policy version")
+                           == before["version"] + 1 and p, 15, interval=0.2, what="the new policy version")
         assert after["rules"] == 2 and after["error"] is None
         assert state(m)["MainPID"] == pid
         wait_log(m, since, "SIGHUP: reloading the policy")
@@ -414,7 +404,7 @@ def test_cap_sys_ptrace_is_needed_to_see_sessions_under_hidepid(box, token):
           f"echo {SESSION_UID} > /proc/self/loginuid && exec setpriv --reuid={SESSION_UID} "
           f"--regid={SESSION_UID} --clear-groups sleep 600")
     try:
-        wait_until(lambda: active_users(m) == 1, 15, "ausd to see the session")
+        wait_until(lambda: active_users(m) == 1, 15, interval=0.2, what="ausd to see the session")
         m.run("mount", "-o", f"remount,hidepid=invisible,gid={SESSION_UID + 1}", "/proc")
         try:
             with dropin(m, "no-sys-ptrace", "CapabilityBoundingSet=~CAP_SYS_PTRACE\n"):
@@ -426,7 +416,7 @@ def test_cap_sys_ptrace_is_needed_to_see_sessions_under_hidepid(box, token):
             m.run("mount", "-o", "remount,hidepid=off,gid=0", "/proc")
     finally:
         m.systemctl("stop", login, check=False)
-    wait_until(lambda: active_users(m) == 0, 15, "the session to end")
+    wait_until(lambda: active_users(m) == 0, 15, interval=0.2, what="the session to end")
 
 
 # ---- stop and uninstall --------------------------------------------------------------
