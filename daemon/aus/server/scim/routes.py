@@ -72,10 +72,11 @@ class Ctx:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
-        """A read-only transaction: on SQLite it takes no write lock, so
-        lookups run beside writes (WAL)."""
+        """A session for reads: on SQLite a read-only transaction (no write
+        lock: lookups run beside writes, WAL); on PostgreSQL autocommit
+        statements (no BEGIN/ROLLBACK round trips)."""
         with self.sessions() as s:
-            s.connection(execution_options={"read_only": True})
+            s.connection(execution_options=self.request.app.state.scim_read_options)
             yield s
 
     @contextlib.contextmanager
@@ -532,5 +533,7 @@ def install(app: FastAPI) -> None:
     app.add_middleware(_CollapseSlashes)
     sqlite = app.state.engine.dialect.name == "sqlite"
     app.state.scim_write_lock = threading.Lock() if sqlite else None
+    app.state.scim_read_options = {"read_only": True} if sqlite else {
+        "isolation_level": "AUTOCOMMIT"}
     app.include_router(router, tags=["scim"])
     app.include_router(fallback)
