@@ -36,7 +36,7 @@ from scim2_models import (
 )
 
 from ..db import fold
-from .errors import INVALID_VALUE, MUTABILITY, ScimError, bad_request
+from .errors import INVALID_VALUE, bad_request
 from .filter import AttrPath
 
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -339,8 +339,6 @@ def accept(kind: Kind, payload: Any) -> dict:
             continue
         if low in _IGNORED and kind.core.get(low) is not None:
             continue
-        if low in ("id", "meta"):
-            continue
         ext = kind.extension(key)
         if ext is not None:
             urn, table = ext
@@ -436,14 +434,6 @@ def group_columns(doc: dict) -> dict:
     sid = doc.get(ENTRA_GROUP, {}).get("onPremisesSecurityIdentifier")
     return {"display_name": name, "display_name_key": fold(name),
             "external_id": doc.get("externalId"), "sid": sid.upper() if sid else None}
-
-
-def check_mutable(resolved: Resolved) -> None:
-    d = resolved.sub or resolved.attr
-    if resolved.attr is not None and resolved.attr.mutability == "readOnly":
-        raise ScimError(400, f"{resolved.name} is read-only", MUTABILITY)
-    if d is not None and d.mutability == "readOnly":
-        raise ScimError(400, f"{resolved.name} is read-only", MUTABILITY)
 
 
 # --------------------------------------------------------------------------
