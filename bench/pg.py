@@ -58,7 +58,11 @@ class PostgresServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("postgres exited: " + self.proc.stderr.read().decode()[-2000:])
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            # Listening comes before accepting queries (recovery, start-up):
+            # wait for an answer, not just a connection.
+            with contextlib.suppress(OSError, subprocess.CalledProcessError):
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                self.psql("SELECT 1")
                 return self
             time.sleep(0.1)
         raise RuntimeError("postgres did not start within 30 s")

@@ -14,6 +14,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 import sys
 
 from ..errors import AusError
@@ -37,6 +38,23 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The socket the workers share. Made with IPPROTO_TCP explicitly:
+    asyncio sets TCP_NODELAY on accepted connections only when the
+    listening socket says TCP, and without it every keep-alive response
+    waits ~40 ms for delayed ACKs."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise AusError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -57,10 +75,16 @@ def serve(args: argparse.Namespace) -> int:
     engine.dispose()
     # Several workers are several replicas on one database: each keeps its
     # long-pollers current from the shared bundles table.
-    uvicorn.run("aus.server.app:app_from_env", factory=True, host=host, port=port,
-                workers=args.workers, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
-                log_level=args.log_level.lower(), access_log=args.access_log,
-                timeout_keep_alive=75, backlog=4096)
+    config = uvicorn.Config("aus.server.app:app_from_env", factory=True, host=host, port=port,
+                            workers=args.workers, ssl_certfile=args.tls_cert,
+                            ssl_keyfile=args.tls_key, log_level=args.log_level.lower(),
+                            access_log=args.access_log, timeout_keep_alive=75, backlog=4096)
+    if config.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, sockets=[_listening_socket(host, port)]).run()
+    else:
+        uvicorn.Server(config).run()
     return 0
 
 
