@@ -85,6 +85,9 @@ def test_plain_http_only_on_loopback(tmp_path):
     assert p.returncode == 2 and "--tls-cert" in p.stderr
     p = subprocess.run(CLI + ["serve", "--listen", "nonsense"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "HOST:PORT" in p.stderr
+    p = subprocess.run(CLI + ["serve", "--db", f"sqlite:///{tmp_path}/s.db", "--workers", "2"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "postgresql://" in p.stderr
 
 
 def test_serves_https_with_the_given_certificate(tmp_path):

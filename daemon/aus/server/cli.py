@@ -67,6 +67,14 @@ def serve(args: argparse.Namespace) -> int:
         print(f"aus-server: plain HTTP is served on loopback only; give --tls-cert and "
               f"--tls-key to listen on {host}", file=sys.stderr)
         return 2
+    url = args.db or os.environ.get("AUS_SERVER_DB") or DEFAULT_DB
+    if args.workers > 1 and url.startswith("sqlite"):
+        # SQLite has one writer at a time; across processes its lock is
+        # polled, and one process's queued writers can starve the other's
+        # past any timeout. Replicas need PostgreSQL.
+        print("aus-server: SQLite serves one worker; use --db postgresql://... for several",
+              file=sys.stderr)
+        return 2
     if args.db:
         os.environ["AUS_SERVER_DB"] = args.db
     # Migrate once here, so worker processes start on an up-to-date schema
