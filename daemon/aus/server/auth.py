@@ -107,6 +107,7 @@ class Verifier:
         if not sep or not key_id or not secret:
             raise AuthError("the credentials must have the form <api_key>:<secret>")
         with self.sessions() as s:
+            s.connection(execution_options={"read_only": True})   # no SQLite write lock
             key = s.get(ApiKey, key_id)
             found = (key.org_id, key.salt, key.secret_hash, key.revoked) if key else None
         if found is None or found[3]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from pathlib import Path
 
 from sqlalchemy import (
@@ -225,11 +226,38 @@ def make_engine(url: str) -> Engine:
         # Take the write lock at BEGIN, so a transaction that reads then
         # writes never fails on lock upgrade ("database is locked"); one
         # begun with execution option read_only=True takes none (WAL readers
-        # run beside the writer).
+        # run beside the writer). Writers of this process queue on a
+        # threading lock first: SQLite's own lock is polled by a sleeping
+        # busy handler, and a poller loses every race to writers woken at
+        # once, past any timeout.
+        writer = threading.Lock()
+
         @event.listens_for(engine, "begin")
         def _begin_immediate(conn):  # noqa: ANN001
-            read_only = conn.get_execution_options().get("read_only")
-            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+            if conn.get_execution_options().get("read_only"):
+                conn.exec_driver_sql("BEGIN")
+                return
+            writer.acquire()
+            conn.info["aus_writer"] = True
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                _end_write(conn.info)
+                raise
+
+        def _end_write(info: dict) -> None:
+            if info.pop("aus_writer", False):
+                writer.release()
+
+        event.listen(engine, "commit", lambda conn: _end_write(conn.info))
+        event.listen(engine, "rollback", lambda conn: _end_write(conn.info))
+        # A connection returned to the pool mid-transaction is rolled back
+        # by the pool itself, without the events above.
+        def _on_reset(_dbapi, record, _reset_state) -> None:
+            _end_write(record.info)
+
+        event.listen(engine.pool, "reset", _on_reset)
+        event.listen(engine.pool, "checkin", lambda _dbapi, record: _end_write(record.info))
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,12 +80,9 @@ class Ctx:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Session]:
-        """One write transaction. On SQLite, writers of this process queue
-        on a lock first: they wake as soon as the writer before them
-        commits, instead of polling the database lock."""
-        lock = self.request.app.state.scim_write_lock
-        with lock if lock is not None else contextlib.nullcontext(), \
-                self.sessions.begin() as s:
+        """One write transaction (on SQLite, writers queue in the engine:
+        aus.server.db.make_engine)."""
+        with self.sessions.begin() as s:
             yield s
 
 
@@ -532,7 +528,6 @@ class _CollapseSlashes:
 def install(app: FastAPI) -> None:
     app.add_middleware(_CollapseSlashes)
     sqlite = app.state.engine.dialect.name == "sqlite"
-    app.state.scim_write_lock = threading.Lock() if sqlite else None
     app.state.scim_read_options = {"read_only": True} if sqlite else {
         "isolation_level": "AUTOCOMMIT"}
     app.include_router(router, tags=["scim"])
