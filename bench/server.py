@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -380,7 +381,8 @@ def markdown(results: list[dict], sz: Sizes, tiny: bool) -> str:
     from .run import machine
 
     lines = ["# aus-server benchmark results", "", f"Machine: {machine()}", "",
-             f"Sizes: {'TINY smoke run, figures mean nothing' if tiny else 'full'}; "
+             f"Sizes: {'TINY smoke run, figures mean nothing' if tiny else 'full'} (initial sync "
+             f"{sz.sync_users:,} users, {sz.sync_groups:,} groups); "
              f"server workers: SQLite 1 (its limit), PostgreSQL {sz.workers}; client connections "
              f"{sz.connections}.", ""]
     lines += ["## SCIM request rate", "",
@@ -403,8 +405,13 @@ def markdown(results: list[dict], sz: Sizes, tiny: bool) -> str:
         s = r["sync"]
         lines.append(f"| {r['db']} | {s['users']} | {s['groups']} | {s['memberships']} | {s['requests']} | "
                      f"{s['errors']} | {s['user_seconds']:.1f} | {s['seconds']:.1f} |")
-        verdicts.append((f"{r['db']}: initial sync <= 300 s", s["seconds"] <= 300 and s["errors"] == 0,
-                         f"{s['seconds']:.0f} s"))
+        # The target is for 100,000 users and 10,000 groups; a smaller run
+        # is judged by its rate, scaled to that size.
+        scale = 100_000 / s["users"]
+        at_full = s["seconds"] * scale
+        label = f"{r['db']}: initial sync <= 300 s" + ("" if scale == 1 else f" (scaled x{scale:g})")
+        verdicts.append((label, at_full <= 300 and s["errors"] == 0,
+                         f"{at_full:.0f} s" + ("" if scale == 1 else f" (measured {s['seconds']:.0f} s)")))
     lines += ["", "## Bundle fan-out", "",
               "| database | daemons | received | p50 s | p99 s | max s |", "|---|---|---|---|---|---|"]
     for r in results:
@@ -427,8 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", default="sqlite,postgresql")
     p.add_argument("--out", default="BENCHMARKS-server-results.md")
     p.add_argument("--json")
+    p.add_argument("--users", type=int, help="initial sync users (default 100,000)")
+    p.add_argument("--groups", type=int, help="initial sync groups (default 10,000)")
     args = p.parse_args(argv)
     sz = TINY if args.tiny else FULL
+    if args.users or args.groups:
+        sz = dataclasses.replace(sz, sync_users=args.users or sz.sync_users,
+                                 sync_groups=args.groups or sz.sync_groups)
     results = [bench_db(kind, sz) for kind in args.db.split(",")]
     text = markdown(results, sz, args.tiny)
     Path(args.out).write_text(text)
