@@ -14,20 +14,4 @@ set -euo pipefail
 PACKAGES=(slapd ldap-utils sssd-ldap libnss-sss libpam-sss pamtester sssd-tools
           python3-libsss-nss-idmap)
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -eq 0 ]; then
-    echo "identity-packages: all installed (${PACKAGES[*]})"
-    exit 0
-fi
-if [ "$(id -u)" != 0 ]; then
-    echo "identity-packages: missing ${missing[*]}; run as root to install" >&2
-    exit 1
-fi
-echo "identity-packages: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-echo "identity-packages: installed ${missing[*]}"
+exec bash "$(dirname "$0")/apt-missing.sh" identity-packages "${PACKAGES[@]}"
