@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aus.config import cgroup2_root
+from aus.agent.config import cgroup2_root
 
 HERE = Path(__file__).resolve().parent
 CLONE_NEWNET = 0x40000000

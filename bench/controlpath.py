@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from aus import control, loader, mapview
+from aus.agent import control, loader, mapview
 
 from . import common
 
@@ -96,7 +96,7 @@ class Daemon:
         passwd, group, nss = self.files
         script = (f"mount --bind {passwd} /etc/passwd && mount --bind {group} /etc/group && "
                   f"mount --bind {nss} /etc/nsswitch.conf && "
-                  f"exec {sys.executable} -m aus.ausd --config {self.config_path}")
+                  f"exec {sys.executable} -m aus.agent.ausd --config {self.config_path}")
         log = open(self.workdir / "ausd.log", "ab")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],

@@ -26,8 +26,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aus import compiler, contract as C, loader, mapsync, state
-from aus.config import DaemonConfig
+from aus.agent import loader, mapsync
+from aus.agent.config import DaemonConfig
+from aus.core import compiler, state
+from aus.core import contract as C
 
 from . import common
 
@@ -90,7 +92,7 @@ def grants_of(users: int, rules: int):
 def setup_aus(cfg: Config, pin_dir: Path) -> loader.Loaded:
     """Load the programs for this cgroup and fill the maps through the
     compiler and planner, exactly as ausd does."""
-    from aus.policy import parse_service
+    from aus.core.policy import parse_service
 
     total = cfg.users * cfg.rules
     dcfg = DaemonConfig(cgroup=cfg.cg, pin_dir=pin_dir, baseline=["127.0.0.0/8"],

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from aus import bpfsys, loader
+from aus.agent import bpfsys, loader
 
 from . import common, datapath
 

@@ -17,11 +17,12 @@ find "$ROOT/usr/lib/aus/python" -name __pycache__ -prune -exec rm -rf {} +
 cp bpf/aus.h bpf/aus.bpf.c "$ROOT/usr/share/aus/bpf/"
 /usr/bin/python3 -m pip install -q --disable-pip-version-check --no-compile \
     --target "$ROOT/usr/lib/aus/vendor" "pydantic>=2.5,<3"
-for tool in ausd ausctl; do
+for tool in ausd:aus.agent.ausd ausctl:aus.cli.ausctl; do
+    module=${tool#*:} tool=${tool%%:*}
     cat > "$ROOT/usr/bin/$tool" <<WRAP
 #!/bin/sh
 export PYTHONPATH=/usr/lib/aus/python:/usr/lib/aus/vendor
-exec /usr/bin/python3 -m aus.$tool "\$@"
+exec /usr/bin/python3 -m $module "\$@"
 WRAP
     chmod 755 "$ROOT/usr/bin/$tool"
 done

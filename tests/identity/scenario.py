@@ -492,7 +492,7 @@ class Scenario:
         # The shipped hook, pointed at this test's ausd: pam_exec passes
         # only the PAM environment, so a wrapper sets AUSCTL.
         hook.write_text("#!/bin/sh\n"
-                        f'AUSCTL="{PYTHON} -m aus.ausctl --config {self.d.config_path}" '
+                        f'AUSCTL="{PYTHON} -m aus.cli.ausctl --config {self.d.config_path}" '
                         f"exec {SHIPPED_HOOK}\n")
         hook.chmod(0o755)
         ta = time.monotonic()

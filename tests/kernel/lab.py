@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from aus import loader, mapview
+from aus.agent import loader, mapview
 from bench import common as bench_common
 
 HERE = Path(__file__).resolve().parent
@@ -192,8 +192,8 @@ class Ausd:
     proc: subprocess.Popen | None = None
     log: list[str] = field(default_factory=list)
     # how to run ausd and ausctl: the source tree's, or an installed one
-    ausd_cmd: tuple[str, ...] = (PYTHON, "-m", "aus.ausd")
-    ausctl_cmd: tuple[str, ...] = (PYTHON, "-m", "aus.ausctl")
+    ausd_cmd: tuple[str, ...] = (PYTHON, "-m", "aus.agent.ausd")
+    ausctl_cmd: tuple[str, ...] = (PYTHON, "-m", "aus.cli.ausctl")
 
     @property
     def socket(self) -> Path:
@@ -311,7 +311,7 @@ def session(d: Ausd, loginuid: int, uid: int | None = None, gid: int | None = No
     `ausctl session open` from a process carrying the same login UID."""
     holder = spawn(["sleep", "600"], loginuid=loginuid, uid=uid, gid=gid)
     try:
-        p = spawn([PYTHON, "-m", "aus.ausctl", "--config", str(d.config_path),
+        p = spawn([PYTHON, "-m", "aus.cli.ausctl", "--config", str(d.config_path),
                    "session", "open", "--json"], loginuid=loginuid,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = p.communicate(timeout=30)

@@ -1,4 +1,4 @@
-"""bpf/aus.h and its Python mirror (aus.contract) describe the same bytes.
+"""bpf/aus.h and its Python mirror (aus.core.contract) describe the same bytes.
 
 Structs and enums are compared with the BTF that bcc produced when it
 compiled the header (sizes, every field's name and offset, every enum
@@ -12,7 +12,8 @@ import subprocess
 
 import pytest
 
-from aus import contract as C, loader
+from aus.agent import loader
+from aus.core import contract as C
 
 pytestmark = pytest.mark.kernel
 
@@ -48,7 +49,7 @@ def btf_types():
 
 
 def _prog_id(fd):
-    from aus import bpfsys
+    from aus.agent import bpfsys
     return bpfsys.prog_info(fd)["id"]
 
 
@@ -83,7 +84,7 @@ def test_defines_match():
     for cname, raw in defines.items():
         if cname.startswith("MAX_") or cname == "H":
             continue  # sizes come from the config as -D flags
-        assert hasattr(C, cname), f"AUS_{cname} has no mirror in aus.contract"
+        assert hasattr(C, cname), f"AUS_{cname} has no mirror in aus.core.contract"
         value = raw.strip()
         if value.startswith('"'):
             parsed = value.strip('"')

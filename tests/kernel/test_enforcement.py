@@ -266,7 +266,7 @@ def test_entry_goes_when_no_process_is_left(daemon, people):
     carol = people[0]["carol"]
     with lab.session(daemon, carol.uid):
         assert carol.uid in [u["login_uid"] for u in daemon.ctl_json("users")["users"]]
-        p = lab.spawn([lab.PYTHON, "-m", "aus.ausctl", "--config", str(daemon.config_path),
+        p = lab.spawn([lab.PYTHON, "-m", "aus.cli.ausctl", "--config", str(daemon.config_path),
                        "session", "close"], loginuid=carol.uid)
         assert p.wait(timeout=30) == 0
         # The session's holder process is still there: the entry stays.
@@ -280,11 +280,11 @@ def test_entry_goes_when_no_process_is_left(daemon, people):
 
 def test_only_root_may_change_ausd(daemon, people):
     carol = people[0]["carol"]
-    p = lab.spawn([lab.PYTHON, "-m", "aus.ausctl", "--config", str(daemon.config_path), "reload"],
+    p = lab.spawn([lab.PYTHON, "-m", "aus.cli.ausctl", "--config", str(daemon.config_path), "reload"],
                   uid=carol.uid, gid=carol.gid, stderr=subprocess.PIPE, text=True)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 1 and "only root" in err
-    p = lab.spawn([lab.PYTHON, "-m", "aus.ausctl", "--config", str(daemon.config_path), "status", "--json"],
+    p = lab.spawn([lab.PYTHON, "-m", "aus.cli.ausctl", "--config", str(daemon.config_path), "status", "--json"],
                   uid=carol.uid, gid=carol.gid, stdout=subprocess.PIPE, text=True)
     out, _ = p.communicate(timeout=30)
     assert p.returncode == 0 and json.loads(out)["daemon"]["running"]
@@ -292,7 +292,7 @@ def test_only_root_may_change_ausd(daemon, people):
 
 def test_flows_follow_streams_new_events(daemon, peer, cg, alice):
     user, _ = alice
-    follower = subprocess.Popen([lab.PYTHON, "-m", "aus.ausctl", "--config", str(daemon.config_path),
+    follower = subprocess.Popen([lab.PYTHON, "-m", "aus.cli.ausctl", "--config", str(daemon.config_path),
                                  "flows", "--follow", "--json", "--limit", "0"],
                                 stdout=subprocess.PIPE, text=True)
     try:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from aus import bpfsys, loader
+from aus.agent import bpfsys, loader
 
 from . import lab
 from .conftest import lab_policy
@@ -107,7 +107,7 @@ def test_second_ausd_on_the_same_pins_refuses(cg, peer, people):
     users, groups = people
     with lab.ausd(cg, lab_policy(peer, groups)) as d:
         d.start()
-        p = subprocess.run([lab.PYTHON, "-m", "aus.ausd", "--config", str(d.config_path)],
+        p = subprocess.run([lab.PYTHON, "-m", "aus.agent.ausd", "--config", str(d.config_path)],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 1
         assert "another ausd is already running on" in p.stderr
@@ -117,7 +117,7 @@ def test_second_ausd_on_the_same_pins_refuses(cg, peer, people):
 
 def test_bad_policy_at_start_is_refused_clearly(cg, peer, people):
     with lab.ausd(cg, "rules:\n  - name: x\n    sources: [NOPE]\n") as d:
-        p = subprocess.run([lab.PYTHON, "-m", "aus.ausd", "--config", str(d.config_path)],
+        p = subprocess.run([lab.PYTHON, "-m", "aus.agent.ausd", "--config", str(d.config_path)],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 1
         assert str(d.policy_path) in p.stderr and "line 3" in p.stderr and "NOPE" in p.stderr

@@ -139,7 +139,7 @@ def test_rule_changes_bump_version_and_shape_the_bundle(server):
     assert r.json()["policy_version"] == v2 + 1
     assert c.get(f"{server.api}/bundle", auth=auth).json()["policy"]["rules"] == []
     # The bundle validates as the daemon's policy model.
-    from aus.policy import Policy
+    from aus.core.policy import Policy
     Policy.model_validate(bundle["policy"])
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import uuid
 
-from aus.server.db import Group, open_database
 from sqlalchemy import select
+
+from aus.server.db import Group, open_database
 
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"

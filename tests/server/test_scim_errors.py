@@ -5,6 +5,7 @@ malformed requests, unknown attributes, invalid filters, 404/405/409/412/
 from __future__ import annotations
 
 import pytest
+
 from aus.server.scim import discovery, store
 
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"

@@ -4,6 +4,8 @@ compilation, without a database."""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy.dialects import postgresql, sqlite
+
 from aus.server.scim.errors import ScimError
 from aus.server.scim.filter import (
     And,
@@ -21,7 +23,6 @@ from aus.server.scim.filter import (
 )
 from aus.server.scim.query import compile_filter
 from aus.server.scim.resources import GROUP, USER
-from sqlalchemy.dialects import postgresql, sqlite
 
 ENT = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 

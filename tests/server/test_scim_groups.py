@@ -12,9 +12,10 @@ import uuid
 
 import httpx
 import uvicorn
+from sqlalchemy import func, insert, select
+
 from aus.server.app import create_app
 from aus.server.db import Group, Membership, Org, User, fold, open_database, utcnow
-from sqlalchemy import func, insert, select
 
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"

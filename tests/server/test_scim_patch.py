@@ -5,6 +5,7 @@ the same result."""
 from __future__ import annotations
 
 import pytest
+
 from aus.server.scim.errors import ScimError
 from aus.server.scim.patch import MemberOp, apply, member_ops, normalize
 from aus.server.scim.resources import ENTERPRISE_USER, GROUP, USER, accept

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aus.config import cgroup2_root
+from aus.agent.config import cgroup2_root
 
 CACHE = Path("/var/cache/aus-tests")
 SUITE = "bookworm"

@@ -17,8 +17,8 @@ import time
 
 import yaml
 
-from aus.config import cgroup2_root
-from aus.loader import HOOKS
+from aus.agent.config import cgroup2_root
+from aus.agent.loader import HOOKS
 
 from ..kernel.lab import wait_until
 from . import container
@@ -159,7 +159,7 @@ def test_systemctl_reports_the_notify_service(box):
     assert s["StatusText"].startswith("enforcing policy version "), s
     pid = int(s["MainPID"])
     # The main PID, whose notifications count, is ausd itself, not a shell.
-    assert "aus.ausd" in m.run("cat", f"/proc/{pid}/cmdline").stdout
+    assert "aus.agent.ausd" in m.run("cat", f"/proc/{pid}/cmdline").stdout
     status = m.ausctl_json("status")
     assert status["daemon"]["running"] and status["daemon"]["pid"] == pid
     assert (status["pin_dir"], status["cgroup"]) == (box.pin_dir, box.cgroup)

@@ -1,4 +1,4 @@
-"""aus.btf: offsets from the running kernel's BTF, and from synthetic blobs."""
+"""aus.agent.btf: offsets from the running kernel's BTF, and from synthetic blobs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from aus import btf
-from aus.errors import ProbeError
+from aus.agent import btf
+from aus.core.errors import ProbeError
 
 VMLINUX = btf.DEFAULT_VMLINUX
 

@@ -9,8 +9,14 @@ import stat
 
 import pytest
 
-from aus.bundle import BUNDLE_FORMAT, bundle_from_bytes, bundle_from_data, read_cache, write_cache
-from aus.errors import PolicyError, PolicySourceError
+from aus.core.bundle import (
+    BUNDLE_FORMAT,
+    bundle_from_bytes,
+    bundle_from_data,
+    read_cache,
+    write_cache,
+)
+from aus.core.errors import PolicyError, PolicySourceError
 
 from .bundle_server import bundle
 

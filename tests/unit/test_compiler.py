@@ -1,4 +1,4 @@
-"""aus.compiler: port blocks, service entries, flattening, lookups, group
+"""aus.core.compiler: port blocks, service entries, flattening, lookups, group
 matching, stable rule ids, and a randomized differential check of whole
 compiled policies against a naive reference."""
 
@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from aus import compiler
-from aus import contract as C
-from aus.compiler import SvcEntry, flatten, lookup, port_blocks, service_entries
-from aus.policy import Policy, ServiceSpec, parse_service, policy_from_text
+from aus.core import compiler
+from aus.core import contract as C
+from aus.core.compiler import SvcEntry, flatten, lookup, port_blocks, service_entries
+from aus.core.policy import Policy, ServiceSpec, parse_service, policy_from_text
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network

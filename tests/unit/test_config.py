@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from aus.config import DaemonConfig, cgroup2_root, load_config
-from aus.errors import ConfigError
+from aus.agent.config import DaemonConfig, cgroup2_root, load_config
+from aus.core.errors import ConfigError
 
 HYBRID_MOUNTS = """\
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0

@@ -8,8 +8,8 @@ import textwrap
 import pytest
 from pydantic import ValidationError
 
-from aus.errors import PolicyError
-from aus.policy import (
+from aus.core.errors import PolicyError
+from aus.core.policy import (
     Policy,
     Rule,
     ServiceSpec,

@@ -15,15 +15,23 @@ import time
 
 import pytest
 
-from aus import ausctl, report
-from aus.ausd import Daemon
-from aus.bundle import bundle_from_bytes, bundle_from_data, read_cache, write_cache
-from aus.config import DaemonConfig
-from aus.errors import ConfigError, PolicyError, PolicySourceError
-from aus.identity import Directory
-from aus.policy import empty_policy
-from aus.policysource import Backoff, Client, Fetched, Poller, Refused, read_credentials
-from aus.state import plan
+from aus.agent import report
+from aus.agent.ausd import Daemon
+from aus.agent.config import DaemonConfig
+from aus.agent.identity import Directory
+from aus.agent.policysource import (
+    Backoff,
+    Client,
+    Fetched,
+    Poller,
+    Refused,
+    read_credentials,
+)
+from aus.cli import ausctl
+from aus.core.bundle import bundle_from_bytes, bundle_from_data, read_cache, write_cache
+from aus.core.errors import ConfigError, PolicyError, PolicySourceError
+from aus.core.policy import empty_policy
+from aus.core.state import plan
 
 from .bundle_server import BundleServer, bundle, self_signed
 
@@ -360,7 +368,7 @@ def test_server_down_then_up(caplog):
     srv = BundleServer(credentials=CREDS, port=port)
     inbox = Inbox()
     p = fast_poller(srv.url, inbox, wait=5)
-    caplog.set_level(logging.DEBUG, logger="aus.policysource")
+    caplog.set_level(logging.DEBUG, logger="aus.agent.policysource")
     p.start()
     try:
         wait_for(lambda: p.status()["failures"] >= 4, what="several retries")

@@ -1,4 +1,4 @@
-"""aus.sessions (active login UIDs) and aus.identity (cached NSS groups),
+"""aus.agent.sessions (active login UIDs) and aus.agent.identity (cached NSS groups),
 with injected clocks and lookups."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from aus import contract as C
-from aus.identity import Directory, UserInfo
-from aus.sessions import Sessions, read_loginuid, scan_loginuids
+from aus.agent.identity import Directory, UserInfo
+from aus.agent.sessions import Sessions, read_loginuid, scan_loginuids
+from aus.core import contract as C
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""aus.state: the planner from actual to desired map state, its model of
+"""aus.core.state: the planner from actual to desired map state, its model of
 the kernel lookups, and the order mapsync applies a plan in."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import random
 
 import pytest
 
-from aus import compiler, mapsync, state
-from aus import contract as C
-from aus.compiler import flatten, service_entries
-from aus.policy import parse_service
-from aus.state import UNMANAGED, Desired, KernelState, Plan, plan
+from aus.agent import mapsync
+from aus.core import compiler, state
+from aus.core import contract as C
+from aus.core.compiler import flatten, service_entries
+from aus.core.policy import parse_service
+from aus.core.state import UNMANAGED, Desired, KernelState, Plan, plan
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network

@@ -22,12 +22,22 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..policy import RULE_NAME_MAX, parse_network, parse_service
-from ..policy import _RULE_NAME_RE as RULE_NAME_RE
-from ..policy import _SID_RE as SID_RE
+from ..core.policy import _RULE_NAME_RE as RULE_NAME_RE
+from ..core.policy import _SID_RE as SID_RE
+from ..core.policy import RULE_NAME_MAX, parse_network, parse_service
 from .auth import AuthError, token_from_header
 from .bundle import parse_if_none_match, touch
-from .db import Group, IpList, Membership, Rule, RuleSource, User, Workload, fold, utcnow
+from .db import (
+    Group,
+    IpList,
+    Membership,
+    Rule,
+    RuleSource,
+    User,
+    Workload,
+    fold,
+    utcnow,
+)
 
 API_PREFIX = "/api/orgs/{org_id}"
 MAX_PAGE = 500

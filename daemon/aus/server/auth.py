@@ -18,7 +18,7 @@ import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import AusError
+from ..core.errors import AusError
 from .db import ApiKey, Org
 
 CACHE_SECONDS = 60.0

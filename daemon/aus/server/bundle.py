@@ -2,7 +2,7 @@
 
 A bundle is the org's rules, the user groups they name and each group's
 active immediate members, in the policy document the daemon validates
-(``aus.policy.Policy``) plus a ``members`` map. Every write bumps the org's
+(``aus.core.policy.Policy``) plus a ``members`` map. Every write bumps the org's
 ``generation``; :class:`BundleService` rebuilds the bundle when the
 generation moved (at most every ``interval`` seconds, so a burst of SCIM
 requests costs one build), and only a bundle whose content changed gets a
@@ -25,9 +25,20 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import PolicyError
-from ..policy import Policy, parse_network
-from .db import Bundle, Group, IpList, Membership, Org, Rule, RuleSource, User, Workload, utcnow
+from ..core.errors import PolicyError
+from ..core.policy import Policy, parse_network
+from .db import (
+    Bundle,
+    Group,
+    IpList,
+    Membership,
+    Org,
+    Rule,
+    RuleSource,
+    User,
+    Workload,
+    utcnow,
+)
 
 log = logging.getLogger("aus.server.bundle")
 FORMAT = 1

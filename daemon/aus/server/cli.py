@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 
-from ..errors import AusError
+from ..core.errors import AusError
 from .db import DEFAULT_DB, open_database
 
 DEFAULT_LISTEN = "127.0.0.1:8443"

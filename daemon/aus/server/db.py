@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from ..errors import AusError
+from ..core.errors import AusError
 
 DEFAULT_DB = "sqlite:////var/lib/aus/aus-server.db"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import time
 
-from . import contract as C
+from ..core import contract as C
 
 
 def _mono_to_wall(ts_ns: int) -> float:

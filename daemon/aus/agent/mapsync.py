@@ -1,5 +1,5 @@
-"""Apply a :class:`~aus.state.Plan` to the pinned maps, and read the maps
-back into a :class:`~aus.state.KernelState`. The thin layer between the
+"""Apply a :class:`~aus.core.state.Plan` to the pinned maps, and read the maps
+back into a :class:`~aus.core.state.KernelState`. The thin layer between the
 pure core and the kernel; the order of operations is the plan's."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from __future__ import annotations
 import ctypes
 import socket
 
-from . import contract as C
+from ..core import contract as C
+from ..core.compiler import SvcEntry
+from ..core.state import ConfigValues, KernelState, Plan
 from .bpfsys import Map
-from .compiler import SvcEntry
-from .state import ConfigValues, KernelState, Plan
 
 
 def _u32(v: int) -> ctypes.c_uint32:

@@ -18,7 +18,7 @@ A policy file::
         services: [web, "8000-8100/tcp", "53/udp", icmp]
 
 Every problem found is reported at once, each with its line and path, as a
-:class:`~aus.errors.PolicyError`. See docs/policy-format.md.
+:class:`~aus.core.errors.PolicyError`. See docs/policy-format.md.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ SERVICE_GRAMMAR = "PORT/PROTO, LO-HI/PROTO (PROTO tcp or udp), tcp, udp, icmp or
 # Context key that makes Policy validation skip its cross-reference checks;
 # the loader runs them itself on the raw data so that they are reported
 # together with every structural problem.
-_SKIP_CROSS = "aus.policy.skip_cross_checks"
+_SKIP_CROSS = "aus.core.policy.skip_cross_checks"
 
 
 # --------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import ipaddress
 import socket
 from pathlib import Path
 
-from . import bpfsys, contract as C, loader
-from .errors import AusError
+from ..core import contract as C
+from ..core.errors import AusError
+from . import bpfsys, loader
 from .mapsync import dst_key, svc_key
 
 COUNTER_FIELDS = ["allowed_packets", "allowed_bytes", "denied_packets", "denied_bytes"]

@@ -31,9 +31,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bpfsys, btf, contract as C
+from ..core import contract as C
+from ..core.errors import BpfError, LockError, ProbeError
+from . import bpfsys, btf
 from .config import DaemonConfig
-from .errors import BpfError, LockError, ProbeError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class PinLayout:
 
 def default_bpf_dir() -> Path:
     """The C sources: the source tree's bpf/, else the installed copy."""
-    tree = Path(__file__).resolve().parents[2] / "bpf"
+    tree = Path(__file__).resolve().parents[3] / "bpf"
     if (tree / BPF_SRC).exists():
         return tree
     return Path("/usr/share/aus/bpf")

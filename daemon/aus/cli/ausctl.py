@@ -17,9 +17,10 @@ import json
 import sys
 import time
 
-from . import __version__, control, flows, loader, mapview
-from .config import DaemonConfig, load_config
-from .errors import AusError, ControlError
+from .. import __version__
+from ..agent import control, flows, loader, mapview
+from ..agent.config import DaemonConfig, load_config
+from ..core.errors import AusError, ControlError
 
 DEFAULT_CONFIG = "/etc/aus/ausd.yaml"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3

@@ -3,7 +3,7 @@
 bcc compiles and loads the programs; everything after that (map reads and
 writes, pins, links) goes through these few wrappers so that ausctl can
 read the pinned maps without a compiler and every failure becomes a
-:class:`~aus.errors.BpfError` naming the object and errno.
+:class:`~aus.core.errors.BpfError` naming the object and errno.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import struct
 from functools import lru_cache
 from typing import Iterator
 
-from .errors import BpfError
+from ..core.errors import BpfError
 
 _NR_BPF = 321  # x86_64; the only architecture the project builds for today
 

@@ -28,19 +28,22 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__, compiler, contract as C, control, flows, loader, mapsync
-from .bundle import Bundle, read_cache, write_cache
+from .. import __version__
+from ..core import compiler
+from ..core import contract as C
+from ..core.bundle import Bundle, read_cache, write_cache
+from ..core.errors import AusError, ConfigError, PolicyError, PolicySourceError
+from ..core.policy import Policy, empty_policy, load_policy
+from ..core.state import UNMANAGED, Desired, KernelState, plan
+from . import control, flows, loader, mapsync
 from .config import DaemonConfig, load_config
-from .errors import AusError, ConfigError, PolicyError, PolicySourceError
 from .identity import Directory, UserInfo
-from .policy import Policy, empty_policy, load_policy
 from .policysource import Fetched, Poller, Refused, load_client, read_credentials
 from .ringbuf import RingBuffer
 from .sdnotify import Notifier
 from .sessions import Sessions, peer_loginuid, scan_loginuids
-from .state import UNMANAGED, Desired, KernelState, plan
 
-log = logging.getLogger("aus.ausd")
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "/etc/aus/ausd.yaml"
 FLOW_HISTORY = 2000

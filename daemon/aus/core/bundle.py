@@ -10,7 +10,7 @@ A bundle is one JSON document::
 ``members`` maps a user group of ``policy.user_groups`` to the userNames
 of its immediate members. Everything is checked before a bundle is used;
 a bad one is refused as a whole with every problem listed by path, as a
-:class:`~aus.errors.PolicyError`. See docs/policy-server-client.md.
+:class:`~aus.core.errors.PolicyError`. See docs/policy-server-client.md.
 """
 
 from __future__ import annotations

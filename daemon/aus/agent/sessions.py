@@ -15,7 +15,7 @@ from typing import Callable
 
 import psutil
 
-from . import contract as C
+from ..core import contract as C
 
 
 def read_loginuid(pid: int) -> int | None:

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ControlError
+from ..core.errors import ControlError
 
 MUTATING = {"reload", "session_open", "session_close"}
 MAX_REQUEST = 64 * 1024

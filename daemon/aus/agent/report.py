@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import time
 
-from . import __version__, bpfsys, contract as C, loader, mapview
+from .. import __version__
+from ..core import contract as C
+from . import bpfsys, loader, mapview
 
 
 def status(d) -> dict:

@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from . import __version__
-from .bundle import MAX_BUNDLE_BYTES, Bundle, bundle_from_bytes
-from .errors import ConfigError, PolicyError, PolicySourceError
+from .. import __version__
+from ..core.bundle import MAX_BUNDLE_BYTES, Bundle, bundle_from_bytes
+from ..core.errors import ConfigError, PolicyError, PolicySourceError
 
-log = logging.getLogger("aus.policysource")
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
 FIRST_CONNECT_TIMEOUT = 3.0   # at start, before READY: do not hold logins up

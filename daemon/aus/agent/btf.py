@@ -19,7 +19,7 @@ import functools
 import os
 import struct as _struct
 
-from aus.errors import ProbeError
+from ..core.errors import ProbeError
 
 DEFAULT_VMLINUX = "/sys/kernel/btf/vmlinux"
 
@@ -191,7 +191,7 @@ def _member(struct: str, member: str, path) -> tuple[_Btf, int, int]:
 def member_offset(struct: str, member: str, path: str = DEFAULT_VMLINUX) -> int:
     """Byte offset of `member` inside `struct` (a STRUCT, not a typedef), following
     anonymous struct/union members recursively (offsets add up). Raises
-    aus.errors.ProbeError with one sentence naming the struct/member and the file
+    aus.core.errors.ProbeError with one sentence naming the struct/member and the file
     when the file is missing/unreadable/malformed or the member is not found, or
     when the member is a bitfield."""
     return _member(struct, member, path)[1]

@@ -2,7 +2,7 @@
 
 One frozen pydantic model, :class:`DaemonConfig`; unknown keys are refused.
 :func:`load_config` reads it and reports every problem at once as a
-:class:`~aus.errors.ConfigError` naming the file, line, key and reason.
+:class:`~aus.core.errors.ConfigError` naming the file, line, key and reason.
 See packaging/ausd.yaml for a commented file with every default.
 """
 
@@ -12,8 +12,8 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -26,9 +26,9 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import ConfigError
-from .policy import parse_network
-from .yamlsource import (
+from ..core.errors import ConfigError
+from ..core.policy import parse_network
+from ..core.yamlsource import (
     YamlSourceError,
     describe_validation_errors,
     describe_value,
@@ -50,7 +50,7 @@ _CGROUP2_HINT = (
 # Context key: directory relative ``policy``, ``bpf_dir``,
 # ``policy_credentials`` and ``policy_ca`` are resolved against (the
 # configuration file's directory, set by load_config).
-_BASE_DIR = "aus.config.base_dir"
+_BASE_DIR = "aus.agent.config.base_dir"
 
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
