@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from aus.agent import control, loader, mapview
+from aus.agent import control, pins
 
 from . import common
 
@@ -125,7 +125,7 @@ class Daemon:
     def close(self) -> None:
         self.stop(signal.SIGKILL)
         if self.pin_dir.exists():
-            loader.uninstall(self.pin_dir)
+            pins.uninstall(self.pin_dir)
 
 
 @contextlib.contextmanager
@@ -174,27 +174,21 @@ def login_once(sock: Path, loginuid: int) -> float:
 
 def map_memory(pin_dir: Path) -> dict:
     out = {}
-    layout = loader.PinLayout(pin_dir)
+    layout = pins.PinLayout(pin_dir)
     for name in ("aus_users", "aus_dst", "aus_svc", "aus_user_stats", "aus_rule_stats"):
         p = common.run("bpftool", "-j", "map", "show", "pinned", str(layout.map(name)))
         info = json.loads(p.stdout)
         out[name] = {"bytes": info.get("bytes_memlock"), "max_entries": info.get("max_entries")}
-    maps = mapview.open_pinned(pin_dir)
-    try:
+    with pins.pinned_maps(pin_dir) as maps:
         out["aus_dst"]["entries"] = sum(1 for _ in maps["aus_dst"].keys())
         out["aus_svc"]["entries"] = sum(1 for _ in maps["aus_svc"].keys())
         out["aus_users"]["entries"] = sum(1 for _ in maps["aus_users"].keys())
-    finally:
-        mapview.close_all(maps)
     return out
 
 
 def users_pointing_at(pin_dir: Path, uids: list[int]) -> dict[int, int]:
-    maps = mapview.open_pinned(pin_dir)
-    try:
+    with pins.pinned_maps(pin_dir) as maps:
         return {k.value: v.ruleset for k, v in maps["aus_users"].items() if k.value in set(uids)}
-    finally:
-        mapview.close_all(maps)
 
 
 def run(*, users: int, logins: int, workdir: Path, log=print) -> dict:

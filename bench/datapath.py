@@ -26,7 +26,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aus.agent import loader, mapsync
+from aus.agent import loader, mapsync, pins
 from aus.agent.config import DaemonConfig
 from aus.core import compiler, state
 from aus.core import contract as C
@@ -207,7 +207,7 @@ def run(configs: list[Config], *, rounds: int, seconds: float, workdir: Path,
             stack.enter_context(common.server(binary, cfg.ns, DEST, cpu=0))
             if cfg.kind == "aus":
                 pin_dir = Path("/sys/fs/bpf") / common.unique("aus-bench-")
-                stack.callback(loader.uninstall, pin_dir)
+                stack.callback(pins.uninstall, pin_dir)
                 log(f"setting up {cfg.name} ...")
                 loaded = setup_aus(cfg, pin_dir)
                 stack.callback(loaded.close)

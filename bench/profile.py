@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from aus.agent import bpfsys, loader
+from aus.agent import bpfsys, pins
 
 from . import common, datapath
 
@@ -31,7 +31,7 @@ def profile(users: int, rules: int, seconds: float, workdir: Path) -> list[dict]
         cfg.cg = stack.enter_context(common.cgroup())
         stack.enter_context(common.server(binary, cfg.ns, datapath.DEST, cpu=0))
         pin_dir = Path("/sys/fs/bpf") / common.unique("aus-profile-")
-        stack.callback(loader.uninstall, pin_dir)
+        stack.callback(pins.uninstall, pin_dir)
         loaded = datapath.setup_aus(cfg, pin_dir)
         stack.callback(loaded.close)
         stats_fd = bpfsys.enable_stats()

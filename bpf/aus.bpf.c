@@ -189,7 +189,7 @@ static __always_inline void aus_lookup(struct aus_decision *d,
 	d->allowed = 0;
 
 	struct aus_dst_key dk = {
-		.prefixlen = 64 + 128,
+		.prefixlen = AUS_DST_FULL_PREFIX,
 		.ruleset = d->ruleset,
 		.family = f->family,
 	};
@@ -198,7 +198,7 @@ static __always_inline void aus_lookup(struct aus_decision *d,
 	if (!dv)
 		return;
 	struct aus_svc_key sk = {
-		.prefixlen = 64,
+		.prefixlen = AUS_SVC_FULL_PREFIX,
 		.portset = dv->portset,
 		.proto = f->proto,
 		.port = f->dport,

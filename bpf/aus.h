@@ -2,8 +2,8 @@
 /*
  * aus.h - the whole contract between the kernel programs (aus.bpf.c) and
  * user space. Every map name, key, value, verdict, reason and size the two
- * sides share is defined here and nowhere else. daemon/aus/contract.py is
- * its Python mirror; tests/kernel/test_contract.py checks the mirror against
+ * sides share is defined here and nowhere else. daemon/aus/core/contract.py
+ * is its Python mirror; tests/kernel/test_contract.py checks the mirror against
  * what bcc compiled, field by field.
  *
  * Plain types only (no kernel headers), so user-space tools can include it.
@@ -130,6 +130,8 @@ struct aus_user {
  * prefix such as ::/0 never covers IPv4. The daemon flattens rules so that
  * the longest matching prefix carries every service allowed there. */
 #define AUS_MAP_DST "aus_dst"
+#define AUS_DST_ID_BITS 64      /* ruleset + family: always matched whole */
+#define AUS_DST_FULL_PREFIX (AUS_DST_ID_BITS + 128)  /* a lookup of one address */
 struct aus_dst_key {
 	__u32 prefixlen;  /* 64 (ruleset, family) + 128-bit address prefix */
 	__u32 ruleset;
@@ -144,6 +146,9 @@ struct aus_dst_val {
  * matches every protocol, 48 every port of one protocol, 48 + k a block
  * of 2^(16-k) ports: a port range is a handful of aligned blocks. */
 #define AUS_MAP_SVC "aus_svc"
+#define AUS_SVC_ANY_PREFIX 32   /* every protocol */
+#define AUS_SVC_PROTO_PREFIX 48 /* every port of one protocol (proto + pad) */
+#define AUS_SVC_FULL_PREFIX 64  /* a lookup of one port */
 struct aus_svc_key {
 	__u32 prefixlen;
 	__u32 portset;

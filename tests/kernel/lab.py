@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from aus.agent import loader, mapview
+from aus.agent import mapview, pins
 from bench import common as bench_common
 
 HERE = Path(__file__).resolve().parent
@@ -264,12 +264,9 @@ class Ausd:
         return res
 
     def counters(self) -> dict:
-        maps = mapview.open_pinned(self.pin_dir)
-        try:
+        with pins.pinned_maps(self.pin_dir) as maps:
             return {"users": mapview.user_counters(maps),
                     "rules": mapview.rule_counters(maps, range(0, 64))}
-        finally:
-            mapview.close_all(maps)
 
 
 @contextlib.contextmanager
@@ -298,7 +295,7 @@ def ausd(cg: Path, policy: dict | str, *, policy_url: str | None = None,
     finally:
         d.stop(signal.SIGKILL)
         if pin_dir.exists():
-            loader.uninstall(pin_dir)
+            pins.uninstall(pin_dir)
         for p in sorted(workdir.rglob("*"), reverse=True):
             p.rmdir() if p.is_dir() else p.unlink()
         workdir.rmdir()

@@ -2,18 +2,25 @@
 
 Structs and enums are compared with the BTF that bcc produced when it
 compiled the header (sizes, every field's name and offset, every enum
-value); #define constants are compared with the header's text.
+value); #define constants are compared with the header's text; the map
+and program tables with what the kernel holds once ausd has loaded the
+real programs.
 """
 
 import ctypes
+import dataclasses
 import json
+import os
 import re
 import subprocess
 
 import pytest
 
-from aus.agent import loader
+from aus.agent import bpfsys, loader, pins
 from aus.core import contract as C
+from aus.core.errors import BpfError
+
+from . import lab
 
 pytestmark = pytest.mark.kernel
 
@@ -49,7 +56,6 @@ def btf_types():
 
 
 def _prog_id(fd):
-    from aus.agent import bpfsys
     return bpfsys.prog_info(fd)["id"]
 
 
@@ -94,3 +100,48 @@ def test_defines_match():
         assert getattr(C, cname) == parsed, f"AUS_{cname}"
         checked += 1
     assert checked >= 25
+
+
+@pytest.fixture(scope="module")
+def installed(cg):
+    """ausd with the real programs attached to a test cgroup, for its pins."""
+    with lab.ausd(cg, {}) as d:
+        d.start()
+        yield pins.PinLayout(d.pin_dir)
+
+
+def _info(path, get):
+    fd = bpfsys.obj_get(str(path))
+    try:
+        return get(fd, str(path))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("name", sorted(C.MAPS))
+def test_pinned_map_is_the_table_entry(installed, name):
+    """Every map the kernel holds has the type and key/value sizes that
+    contract.MAPS gives it (what pins.open_map checks before reading)."""
+    spec = C.MAPS[name]
+    info = _info(installed.map(name), bpfsys.map_info)
+    assert info["type"] == spec.map_type
+    assert info["name"] == name[:15]          # the kernel keeps 15 characters
+    size = (lambda t: ctypes.sizeof(t) if t is not None else 0)
+    if spec.map_type != C.MAP_TYPE_RINGBUF:   # a ring has no key or value
+        assert (info["key_size"], info["value_size"]) == (size(spec.key), size(spec.value))
+
+
+@pytest.mark.parametrize("prog", C.PROGRAMS, ids=lambda p: p.link)
+def test_attached_program_is_the_table_entry(installed, prog):
+    assert _info(installed.prog(prog.link), bpfsys.prog_info)["type"] == prog.prog_type
+    assert _info(installed.link(prog.link), bpfsys.link_info)["attach_type"] == prog.attach_type
+
+
+def test_opening_a_map_of_another_type_or_size_is_refused(installed):
+    spec = C.MAPS[C.MAP_USER_STATS]
+    with pins.open_map(installed, spec) as m:        # the real layout opens
+        assert m.percpu
+    with pytest.raises(BpfError, match="map type 6 differs from this version's 1"):
+        pins.open_map(installed, dataclasses.replace(spec, map_type=C.MAP_TYPE_HASH))
+    with pytest.raises(BpfError, match="key/value sizes 4/32 differ"):
+        pins.open_map(installed, dataclasses.replace(spec, value=ctypes.c_uint64))

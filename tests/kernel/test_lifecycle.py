@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from aus.agent import bpfsys, loader
+from aus.agent import bpfsys, pins
+from aus.core import contract as C
 
 from . import lab
 from .conftest import lab_policy
@@ -18,9 +19,9 @@ pytestmark = pytest.mark.kernel
 
 
 def link_and_prog_ids(pin_dir):
-    layout = loader.PinLayout(pin_dir)
+    layout = pins.PinLayout(pin_dir)
     out = {}
-    for hook in loader.HOOKS:
+    for hook in C.PROGRAMS:
         fd = bpfsys.obj_get(str(layout.link(hook.link)))
         try:
             info = bpfsys.link_info(fd)
@@ -121,7 +122,7 @@ def test_bad_policy_at_start_is_refused_clearly(cg, peer, people):
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 1
         assert str(d.policy_path) in p.stderr and "line 3" in p.stderr and "NOPE" in p.stderr
-        assert not loader.is_installed(d.pin_dir)
+        assert not pins.is_installed(d.pin_dir)
 
 
 def test_flow_events_are_rate_limited(cg, peer, people):

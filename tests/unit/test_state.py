@@ -229,7 +229,7 @@ def test_mapsync_applies_in_plan_order():
             self.log.append((self.name, "del"))
 
     log: list = []
-    maps = {n: FakeMap(n, log) for n in C.ALL_MAPS}
+    maps = {n: FakeMap(n, log) for n in C.MAPS}
     p, new = plan(KernelState(), desired({1000: A, 1001: CC}))
     mapsync.apply(p, maps)
     # Each rule name written starts its counters from zero, just before.

@@ -35,7 +35,7 @@ from ..core.bundle import Bundle, read_cache, write_cache
 from ..core.errors import AusError, ConfigError, PolicyError, PolicySourceError
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
-from . import control, flows, loader, mapsync
+from . import control, flows, loader, mapsync, pins
 from .config import DaemonConfig, load_config
 from .identity import Directory, UserInfo
 from .policysource import Fetched, Poller, Refused, load_client, read_credentials
@@ -60,7 +60,7 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig, notifier: Notifier | None = None):
         self.cfg = cfg
         self.notifier = notifier or Notifier(None)
-        self.lock = loader.PinLock(cfg.pin_dir)
+        self.lock = pins.PinLock(cfg.pin_dir)
         self.loaded: loader.Loaded | None = None
         self.kstate = KernelState()
         self.policy: Policy | None = None

@@ -243,7 +243,3 @@ class Map:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def sum_percpu(values, fields: list[str]) -> dict[str, int]:
-    return {f: sum(getattr(v, f) for v in values) for f in fields}

@@ -1,19 +1,11 @@
-"""Compile, load, pin and attach the kernel programs: the layer that touches bcc.
-
-Pins under ``pin_dir``::
-
-    <pin_dir>/v<ABI>/<map>        maps (kept across restarts and upgrades)
-    <pin_dir>/v<ABI>/prog_<hook>  the programs currently attached
-    <pin_dir>/v<ABI>/stage_<hook> a program just built, until taken over
-    <pin_dir>/links/<hook>        cgroup links; they keep the programs
-                                  attached while no ausd runs
+"""Compile, load and attach the kernel programs: the layer that touches bcc.
 
 A start always compiles the programs anew (the running kernel's BTF gives
-``task_struct.loginuid``), reuses the pinned maps, and swaps each link to
-the new program with BPF_LINK_UPDATE: enforcement never has a gap, and a
-new version replaces the old programs atomically. bcc raises bare
-``Exception``; every bcc call is made through :func:`_bcc` and becomes a
-:class:`BpfError`.
+``task_struct.loginuid``), reuses the pinned maps (see :mod:`.pins` for
+the layout), and swaps each link to the new program with
+BPF_LINK_UPDATE: enforcement never has a gap, and a new version replaces
+the old programs atomically. bcc raises bare ``Exception``; every bcc call
+is made through :func:`_bcc` and becomes a :class:`BpfError`.
 """
 
 from __future__ import annotations
@@ -21,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import importlib.util
 import json
 import logging
@@ -32,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core import contract as C
-from ..core.errors import BpfError, LockError, ProbeError
-from . import bpfsys, btf
+from ..core.errors import BpfError, ProbeError
+from . import bpfsys, btf, pins
 from .config import DaemonConfig
 
 log = logging.getLogger(__name__)
@@ -41,70 +32,6 @@ log = logging.getLogger(__name__)
 BPF_SRC = "aus.bpf.c"
 CGROUP2_SUPER_MAGIC = 0x63677270
 BPF_FS_MAGIC = 0xCAFE4A11
-
-# bpf_prog_type / bpf_attach_type values from uapi/linux/bpf.h.
-_PROG_CGROUP_SKB = 8
-_PROG_CGROUP_SOCK = 9
-_PROG_CGROUP_SOCK_ADDR = 18
-
-
-@dataclass(frozen=True)
-class Hook:
-    link: str          # pin name of the link and program
-    func: str          # C function
-    prog_type: int
-    attach_type: int
-
-
-# Attached in this order: the per-packet backstop first, identity last, so
-# a first install never has a moment with sockets judged by a half set.
-HOOKS = (
-    Hook("egress", "aus_egress", _PROG_CGROUP_SKB, 1),
-    Hook("connect4", "aus_connect4", _PROG_CGROUP_SOCK_ADDR, 10),
-    Hook("connect6", "aus_connect6", _PROG_CGROUP_SOCK_ADDR, 11),
-    Hook("sendmsg4", "aus_sendmsg4", _PROG_CGROUP_SOCK_ADDR, 14),
-    Hook("sendmsg6", "aus_sendmsg6", _PROG_CGROUP_SOCK_ADDR, 15),
-    Hook("sock_create", "aus_sock_create", _PROG_CGROUP_SOCK, 2),
-)
-
-# Which maps are per-CPU, and their key/value mirrors.
-MAP_TYPES = {
-    C.MAP_CONFIG: (ctypes.c_uint32, C.Config, False),
-    C.MAP_USERS: (ctypes.c_uint32, C.User, False),
-    C.MAP_DST: (C.DstKey, C.DstVal, False),
-    C.MAP_SVC: (C.SvcKey, C.SvcVal, False),
-    C.MAP_USER_STATS: (ctypes.c_uint32, C.Counters, True),
-    C.MAP_RULE_STATS: (ctypes.c_uint32, C.Counters, True),
-    C.MAP_REASONS: (ctypes.c_uint32, ctypes.c_uint64, True),
-    C.MAP_STATS: (ctypes.c_uint32, ctypes.c_uint64, True),
-    C.MAP_RULES: (ctypes.c_uint32, C.RuleInfo, False),
-    C.MAP_RATELIMIT: (ctypes.c_uint32, C.Bucket, True),
-}
-
-
-@dataclass(frozen=True)
-class PinLayout:
-    pin_dir: Path
-
-    @property
-    def maps_dir(self) -> Path:
-        return self.pin_dir / f"v{C.ABI_VERSION}"
-
-    @property
-    def links_dir(self) -> Path:
-        return self.pin_dir / "links"
-
-    def map(self, name: str) -> Path:
-        return self.maps_dir / name
-
-    def link(self, hook: str) -> Path:
-        return self.links_dir / hook
-
-    def prog(self, hook: str) -> Path:
-        return self.maps_dir / f"prog_{hook}"
-
-    def stage(self, hook: str) -> Path:
-        return self.maps_dir / f"stage_{hook}"
 
 
 def default_bpf_dir() -> Path:
@@ -177,32 +104,6 @@ def probe(cfg: DaemonConfig) -> int:
     return offset
 
 
-# ---- the pin-dir lock ------------------------------------------------------
-
-class PinLock:
-    """flock on the pin dir: one ausd per set of pins."""
-
-    def __init__(self, pin_dir: Path):
-        self.pin_dir = pin_dir
-        self.fd = -1
-
-    def acquire(self) -> None:
-        self.pin_dir.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.pin_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(self.fd)
-            self.fd = -1
-            raise LockError(f"another ausd is already running on {self.pin_dir}; "
-                            "stop it first (systemctl stop ausd)") from exc
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 # ---- compile and load ------------------------------------------------------
 
 def _bcc(op: str, obj: str, fn, *args, **kwargs):
@@ -220,7 +121,7 @@ def _bcc(op: str, obj: str, fn, *args, **kwargs):
 
 
 def cflags(cfg: DaemonConfig, loginuid_offset: int, bpf_dir: Path) -> list[str]:
-    layout = PinLayout(cfg.pin_dir)
+    layout = pins.PinLayout(cfg.pin_dir)
     return [
         f"-I{bpf_dir}",
         f"-DAUS_LOGINUID_OFFSET={loginuid_offset}",
@@ -237,7 +138,7 @@ def cflags(cfg: DaemonConfig, loginuid_offset: int, bpf_dir: Path) -> list[str]:
 class Loaded:
     """The loaded programs (by fd) and the pinned maps they use."""
     prog_fds: dict[str, int]
-    layout: PinLayout
+    layout: pins.PinLayout
     maps: dict[str, bpfsys.Map] = field(default_factory=dict)
     adopted: bool = False            # links were there already
 
@@ -251,7 +152,7 @@ class Loaded:
         self.prog_fds.clear()
 
 
-def _build(cfg: DaemonConfig, loginuid_offset: int, layout: PinLayout) -> None:
+def _build(cfg: DaemonConfig, loginuid_offset: int, layout: pins.PinLayout) -> None:
     """Compile with bcc and load every program, pinning each under a
     staging name. Runs in a child process: bcc and LLVM stay out of the
     daemon's memory, and the pins outlive the child."""
@@ -264,15 +165,15 @@ def _build(cfg: DaemonConfig, loginuid_offset: int, layout: PinLayout) -> None:
                          "reinstall aus or set bpf_dir in ausd.yaml")
     flags = cflags(cfg, loginuid_offset, bpf_dir)
     bpf = _bcc("compile", str(src), BPF, src_file=str(src).encode(), cflags=flags)
-    for hook in HOOKS:
-        fn = _bcc("load", hook.func, bpf.load_func, hook.func.encode(),
-                  hook.prog_type, attach_type=hook.attach_type)
-        _repin(fn.fd, layout.stage(hook.link))
+    for prog in C.PROGRAMS:
+        fn = _bcc("load", prog.func, bpf.load_func, prog.func.encode(),
+                  prog.prog_type, attach_type=prog.attach_type)
+        pins.repin(fn.fd, layout.stage(prog.link))
 
 
 def compile_and_load(cfg: DaemonConfig, loginuid_offset: int) -> Loaded:
     """Build the programs in a child process and take them over by pin."""
-    layout = PinLayout(cfg.pin_dir)
+    layout = pins.PinLayout(cfg.pin_dir)
     layout.maps_dir.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
     pid = os.fork()
@@ -297,12 +198,12 @@ def compile_and_load(cfg: DaemonConfig, loginuid_offset: int) -> Loaded:
         raise _rebuild(failure)
     fds: dict[str, int] = {}
     try:
-        for hook in HOOKS:
-            stage = layout.stage(hook.link)
-            fds[hook.link] = bpfsys.obj_get(str(stage))
+        for prog in C.PROGRAMS:
+            stage = layout.stage(prog.link)
+            fds[prog.link] = bpfsys.obj_get(str(stage))
             stage.unlink()
         loaded = Loaded(prog_fds=fds, layout=layout)
-        loaded.maps = open_maps(layout)
+        loaded.maps = pins.open_maps(layout)
     except BaseException:
         for fd in fds.values():
             os.close(fd)
@@ -327,19 +228,6 @@ def _rebuild(d: dict) -> Exception:
     return err
 
 
-def open_maps(layout: PinLayout, names=None) -> dict[str, bpfsys.Map]:
-    maps = {}
-    try:
-        for name in names or MAP_TYPES:
-            key_t, val_t, percpu = MAP_TYPES[name]
-            maps[name] = bpfsys.Map.open(str(layout.map(name)), key_t, val_t, percpu)
-    except BaseException:
-        for m in maps.values():
-            m.close()
-        raise
-    return maps
-
-
 def attach(loaded: Loaded, cgroup: Path) -> None:
     """Attach every program to ``cgroup`` through pinned links, swapping the
     program of an existing link in place (no gap) when one is pinned."""
@@ -349,7 +237,7 @@ def attach(loaded: Loaded, cgroup: Path) -> None:
     cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     adopted = 0
     try:
-        for hook in HOOKS:
+        for hook in C.PROGRAMS:
             prog_fd = loaded.prog_fds[hook.link]
             link_path = layout.link(hook.link)
             old_fd = -1
@@ -360,73 +248,21 @@ def attach(loaded: Loaded, cgroup: Path) -> None:
                     bpfsys.link_update(old_fd, prog_fd, str(link_path))
                     os.close(old_fd)
                     adopted += 1
-                    _repin(prog_fd, layout.prog(hook.link))
+                    pins.repin(prog_fd, layout.prog(hook.link))
                     continue
             # New link (first start, or the cgroup changed in ausd.yaml).
             link_fd = bpfsys.link_create(prog_fd, cg_fd, hook.attach_type,
                                          f"{hook.link} to {cgroup}")
-            tmp = link_path.with_name(link_path.name + "_new")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            bpfsys.obj_pin(link_fd, str(tmp))
-            os.replace(tmp, link_path)
+            pins.repin(link_fd, link_path)
             os.close(link_fd)
             if old_fd >= 0:
                 bpfsys.link_detach(old_fd, f"old {hook.link}")
                 os.close(old_fd)
-            _repin(prog_fd, layout.prog(hook.link))
+            pins.repin(prog_fd, layout.prog(hook.link))
     finally:
         os.close(cg_fd)
-    loaded.adopted = adopted == len(HOOKS)
-    _remove_old_abi(layout)
+    loaded.adopted = adopted == len(C.PROGRAMS)
+    for old in pins.remove_other_abis(layout):
+        log.info("removed the pins of map layout %s", old)
     log.info("programs attached to %s (%s)", cgroup,
              "replaced in place" if loaded.adopted else "new links")
-
-
-def _remove_old_abi(layout: PinLayout) -> None:
-    """After an upgrade to a new map layout the programs use the new maps;
-    the old version's pins only hold memory."""
-    for d in layout.pin_dir.glob("v*"):
-        if d.is_dir() and d != layout.maps_dir and d.name[1:].isdigit():
-            for p in d.iterdir():
-                p.unlink()
-            d.rmdir()
-            log.info("removed the pins of map layout %s", d.name)
-
-
-def _repin(fd: int, path: Path) -> None:
-    tmp = path.with_name(path.name + "_new")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    bpfsys.obj_pin(fd, str(tmp))
-    os.replace(tmp, path)
-
-
-def is_installed(pin_dir: Path) -> bool:
-    layout = PinLayout(pin_dir)
-    return all(layout.link(h.link).exists() for h in HOOKS)
-
-
-def uninstall(pin_dir: Path) -> list[str]:
-    """Detach every program and remove every pin: enforcement ends here."""
-    layout = PinLayout(pin_dir)
-    removed = []
-    for hook in HOOKS:
-        path = layout.link(hook.link)
-        if path.exists():
-            fd = bpfsys.obj_get(str(path))
-            try:
-                bpfsys.link_detach(fd, hook.link)
-            finally:
-                os.close(fd)
-            path.unlink()
-            removed.append(str(path))
-    if pin_dir.exists():
-        for p in sorted(pin_dir.rglob("*"), key=lambda p: -len(p.parts)):
-            if p.is_dir():
-                p.rmdir()
-            else:
-                p.unlink()
-            removed.append(str(p))
-        pin_dir.rmdir()
-    return removed

@@ -1,9 +1,9 @@
 """Decoded views of the pinned maps: counters, a full dump, and ``check``.
 
-Everything here reads the maps the programs read, so it works while ausd
-is down, and :func:`check` takes its verdict from the same lookups the
-kernel makes (an LPM lookup from user space is the kernel's own longest-
-prefix match).
+Everything here reads maps opened by :mod:`.pins` (the maps the programs
+read), so it works while ausd is down, and :func:`check` takes its verdict
+from the same lookups the kernel makes (an LPM lookup from user space is
+the kernel's own longest-prefix match).
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
-from pathlib import Path
 
 from ..core import contract as C
-from ..core.errors import AusError
-from . import bpfsys, loader
 from .mapsync import dst_key, svc_key
 
 COUNTER_FIELDS = ["allowed_packets", "allowed_bytes", "denied_packets", "denied_bytes"]
@@ -23,17 +20,9 @@ PROTOS = {"tcp": C.PROTO_TCP, "udp": C.PROTO_UDP, "icmp": C.PROTO_ICMP,
           "icmpv6": C.PROTO_ICMPV6}
 
 
-def open_pinned(pin_dir: Path) -> dict[str, bpfsys.Map]:
-    layout = loader.PinLayout(pin_dir)
-    if not layout.map(C.MAP_USERS).exists():
-        raise AusError(f"no aus maps are pinned under {layout.maps_dir}; "
-                       "is ausd installed and started with this pin_dir?")
-    return loader.open_maps(layout)
-
-
-def close_all(maps: dict[str, bpfsys.Map]) -> None:
-    for m in maps.values():
-        m.close()
+def _sum(values, fields: list[str]) -> dict[str, int]:
+    """A per-CPU value summed over the CPUs, field by field."""
+    return {f: sum(getattr(v, f) for v in values) for f in fields}
 
 
 def config(maps) -> dict:
@@ -55,7 +44,7 @@ def user_counters(maps) -> dict[int, dict[str, int]]:
     for uid, slot in slots.items():
         v = stats.lookup(ctypes.c_uint32(slot))
         if v is not None:
-            out[uid] = bpfsys.sum_percpu(v, COUNTER_FIELDS)
+            out[uid] = _sum(v, COUNTER_FIELDS)
     return out
 
 
@@ -65,7 +54,7 @@ def rule_counters(maps, rule_ids) -> dict[int, dict[str, int]]:
     for rid in rule_ids:
         v = m.lookup(ctypes.c_uint32(rid))
         if v is not None:
-            out[rid] = bpfsys.sum_percpu(v, COUNTER_FIELDS)
+            out[rid] = _sum(v, COUNTER_FIELDS)
     return out
 
 

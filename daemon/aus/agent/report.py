@@ -7,25 +7,12 @@ import time
 
 from .. import __version__
 from ..core import contract as C
-from . import bpfsys, loader, mapview
+from . import mapview, pins
 
 
 def status(d) -> dict:
     maps = d.loaded.maps
-    programs = []
-    for hook in loader.HOOKS:
-        path = d.loaded.layout.prog(hook.link)
-        try:
-            fd = bpfsys.obj_get(str(path))
-        except Exception:  # noqa: BLE001 - reported as missing
-            programs.append({"hook": hook.link, "attached": False})
-            continue
-        try:
-            info = bpfsys.prog_info(fd, hook.link)
-        finally:
-            os.close(fd)
-        programs.append({"hook": hook.link, "attached": d.loaded.layout.link(hook.link).exists(),
-                         "prog_id": info["id"], "tag": info["tag"]})
+    programs = pins.program_ids(d.loaded.layout)
     return {
         "daemon": {"running": True, "version": __version__, "pid": os.getpid(),
                    "uptime": round(time.time() - d.started, 1)},

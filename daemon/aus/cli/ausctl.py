@@ -18,7 +18,7 @@ import sys
 import time
 
 from .. import __version__
-from ..agent import control, flows, loader, mapview
+from ..agent import control, flows, mapview, pins
 from ..agent.config import DaemonConfig, load_config
 from ..core.errors import AusError, ControlError
 
@@ -79,16 +79,13 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
         st = control.request(cfg.socket, "status")
         st.pop("ok", None)
     except ControlError as exc:
-        maps = mapview.open_pinned(cfg.pin_dir)
-        try:
+        with pins.pinned_maps(cfg.pin_dir) as maps:
             st = {"daemon": {"running": False, "error": str(exc)},
                   "pin_dir": str(cfg.pin_dir),
-                  "installed": loader.is_installed(cfg.pin_dir),
+                  "installed": pins.is_installed(cfg.pin_dir),
                   "kernel_config": mapview.config(maps),
                   "decisions": mapview.reason_counters(maps),
                   "events": mapview.event_stats(maps)}
-        finally:
-            mapview.close_all(maps)
 
     def human(s):
         d = s["daemon"]
@@ -154,11 +151,8 @@ def cmd_rules(args, cfg) -> int:
 
 
 def cmd_maps(args, cfg) -> int:
-    maps = mapview.open_pinned(cfg.pin_dir)
-    try:
+    with pins.pinned_maps(cfg.pin_dir) as maps:
         d = mapview.dump(maps)
-    finally:
-        mapview.close_all(maps)
 
     def human(d):
         parts = [f"config: {d['config']}",
@@ -184,11 +178,8 @@ def cmd_maps(args, cfg) -> int:
 
 
 def cmd_check(args, cfg) -> int:
-    maps = mapview.open_pinned(cfg.pin_dir)
-    try:
+    with pins.pinned_maps(cfg.pin_dir) as maps:
         res = mapview.check(maps, args.login_uid, args.to, args.proto, args.port or 0)
-    finally:
-        mapview.close_all(maps)
     _out(args, res, lambda r: (
         f"{r['verdict'].upper()}: login UID {r['login_uid']} -> {r['to']} {r['proto']}"
         + (f"/{r['port']}" if r['proto'] in ('tcp', 'udp') else "")
@@ -234,7 +225,7 @@ def cmd_uninstall(args, cfg) -> int:
         print("ausctl uninstall detaches every aus program and removes the pinned maps: "
               "traffic is no longer filtered. Add --yes to do it.", file=sys.stderr)
         return EXIT_USAGE
-    removed = loader.uninstall(cfg.pin_dir)
+    removed = pins.uninstall(cfg.pin_dir)
     _out(args, {"removed": removed}, lambda o: f"removed {len(o['removed'])} pins; "
          "enforcement is off (stop ausd too, or it reinstalls at its next start)")
     return EXIT_OK

@@ -1,9 +1,11 @@
 """Python mirror of ``bpf/aus.h``, the kernel/user contract.
 
-This is the only module that knows the layout of the maps' keys and values.
+This is the only module that knows the layout of the maps' keys and values,
+their map types, and which program goes on which cgroup hook.
 tests/kernel/test_contract.py compiles the C with bcc and compares every
-struct here (size and field offsets) and every constant with what clang
-built, so the two sides cannot drift apart.
+struct here (size and field offsets), every constant, and every pinned
+map's type and key/value sizes with what clang and the kernel built, so
+the two sides cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import ipaddress
+from dataclasses import dataclass
 
 ABI_VERSION = 1
 LOGINUID_UNSET = 0xFFFFFFFF
@@ -86,7 +89,7 @@ REASON_SLOTS = HOOK_MAX * REASON_MAX
 
 # Prefix lengths of the LPM keys: the id in front is always matched whole.
 DST_ID_BITS = 64              # ruleset + family
-DST_FULL_PREFIX = 64 + 128
+DST_FULL_PREFIX = DST_ID_BITS + 128
 SVC_ANY_PREFIX = 32           # every protocol
 SVC_PROTO_PREFIX = 48         # every port of one protocol (proto + pad)
 SVC_FULL_PREFIX = 64
@@ -104,9 +107,6 @@ MAP_RULES = "aus_rules"
 MAP_RATELIMIT = "aus_ratelimit"
 MAP_SOCK = "aus_sock"
 MAP_EVENTS = "aus_events"
-ALL_MAPS = (MAP_CONFIG, MAP_USERS, MAP_DST, MAP_SVC, MAP_USER_STATS,
-            MAP_RULE_STATS, MAP_REASONS, MAP_STATS, MAP_RULES,
-            MAP_RATELIMIT, MAP_SOCK, MAP_EVENTS)
 
 
 class Config(ctypes.Structure):
@@ -215,6 +215,45 @@ class Event(ctypes.Structure):
     ]
 
 
+# bpf_map_type values (uapi/linux/bpf.h) of the maps below.
+MAP_TYPE_HASH = 1
+MAP_TYPE_ARRAY = 2
+MAP_TYPE_PERCPU_ARRAY = 6
+MAP_TYPE_LPM_TRIE = 11
+MAP_TYPE_SK_STORAGE = 24
+MAP_TYPE_RINGBUF = 27
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """One pinned map: its name, key and value mirrors (None: not read
+    through bpf(2) lookups), bpf_map_type, and whether each CPU has its
+    own value."""
+    name: str
+    key: type | None
+    value: type | None
+    map_type: int
+
+    @property
+    def percpu(self) -> bool:
+        return self.map_type == MAP_TYPE_PERCPU_ARRAY
+
+
+MAPS = {m.name: m for m in (
+    MapSpec(MAP_CONFIG, ctypes.c_uint32, Config, MAP_TYPE_ARRAY),
+    MapSpec(MAP_USERS, ctypes.c_uint32, User, MAP_TYPE_HASH),
+    MapSpec(MAP_DST, DstKey, DstVal, MAP_TYPE_LPM_TRIE),
+    MapSpec(MAP_SVC, SvcKey, SvcVal, MAP_TYPE_LPM_TRIE),
+    MapSpec(MAP_USER_STATS, ctypes.c_uint32, Counters, MAP_TYPE_PERCPU_ARRAY),
+    MapSpec(MAP_RULE_STATS, ctypes.c_uint32, Counters, MAP_TYPE_PERCPU_ARRAY),
+    MapSpec(MAP_REASONS, ctypes.c_uint32, ctypes.c_uint64, MAP_TYPE_PERCPU_ARRAY),
+    MapSpec(MAP_STATS, ctypes.c_uint32, ctypes.c_uint64, MAP_TYPE_PERCPU_ARRAY),
+    MapSpec(MAP_RULES, ctypes.c_uint32, RuleInfo, MAP_TYPE_HASH),
+    MapSpec(MAP_RATELIMIT, ctypes.c_uint32, Bucket, MAP_TYPE_PERCPU_ARRAY),
+    MapSpec(MAP_SOCK, ctypes.c_int, Sock, MAP_TYPE_SK_STORAGE),
+    MapSpec(MAP_EVENTS, None, None, MAP_TYPE_RINGBUF),   # read as a ring of Event
+)}
+
 # struct name in aus.h -> mirror, for the contract test.
 STRUCTS = {
     "aus_config": Config,
@@ -262,3 +301,38 @@ def network_from16(raw: bytes, plen128: int):
     if plen128 >= 96 and ip6.ipv4_mapped is not None:
         return ipaddress.IPv4Network((ip6.ipv4_mapped, plen128 - 96))
     return ipaddress.IPv6Network((ip6, plen128))
+
+
+# The programs of aus.bpf.c and the cgroup hook each is attached to, in
+# attach order: the per-packet backstop first, identity last, so a first
+# install never has a moment with sockets judged by a half set. ``link``
+# is the pin name of its link and program.
+PROG_TYPE_CGROUP_SKB = 8
+PROG_TYPE_CGROUP_SOCK = 9
+PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+ATTACH_CGROUP_INET_EGRESS = 1
+ATTACH_CGROUP_INET_SOCK_CREATE = 2
+ATTACH_CGROUP_INET4_CONNECT = 10
+ATTACH_CGROUP_INET6_CONNECT = 11
+ATTACH_CGROUP_UDP4_SENDMSG = 14
+ATTACH_CGROUP_UDP6_SENDMSG = 15
+
+
+@dataclass(frozen=True)
+class Program:
+    link: str
+    func: str
+    prog_type: int
+    attach_type: int
+
+
+PROGRAMS = (
+    Program("egress", "aus_egress", PROG_TYPE_CGROUP_SKB, ATTACH_CGROUP_INET_EGRESS),
+    Program("connect4", "aus_connect4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_INET4_CONNECT),
+    Program("connect6", "aus_connect6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_INET6_CONNECT),
+    Program("sendmsg4", "aus_sendmsg4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_UDP4_SENDMSG),
+    Program("sendmsg6", "aus_sendmsg6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_UDP6_SENDMSG),
+    Program("sock_create", "aus_sock_create", PROG_TYPE_CGROUP_SOCK,
+            ATTACH_CGROUP_INET_SOCK_CREATE),
+)
