@@ -42,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import contract as C
 from .errors import PolicyError
 from .yamlsource import (
     YamlSourceError,
@@ -54,7 +55,7 @@ from .yamlsource import (
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-RULE_NAME_MAX = 63  # AUS_RULE_NAME_LEN - 1 in bpf/aus.h
+RULE_NAME_MAX = C.RULE_NAME_LEN - 1   # the kernel keeps it NUL-terminated
 _RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.:@-]+\Z")
 _SID_RE = re.compile(r"S-1-\d+(-\d+)+\Z", re.IGNORECASE)
 _PORTS_RE = re.compile(r"(\d+)(?:-(\d+))?\Z")
@@ -62,9 +63,9 @@ _PORTS_RE = re.compile(r"(\d+)(?:-(\d+))?\Z")
 SERVICE_GRAMMAR = "PORT/PROTO, LO-HI/PROTO (PROTO tcp or udp), tcp, udp, icmp or any"
 
 # Context key that makes Policy validation skip its cross-reference checks;
-# the loader runs them itself on the raw data so that they are reported
-# together with every structural problem.
-_SKIP_CROSS = "aus.core.policy.skip_cross_checks"
+# a loader runs them itself on the raw data (cross_problems) so that they
+# are reported together with every structural problem.
+SKIP_CROSS_CHECKS = "aus.core.policy.skip_cross_checks"
 
 
 # --------------------------------------------------------------------------
@@ -204,6 +205,46 @@ def _check_service(value: str) -> str:
     return value
 
 
+def check_rule_name(name: str, what: str = "rule") -> str:
+    """A rule's name (also an IP list's, on the policy server): 1 to
+    RULE_NAME_MAX characters of ``A-Za-z0-9_.:@-``, so it fits the kernel's
+    aus_rules entry and reads the same in every log. Raises ValueError."""
+    if not name:
+        raise ValueError(f"a {what} needs a non-empty name")
+    if len(name) > RULE_NAME_MAX:
+        raise ValueError(
+            f"{what} name is {len(name)} characters long; at most {RULE_NAME_MAX} are allowed"
+        )
+    if not _RULE_NAME_RE.match(name):
+        bad = sorted({c for c in name if not _RULE_NAME_RE.match(c)})
+        raise ValueError(
+            f"{what} name {name!r} contains {''.join(bad)!r}; "
+            "use only letters, digits and _ . : @ -"
+        )
+    return name
+
+
+def check_group_name(name: str) -> str:
+    """A user group's name, as the directory gives it: anything but blank.
+    Raises ValueError."""
+    if not name.strip():
+        raise ValueError("a user group needs a non-empty name")
+    return name
+
+
+def normalize_sid(text: str) -> str:
+    """A Windows SID (``S-1-5-21-...``), stripped, with a capital S: the
+    one spelling the policy, the server and the daemon compare. Raises
+    ValueError."""
+    sid = text.strip()
+    if not _SID_RE.match(sid):
+        raise ValueError(
+            f"{text!r} is not a SID; expected S-1-<authority>-<sub>[-<sub>...], "
+            "e.g. S-1-5-21-1004336348-1177238915-682003330-1104"
+        )
+    return "S" + sid[1:]
+
+
 CidrStr = Annotated[str, AfterValidator(_check_cidr)]
 ServiceStr = Annotated[str, AfterValidator(_check_service)]
 
@@ -226,21 +267,12 @@ class UserGroup(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("a user group needs a non-empty name")
-        return v
+        return check_group_name(v)
 
     @field_validator("sid")
     @classmethod
     def _sid(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if not _SID_RE.match(v.strip()):
-            raise ValueError(
-                f"{v!r} is not a SID; expected S-1-<authority>-<sub>[-<sub>...], "
-                "e.g. S-1-5-21-1004336348-1177238915-682003330-1104"
-            )
-        return "S" + v.strip()[1:]
+        return v if v is None else normalize_sid(v)
 
     @field_validator("external_id")
     @classmethod
@@ -262,19 +294,7 @@ class Rule(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v:
-            raise ValueError("a rule needs a non-empty name")
-        if len(v) > RULE_NAME_MAX:
-            raise ValueError(
-                f"rule name is {len(v)} characters long; at most {RULE_NAME_MAX} are allowed"
-            )
-        if not _RULE_NAME_RE.match(v):
-            bad = sorted({c for c in v if not _RULE_NAME_RE.match(c)})
-            raise ValueError(
-                f"rule name {v!r} contains {''.join(bad)!r}; "
-                "use only letters, digits and _ . : @ -"
-            )
-        return v
+        return check_rule_name(v)
 
     @field_validator("sources")
     @classmethod
@@ -320,9 +340,9 @@ class Policy(_Frozen):
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Policy:
-        if info.context and info.context.get(_SKIP_CROSS):
+        if info.context and info.context.get(SKIP_CROSS_CHECKS):
             return self
-        problems = _cross_problems(self.model_dump())
+        problems = cross_problems(self.model_dump())
         if problems:
             raise ValueError(
                 "; ".join(f"{format_path(p)}: {reason}" for p, reason in problems)
@@ -382,7 +402,7 @@ def _suggest(word: str, names: list[str]) -> str:
     return f" (did you mean {folded[close[0]]!r}?)" if close else ""
 
 
-def _cross_problems(data: Any) -> list[tuple[tuple[Any, ...], str]]:
+def cross_problems(data: Any) -> list[tuple[tuple[Any, ...], str]]:
     """Problems that involve more than one value: uniqueness, references,
     names that clash with literals, empty lists. Tolerates malformed data
     (the structural problems are pydantic's to report)."""
@@ -531,7 +551,7 @@ def _describe_top(value: Any) -> str:
     return type(value).__name__
 
 
-def _nesting_reason(data: dict[str, Any], path: tuple[Any, ...]) -> str | None:
+def nesting_reason(data: dict[str, Any], path: tuple[Any, ...]) -> str | None:
     """A clearer reason when an ip list or service entry names another list
     (lists do not nest)."""
     if len(path) != 3 or path[0] not in ("ip_lists", "services"):
@@ -582,11 +602,11 @@ def policy_from_data(
     items: list[tuple[tuple[Any, ...], int | None, str]] = []
     policy: Policy | None = None
     try:
-        policy = Policy.model_validate(data, context={_SKIP_CROSS: True})
+        policy = Policy.model_validate(data, context={SKIP_CROSS_CHECKS: True})
     except ValidationError as exc:
         for path, line, reason in describe_validation_errors(exc, Policy, lines):
-            items.append((path_prefix + path, line, _nesting_reason(data, path) or reason))
-    for path, reason in _cross_problems(data):
+            items.append((path_prefix + path, line, nesting_reason(data, path) or reason))
+    for path, reason in cross_problems(data):
         items.append((path_prefix + path, lines(path), reason))
     if items:
         raise PolicyError(source, sorted_problems(items))

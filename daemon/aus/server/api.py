@@ -22,9 +22,13 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..core.policy import _RULE_NAME_RE as RULE_NAME_RE
-from ..core.policy import _SID_RE as SID_RE
-from ..core.policy import RULE_NAME_MAX, parse_network, parse_service
+from ..core.policy import (
+    check_group_name,
+    check_rule_name,
+    normalize_sid,
+    parse_network,
+    parse_service,
+)
 from .auth import AuthError, token_from_header
 from .bundle import parse_if_none_match, touch
 from .db import (
@@ -99,12 +103,11 @@ class RuleIn(_Body):
 
 
 def _check_name(name: str, field: str, what: str) -> list[dict]:
-    if not name:
-        return [{"field": field, "message": f"a {what} needs a name"}]
-    if len(name) > RULE_NAME_MAX:
-        return [{"field": field, "message": f"at most {RULE_NAME_MAX} characters ({len(name)} given)"}]
-    if not RULE_NAME_RE.match(name):
-        return [{"field": field, "message": "only letters, digits and _ . : @ - are allowed"}]
+    """Rules and IP lists are named like the policy file's rules."""
+    try:
+        check_rule_name(name, what)
+    except ValueError as exc:
+        return [{"field": field, "message": str(exc)}]
     return []
 
 
@@ -318,15 +321,16 @@ def get_group(group_id: str, request: Request, org_id: str = Depends(org_auth),
 def create_manual_group(body: ManualGroupIn, request: Request,
                         org_id: str = Depends(org_auth)) -> dict:
     problems = []
-    if not body.display_name.strip():
-        problems.append({"field": "display_name", "message": "a user group needs a name"})
+    try:
+        check_group_name(body.display_name)
+    except ValueError as exc:
+        problems.append({"field": "display_name", "message": str(exc)})
     sid = None
     if body.sid is not None and body.sid.strip():
-        if not SID_RE.match(body.sid.strip()):
-            problems.append({"field": "sid", "message": f"{body.sid!r} is not a SID; expected "
-                             "S-1-<authority>-<sub>[-<sub>...], e.g. S-1-5-21-1004336348-1177238915-682003330-1104"})
-        else:
-            sid = "S" + body.sid.strip()[1:]
+        try:
+            sid = normalize_sid(body.sid)
+        except ValueError as exc:
+            problems.append({"field": "sid", "message": str(exc)})
     if problems:
         raise ApiError(422, "the user group is not valid", problems)
     now = utcnow()

@@ -35,6 +35,7 @@ from scim2_models import (
     User as ScimUser,
 )
 
+from ...core.policy import normalize_sid
 from ..db import fold
 from .errors import INVALID_VALUE, bad_request
 from .filter import AttrPath
@@ -433,7 +434,18 @@ def group_columns(doc: dict) -> dict:
     name = doc["displayName"]
     sid = doc.get(ENTRA_GROUP, {}).get("onPremisesSecurityIdentifier")
     return {"display_name": name, "display_name_key": fold(name),
-            "external_id": doc.get("externalId"), "sid": sid.upper() if sid else None}
+            "external_id": doc.get("externalId"), "sid": _sid_column(sid)}
+
+
+def _sid_column(sid: str | None) -> str | None:
+    """The SID as the policy spells it. One that does not read as a SID is
+    kept upper-cased, as received."""
+    if not sid:
+        return None
+    try:
+        return normalize_sid(sid)
+    except ValueError:
+        return sid.upper()
 
 
 # --------------------------------------------------------------------------
