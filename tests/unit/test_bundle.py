@@ -9,13 +9,8 @@ import stat
 
 import pytest
 
-from aus.core.bundle import (
-    BUNDLE_FORMAT,
-    bundle_from_bytes,
-    bundle_from_data,
-    read_cache,
-    write_cache,
-)
+from aus.agent.bundlecache import read_cache, write_cache
+from aus.core.bundle import BUNDLE_FORMAT, bundle_from_bytes, bundle_from_data
 from aus.core.errors import PolicyError, PolicySourceError
 
 from .bundle_server import bundle

@@ -17,6 +17,7 @@ import pytest
 
 from aus.agent import report
 from aus.agent.ausd import Daemon
+from aus.agent.bundlecache import read_cache, write_cache
 from aus.agent.config import DaemonConfig
 from aus.agent.identity import Directory
 from aus.agent.policysource import (
@@ -28,7 +29,7 @@ from aus.agent.policysource import (
     read_credentials,
 )
 from aus.cli import ausctl
-from aus.core.bundle import bundle_from_bytes, bundle_from_data, read_cache, write_cache
+from aus.core.bundle import bundle_from_bytes, bundle_from_data
 from aus.core.errors import ConfigError, PolicyError, PolicySourceError
 from aus.core.policy import empty_policy
 from aus.core.state import plan

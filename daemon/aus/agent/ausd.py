@@ -31,11 +31,12 @@ from pathlib import Path
 from .. import __version__
 from ..core import compiler
 from ..core import contract as C
-from ..core.bundle import Bundle, read_cache, write_cache
+from ..core.bundle import Bundle
 from ..core.errors import AusError, ConfigError, PolicyError, PolicySourceError
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
 from . import control, flows, loader, mapsync, pins
+from .bundlecache import read_cache, write_cache
 from .config import DaemonConfig, load_config
 from .identity import Directory, UserInfo
 from .policysource import Fetched, Poller, Refused, load_client, read_credentials

@@ -1,16 +1,16 @@
-"""Policy bundles from the policy server (aus-server): parsing, membership
-matching and the on-disk cache of the last good bundle.
-
-A bundle is one JSON document::
+"""The policy bundle: the one document the policy server publishes and
+every ausd follows. The server builds it with :class:`BundleDocument`, the
+agent validates what it receives with the same model, so the two sides
+cannot drift apart::
 
     {"format": 1, "org": "1", "version": 42, "generated_at": "2026-11-28T15:00:00Z",
      "policy": {...the policy document, validated like the policy file...},
      "members": {"DEV": ["alice@contoso.com", "bob"]}}
 
 ``members`` maps a user group of ``policy.user_groups`` to the userNames
-of its immediate members. Everything is checked before a bundle is used;
-a bad one is refused as a whole with every problem listed by path, as a
-:class:`~aus.core.errors.PolicyError`. See docs/policy-server-client.md.
+of its immediate members. A bad document is refused as a whole with every
+problem listed by path, as a :class:`~aus.core.errors.PolicyError`. See
+docs/policy-server-client.md.
 """
 
 from __future__ import annotations
@@ -18,21 +18,170 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from .errors import PolicyError, PolicySourceError
-from .policy import Policy, policy_from_data
-from .yamlsource import describe_value, format_path
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import PolicyError
+from .policy import SKIP_CROSS_CHECKS, Policy, cross_problems, nesting_reason
+from .yamlsource import describe_validation_errors, describe_value, sorted_problems
 
 BUNDLE_FORMAT = 1
-CACHE_FORMAT = 1
 MAX_BUNDLE_BYTES = 64 << 20      # far above any real org; bounds a bad reply
 
-_KEYS = ("format", "org", "version", "generated_at", "policy", "members")
+Problem = tuple[tuple[Any, ...], str]
+
+
+def _user_name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty userName, got {describe_value(value)}")
+    return value.strip()
+
+
+def _user_names(value: Any) -> Any:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of userNames, got {describe_value(value)}")
+    return value
+
+
+UserName = Annotated[str, BeforeValidator(_user_name)]
+Members = Annotated[list[UserName], BeforeValidator(_user_names)]
+
+
+class BundleDocument(BaseModel):
+    """The bundle as published: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal[1]
+    org: str
+    version: int
+    generated_at: str
+    policy: Policy
+    members: dict[str, Members]
+
+    @field_validator("org", mode="before")
+    @classmethod
+    def _org(cls, v: Any) -> Any:
+        if not (isinstance(v, str) and v.strip()):
+            raise ValueError(f"expected a non-empty string, got {describe_value(v)}")
+        return v
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 1 << 63):
+            raise ValueError(f"expected a positive integer, got {describe_value(v)}")
+        return v
+
+    @field_validator("generated_at", mode="before")
+    @classmethod
+    def _generated_at(cls, v: Any) -> Any:
+        try:
+            if not isinstance(v, str):
+                raise ValueError
+            _dt.datetime.fromisoformat(v)
+        except ValueError:
+            raise ValueError(f"expected an ISO 8601 time, got {describe_value(v)}") from None
+        return v
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy(cls, v: Any) -> Any:
+        if not isinstance(v, (dict, Policy)):
+            raise ValueError("the policy must be a mapping with the keys user_groups, "
+                             f"ip_lists, services and rules, not {describe_value(v)}")
+        return v
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _members(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping of user group names to lists of "
+                             f"userNames, got {describe_value(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _members_are_declared(self, info: ValidationInfo) -> BundleDocument:
+        if info.context and info.context.get(SKIP_CROSS_CHECKS):
+            return self
+        problems = members_problems(self.model_dump())
+        if problems:
+            raise ValueError("; ".join(f"members.{p[1]}: {reason}" for p, reason in problems))
+        return self
+
+
+def members_problems(data: Any) -> list[Problem]:
+    """Members under a group the policy does not declare, or listed twice
+    (names compare case-insensitively). Tolerates malformed data."""
+    if not isinstance(data, dict) or not isinstance(data.get("members"), dict):
+        return []
+    policy = data.get("policy")
+    groups = policy.get("user_groups") if isinstance(policy, dict) else None
+    declared = None
+    if isinstance(groups, list):
+        declared = {g["name"].casefold() for g in groups
+                    if isinstance(g, dict) and isinstance(g.get("name"), str)}
+    out: list[Problem] = []
+    seen: dict[str, str] = {}
+    for name in data["members"]:
+        key = name.casefold()
+        if declared is not None and key not in declared:
+            out.append((("members", name), f"{name!r} is not a user group of the "
+                        "bundle's policy (policy.user_groups)"))
+        if key in seen:
+            out.append((("members", name), f"{name!r} is listed twice (also as "
+                        f"{seen[key]!r}; group names are compared case-insensitively)"))
+        seen.setdefault(key, name)
+    return out
+
+
+def document_from_data(data: Any, source: str) -> BundleDocument:
+    """Validate a parsed bundle document. Raises PolicyError naming
+    ``source`` and listing every problem as ``path: reason``."""
+    if not isinstance(data, dict):
+        raise PolicyError(source, [f"a bundle is a JSON object, not {describe_value(data)}"])
+    if "format" not in data:
+        raise PolicyError(source, ["format: required key is missing"])
+    fmt = data["format"]
+    if not (isinstance(fmt, int) and not isinstance(fmt, bool) and fmt == BUNDLE_FORMAT):
+        # Another format may be shaped differently: check nothing else.
+        raise PolicyError(source, [
+            f"format: unsupported bundle format {fmt!r}; this ausd reads format "
+            f"{BUNDLE_FORMAT} (a newer policy server needs a newer ausd)"])
+    items: list[tuple[tuple[Any, ...], int | None, str]] = []
+    doc = None
+    try:
+        doc = BundleDocument.model_validate(data, context={SKIP_CROSS_CHECKS: True})
+    except ValidationError as exc:
+        policy = data.get("policy")
+        for path, line, reason in describe_validation_errors(exc, BundleDocument,
+                                                             lambda _: None):
+            if path[:1] == ("policy",) and isinstance(policy, dict):
+                reason = nesting_reason(policy, path[1:]) or reason
+            items.append((path, line, reason))
+        # Unknown keys first: a document of the wrong shape says so at once.
+        items.sort(key=lambda i: not (len(i[0]) == 1 and i[2].startswith("unknown key")))
+    if isinstance(data.get("policy"), dict):
+        items += [(("policy", *p), None, r) for p, r in cross_problems(data["policy"])]
+    items += [(p, None, r) for p, r in members_problems(data)]
+    if items:
+        raise PolicyError(source, sorted_problems(items))
+    assert doc is not None
+    return doc
+
+
+# --------------------------------------------------------------------------
+# The bundle in force on a workload: the document and its member index
 
 
 @dataclass(frozen=True)
@@ -84,10 +233,6 @@ def _index(policy: Policy, members: dict[str, tuple[str, ...]]):
             {k: tuple(v) for k, v in by_local.items()})
 
 
-# --------------------------------------------------------------------------
-# Parsing
-
-
 class _DuplicateKey(ValueError):
     pass
 
@@ -103,6 +248,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+def loads_strict(text: str | bytes) -> Any:
+    """json.loads that refuses duplicate keys (raises ValueError)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise ValueError(f"duplicate key {exc.args[0]!r} in a JSON object") from None
+
+
 def bundle_from_bytes(raw: bytes, source: str) -> Bundle:
     """Parse and validate a bundle as received. Raises PolicyError naming
     ``source`` and listing every problem as ``path: reason``."""
@@ -114,191 +267,30 @@ def bundle_from_bytes(raw: bytes, source: str) -> Bundle:
     except UnicodeDecodeError as exc:
         raise PolicyError(source, [f"not valid UTF-8 (byte {exc.start})"]) from exc
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as exc:
-        raise PolicyError(source, [f"duplicate key {exc.args[0]!r} in a JSON object"]) from exc
+        data = loads_strict(text)
     except json.JSONDecodeError as exc:
         raise PolicyError(source, [
             f"line {exc.lineno}, column {exc.colno}: not JSON: {exc.msg}"]) from exc
     except RecursionError as exc:
         raise PolicyError(source, ["the document is nested too deeply"]) from exc
+    except ValueError as exc:
+        raise PolicyError(source, [str(exc)]) from exc
     return bundle_from_data(data, source)
 
 
-def _problem(path: tuple, reason: str) -> str:
-    where = format_path(path)
-    return f"{where}: {reason}" if where else reason
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def bundle_from_data(data: Any, source: str) -> Bundle:
-    """Validate a parsed bundle document (see the module docstring)."""
-    if not isinstance(data, dict):
-        raise PolicyError(source, [
-            f"a bundle is a JSON object, not {describe_value(data)}"])
-    fmt = data.get("format")
-    if "format" not in data:
-        raise PolicyError(source, ["format: required key is missing"])
-    if not _is_int(fmt) or fmt != BUNDLE_FORMAT:
-        # Another format may be shaped differently: check nothing else.
-        raise PolicyError(source, [
-            f"format: unsupported bundle format {fmt!r}; this ausd reads format "
-            f"{BUNDLE_FORMAT} (a newer policy server needs a newer ausd)"])
-    problems: list[str] = []
-    for key in data:
-        if key not in _KEYS:
-            problems.append(_problem((key,), f"unknown key {key!r} (allowed keys: "
-                                     f"{', '.join(_KEYS)})"))
-    for key in _KEYS:
-        if key not in data:
-            problems.append(_problem((key,), "required key is missing"))
-    org = data.get("org")
-    if "org" in data and not (isinstance(org, str) and org.strip()):
-        problems.append(_problem(("org",), f"expected a non-empty string, got {describe_value(org)}"))
-    version = data.get("version")
-    if "version" in data and not (_is_int(version) and 1 <= version < 1 << 63):
-        problems.append(_problem(("version",),
-                                 f"expected a positive integer, got {describe_value(version)}"))
-    generated = data.get("generated_at")
-    if "generated_at" in data:
-        try:
-            if not isinstance(generated, str):
-                raise ValueError
-            _dt.datetime.fromisoformat(generated)
-        except ValueError:
-            problems.append(_problem(("generated_at",),
-                                     f"expected an ISO 8601 time, got {describe_value(generated)}"))
-
-    policy: Policy | None = None
-    if "policy" in data:
-        if not isinstance(data["policy"], dict):
-            problems.append(_problem(("policy",), "the policy must be a mapping with the keys "
-                                     "user_groups, ip_lists, services and rules, not "
-                                     + describe_value(data["policy"])))
-        else:
-            try:
-                policy = policy_from_data(data["policy"], source, path_prefix=("policy",))
-            except PolicyError as exc:
-                problems.extend(exc.problems)
-
+    """Validate a parsed bundle document and index its members."""
+    doc = document_from_data(data, source)
     members: dict[str, tuple[str, ...]] = {}
-    raw_members = data.get("members")
-    if "members" in data and not isinstance(raw_members, dict):
-        problems.append(_problem(("members",), f"expected a mapping of user group names to "
-                                 f"lists of userNames, got {describe_value(raw_members)}"))
-    elif isinstance(raw_members, dict):
-        seen: dict[str, str] = {}
-        for name, users in raw_members.items():
-            path = ("members", name)
-            declared = policy.group(name) if policy is not None else None
-            if policy is not None and declared is None:
-                problems.append(_problem(path, f"{name!r} is not a user group of the "
-                                         "bundle's policy (policy.user_groups)"))
-            key = name.casefold()
-            if key in seen:
-                problems.append(_problem(path, f"{name!r} is listed twice (also as "
-                                         f"{seen[key]!r}; group names are compared "
-                                         "case-insensitively)"))
-            seen.setdefault(key, name)
-            if not isinstance(users, list):
-                problems.append(_problem(path, "expected a list of userNames, got "
-                                         + describe_value(users)))
-                continue
-            good = []
-            for i, user in enumerate(users):
-                if not isinstance(user, str) or not user.strip():
-                    problems.append(_problem(path + (i,), "expected a non-empty userName, "
-                                             f"got {describe_value(user)}"))
-                else:
-                    good.append(user.strip())
-            if declared is not None:
-                members[declared.name] = tuple(dict.fromkeys(members.get(declared.name, ())
-                                                             + tuple(good)))
-    if problems:
-        raise PolicyError(source, problems)
-    assert policy is not None
+    for name, users in doc.members.items():
+        declared = doc.policy.group(name)
+        assert declared is not None     # members_problems refused the others
+        # A group listed under another spelling takes the declared one.
+        members[declared.name] = tuple(dict.fromkeys(members.get(declared.name, ())
+                                                     + tuple(users)))
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-    by_name, by_local = _index(policy, members)
-    return Bundle(org=org, version=version, generated_at=generated, policy=policy,
-                  members=members, data=data, digest=hashlib.sha256(canonical).hexdigest(),
+    by_name, by_local = _index(doc.policy, members)
+    return Bundle(org=doc.org, version=doc.version, generated_at=doc.generated_at,
+                  policy=doc.policy, members=members, data=data,
+                  digest=hashlib.sha256(canonical).hexdigest(),
                   _by_name=by_name, _by_local=by_local)
-
-
-# --------------------------------------------------------------------------
-# The cache: the last good bundle, with where and when it came from
-
-
-@dataclass(frozen=True)
-class Cached:
-    bundle: Bundle
-    url: str
-    etag: str | None
-    fetched_at: float
-
-
-def write_cache(path: Path, url: str, etag: str | None, bundle: Bundle,
-                fetched_at: float | None = None) -> None:
-    """Write the cache atomically (a temporary file, fsync, rename, fsync
-    of the directory), mode 0600: it must never be seen half written, and
-    it holds the org's user names. Raises PolicySourceError."""
-    doc = {"cache_format": CACHE_FORMAT, "url": url, "etag": etag,
-           "fetched_at": time.time() if fetched_at is None else fetched_at,
-           "bundle": bundle.data}
-    body = json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(fd, 0o600)   # O_CREAT's mode does not apply to a leftover
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise PolicySourceError(
-            "cache", f"cannot write the bundle cache {path}: {exc.strerror or exc}") from exc
-
-
-def read_cache(path: Path, url: str) -> Cached | None:
-    """The cached bundle, or None when there is no cache. Raises
-    PolicyError when the file is unreadable, invalid, or was fetched from
-    another URL (another org's policy must not be enforced here)."""
-    source = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise PolicyError(source, [f"cannot read the cache: {exc.strerror or exc}"]) from exc
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PolicyError(source, [f"not a bundle cache: {exc}"]) from exc
-    if not isinstance(doc, dict) or doc.get("cache_format") != CACHE_FORMAT:
-        raise PolicyError(source, [f"not a bundle cache of format {CACHE_FORMAT}"])
-    if doc.get("url") != url:
-        raise PolicyError(source, [
-            f"the cached bundle came from {doc.get('url')!r}, not from the configured "
-            f"{url!r}; it is not used"])
-    etag = doc.get("etag")
-    fetched_at = doc.get("fetched_at")
-    bundle = bundle_from_data(doc.get("bundle"), source)
-    return Cached(bundle, url, etag if isinstance(etag, str) else None,
-                  float(fetched_at) if isinstance(fetched_at, (int, float)) else 0.0)
