@@ -15,7 +15,6 @@ import time
 
 import pytest
 
-from aus.agent import report
 from aus.agent.ausd import Daemon
 from aus.agent.bundlecache import read_cache, write_cache
 from aus.agent.config import DaemonConfig
@@ -463,12 +462,15 @@ def daemon(tmp_path, url, **cfg) -> Daemon:
 
 def start_policy(d: Daemon):
     """What Daemon.start does with a URL, minus the kernel."""
-    b, first = d._start_bundle()
+    b, first, refusals = d.follower.start()
+    for item in refusals:
+        d._refused(item)
     d.policy = b.policy if b else empty_policy()
     d.bundle = b
     d.compiled = d._compile(d.policy, b.version if b else 0)
     d.rebuild_want()
     d.sync("start")
+    d.follower.enforcing(b)
     if first is not None:
         d._bundle_in_force(first)
     return b, first
@@ -489,11 +491,11 @@ def test_start_uses_the_cache_when_the_server_is_down(tmp_path):
     b, first = start_policy(d)
     assert time.monotonic() - t0 < 0.5        # no wait for the server
     assert b.version == 7 and first is None
-    assert d.compiled.version == 7 and d.poller.enforcing == 7
-    assert d.poller._etag == '"b7"'
-    assert d.bundle_info["from_cache"] is True
+    assert d.compiled.version == 7 and d.follower.poller.enforcing == 7
+    assert d.follower.poller._etag == '"b7"'
+    assert d.follower.from_cache is True
     assert rules_of(d, 2001) == ["dev-web"]
-    assert d.poller.status()["state"] == "starting"
+    assert d.follower.poller.status()["state"] == "starting"
 
 
 def test_start_without_cache_fetches_once(tmp_path, server):
@@ -504,7 +506,7 @@ def test_start_without_cache_fetches_once(tmp_path, server):
     assert b.version == 3 and first.etag == etag
     assert server.requests[0].wait == 0
     assert rules_of(d, 2001) == ["ops-ssh"]
-    assert d.bundle_info["from_cache"] is False
+    assert d.follower.from_cache is False
     # the bundle in force was written as the last good one
     assert read_cache(d.cfg.policy_cache, server.url).bundle.version == 3
 
@@ -519,8 +521,8 @@ def test_start_without_cache_and_server_fails_closed(tmp_path):
     assert b is None and first is None
     assert d.compiled.version == 0 and d.compiled.rules == ()
     assert rules_of(d, 2002) == []            # baseline only
-    assert d.poller.status()["state"] == "error"
-    assert "Connection refused" in d.poller.status()["last_error"]
+    assert d.follower.poller.status()["state"] == "error"
+    assert "Connection refused" in d.follower.poller.status()["last_error"]
 
 
 def test_corrupt_cache_is_ignored_with_a_reason(tmp_path):
@@ -529,7 +531,7 @@ def test_corrupt_cache_is_ignored_with_a_reason(tmp_path):
     d.cfg.policy_cache.parent.mkdir()
     d.cfg.policy_cache.write_text("{")
     b, _ = start_policy(d)
-    assert b is None and "not a bundle cache" in d.bundle_info["cache_error"]
+    assert b is None and "not a bundle cache" in d.follower.cache_error
 
 
 def test_new_bundle_changes_logged_in_users_and_bad_one_is_refused(tmp_path, server):
@@ -550,7 +552,7 @@ def test_new_bundle_changes_logged_in_users_and_bad_one_is_refused(tmp_path, ser
     assert rules_of(d, 2001) == [] and rules_of(d, 2003) == ["ops-ssh"]
     assert d.kstate.users[2001][0] != alice_before
     assert d.kstate.config.users_gen > gen
-    assert d.poller.enforcing == 2
+    assert d.follower.poller.enforcing == 2
     assert read_cache(d.cfg.policy_cache, server.url).etag == '"b2"'
 
     # a refused bundle leaves everything as it was
@@ -594,8 +596,8 @@ def test_reload_with_a_url_refetches_and_rereads_credentials(tmp_path, server):
     start_policy(d)
     reply = d.reload()
     assert reply == {"ok": True, "refetch": True, "url": server.url, "version": 1, "rules": 2}
-    assert d.poller._kick.is_set()
-    d.poller.poll_once()
+    assert d.follower.poller._kick.is_set()
+    d.follower.poller.poll_once()
     assert server.requests[-1].wait == 0 and server.requests[-1].headers["if-none-match"] == etag
     d.cfg.policy_credentials.chmod(0o644)
     reply = d.reload()
@@ -608,8 +610,8 @@ def test_status_shows_the_source_of_the_policy(tmp_path):
     write_cache(d.cfg.policy_cache, url, '"b7"', bundle_from_data(bundle(7, {}), "x"),
                 fetched_at=time.time() - 60)
     start_policy(d)
-    d.poller.poll_once()                     # the server is down
-    srv = report.server(d)
+    d.follower.poller.poll_once()                     # the server is down
+    srv = d.follower.status()
     assert srv["url"] == url and srv["bundle_version"] == 7 and srv["org"] == "1"
     assert srv["etag"] == '"b7"' and srv["from_cache"] is True
     assert srv["cache"] == str(d.cfg.policy_cache) and srv["cache_error"] is None
@@ -629,7 +631,7 @@ def test_status_without_a_bundle_says_fail_closed(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1/orgs/1/bundle"
     d = daemon(tmp_path, url)
     start_policy(d)
-    srv = report.server(d)
+    srv = d.follower.status()
     assert srv["bundle_version"] is None and srv["from_cache"] is False
     assert ausctl._server_lines(srv)[0].strip() == \
         "no bundle yet: enforcing the baseline only (fail closed)"

@@ -26,29 +26,40 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..core import compiler
 from ..core import contract as C
 from ..core.bundle import Bundle
-from ..core.errors import AusError, ConfigError, PolicyError, PolicySourceError
+from ..core.errors import AusError, ConfigError, PolicyError
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
-from . import control, flows, loader, mapsync, pins
-from .bundlecache import read_cache, write_cache
-from .config import DaemonConfig, load_config
+from . import control, flows, loader, mapsync, pins, report
+from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
+from .follower import BundleFollower, Delivery
 from .identity import Directory, UserInfo
-from .policysource import Fetched, Poller, Refused, load_client, read_credentials
+from .policysource import Fetched, Refused
+from .report import Identity, Snapshot
 from .ringbuf import RingBuffer
 from .sdnotify import Notifier
 from .sessions import Sessions, peer_loginuid, scan_loginuids
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = "/etc/aus/ausd.yaml"
+DEFAULT_CONFIG = str(DEFAULT_CONFIG_PATH)
 FLOW_HISTORY = 2000
 REFRESHES_PER_SCAN = 500   # directory lookups at most per scan
+
+
+@dataclass(frozen=True)
+class Command:
+    """A control command: its handler and whether only root may send it
+    (peers are judged by SO_PEERCRED)."""
+    handler: Callable[[dict, control.Peer], dict]
+    root_only: bool = False
 
 
 def setup_logging(level: str) -> None:
@@ -83,12 +94,23 @@ class Daemon:
         self.listener: socket.socket | None = None
         self.last_sync: dict = {}
         self.start_stages: dict[str, float] = {}
-        # With a policy URL: the bundle in force, where it came from, and
-        # the poller's deliveries waiting for the main loop.
+        # Why each login UID in self.want gets its rules (for users/rules).
+        self.identities: dict[int, Identity] = {}
+        # With a policy URL: the follower of the policy server, the bundle
+        # whose memberships count, and deliveries waiting for the main loop.
+        self.follower = BundleFollower(cfg, self._deliver) if cfg.policy_url else None
         self.bundle: Bundle | None = None
-        self.bundle_info: dict = {}
-        self.poller: Poller | None = None
-        self._inbox: collections.deque = collections.deque()
+        self._inbox: collections.deque[Delivery] = collections.deque()
+        # The control commands: handler, and whether only root may send it.
+        self.commands: dict[str, Command] = {
+            "status": Command(self.cmd_status),
+            "users": Command(self.cmd_users),
+            "rules": Command(self.cmd_rules),
+            "flows": Command(self.cmd_flows),
+            "reload": Command(self.cmd_reload, root_only=True),
+            "session_open": Command(self.cmd_session_open, root_only=True),
+            "session_close": Command(self.cmd_session_close, root_only=True),
+        }
 
     @property
     def policy_source(self) -> str:
@@ -152,17 +174,16 @@ class Daemon:
     def refetch(self) -> dict:
         """Fetch the bundle now instead of at the end of the long poll; the
         credentials file is read again first (key rotation)."""
-        assert self.poller is not None
+        assert self.follower is not None
         try:
-            self.poller.client.set_credentials(read_credentials(self.cfg.policy_credentials))
+            self.follower.refetch()
         except ConfigError as exc:
             log.error("%s (the credentials in use stay)", exc)
             return {"ok": False, "error": str(exc)}
-        self.poller.kick()
         return {"ok": True, "refetch": True, "url": self.cfg.policy_url,
                 "version": self.compiled.version, "rules": len(self.compiled.rules)}
 
-    def _deliver(self, item: Fetched | Refused) -> None:
+    def _deliver(self, item: Delivery) -> None:
         """Called by the poller thread: queue for the main loop."""
         self._inbox.append(item)
         try:
@@ -170,65 +191,12 @@ class Daemon:
         except OSError:
             pass
 
-    def _start_bundle(self) -> tuple[Bundle | None, Fetched | None]:
-        """At start with a URL: the cached bundle when there is a valid
-        one (enforced at once, without waiting for the server); else one
-        quick fetch; else none, and the policy is empty (baseline only:
-        fail closed) until the server answers."""
-        url = self.cfg.policy_url
-        client = load_client(url, self.cfg.policy_credentials, self.cfg.policy_ca)
-        try:
-            cached = read_cache(self.cfg.policy_cache, url)
-        except PolicyError as exc:
-            log.warning("%s", exc)
-            self.bundle_info["cache_error"] = str(exc)
-            cached = None
-        if cached is not None:
-            self.poller = Poller(client, self._deliver, wait=self.cfg.bundle_wait,
-                                 etag=cached.etag, enforcing=cached.bundle.version)
-            self.bundle_info.update(etag=cached.etag, fetched_at=cached.fetched_at,
-                                    from_cache=True)
-            log.info("enforcing the cached bundle %s (version %d) until the policy "
-                     "server answers", self.cfg.policy_cache, cached.bundle.version)
-            return cached.bundle, None
-        self.poller = Poller(client, self._deliver, wait=self.cfg.bundle_wait)
-        self.poller.poll_once(first=True)
-        first = None
-        while self._inbox:
-            item = self._inbox.popleft()
-            if isinstance(item, Refused):
-                self._refused(item)
-            else:
-                first = item
-        if first is None:
-            log.warning("no bundle from %s and no cache at %s: enforcing the baseline "
-                        "only until the policy server answers", url, self.cfg.policy_cache)
-            return None, None
-        return first.bundle, first
-
     def _refused(self, item: Refused) -> None:
         self.policy_error = str(item.error)
         log.error("%s (the policy in force stays)", item.error)
 
-    def _bundle_in_force(self, item: Fetched) -> None:
-        """Bookkeeping once a fetched bundle is enforced: status, the
-        version the server is told, and the cache (only a bundle that was
-        applied is 'last good')."""
-        b = item.bundle
-        self.bundle_info.update(etag=item.etag, fetched_at=item.fetched_at,
-                                from_cache=False, cache_error=None)
-        log.info("policy bundle version %d of org %s in force (from %s): %d rules, "
-                 "%d groups", b.version, b.org, self.cfg.policy_url,
-                 len(self.compiled.rules), len(b.policy.user_groups))
-        try:
-            write_cache(self.cfg.policy_cache, self.cfg.policy_url, item.etag, b,
-                        item.fetched_at)
-        except PolicySourceError as exc:
-            self.bundle_info["cache_error"] = str(exc)
-            log.error("%s", exc)
-
-    def apply_fetched(self, item: Fetched | Refused) -> None:
-        """A delivery from the poller, in the main loop; the poller is told
+    def apply_fetched(self, item: Delivery) -> None:
+        """A delivery from the poller, in the main loop; the server is told
         the version in force afterwards, whatever happened."""
         try:
             if isinstance(item, Refused):
@@ -245,7 +213,14 @@ class Daemon:
                 return
             self._bundle_in_force(item)
         finally:
-            self.poller.acknowledge(self.bundle.version if self.bundle else 0)
+            self.follower.acknowledge()
+
+    def _bundle_in_force(self, item: Fetched) -> None:
+        self.follower.in_force(item)
+        b = item.bundle
+        log.info("policy bundle version %d of org %s in force (from %s): %d rules, "
+                 "%d groups", b.version, b.org, self.cfg.policy_url,
+                 len(self.compiled.rules), len(b.policy.user_groups))
 
     def groups_of(self, uid: int) -> tuple[UserInfo, tuple[str, ...]]:
         """A user's NSS answer and the bundle groups it is a member of."""
@@ -263,10 +238,14 @@ class Daemon:
     # the users that change (a login, a scan, a group refresh) and rebuilt
     # whole only when the policy changes, so a login costs O(1) users.
     def _content(self, uid: int):
-        return self.compiled.ruleset(self.rules_of(*self.groups_of(uid)))
+        info, extra = self.groups_of(uid)
+        rule_ids = self.rules_of(info, extra)
+        self.identities[uid] = Identity(info, extra, rule_ids)
+        return self.compiled.ruleset(rule_ids)
 
     def rebuild_want(self) -> None:
         self.want = {uid: UNMANAGED for uid in self.unmanaged}
+        self.identities = {}
         for uid in self.sessions.active(self.unmanaged):
             self.want[uid] = self._content(uid)
 
@@ -300,9 +279,6 @@ class Daemon:
                           "seconds": round(time.perf_counter() - t0, 6),
                           "at": time.time()}
 
-    def scan(self) -> None:
-        self.apply_scan(scan_loginuids())
-
     def apply_scan(self, counts: dict[int, int]) -> None:
         """Users that came or went, and stale group lists, since the last
         scan. Refreshes are capped per scan so that many users do not
@@ -315,6 +291,7 @@ class Daemon:
             changed.add(uid)
         for uid in [u for u in self.want if u not in active and u not in self.unmanaged]:
             del self.want[uid]
+            self.identities.pop(uid, None)
             self.directory.forget(uid)
             changed.add(uid)
         stale = [u for u in self.directory.due(REFRESHES_PER_SCAN) if u in active]
@@ -341,8 +318,10 @@ class Daemon:
         offset = loader.probe(self.cfg)
         self.lock.acquire()
         bundle = first = None
-        if self.cfg.policy_url:
-            bundle, first = self._start_bundle()
+        if self.follower is not None:
+            bundle, first, refusals = self.follower.start()
+            for item in refusals:
+                self._refused(item)
             policy = bundle.policy if bundle else empty_policy()
             digest = bundle.digest if bundle else ""
         else:
@@ -367,7 +346,6 @@ class Daemon:
             log.error("%s; enforcing the baseline only", exc)
             bundle = first = None
             policy, digest = empty_policy(), ""
-            self.bundle_info = {}
             self.compiled = self._compile(policy, 0)
         self.policy, self.policy_digest, self.bundle = policy, digest, bundle
         self.sessions.update_scan(scan_loginuids())
@@ -378,10 +356,10 @@ class Daemon:
         stage("write maps")
         loader.attach(self.loaded, self.cfg.cgroup_path)
         stage("attach")
-        if first is not None:
-            self._bundle_in_force(first)
-        if self.poller is not None:
-            self.poller.enforcing = self.bundle.version if self.bundle else 0
+        if self.follower is not None:
+            self.follower.enforcing(bundle)
+            if first is not None:
+                self._bundle_in_force(first)
         self._start_events()
         self.listener = control.listen(self.cfg.socket)
         self.notifier.ready(f"enforcing policy version {self.compiled.version}"
@@ -395,8 +373,8 @@ class Daemon:
         self.ring = RingBuffer(str(self.loaded.layout.map(C.MAP_EVENTS)))
 
     def close(self) -> None:
-        if self.poller is not None:
-            self.poller.stop()
+        if self.follower is not None:
+            self.follower.stop()
         for f in self.followers:
             f.close()
         if self.listener:
@@ -428,8 +406,8 @@ class Daemon:
         sel.register(self.ring, selectors.EVENT_READ, "events")
         scanner = threading.Thread(target=self._scanner, name="aus-scan", daemon=True)
         scanner.start()
-        if self.poller is not None:
-            self.poller.start()
+        if self.follower is not None:
+            self.follower.run()
         while True:
             for key, _ in sel.select():
                 if key.data == "accept":
@@ -499,14 +477,13 @@ class Daemon:
             peer = control.peer_of(conn)
             req = control.read_request(conn)
             cmd = req["cmd"]
-            if cmd in control.MUTATING and peer.uid != 0:
+            command = self.commands.get(cmd)
+            if command is None:
+                reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+            elif command.root_only and peer.uid != 0:
                 reply = {"ok": False, "error": f"{cmd}: only root may change ausd"}
             else:
-                handler = getattr(self, "cmd_" + cmd, None)
-                if handler is None:
-                    reply = {"ok": False, "error": f"unknown command {cmd!r}"}
-                else:
-                    reply = handler(req, peer)
+                reply = command.handler(req, peer)
             if reply.pop("_follow", False):
                 keep = True
             control.send(conn, reply)
@@ -528,17 +505,26 @@ class Daemon:
             if not keep:
                 conn.close()
 
+    def snapshot(self) -> Snapshot:
+        """What the read commands report, as plain data."""
+        return Snapshot(
+            cfg=self.cfg, started=self.started, policy_source=self.policy_source,
+            policy=self.policy, compiled=self.compiled, policy_error=self.policy_error,
+            kstate=self.kstate, unmanaged=frozenset(self.unmanaged),
+            identities=dict(self.identities), processes=dict(self.sessions.processes),
+            bundle=self.bundle,
+            server=self.follower.status() if self.follower is not None else None,
+            last_sync=self.last_sync, start_stages=self.start_stages,
+            layout=self.loaded.layout, maps=self.loaded.maps)
+
     def cmd_status(self, req, peer) -> dict:
-        from . import report
-        return {"ok": True, **report.status(self)}
+        return {"ok": True, **report.status(self.snapshot())}
 
     def cmd_users(self, req, peer) -> dict:
-        from . import report
-        return {"ok": True, "users": report.users(self)}
+        return {"ok": True, "users": report.users(self.snapshot())}
 
     def cmd_rules(self, req, peer) -> dict:
-        from . import report
-        return {"ok": True, "rules": report.rules(self, req.get("login_uid"))}
+        return {"ok": True, "rules": report.rules(self.snapshot(), req.get("login_uid"))}
 
     def cmd_reload(self, req, peer) -> dict:
         return self.reload()
@@ -561,11 +547,11 @@ class Daemon:
             return {"ok": True, "login_uid": uid, "managed": False}
         self.sessions.open(uid)
         self.directory.get(uid, refresh=True)
-        info, extra = self.groups_of(uid)
         self.want[uid] = self._content(uid)
         self.sync("session open", {uid})
         entry = self.kstate.users.get(uid)
-        rules = sorted(self.compiled.rule_names[r] for r in self.rules_of(info, extra))
+        info, extra, rule_ids = self.identities[uid]
+        rules = sorted(self.compiled.rule_names[r] for r in rule_ids)
         log.info("session opened: login UID %d (%s), groups %s, bundle groups %s, rules %s",
                  uid, info.name, list(info.groups), list(extra), rules)
         return {"ok": True, "login_uid": uid, "managed": True, "user": info.name,

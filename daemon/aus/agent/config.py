@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
 )
 
+from ..core.contract import LOGINUID_UNSET
 from ..core.errors import ConfigError
 from ..core.policy import parse_network
 from ..core.yamlsource import (
@@ -38,7 +39,6 @@ from ..core.yamlsource import (
 
 DEFAULT_CONFIG_PATH = Path("/etc/aus/ausd.yaml")
 
-LOGINUID_UNSET = 0xFFFFFFFF  # AUS_LOGINUID_UNSET in bpf/aus.h
 MAP_SIZE_MIN = 16
 MAP_SIZE_MAX = 16_777_216
 

@@ -1,8 +1,9 @@
 """The control socket: one JSON object per line, request then reply.
 
 Anyone may read (status, users, rules, flows); only root may change
-anything (reload, session open/close), judged by SO_PEERCRED. The peer's
-PID also gives the login UID of ``session open``: the caller's own.
+anything (reload, session open/close), judged by SO_PEERCRED against the
+daemon's command table. The peer's PID also gives the login UID of
+``session open``: the caller's own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 
 from ..core.errors import ControlError
 
-MUTATING = {"reload", "session_open", "session_close"}
 MAX_REQUEST = 64 * 1024
 
 

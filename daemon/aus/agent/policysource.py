@@ -16,10 +16,10 @@ Protocol (aus-server)::
     401/403/404, 5xx, connection errors: retried with capped exponential
                 backoff and jitter; the bundle in force stays
 
-The standard library only (http.client, ssl): the daemon takes no
-third-party dependency beyond pydantic. The poller thread never touches
-the daemon's state: it hands every bundle (or refusal) to ``deliver``,
-which queues it for the main loop.
+HTTP through the standard library (http.client, ssl): no HTTP client
+library on every workload for one long poll. The poller thread never
+touches the daemon's state: it hands every bundle (or refusal) to
+``deliver``, which queues it for the main loop.
 """
 
 from __future__ import annotations

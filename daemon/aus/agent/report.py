@@ -1,73 +1,92 @@
-"""What ausd reports over its control socket: status, users, rules."""
+"""What ausd reports over its control socket: status, users, rules.
+
+Built from a :class:`Snapshot` the daemon hands over, never from its
+private fields: what is reported is what the kernel was given and why.
+Reading never asks the directory again (a read command must not change
+what is enforced, nor hold the loop on NSS).
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from .. import __version__
 from ..core import contract as C
+from ..core.bundle import Bundle
+from ..core.compiler import CompiledPolicy
+from ..core.policy import Policy
+from ..core.state import KernelState
 from . import mapview, pins
+from .bpfsys import Map
+from .config import DaemonConfig
+from .identity import UserInfo
 
 
-def status(d) -> dict:
-    maps = d.loaded.maps
-    programs = pins.program_ids(d.loaded.layout)
+class Identity(NamedTuple):
+    """Why a login UID gets its rules: its NSS answer, the bundle groups
+    that list it, and the rules they match."""
+    info: UserInfo
+    bundle_groups: tuple[str, ...]
+    rule_ids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    cfg: DaemonConfig
+    started: float
+    policy_source: str
+    policy: Policy
+    compiled: CompiledPolicy
+    policy_error: str | None
+    kstate: KernelState
+    unmanaged: frozenset[int]
+    identities: Mapping[int, Identity]
+    processes: Mapping[int, int]
+    bundle: Bundle | None
+    server: dict[str, Any] | None      # the follower's status, with a policy URL
+    last_sync: dict[str, Any]
+    start_stages: dict[str, float]
+    layout: pins.PinLayout
+    maps: dict[str, Map]
+
+
+def status(s: Snapshot) -> dict:
     return {
         "daemon": {"running": True, "version": __version__, "pid": os.getpid(),
-                   "uptime": round(time.time() - d.started, 1)},
-        "mode": d.cfg.mode,
-        "cgroup": str(d.cfg.cgroup_path),
-        "pin_dir": str(d.cfg.pin_dir),
-        "policy": {"path": d.policy_source, "version": d.compiled.version,
-                   "rules": len(d.compiled.rules), "error": d.policy_error,
-                   "source": "server" if d.cfg.policy_url else "file",
-                   "server": server(d) if d.cfg.policy_url else None},
-        "users": {"active": len([u for u in d.kstate.users if u not in d.unmanaged]),
-                  "unmanaged": sorted(d.unmanaged)},
-        "kernel": {"rulesets": len(d.kstate.rulesets), "portsets": len(d.kstate.portsets),
-                   "destinations": sum(len(r) for r in d.kstate.rulesets.values()),
-                   "services": sum(len(p) for p in d.kstate.portsets.values())},
-        "programs": programs,
-        "decisions": mapview.reason_counters(maps),
-        "events": mapview.event_stats(maps),
-        "last_sync": d.last_sync,
-        "start_stages": d.start_stages,
+                   "uptime": round(time.time() - s.started, 1)},
+        "mode": s.cfg.mode,
+        "cgroup": str(s.cfg.cgroup_path),
+        "pin_dir": str(s.cfg.pin_dir),
+        "policy": {"path": s.policy_source, "version": s.compiled.version,
+                   "rules": len(s.compiled.rules), "error": s.policy_error,
+                   "source": "server" if s.server is not None else "file",
+                   "server": s.server},
+        "users": {"active": len([u for u in s.kstate.users if u not in s.unmanaged]),
+                  "unmanaged": sorted(s.unmanaged)},
+        "kernel": {"rulesets": len(s.kstate.rulesets), "portsets": len(s.kstate.portsets),
+                   "destinations": sum(len(r) for r in s.kstate.rulesets.values()),
+                   "services": sum(len(p) for p in s.kstate.portsets.values())},
+        "programs": pins.program_ids(s.layout),
+        "decisions": mapview.reason_counters(s.maps),
+        "events": mapview.event_stats(s.maps),
+        "last_sync": s.last_sync,
+        "start_stages": s.start_stages,
     }
 
 
-def server(d) -> dict:
-    """Where the policy in force came from, when it is fetched from the
-    policy server: the bundle, the cache, the poller's last fetch and error."""
-    b = d.bundle
-    info = d.bundle_info
-    poll = d.poller.status() if d.poller is not None else {}
-    return {"url": d.cfg.policy_url,
-            "bundle_version": b.version if b else None,
-            "org": b.org if b else None,
-            "generated_at": b.generated_at if b else None,
-            "etag": info.get("etag") if b else None,
-            "fetched_at": info.get("fetched_at") if b else None,
-            "from_cache": bool(info.get("from_cache")) if b else False,
-            "cache": str(d.cfg.policy_cache),
-            "cache_error": info.get("cache_error"),
-            "last_fetch": poll.get("last_fetch"),
-            "last_error": poll.get("last_error"),
-            "last_error_at": poll.get("last_error_at"),
-            "failures": poll.get("failures", 0),
-            "next_retry": poll.get("next_retry"),
-            "state": poll.get("state"),
-            "user_match": d.cfg.bundle_user_match}
-
-
-def users(d) -> list[dict]:
-    counters = mapview.user_counters(d.loaded.maps)
+def users(s: Snapshot) -> list[dict]:
+    counters = mapview.user_counters(s.maps)
     out = []
-    for uid, (ruleset, flags, _slot) in sorted(d.kstate.users.items()):
-        if flags & C.USER_UNMANAGED:
+    for uid, entry in sorted(s.kstate.users.items()):
+        ruleset, flags = entry[0], entry[1]
+        ident = s.identities.get(uid)
+        if flags & C.USER_UNMANAGED or ident is None:
             continue
-        info, extra = d.groups_of(uid)
-        rule_ids = sorted(d.rules_of(info, extra))
+        info, extra, rule_ids = ident
         out.append({
             "login_uid": uid,
             "user": info.name,
@@ -75,33 +94,36 @@ def users(d) -> list[dict]:
             "groups": list(dict.fromkeys(info.groups + extra)),
             "nss_groups": list(info.groups),
             "bundle_groups": list(extra),
-            "bundle_version": d.bundle.version if d.bundle else None,
+            "bundle_version": s.bundle.version if s.bundle else None,
             "group_sids": list(info.sids),
             "groups_source": info.source,
             "groups_age": round(time.time() - info.fetched_at, 1),
-            "rules": [d.compiled.rule_names[r] for r in rule_ids],
+            "rules": [s.compiled.rule_names[r] for r in sorted(rule_ids)],
             "ruleset": ruleset,
-            "processes": d.sessions.processes.get(uid, 0),
+            "processes": s.processes.get(uid, 0),
             "counters": counters.get(uid, dict.fromkeys(mapview.COUNTER_FIELDS, 0)),
         })
     return out
 
 
-def rules(d, login_uid: int | None) -> list[dict]:
-    c = d.compiled
+def rules(s: Snapshot, login_uid: int | None) -> list[dict]:
+    c = s.compiled
     ids = [r.id for r in c.rules]
     if login_uid is not None:
-        wanted = d.rules_of(*d.groups_of(int(login_uid)))
+        ident = s.identities.get(int(login_uid))
+        wanted = ident.rule_ids if ident is not None else frozenset()
         ids = [i for i in ids if i in wanted]
-    counters = mapview.rule_counters(d.loaded.maps, [C.RULE_BASELINE, *ids])
+    counters = mapview.rule_counters(s.maps, [C.RULE_BASELINE, *ids])
     zero = dict.fromkeys(mapview.COUNTER_FIELDS, 0)
-    by_id = {r.id: r for r in c.rules}
+    by_name = {r.name: r for r in s.policy.rules}
     out = [{"id": C.RULE_BASELINE, "name": "baseline", "sources": ["(every managed user)"],
             "destinations": [str(n) for n in c.baseline], "services": ["any"],
             "counters": counters.get(C.RULE_BASELINE, zero)}]
-    for rid in ids:
-        rule = d.policy.rules[[r.name for r in d.policy.rules].index(by_id[rid].name)]
-        out.append({"id": rid, "name": rule.name, "sources": list(rule.sources),
-                    "destinations": list(rule.destinations), "services": list(rule.services),
-                    "counters": counters.get(rid, zero)})
+    for rule in c.rules:
+        if rule.id not in ids:
+            continue
+        src = by_name[rule.name]
+        out.append({"id": rule.id, "name": src.name, "sources": list(src.sources),
+                    "destinations": list(src.destinations), "services": list(src.services),
+                    "counters": counters.get(rule.id, zero)})
     return out

@@ -19,10 +19,11 @@ import time
 
 from .. import __version__
 from ..agent import control, flows, mapview, pins
-from ..agent.config import DaemonConfig, load_config
+from ..agent.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
+from ..core import contract as C
 from ..core.errors import AusError, ControlError
 
-DEFAULT_CONFIG = "/etc/aus/ausd.yaml"
+DEFAULT_CONFIG = str(DEFAULT_CONFIG_PATH)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
 
 
@@ -233,7 +234,7 @@ def cmd_uninstall(args, cfg) -> int:
 
 def _uid(text: str) -> int:
     v = int(text)
-    if not 0 <= v <= 0xFFFFFFFF:
+    if not 0 <= v <= C.LOGINUID_UNSET:
         raise argparse.ArgumentTypeError("a login UID is 0..4294967295")
     return v
 
