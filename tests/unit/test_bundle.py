@@ -219,3 +219,21 @@ def test_unwritable_cache_is_an_error(tmp_path):
         write_cache(blocker / "bundle.json", URL, None, bundle_from_data(bundle(1, {}), SOURCE))
     assert info.value.kind == "cache"
     assert f"cannot write the bundle cache {blocker / 'bundle.json'}" in str(info.value)
+
+
+def test_the_model_alone_refuses_what_the_parser_refuses():
+    """The server builds with BundleDocument directly: undeclared member
+    groups and policy cross references fail there too, not only in the
+    agent's parser."""
+    from pydantic import ValidationError
+
+    from aus.core.bundle import BundleDocument
+
+    doc = bundle(5, {"DEV": ["alice"], "QA": ["bob"]})
+    with pytest.raises(ValidationError, match=r"members\.QA: 'QA' is not a user group"):
+        BundleDocument.model_validate(doc)
+    doc = bundle(5, {"DEV": ["alice"]})
+    doc["policy"]["rules"][0]["sources"] = ["QA"]
+    with pytest.raises(ValidationError, match=r"rules\[0\]\.sources\[0\]: 'QA' is not a declared"):
+        BundleDocument.model_validate(doc)
+    assert BundleDocument.model_validate(bundle(5, {"DEV": ["alice"]})).version == 5

@@ -32,13 +32,18 @@ from pydantic import (
 )
 
 from .errors import PolicyError
-from .policy import SKIP_CROSS_CHECKS, Policy, cross_problems, nesting_reason
+from .policy import (
+    SKIP_CROSS_CHECKS,
+    Policy,
+    Problem,
+    cross_checked,
+    cross_problems,
+    nesting_reason,
+)
 from .yamlsource import describe_validation_errors, describe_value, sorted_problems
 
 BUNDLE_FORMAT = 1
 MAX_BUNDLE_BYTES = 64 << 20      # far above any real org; bounds a bad reply
-
-Problem = tuple[tuple[Any, ...], str]
 
 
 def _user_name(value: Any) -> str:
@@ -112,12 +117,7 @@ class BundleDocument(BaseModel):
 
     @model_validator(mode="after")
     def _members_are_declared(self, info: ValidationInfo) -> BundleDocument:
-        if info.context and info.context.get(SKIP_CROSS_CHECKS):
-            return self
-        problems = members_problems(self.model_dump())
-        if problems:
-            raise ValueError("; ".join(f"members.{p[1]}: {reason}" for p, reason in problems))
-        return self
+        return cross_checked(self, info, members_problems)
 
 
 def members_problems(data: Any) -> list[Problem]:

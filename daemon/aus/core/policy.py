@@ -28,7 +28,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -66,6 +66,7 @@ SERVICE_GRAMMAR = "PORT/PROTO, LO-HI/PROTO (PROTO tcp or udp), tcp, udp, icmp or
 # a loader runs them itself on the raw data (cross_problems) so that they
 # are reported together with every structural problem.
 SKIP_CROSS_CHECKS = "aus.core.policy.skip_cross_checks"
+M = TypeVar("M", bound=BaseModel)
 
 
 # --------------------------------------------------------------------------
@@ -340,14 +341,7 @@ class Policy(_Frozen):
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Policy:
-        if info.context and info.context.get(SKIP_CROSS_CHECKS):
-            return self
-        problems = cross_problems(self.model_dump())
-        if problems:
-            raise ValueError(
-                "; ".join(f"{format_path(p)}: {reason}" for p, reason in problems)
-            )
-        return self
+        return cross_checked(self, info, cross_problems)
 
     def model_post_init(self, __context: Any) -> None:
         index: dict[str, UserGroup] = {}
@@ -392,6 +386,22 @@ class Policy(_Frozen):
 
 # --------------------------------------------------------------------------
 # Cross-reference checks (on raw, possibly malformed data)
+
+
+Problem = tuple[tuple[Any, ...], str]
+
+
+def cross_checked(model: M, info: ValidationInfo,
+                  find: Callable[[Any], list[Problem]]) -> M:
+    """The tail of a model's own validation: the problems ``find`` sees in
+    its data refuse it, unless the loader runs them itself on the raw data
+    (context SKIP_CROSS_CHECKS) to report them with every other problem."""
+    if info.context and info.context.get(SKIP_CROSS_CHECKS):
+        return model
+    problems = find(model.model_dump())
+    if problems:
+        raise ValueError("; ".join(f"{format_path(p)}: {reason}" for p, reason in problems))
+    return model
 
 
 def _suggest(word: str, names: list[str]) -> str:
