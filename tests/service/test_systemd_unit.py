@@ -18,7 +18,7 @@ import time
 import yaml
 
 from aus.agent.config import cgroup2_root
-from aus.agent.loader import HOOKS
+from aus.core.contract import PROGRAMS as HOOKS
 
 from ..kernel.lab import wait_until
 from . import container
