@@ -39,9 +39,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.postgres import PostgresServer
+
 from .common import percentile
 from .httpload import Connection
-from .pg import PostgresServer
 
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"

@@ -144,7 +144,7 @@ class Org:
         return self.get("/policy")["version"]
 
     def seed(self, **kw) -> dict[str, str]:
-        from ..server.seed import seed
+        from tests.support.server_seed import seed
 
         return seed(self.server.db_url, self.id, **kw)
 

@@ -1,5 +1,5 @@
 """ausd with its policy from a policy server: a stand-in bundle server on
-loopback (tests/unit/bundle_server.py) serves the long poll. A membership
+loopback (tests/support/bundle_server.py) serves the long poll. A membership
 given only by the bundle decides a logged-in user's traffic; a new bundle
 withdraws it without a new login; a restart with the server down enforces
 the cached bundle."""
@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from ..unit.bundle_server import BundleServer, bundle
+from tests.support.bundle_server import BundleServer, bundle
+
 from . import lab
 
 pytestmark = pytest.mark.kernel

@@ -12,7 +12,9 @@ import time
 import httpx
 import pytest
 
-from ..server.test_cli import CLI, _free_port, _wait_port, serving
+from tests.support.names import free_port
+from tests.support.server_process import CLI, serving, wait_port
+
 from . import lab
 
 pytestmark = pytest.mark.kernel
@@ -32,9 +34,9 @@ def aus_server(tmp_path):
     db = f"sqlite:///{tmp_path}/server.db"
     token = subprocess.run(CLI + ["api-key", "create", "--org", "1", "--db", db], check=True,
                            capture_output=True, text=True).stdout.strip()
-    port = _free_port()
+    port = free_port()
     with serving("--listen", f"127.0.0.1:{port}", "--db", db) as proc:
-        _wait_port(port, proc)
+        wait_port(port, proc)
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=30) as c:
             yield base, token, c

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from aus.server.app import create_app
 from aus.server.auth import create_key
 from aus.server.db import open_database
-from bench.pg import PostgresServer
+from tests.support.postgres import PostgresServer
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import json
 import threading
 import time
 
-from .seed import seed
+from tests.support.server_seed import seed
 
 
 def _rule(sources, dest=("10.0.0.0/8",), services=("80/tcp",), name="dev-web"):

@@ -13,7 +13,7 @@ from aus.core.errors import PolicyError
 from aus.server.bundle import rebuild, touch
 from aus.server.db import Bundle, Rule, RuleSource, open_database
 
-from .seed import seed
+from tests.support.server_seed import seed
 
 
 def test_published_bundle_round_trips_through_the_agent(server):

@@ -4,52 +4,15 @@ refuses plain HTTP off loopback."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
 import sqlite3
 import ssl
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
 
-CLI = [sys.executable, "-m", "aus.server.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(*args: str):
-    proc = subprocess.Popen(CLI + ["serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)   # the server and its workers, which we started
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _wait_port(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.1)
-    raise AssertionError("aus-server did not listen within 30 s")
+from tests.support.names import free_port
+from tests.support.server_process import CLI, serving, wait_port
 
 
 def test_api_key_create_prints_once_and_stores_a_salted_hash(tmp_path):
@@ -98,10 +61,10 @@ def test_serves_https_with_the_given_certificate(tmp_path):
     db = f"sqlite:///{tmp_path}/s.db"
     token = subprocess.run(CLI + ["api-key", "create", "--org", "1", "--db", db], check=True,
                            capture_output=True, text=True).stdout.strip()
-    port = _free_port()
+    port = free_port()
     with serving("--listen", f"127.0.0.1:{port}", "--db", db, "--tls-cert", str(cert),
                  "--tls-key", str(key)) as proc:
-        _wait_port(port, proc)
+        wait_port(port, proc)
         ctx = ssl.create_default_context(cafile=str(cert))
         req = urllib.request.Request(f"https://127.0.0.1:{port}/api/whoami",
                                      headers={"Authorization": f"Bearer {token}"})

@@ -13,7 +13,7 @@ from aus.agent.bundlecache import read_cache, write_cache
 from aus.core.bundle import BUNDLE_FORMAT, bundle_from_bytes, bundle_from_data
 from aus.core.errors import PolicyError, PolicySourceError
 
-from .bundle_server import bundle
+from tests.support.bundle_server import bundle
 
 SOURCE = "bundle from https://aus.example.com/v1/orgs/1/bundle"
 

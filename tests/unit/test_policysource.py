@@ -1,5 +1,5 @@
 """ausd's policy server client against a real HTTP(S) server on loopback
-(tests/unit/bundle_server.py): credentials, the retry schedule, the
+(tests/support/bundle_server.py): credentials, the retry schedule, the
 long-poll protocol, the poller thread, and the daemon's handling of what it
 delivers (start from the cache, fail closed, refusals, memberships)."""
 
@@ -33,7 +33,7 @@ from aus.core.errors import ConfigError, PolicyError, PolicySourceError
 from aus.core.policy import empty_policy
 from aus.core.state import plan
 
-from .bundle_server import BundleServer, bundle, self_signed
+from tests.support.bundle_server import BundleServer, bundle, self_signed
 
 CREDS = ("key1", "s3cret")
 

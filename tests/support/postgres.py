@@ -15,6 +15,8 @@ import tempfile
 import time
 import uuid
 
+from .names import free_port
+
 
 def _bindir() -> str:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -23,18 +25,12 @@ def _bindir() -> str:
     return os.path.dirname(found[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     def __init__(self) -> None:
         self.bindir = _bindir()
         self.root = tempfile.mkdtemp(prefix="aus-pg-")
         self.data = os.path.join(self.root, "data")
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
 

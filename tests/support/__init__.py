@@ -1,0 +1,12 @@
+"""What the test suites share, and what the benchmarks may use too.
+
+    names           unique names for what tests make; free loopback ports
+    postgres        a throwaway PostgreSQL server of its own
+    server_process  `aus-server` run as a real process on loopback
+    server_seed     rows written straight into aus-server's store
+    bundle_server   a stand-in for aus-server's bundle endpoint
+
+Imports point one way: test suites (tests/<suite>/) and bench/ import from
+here; nothing here imports from bench/ or from a suite, and no suite
+imports another suite's modules.
+"""
