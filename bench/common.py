@@ -1,21 +1,20 @@
 """Shared pieces of the benchmark: building the C workload, private network
-namespaces and cgroups, starting a process inside them with a login UID,
-and the statistics every table uses."""
+namespaces and cgroups (made by tests.support), starting a process inside
+them with a login UID, and the statistics every table uses."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
-import secrets
 import signal
 import statistics
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aus.agent.config import cgroup2_root
+from tests.support import cgroups
+from tests.support.names import unique
 
 HERE = Path(__file__).resolve().parent
 CLONE_NEWNET = 0x40000000
@@ -35,10 +34,6 @@ def build_workload(out_dir: Path) -> Path:
     return binary
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(3)}"
-
-
 @contextlib.contextmanager
 def netns(addr: str):
     """A network namespace whose loopback also holds ``addr``: the
@@ -55,22 +50,9 @@ def netns(addr: str):
         run("ip", "netns", "del", name, check=False)
 
 
-@contextlib.contextmanager
-def cgroup(prefix: str = "aus-bench-"):
-    path = cgroup2_root() / unique(prefix)
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for _ in range(100):
-            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-        path.rmdir()
+def cgroup():
+    """A benchmark cgroup (tests.support.cgroups), removed afterwards."""
+    return cgroups.cgroup("aus-bench-")
 
 
 def enter(ns: str | None = None, cg: Path | None = None, loginuid: int | None = None,

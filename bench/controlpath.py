@@ -31,6 +31,8 @@ import yaml
 
 from aus.agent import control, pins
 
+from tests.support.names import unique
+
 from . import common
 
 HOLDER_BASE = 70000
@@ -72,7 +74,7 @@ class Daemon:
 
     def __init__(self, workdir: Path, cg: Path, files):
         self.workdir = workdir
-        self.pin_dir = Path("/sys/fs/bpf") / common.unique("aus-bench-cp-")
+        self.pin_dir = Path("/sys/fs/bpf") / unique("aus-bench-cp-")
         self.policy_path = workdir / "policy.yaml"
         self.config_path = workdir / "ausd.yaml"
         self.socket = workdir / "ausd.sock"
@@ -89,7 +91,7 @@ class Daemon:
 
     def start(self, timeout: float = 300) -> float:
         """Start and wait for READY; seconds from spawn to READY."""
-        npath = self.workdir / common.unique("notify")
+        npath = self.workdir / unique("notify")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(npath))
         notify.settimeout(timeout)

@@ -31,6 +31,8 @@ from aus.agent.config import DaemonConfig
 from aus.core import compiler, state
 from aus.core import contract as C
 
+from tests.support.names import unique
+
 from . import common
 
 DEST = "198.18.0.1"
@@ -206,7 +208,7 @@ def run(configs: list[Config], *, rounds: int, seconds: float, workdir: Path,
             cfg.cg = stack.enter_context(common.cgroup())
             stack.enter_context(common.server(binary, cfg.ns, DEST, cpu=0))
             if cfg.kind == "aus":
-                pin_dir = Path("/sys/fs/bpf") / common.unique("aus-bench-")
+                pin_dir = Path("/sys/fs/bpf") / unique("aus-bench-")
                 stack.callback(pins.uninstall, pin_dir)
                 log(f"setting up {cfg.name} ...")
                 loaded = setup_aus(cfg, pin_dir)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from aus.agent import bpfsys, pins
 
+from tests.support.names import unique
+
 from . import common, datapath
 
 
@@ -30,7 +32,7 @@ def profile(users: int, rules: int, seconds: float, workdir: Path) -> list[dict]
         cfg.ns = stack.enter_context(common.netns(datapath.DEST))
         cfg.cg = stack.enter_context(common.cgroup())
         stack.enter_context(common.server(binary, cfg.ns, datapath.DEST, cpu=0))
-        pin_dir = Path("/sys/fs/bpf") / common.unique("aus-profile-")
+        pin_dir = Path("/sys/fs/bpf") / unique("aus-profile-")
         stack.callback(pins.uninstall, pin_dir)
         loaded = datapath.setup_aus(cfg, pin_dir)
         stack.callback(loaded.close)

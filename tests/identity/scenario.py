@@ -19,7 +19,7 @@ namespace (see /work/shared/design/identity-facts.md):
               of the aus PAM hook), /var/lib/sss, /var/log/sssd and a tmpfs
               on /run, all bind-mounted over the host's paths
     lab       the kernel tests' peer namespace, cgroup and ausd
-              (tests/kernel/lab.py)
+              (tests/support/lab.py)
 
 then logs users in and out with pamtester, changes groups in LDAP (a
 nested group's membership too), stops sssd and ausd, and records what real
@@ -50,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.kernel import lab  # noqa: E402
+from tests.support import lab  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHIPPED_HOOK = HERE.parents[1] / "packaging" / "pam" / "aus-pam-hook"

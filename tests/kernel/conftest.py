@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from . import lab
+from tests.support import lab
 
 PEER_PORTS = [22, 53, 80, 443, 5353, 7999, 8000, 8050, 8100, 8101]
 

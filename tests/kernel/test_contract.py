@@ -20,7 +20,7 @@ from aus.agent import bpfsys, loader, pins
 from aus.core import contract as C
 from aus.core.errors import BpfError
 
-from . import lab
+from tests.support import lab
 
 pytestmark = pytest.mark.kernel
 

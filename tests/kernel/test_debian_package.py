@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from . import lab
+from tests.support import lab
+
 from .conftest import lab_policy
 
 pytestmark = pytest.mark.kernel

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from . import lab
+from tests.support import lab
+
 from .conftest import lab_policy
 
 pytestmark = pytest.mark.kernel
@@ -234,7 +235,7 @@ def test_reload_withdraws_permission_from_an_open_connection(daemon, peer, cg, p
     users, groups = people
     u = users["alice"]
     with lab.session(daemon, u.uid):
-        holder = lab.spawn([lab.PYTHON, str(lab.HERE / "client.py"), "hold", peer.v4, "80"],
+        holder = lab.spawn([lab.PYTHON, str(lab.CLIENT), "hold", peer.v4, "80"],
                            cg=cg, loginuid=u.uid, uid=u.uid, gid=u.gid,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:

@@ -12,7 +12,8 @@ import pytest
 from aus.agent import bpfsys, pins
 from aus.core import contract as C
 
-from . import lab
+from tests.support import lab
+
 from .conftest import lab_policy
 
 pytestmark = pytest.mark.kernel
@@ -79,7 +80,7 @@ def test_restart_adopts_pins_with_no_gap(cg, peer, people):
         d.start()
         with lab.session(d, alice.uid):
             before = link_and_prog_ids(d.pin_dir)
-            prober = lab.spawn([lab.PYTHON, str(lab.HERE / "client.py"), "probe", peer.v4, "80", "443"],
+            prober = lab.spawn([lab.PYTHON, str(lab.CLIENT), "probe", peer.v4, "80", "443"],
                                cg=cg, loginuid=alice.uid, uid=alice.uid, gid=alice.gid,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             try:
@@ -170,7 +171,7 @@ def test_sockets_older_than_ausd_are_judged_by_their_owner(cg, peer, people):
     alice, carol = users["alice"], users["carol"]
 
     def hold(user, loginuid):
-        p = lab.spawn([lab.PYTHON, str(lab.HERE / "client.py"), "hold", peer.v4, "443"],
+        p = lab.spawn([lab.PYTHON, str(lab.CLIENT), "hold", peer.v4, "443"],
                       cg=cg, loginuid=loginuid, uid=user.uid, gid=user.gid,
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert json.loads(p.stdout.readline())["ok"]

@@ -9,9 +9,8 @@ import time
 
 import pytest
 
+from tests.support import lab
 from tests.support.bundle_server import BundleServer, bundle
-
-from . import lab
 
 pytestmark = pytest.mark.kernel
 

@@ -12,10 +12,9 @@ import time
 import httpx
 import pytest
 
+from tests.support import lab
 from tests.support.names import free_port
 from tests.support.server_process import CLI, serving, wait_port
-
-from . import lab
 
 pytestmark = pytest.mark.kernel
 

@@ -20,7 +20,8 @@ import yaml
 from aus.agent.config import cgroup2_root
 from aus.core.contract import PROGRAMS as HOOKS
 
-from ..kernel.lab import wait_until
+from tests.support.polling import wait_until
+
 from . import container
 from .conftest import POLICY, REPO
 

@@ -1,5 +1,10 @@
 """What the test suites share, and what the benchmarks may use too.
 
+    lab             the kernel lab: peer namespace, cgroup, users, ausd, sessions
+    lab_peer        the program the lab's peer runs (TCP and UDP echo)
+    lab_client      the program ``lab.act`` runs: one network action
+    cgroups         test cgroups under the cgroup2 root, never the root itself
+    polling         wait_until: poll for a state with a deadline
     names           unique names for what tests make; free loopback ports
     postgres        a throwaway PostgreSQL server of its own
     server_process  `aus-server` run as a real process on loopback

@@ -3,7 +3,7 @@
 The test starts it inside its cgroup with the login UID and uid it wants,
 so what this process sees is what a user's process sees.
 
-usage: client.py tcp ADDR PORT | udp ADDR PORT | ping ADDR | hold ADDR PORT
+usage: lab_client.py tcp ADDR PORT | udp ADDR PORT | ping ADDR | hold ADDR PORT
                  | probe ADDR ALLOWED_PORT DENIED_PORT | flood ADDR PORT COUNT
 hold: connect, then for each line on stdin send it and report the echo.
 probe: connect to both ports over and over until stdin closes, then report

@@ -1,5 +1,6 @@
-"""The kernel tests' lab: a tree of privileged fixtures, each with a unique
-name and its cleanup in ``finally`` so a failed test leaves nothing behind.
+"""The lab of the kernel and identity tests: a tree of privileged
+fixtures, each with a unique name and its cleanup in ``finally`` so a
+failed test leaves nothing behind.
 
     Peer       a network namespace with a veth pair: the destination host
     Cgroup     a child of the cgroup2 root; only test processes join it
@@ -8,7 +9,9 @@ name and its cleanup in ``finally`` so a failed test leaves nothing behind.
     Session    a login session: a process holding a login UID, announced
                with `ausctl session open` as the PAM hook does
 
-Traffic goes only to the peer's addresses inside its own namespace.
+Traffic goes only to the peer's addresses inside its own namespace. The
+peer runs lab_peer.py (TCP and UDP echo); ``act`` runs lab_client.py, one
+network action as a user's process, and returns what that process saw.
 """
 
 from __future__ import annotations
@@ -29,29 +32,21 @@ from pathlib import Path
 import yaml
 
 from aus.agent import mapview, pins
-from bench import common as bench_common
+
+from . import cgroups, polling
+from .names import unique
 
 HERE = Path(__file__).resolve().parent
+PEER = HERE / "lab_peer.py"       # the destination host's echo server
+CLIENT = HERE / "lab_client.py"   # one network action as a user's process
 PYTHON = sys.executable
 LOGINUID_UNSET = 4294967295
+
+wait_until = polling.wait_until   # the lab's users wait on state with it too
 
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
-
-
-def wait_until(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-unique = bench_common.unique
 
 
 # ---- the destination host ---------------------------------------------------
@@ -88,7 +83,7 @@ def peer(ports: list[int]):
         run(*nsx, "ip", "-6", "addr", "add", f"{p.v6}/64", "dev", peer_if, "nodad")
         run(*nsx, "ip", "link", "set", peer_if, "up")
         run(*nsx, "ip", "link", "set", "lo", "up")
-        p.proc = subprocess.Popen([*nsx, PYTHON, str(HERE / "peer.py"), ",".join(map(str, ports))],
+        p.proc = subprocess.Popen([*nsx, PYTHON, str(PEER), ",".join(map(str, ports))],
                                   stdout=subprocess.PIPE, text=True)
         assert p.proc.stdout.readline().strip() == "ready"
         yield p
@@ -105,7 +100,7 @@ def peer(ports: list[int]):
 def cgroup():
     """A child of the cgroup2 root that only test processes join; removed
     afterwards, its leftover processes (ours) killed by PID."""
-    return bench_common.cgroup("aus-test-")
+    return cgroups.cgroup("aus-test-")
 
 
 # ---- users ----------------------------------------------------------------
@@ -172,7 +167,7 @@ def spawn(args: list[str], *, cg: Path | None = None, loginuid: int | None = Non
 def act(cg: Path, action: str, *args, loginuid: int | None, uid: int | None = None,
         gid: int | None = None) -> dict:
     """Run one client action as a real process in the cgroup; its result."""
-    p = spawn([PYTHON, str(HERE / "client.py"), action, *map(str, args)], cg=cg,
+    p = spawn([PYTHON, str(CLIENT), action, *map(str, args)], cg=cg,
               loginuid=loginuid, uid=uid, gid=gid, stdout=subprocess.PIPE,
               stderr=subprocess.PIPE, text=True)
     out, err = p.communicate(timeout=30)

@@ -1,7 +1,7 @@
 """The destination host of the kernel tests, run inside the test's network
 namespace: TCP echo on the given ports and UDP echo, IPv4 and IPv6.
 
-usage: peer.py PORT[,PORT...]   (every port is served on TCP and UDP)
+usage: lab_peer.py PORT[,PORT...]   (every port is served on TCP and UDP)
 Prints "ready" once every socket listens.
 """
 
