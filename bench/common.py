@@ -5,7 +5,6 @@ them with a login UID, and the statistics every table uses."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import statistics
@@ -14,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support import cgroups
-from tests.support.names import unique
+from tests.support import netns as namespaces
 
 HERE = Path(__file__).resolve().parent
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -38,16 +35,11 @@ def build_workload(out_dir: Path) -> Path:
 def netns(addr: str):
     """A network namespace whose loopback also holds ``addr``: the
     destination is on this machine, in a namespace of our own."""
-    name = unique("ausb")
-    try:
-        run("ip", "netns", "add", name)
-        nsx = ("ip", "netns", "exec", name)
-        run(*nsx, "ip", "link", "set", "lo", "up")
-        run(*nsx, "ip", "addr", "add", f"{addr}/32", "dev", "lo")
-        run(*nsx, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535")
+    with namespaces.namespace("ausb") as name:
+        namespaces.up("lo", [f"{addr}/32"], ns=name)
+        run("sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535",
+            preexec_fn=enter(ns=name))
         yield name
-    finally:
-        run("ip", "netns", "del", name, check=False)
 
 
 def cgroup():
@@ -60,10 +52,7 @@ def enter(ns: str | None = None, cg: Path | None = None, loginuid: int | None = 
     """preexec_fn: join a netns and a cgroup, set the login UID and uid."""
     def pre():
         if ns is not None:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                os._exit(90)
-            os.close(fd)
+            namespaces.enter(ns)
         if loginuid is not None:
             with open("/proc/self/loginuid", "w") as f:
                 f.write(str(loginuid))

@@ -175,7 +175,7 @@ def setup_nft(cfg: Config, workdir: Path) -> None:
     text = nft_linear(cfg) if cfg.kind == "nft-linear" else nft_set(cfg)
     path = workdir / f"{cfg.ns}.nft"
     path.write_text(text)
-    common.run("ip", "netns", "exec", cfg.ns, "nft", "-f", str(path))
+    common.run("nft", "-f", str(path), preexec_fn=common.enter(ns=cfg.ns))
     cfg.info = {"nft_rules": text.count("\n")}
 
 

@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tools():
-    missing = [t for t in ("ip", "ping", "useradd", "bpftool") if not shutil.which(t)]
+    missing = [t for t in ("ping", "useradd", "bpftool") if not shutil.which(t)]
     assert not missing, f"missing tools: {missing} (run scripts/setup.sh)"
 
 

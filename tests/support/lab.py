@@ -3,6 +3,7 @@ fixtures, each with a unique name and its cleanup in ``finally`` so a
 failed test leaves nothing behind.
 
     Peer       a network namespace with a veth pair: the destination host
+               (made over netlink, see netns.py)
     Cgroup     a child of the cgroup2 root; only test processes join it
     Users      local users and groups made with useradd/groupadd
     Ausd       the real daemon on the test cgroup, with its own pins
@@ -17,6 +18,7 @@ network action as a user's process, and returns what that process saw.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -33,7 +35,7 @@ import yaml
 
 from aus.agent import mapview, pins
 
-from . import cgroups, polling
+from . import cgroups, netns, polling
 from .names import unique
 
 HERE = Path(__file__).resolve().parent
@@ -61,38 +63,34 @@ class Peer:
     proc: subprocess.Popen | None = None
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+
+
 @contextlib.contextmanager
 def peer(ports: list[int]):
-    """A namespace reachable over a veth pair, serving TCP and UDP echo."""
-    ns = unique("aust")
+    """A namespace reachable over a veth pair, serving TCP and UDP echo.
+    Taken down in reverse, also when a step fails: the echo process killed
+    by PID, the veth pair deleted, the namespace removed."""
     host_if, peer_if = unique("ausv"), unique("ausp")
     a, b = secrets.randbelow(200) + 20, secrets.randbelow(60) * 4
-    # 198.18.0.0/15 is reserved for network tests (RFC 2544) and
-    # 2001:db8::/32 for documentation: neither routes anywhere else.
-    p = Peer(ns, f"198.18.{a}.{b + 2}", f"2001:db8:{a:x}:{b:x}::2",
-             f"198.18.{a}.{b + 1}", f"2001:db8:{a:x}:{b:x}::1")
-    try:
-        run("ip", "netns", "add", ns)
-        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        run("ip", "link", "set", peer_if, "netns", ns)
-        run("ip", "addr", "add", f"{p.host_v4}/30", "dev", host_if)
-        run("ip", "-6", "addr", "add", f"{p.host_v6}/64", "dev", host_if, "nodad")
-        run("ip", "link", "set", host_if, "up")
-        nsx = ("ip", "netns", "exec", ns)
-        run(*nsx, "ip", "addr", "add", f"{p.v4}/30", "dev", peer_if)
-        run(*nsx, "ip", "-6", "addr", "add", f"{p.v6}/64", "dev", peer_if, "nodad")
-        run(*nsx, "ip", "link", "set", peer_if, "up")
-        run(*nsx, "ip", "link", "set", "lo", "up")
-        p.proc = subprocess.Popen([*nsx, PYTHON, str(PEER), ",".join(map(str, ports))],
-                                  stdout=subprocess.PIPE, text=True)
+    with contextlib.ExitStack() as stack:
+        ns = stack.enter_context(netns.namespace("aust"))
+        # 198.18.0.0/15 is reserved for network tests (RFC 2544) and
+        # 2001:db8::/32 for documentation: neither routes anywhere else.
+        p = Peer(ns, f"198.18.{a}.{b + 2}", f"2001:db8:{a:x}:{b:x}::2",
+                 f"198.18.{a}.{b + 1}", f"2001:db8:{a:x}:{b:x}::1")
+        stack.enter_context(netns.veth(host_if, peer_if, ns))
+        netns.up(host_if, [f"{p.host_v4}/30", f"{p.host_v6}/64"])
+        netns.up(peer_if, [f"{p.v4}/30", f"{p.v6}/64"], ns=ns)
+        netns.up("lo", ns=ns)
+        p.proc = subprocess.Popen([PYTHON, str(PEER), ",".join(map(str, ports))],
+                                  stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=functools.partial(netns.enter, ns))
+        stack.callback(_stop, p.proc)
         assert p.proc.stdout.readline().strip() == "ready"
         yield p
-    finally:
-        if p.proc:
-            p.proc.kill()
-            p.proc.wait()
-        run("ip", "link", "del", host_if, check=False)
-        run("ip", "netns", "del", ns, check=False)
 
 
 # ---- cgroup ---------------------------------------------------------------
