@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 
 from aus.agent import control, pins
@@ -122,7 +121,9 @@ class Daemon:
             self.proc.wait(timeout=60)
 
     def rss_mb(self) -> float:
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+        """Resident set size in MiB: resident pages in /proc/PID/statm."""
+        resident = int((Path("/proc") / str(self.proc.pid) / "statm").read_text().split()[1])
+        return resident * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     def close(self) -> None:
         self.stop(signal.SIGKILL)

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from aus.agent.identity import Directory, UserInfo
-from aus.agent.sessions import Sessions, read_loginuid, scan_loginuids
+from aus.agent.sessions import Sessions, all_pids, read_loginuid, scan_loginuids
 from aus.core import contract as C
 
 
@@ -131,6 +131,12 @@ def test_scan_of_own_pid():
     assert scan_loginuids([os.getpid(), os.getpid()]) == (
         {} if mine == C.LOGINUID_UNSET else {mine: 2})
     assert read_loginuid(os.getpid()) == mine
+
+
+def test_all_pids_lists_running_processes():
+    pids = all_pids()
+    assert os.getpid() in pids and os.getppid() in pids and 1 in pids
+    assert len(pids) == len(set(pids))
 
 
 def test_scan_of_all_processes_counts_only_set_uids():

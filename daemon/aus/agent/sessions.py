@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import psutil
-
 from ..core import contract as C
 
 
@@ -31,10 +29,15 @@ def read_loginuid(pid: int) -> int | None:
         os.close(fd)
 
 
+def all_pids() -> list[int]:
+    """The ID of every process, from the numeric entries of /proc."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
 def scan_loginuids(proc_pids=None) -> dict[int, int]:
     """{login UID: number of processes} for every set login UID."""
     counts: dict[int, int] = {}
-    for pid in proc_pids if proc_pids is not None else psutil.pids():
+    for pid in proc_pids if proc_pids is not None else all_pids():
         uid = read_loginuid(pid)
         if uid is not None and uid != C.LOGINUID_UNSET:
             counts[uid] = counts.get(uid, 0) + 1
