@@ -15,5 +15,5 @@
 
 Imports point one way: test suites (tests/<suite>/) and bench/ import from
 here; nothing here imports from bench/ or from a suite, and no suite
-imports another suite's modules.
+imports another suite's modules (tests/unit/test_support_imports.py).
 """
