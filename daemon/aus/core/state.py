@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from . import contract as C
-from .compiler import Portset, Ruleset, SvcEntry
+from .compiler import DstEntry, Portset, Ruleset, SvcEntry
 
 UNMANAGED = "unmanaged"
 
@@ -54,7 +54,7 @@ class KernelState:
     _slots: set | None = field(default=None, compare=False, repr=False)
 
     def ruleset_content(self, rid: int) -> Ruleset:
-        return frozenset((addr, plen, self.portsets.get(pid, frozenset()))
+        return frozenset(DstEntry(addr, plen, self.portsets.get(pid, frozenset()))
                          for (addr, plen), pid in self.rulesets.get(rid, {}).items())
 
     def ruleset_index(self) -> dict:
@@ -171,10 +171,10 @@ def plan(actual: KernelState, desired: Desired,
             rid = ruleset_ids[content] = ruleset_seq
             ruleset_seq += 1
             entries = {}
-            for addr, plen, portset in sorted(content, key=lambda e: (e[1], e[0])):
-                pid = portset_id(portset)
-                entries[(addr, plen)] = pid
-                p.dst_put.append((rid, addr, plen, pid))
+            for dst in sorted(content, key=lambda e: (e.plen, e.addr)):
+                pid = portset_id(dst.portset)
+                entries[(dst.addr, dst.plen)] = pid
+                p.dst_put.append((rid, dst.addr, dst.plen, pid))
             new.rulesets[rid] = entries
         return rid
 
@@ -272,7 +272,7 @@ def plan(actual: KernelState, desired: Desired,
         for (addr, plen) in sorted(entries):
             p.dst_del.append((rid, addr, plen))
         maybe_free.update(entries.values())
-        content = frozenset((a, pl, new.portsets.get(pid, frozenset()))
+        content = frozenset(DstEntry(a, pl, new.portsets.get(pid, frozenset()))
                             for (a, pl), pid in entries.items())
         if ruleset_ids.get(content) == rid:
             del ruleset_ids[content]
