@@ -76,8 +76,8 @@ def server(d) -> dict:
 def users(d) -> list[dict]:
     counters = mapview.user_counters(d.loaded.maps)
     out = []
-    for uid, (ruleset, flags, _slot) in sorted(d.kstate.users.items()):
-        if flags & C.USER_UNMANAGED:
+    for uid, entry in sorted(d.kstate.users.items()):
+        if not entry.managed:
             continue
         info, extra = d.groups_of(uid)
         rule_ids = sorted(d.rules_of(info, extra))
@@ -93,7 +93,7 @@ def users(d) -> list[dict]:
             "groups_source": info.source,
             "groups_age": round(time.time() - info.fetched_at, 1),
             "rules": [d.compiled.rule_names[r] for r in rule_ids],
-            "ruleset": ruleset,
+            "ruleset": entry.ruleset,
             "processes": d.sessions.processes.get(uid, 0),
             "counters": counters.get(uid, dict.fromkeys(mapview.COUNTER_FIELDS, 0)),
         })

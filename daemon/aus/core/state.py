@@ -16,18 +16,75 @@ result twice is a no-op (puts are upserts, deletes of absent keys pass).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, NamedTuple, TypeAlias
 
 from . import contract as C
 from .compiler import DstEntry, Portset, Ruleset, SvcEntry
 
 UNMANAGED = "unmanaged"
 
+# The ids the maps are keyed by (all u32 in bpf/aus.h).
+LoginUid: TypeAlias = int
+RulesetId: TypeAlias = int
+PortsetId: TypeAlias = int
+RuleId: TypeAlias = int
+StatsSlot: TypeAlias = int          # index in aus_user_stats; 0 counts users not in aus_users
+# An aus_dst key within its ruleset: (16-byte address, prefix length of 128).
+DstPrefix: TypeAlias = tuple[bytes, int]
+
+
+class UserEntry(NamedTuple):
+    """An aus_users value: unmanaged users have RULESET_NONE and slot 0."""
+    ruleset: RulesetId
+    flags: int
+    slot: StatsSlot
+
+    @property
+    def managed(self) -> bool:
+        return not self.flags & C.USER_UNMANAGED
+
+
+# The plan's operations, one per map write.
+
+class SvcPut(NamedTuple):
+    portset: PortsetId
+    entry: SvcEntry
+
+
+class DstPut(NamedTuple):
+    ruleset: RulesetId
+    addr: bytes
+    plen: int
+    portset: PortsetId
+
+
+class RulePut(NamedTuple):
+    rule: RuleId
+    name: str
+
+
+class UserPut(NamedTuple):
+    login_uid: LoginUid
+    ruleset: RulesetId
+    flags: int
+    slot: StatsSlot
+
+
+class DstDel(NamedTuple):
+    ruleset: RulesetId
+    addr: bytes
+    plen: int
+
+
+class SvcDel(NamedTuple):
+    portset: PortsetId
+    entry: SvcEntry
+
 
 @dataclass(frozen=True)
 class ConfigValues:
     mode: int = C.MODE_ENFORCE
-    baseline_ruleset: int = C.RULESET_NONE
+    baseline_ruleset: RulesetId = C.RULESET_NONE
     events_per_sec: int = 1000
     events_burst: int = 2000
     ruleset_seq: int = 1
@@ -40,48 +97,47 @@ class ConfigValues:
 class KernelState:
     """What the maps hold (as read at adoption, then as written)."""
     config: ConfigValues = field(default_factory=ConfigValues)
-    # login UID -> (ruleset, flags, stats slot)
-    users: dict[int, tuple[int, int, int]] = field(default_factory=dict)
-    rulesets: dict[int, dict[tuple[bytes, int], int]] = field(default_factory=dict)
-    portsets: dict[int, Portset] = field(default_factory=dict)
-    rules: dict[int, str] = field(default_factory=dict)
+    users: dict[LoginUid, UserEntry] = field(default_factory=dict)
+    rulesets: dict[RulesetId, dict[DstPrefix, PortsetId]] = field(default_factory=dict)
+    portsets: dict[PortsetId, Portset] = field(default_factory=dict)
+    rules: dict[RuleId, str] = field(default_factory=dict)
     # content -> id, built once and then kept up to date by plan(), so a
     # plan costs no rebuilding of every ruleset's content
-    _rs_index: dict | None = field(default=None, compare=False, repr=False)
-    _ps_index: dict | None = field(default=None, compare=False, repr=False)
+    _rs_index: dict[Ruleset, RulesetId] | None = field(default=None, compare=False, repr=False)
+    _ps_index: dict[Portset, PortsetId] | None = field(default=None, compare=False, repr=False)
     # ruleset id -> number of managed users on it; slots in use
-    _refs: dict | None = field(default=None, compare=False, repr=False)
-    _slots: set | None = field(default=None, compare=False, repr=False)
+    _refs: dict[RulesetId, int] | None = field(default=None, compare=False, repr=False)
+    _slots: set[StatsSlot] | None = field(default=None, compare=False, repr=False)
 
-    def ruleset_content(self, rid: int) -> Ruleset:
+    def ruleset_content(self, rid: RulesetId) -> Ruleset:
         return frozenset(DstEntry(addr, plen, self.portsets.get(pid, frozenset()))
                          for (addr, plen), pid in self.rulesets.get(rid, {}).items())
 
-    def ruleset_index(self) -> dict:
+    def ruleset_index(self) -> dict[Ruleset, RulesetId]:
         if self._rs_index is None:
             self._rs_index = {self.ruleset_content(rid): rid for rid in self.rulesets}
         return self._rs_index
 
-    def portset_index(self) -> dict:
+    def portset_index(self) -> dict[Portset, PortsetId]:
         if self._ps_index is None:
             self._ps_index = {content: pid for pid, content in self.portsets.items()}
         return self._ps_index
 
-    def ruleset_refs(self) -> dict:
+    def ruleset_refs(self) -> dict[RulesetId, int]:
         if self._refs is None:
-            refs: dict[int, int] = {}
-            for rid, flags, _slot in self.users.values():
-                if not flags & C.USER_UNMANAGED:
-                    refs[rid] = refs.get(rid, 0) + 1
+            refs: dict[RulesetId, int] = {}
+            for user in self.users.values():
+                if user.managed:
+                    refs[user.ruleset] = refs.get(user.ruleset, 0) + 1
             self._refs = refs
         return self._refs
 
-    def used_slots(self) -> set:
+    def used_slots(self) -> set[StatsSlot]:
         if self._slots is None:
-            self._slots = {v[2] for v in self.users.values() if v[2]}
+            self._slots = {user.slot for user in self.users.values() if user.slot}
         return self._slots
 
-    def copy(self) -> "KernelState":
+    def copy(self) -> KernelState:
         # Rulesets and portsets are never edited in place, so their
         # containers are shared, not copied.
         return KernelState(self.config, dict(self.users), dict(self.rulesets),
@@ -95,9 +151,9 @@ class Desired:
     """What the maps should hold: each login UID's ruleset content (or
     UNMANAGED), the baseline ruleset, rule names and the config values
     the daemon owns."""
-    users: dict[int, Ruleset | str]
+    users: dict[LoginUid, Ruleset | str]
     baseline: Ruleset
-    rules: dict[int, str]
+    rules: dict[RuleId, str]
     mode: int
     events_per_sec: int
     events_burst: int
@@ -107,16 +163,16 @@ class Desired:
 @dataclass
 class Plan:
     """Map operations, in the order that keeps every step consistent."""
-    svc_put: list[tuple[int, SvcEntry]] = field(default_factory=list)
-    dst_put: list[tuple[int, bytes, int, int]] = field(default_factory=list)
-    rules_put: list[tuple[int, str]] = field(default_factory=list)
-    stats_reset: list[int] = field(default_factory=list)
-    users_put: list[tuple[int, int, int, int]] = field(default_factory=list)
-    users_del: list[int] = field(default_factory=list)
+    svc_put: list[SvcPut] = field(default_factory=list)
+    dst_put: list[DstPut] = field(default_factory=list)
+    rules_put: list[RulePut] = field(default_factory=list)
+    stats_reset: list[StatsSlot] = field(default_factory=list)
+    users_put: list[UserPut] = field(default_factory=list)
+    users_del: list[LoginUid] = field(default_factory=list)
     config_put: ConfigValues | None = None
-    dst_del: list[tuple[int, bytes, int]] = field(default_factory=list)
-    svc_del: list[tuple[int, SvcEntry]] = field(default_factory=list)
-    rules_del: list[int] = field(default_factory=list)
+    dst_del: list[DstDel] = field(default_factory=list)
+    svc_del: list[SvcDel] = field(default_factory=list)
+    rules_del: list[RuleId] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return any((self.svc_put, self.dst_put, self.rules_put, self.stats_reset,
@@ -161,7 +217,7 @@ def plan(actual: KernelState, desired: Desired,
             pid = portset_ids[content] = portset_seq
             portset_seq += 1
             new.portsets[pid] = content
-            p.svc_put.extend((pid, e) for e in sorted(content))
+            p.svc_put.extend(SvcPut(pid, e) for e in sorted(content))
         return pid
 
     def ruleset_id(content: Ruleset) -> int:
@@ -174,7 +230,7 @@ def plan(actual: KernelState, desired: Desired,
             for dst in sorted(content, key=lambda e: (e.plen, e.addr)):
                 pid = portset_id(dst.portset)
                 entries[(dst.addr, dst.plen)] = pid
-                p.dst_put.append((rid, dst.addr, dst.plen, pid))
+                p.dst_put.append(DstPut(rid, dst.addr, dst.plen, pid))
             new.rulesets[rid] = entries
         return rid
 
@@ -183,12 +239,12 @@ def plan(actual: KernelState, desired: Desired,
     used = new.used_slots()
     dropped: set[int] = set()          # rulesets that lost a user
 
-    def point(uid: int, old, value) -> None:
-        if old is not None and not old[1] & C.USER_UNMANAGED:
-            refs[old[0]] -= 1
-            dropped.add(old[0])
-        if value is not None and not value[1] & C.USER_UNMANAGED:
-            refs[value[0]] = refs.get(value[0], 0) + 1
+    def point(uid: int, old: UserEntry | None, value: UserEntry | None) -> None:
+        if old is not None and old.managed:
+            refs[old.ruleset] -= 1
+            dropped.add(old.ruleset)
+        if value is not None and value.managed:
+            refs[value.ruleset] = refs.get(value.ruleset, 0) + 1
 
     check = (desired.users.keys() | actual.users.keys()) if changed is None else set(changed)
     newcomers, freed = [], []
@@ -200,21 +256,21 @@ def plan(actual: KernelState, desired: Desired,
                 p.users_del.append(uid)
                 del new.users[uid]
                 point(uid, old, None)
-                if old[2]:
-                    freed.append(old[2])
+                if old.slot:
+                    freed.append(old.slot)
             continue
         if content is UNMANAGED or content == UNMANAGED:
-            value = (C.RULESET_NONE, C.USER_UNMANAGED, 0)
-            if old is not None and old[2]:
-                freed.append(old[2])
-        elif old is not None and old[2] and not old[1] & C.USER_UNMANAGED:
+            value = UserEntry(C.RULESET_NONE, C.USER_UNMANAGED, 0)
+            if old is not None and old.slot:
+                freed.append(old.slot)
+        elif old is not None and old.slot and old.managed:
             # A user keeps its stats slot (and counters).
-            value = (ruleset_id(content), 0, old[2])
+            value = UserEntry(ruleset_id(content), 0, old.slot)
         else:
             newcomers.append(uid)
             continue
         if old != value:
-            p.users_put.append((uid, *value))
+            p.users_put.append(UserPut(uid, *value))
             new.users[uid] = value
             point(uid, old, value)
     # A newcomer gets the lowest free slot, zeroed before use. Slots freed
@@ -227,8 +283,8 @@ def plan(actual: KernelState, desired: Desired,
         used.add(free_slot)
         p.stats_reset.append(free_slot)
         old = actual.users.get(uid)
-        value = (ruleset_id(desired.users[uid]), 0, free_slot)
-        p.users_put.append((uid, *value))
+        value = UserEntry(ruleset_id(desired.users[uid]), 0, free_slot)
+        p.users_put.append(UserPut(uid, *value))
         new.users[uid] = value
         point(uid, old, value)
     used.difference_update(freed)
@@ -237,7 +293,7 @@ def plan(actual: KernelState, desired: Desired,
 
     for rid, name in desired.rules.items():
         if actual.rules.get(rid) != name:
-            p.rules_put.append((rid, name))
+            p.rules_put.append(RulePut(rid, name))
             new.rules[rid] = name
     for rid in actual.rules:
         if rid not in desired.rules:
@@ -270,7 +326,7 @@ def plan(actual: KernelState, desired: Desired,
     for rid in doomed:
         entries = new.rulesets.pop(rid)
         for (addr, plen) in sorted(entries):
-            p.dst_del.append((rid, addr, plen))
+            p.dst_del.append(DstDel(rid, addr, plen))
         maybe_free.update(entries.values())
         content = frozenset(DstEntry(a, pl, new.portsets.get(pid, frozenset()))
                             for (a, pl), pid in entries.items())
@@ -285,13 +341,13 @@ def plan(actual: KernelState, desired: Desired,
             content = new.portsets.pop(pid, None)
             if content is None:
                 continue
-            p.svc_del.extend((pid, e) for e in sorted(content))
+            p.svc_del.extend(SvcDel(pid, e) for e in sorted(content))
             if portset_ids.get(content) == pid:
                 del portset_ids[content]
     return p, new
 
 
-def lookup(state: KernelState, loginuid: int, addr, proto: int, port: int):
+def lookup(state: KernelState, loginuid: LoginUid, addr, proto: int, port: int):
     """The decision the kernel's lookups give on this state, as
     (reason, rule id or None). Pure mirror of aus_judge() for tests."""
     from .compiler import lookup as ruleset_lookup
@@ -299,9 +355,9 @@ def lookup(state: KernelState, loginuid: int, addr, proto: int, port: int):
     if loginuid == C.LOGINUID_UNSET:
         return C.Reason.UNMANAGED, None
     user = state.users.get(loginuid)
-    if user and user[1] & C.USER_UNMANAGED:
+    if user and not user.managed:
         return C.Reason.UNMANAGED, None
-    rid = user[0] if user else state.config.baseline_ruleset
+    rid = user.ruleset if user else state.config.baseline_ruleset
     rule = ruleset_lookup(state.ruleset_content(rid), addr, proto, port)
     if rule is not None:
         return C.Reason.RULE, rule
