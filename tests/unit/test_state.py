@@ -118,14 +118,15 @@ class Maps:
                 live = {u.slot for u in self.users.values() if u.slot}
                 assert item not in live, f"stats slot {item} reset while a user counts in it"
             elif name == "users_put":
-                uid, rid, slot = item.login_uid, item.ruleset, item.slot
-                if item.flags & C.USER_UNMANAGED:
+                uid, user = item
+                rid, slot = user.ruleset, user.slot
+                if not user.managed:
                     assert want.users[uid] == UNMANAGED and rid == C.RULESET_NONE and slot == 0
                 else:
                     assert self.content(rid) == want.users[uid], f"user {uid} -> incomplete {rid}"
                     others = {v.slot for u, v in self.users.items() if u != uid}
                     assert slot >= 1 and slot not in others, f"user {uid}: slot {slot} shared"
-                self.users[uid] = UserEntry(rid, item.flags, slot)
+                self.users[uid] = user
             elif name == "users_del":
                 del self.users[item]
             elif name == "dst_del":
@@ -142,7 +143,7 @@ class Maps:
 
 def pointed(p: Plan) -> list[tuple[int, int, int]]:
     """(login UID, ruleset, flags) of each user the plan writes."""
-    return [(op.login_uid, op.ruleset, op.flags) for op in p.users_put]
+    return [(op.login_uid, op.entry.ruleset, op.entry.flags) for op in p.users_put]
 
 
 def _nonempty(st: KernelState) -> KernelState:
@@ -212,8 +213,8 @@ def test_from_empty_state():
     # put before (svc_put precedes dst_put), every ruleset a user names too
     put_portsets = {op.portset for op in p.svc_put}
     assert {op.portset for op in p.dst_put} <= put_portsets
-    assert {op.ruleset for op in p.users_put} <= {op.ruleset for op in p.dst_put}
-    users = {op.login_uid: op.ruleset for op in p.users_put}
+    assert {op.entry.ruleset for op in p.users_put} <= {op.ruleset for op in p.dst_put}
+    users = {op.login_uid: op.entry.ruleset for op in p.users_put}
     assert users[1000] == users[1002] != users[1001]
     assert sorted(users) == [1000, 1001, 1002]
     assert p.rules_put == sorted(RULES.items())
@@ -226,7 +227,7 @@ def test_plan_operations_name_their_map_writes():
     p, new = plan(KernelState(), desired({1000: A}))
     a = new.users[1000].ruleset
     assert new.users[1000] == UserEntry(ruleset=a, flags=0, slot=1) and new.users[1000].managed
-    assert p.users_put == [state.UserPut(login_uid=1000, ruleset=a, flags=0, slot=1)]
+    assert p.users_put == [state.UserPut(login_uid=1000, entry=new.users[1000])]
     assert p.stats_reset == [1]
     ten = C.addr16(ip("10.0.0.0"))
     (put,) = [op for op in p.dst_put if op.ruleset == a]
@@ -277,7 +278,7 @@ def test_mapsync_applies_in_plan_order():
 
 def test_identical_content_shares_rulesets_and_portsets():
     p, new = step(KernelState(), desired({1000: B, 1001: B, 1002: A}))
-    r = {op.login_uid: op.ruleset for op in p.users_put}
+    r = {op.login_uid: op.entry.ruleset for op in p.users_put}
     assert r[1000] == r[1001]
     # B's two prefixes carry the same services: one portset for both, and A
     # (same services again) reuses it too
@@ -362,7 +363,7 @@ def test_removing_users_collects_garbage_but_not_the_baseline():
 
 def test_unmanaged_users():
     p, s = step(KernelState(), desired({1000: UNMANAGED, 1001: A}))
-    assert (1000, C.RULESET_NONE, C.USER_UNMANAGED, 0) in p.users_put
+    assert (1000, UserEntry(C.RULESET_NONE, C.USER_UNMANAGED, 0)) in p.users_put
     assert s.users[1000] == UserEntry(ruleset=0, flags=C.USER_UNMANAGED, slot=0)
     assert not s.users[1000].managed and s.users[1001].managed
     assert state.lookup(s, 1000, ip("203.0.113.1"), TCP, 1) == (C.Reason.UNMANAGED, None)
@@ -373,7 +374,7 @@ def test_unmanaged_users():
     assert state.lookup(s2, 1001, ip("10.0.0.1"), TCP, 80) == (C.Reason.UNMANAGED, None)
     # and back to managed
     p3, s3 = step(s2, desired({1000: A, 1001: UNMANAGED}))
-    assert p3.users_put[0].login_uid == 1000 and p3.users_put[0].flags == 0
+    assert p3.users_put[0].login_uid == 1000 and p3.users_put[0].entry.flags == 0
     assert state.lookup(s3, 1000, ip("10.0.0.1"), TCP, 80) == (C.Reason.RULE, 2)
     assert state.lookup(s3, 1000, ip("10.0.0.1"), TCP, 81) == (C.Reason.NO_RULE, None)
 

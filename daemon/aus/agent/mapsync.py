@@ -56,8 +56,8 @@ def apply(plan: Plan, maps: dict[str, Map]) -> None:
         rules.update(_u32(op.rule), C.RuleInfo(op.name.encode()[:C.RULE_NAME_LEN - 1]))
     for slot in plan.stats_reset:
         maps[C.MAP_USER_STATS].update(_u32(slot), C.Counters())
-    for op in plan.users_put:
-        users.update(_u32(op.login_uid), C.User(op.ruleset, op.flags, op.slot))
+    for uid, user in plan.users_put:
+        users.update(_u32(uid), C.User(user.ruleset, user.flags, user.slot))
     for uid in plan.users_del:
         users.delete(_u32(uid))
     if plan.config_put is not None:
