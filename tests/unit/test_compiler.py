@@ -12,7 +12,7 @@ import pytest
 from aus.core import compiler
 from aus.core import contract as C
 from aus.core.compiler import SvcEntry, flatten, lookup, port_blocks, service_entries
-from aus.core.policy import Policy, ServiceSpec, parse_service, policy_from_text
+from aus.core.policy import Policy, ServiceSpec, parse_network, parse_service, policy_from_text
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
@@ -425,6 +425,20 @@ def test_compile_policy_keeps_ids_and_flattens():
     assert cp.ruleset(cp.matching_rules(["G"])) is rs
 
 
+def test_compiled_grants_use_the_policys_parsed_networks():
+    pol = Policy.model_validate({
+        "user_groups": [{"name": "G"}],
+        "ip_lists": {"lan": ["10.0.0.0/8", "2001:db8::/32"]},
+        "rules": [{"name": "one", "sources": ["G"], "destinations": ["lan", "192.0.2.0/24"],
+                   "services": ["22/tcp"]}]})
+    (rule,) = compiler.compile_policy(pol, []).rules
+    held = pol.destinations_of(pol.rules[0])
+    assert [g.destination for g in rule.grants] == held
+    # the very objects the policy parsed at validation: no parsing of text here
+    assert all(g.destination is n for g, n in zip(rule.grants, held, strict=True))
+    assert all(g.services == (SvcEntry(TCP, 22, 64, rule.id),) for g in rule.grants)
+
+
 # ---------------------------------------------------------------------------
 # Randomized differential test against a naive reference
 
@@ -553,13 +567,25 @@ def _probe_services(rnd: random.Random, specs, family):
     return out
 
 
+def _resolve(entries, named, parse):
+    """Reference: names expanded, each text parsed, first-seen order kept."""
+    out = []
+    for entry in entries:
+        for text in named.get(entry, [entry]):
+            value = parse(text)
+            if value not in out:
+                out.append(value)
+    return out
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_differential_random_policies(seed):
     rnd = random.Random(1000 + seed)
     pol = _rand_policy(rnd)
     cp = compiler.compile_policy(pol, BASELINE)
     ids = {r.name: r.id for r in cp.rules}
-    ref_rules = [(ids[r.name], pol.destinations_of(r), pol.services_of(r)) for r in pol.rules]
+    ref_rules = [(ids[r.name], _resolve(r.destinations, pol.ip_lists, parse_network),
+                  _resolve(r.services, pol.services, parse_service)) for r in pol.rules]
     all_nets = [n for _, nets, _ in ref_rules for n in nets]
     all_specs = [s for _, _, specs in ref_rules for s in specs]
     checked = allowed_seen = 0
