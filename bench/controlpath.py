@@ -29,7 +29,6 @@ from pathlib import Path
 import yaml
 
 from aus.agent import control, pins
-
 from tests.support.names import unique
 
 from . import common

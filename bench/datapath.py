@@ -30,7 +30,6 @@ from aus.agent import loader, mapsync, pins
 from aus.agent.config import DaemonConfig
 from aus.core import compiler, state
 from aus.core import contract as C
-
 from tests.support.names import unique
 
 from . import common
@@ -108,8 +107,8 @@ def setup_aus(cfg: Config, pin_dir: Path) -> loader.Loaded:
         ids = []
         for rid, dest, services in grants:
             entries = tuple(e for s in services for e in compiler.service_entries(parse_service(s), rid))
-            rules.append(compiler.CompiledRule(rid, f"r{rid}", (f"g{uid}",),
-                                               ((ipaddress.ip_network(dest), entries),)))
+            grant = compiler.Grant(ipaddress.ip_network(dest), entries)
+            rules.append(compiler.CompiledRule(rid, f"r{rid}", (f"g{uid}",), (grant,)))
             ids.append(rid)
         users[uid] = frozenset(ids)
     cp = compiler.CompiledPolicy(tuple(rules), tuple(dcfg.baseline_networks), version=1)

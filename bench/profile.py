@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 from aus.agent import bpfsys, pins
-
 from tests.support.names import unique
 
 from . import common, datapath

@@ -19,7 +19,6 @@ import pytest
 from aus.agent import bpfsys, loader, pins
 from aus.core import contract as C
 from aus.core.errors import BpfError
-
 from tests.support import lab
 
 pytestmark = pytest.mark.kernel

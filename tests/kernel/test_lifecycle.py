@@ -11,7 +11,6 @@ import pytest
 
 from aus.agent import bpfsys, pins
 from aus.core import contract as C
-
 from tests.support import lab
 
 from .conftest import lab_policy

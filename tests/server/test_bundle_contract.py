@@ -12,7 +12,6 @@ from aus.core.bundle import bundle_from_bytes, document_from_data
 from aus.core.errors import PolicyError
 from aus.server.bundle import rebuild, touch
 from aus.server.db import Bundle, Rule, RuleSource, open_database
-
 from tests.support.server_seed import seed
 
 

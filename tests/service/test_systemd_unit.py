@@ -19,7 +19,6 @@ import yaml
 
 from aus.agent.config import cgroup2_root
 from aus.core.contract import PROGRAMS as HOOKS
-
 from tests.support.polling import wait_until
 
 from . import container

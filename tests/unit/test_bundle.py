@@ -12,7 +12,6 @@ import pytest
 from aus.agent.bundlecache import read_cache, write_cache
 from aus.core.bundle import BUNDLE_FORMAT, bundle_from_bytes, bundle_from_data
 from aus.core.errors import PolicyError, PolicySourceError
-
 from tests.support.bundle_server import bundle
 
 SOURCE = "bundle from https://aus.example.com/v1/orgs/1/bundle"

@@ -12,7 +12,13 @@ import pytest
 from aus.core import compiler
 from aus.core import contract as C
 from aus.core.compiler import SvcEntry, flatten, lookup, port_blocks, service_entries
-from aus.core.policy import Policy, ServiceSpec, parse_service, policy_from_text
+from aus.core.policy import (
+    Policy,
+    ServiceSpec,
+    parse_network,
+    parse_service,
+    policy_from_text,
+)
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
@@ -160,11 +166,24 @@ def test_more_specific_prefix_inherits_services():
     assert lookup(rs, ip("10.1.2.3"), UDP, 80) is None
     assert lookup(rs, ip("11.0.0.1"), TCP, 80) is None
     # the /16 entry itself carries both services (the kernel sees only it)
-    by_key = {(a, p): ps for a, p, ps in rs}
+    by_key = {(e.addr, e.plen): e.portset for e in rs}
     inner = by_key[(C.addr16(ip("10.1.0.0")), 96 + 16)]
     assert inner == {SvcEntry(TCP, 80, 64, 2), SvcEntry(TCP, 22, 64, 3)}
     outer = by_key[(C.addr16(ip("10.0.0.0")), 96 + 8)]
     assert outer == {SvcEntry(TCP, 80, 64, 2)}
+
+
+def test_ruleset_entries_name_the_kernel_key_and_portset():
+    # An IPv4 prefix is stored v4-mapped, its length counted in 128 bits,
+    # as the aus_dst key takes it; an IPv6 prefix as written.
+    rs = flatten([grant("10.0.0.0/8", 2, "80/tcp"), grant("2001:db8::/32", 3, "22/tcp")])
+    assert all(isinstance(d, compiler.DstEntry) for d in rs)
+    by_plen = {d.plen: d for d in rs}
+    assert sorted(by_plen) == [32, 96 + 8]
+    v4, v6 = by_plen[96 + 8], by_plen[32]
+    assert v4.addr == bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 0])
+    assert v4.portset == {SvcEntry(TCP, 80, 64, 2)}
+    assert v6.addr == ip("2001:db8::").packed and v6.portset == {SvcEntry(TCP, 22, 64, 3)}
 
 
 def test_inheritance_through_several_levels():
@@ -184,8 +203,8 @@ def test_siblings_and_cousins_inherit_only_from_containing_prefixes():
     rs = flatten([grant("10.0.0.0/8", 2, "80/tcp"), grant("10.1.0.0/16", 3, "22/tcp"),
                   grant("10.1.128.0/17", 4, "25/tcp"), grant("10.2.0.0/16", 5, "53/udp"),
                   grant("11.0.0.0/8", 6, "443/tcp"), grant("10.1.2.0/24", 7, "123/udp")])
-    by_key = {(ipaddress.IPv6Address(a).ipv4_mapped, p - 96): {e.rule for e in ps}
-              for a, p, ps in rs}
+    by_key = {(ipaddress.IPv6Address(d.addr).ipv4_mapped, d.plen - 96): {e.rule for e in d.portset}
+              for d in rs}
     assert by_key == {
         (ip("10.0.0.0"), 8): {2},
         (ip("10.1.0.0"), 16): {2, 3},
@@ -412,6 +431,20 @@ def test_compile_policy_keeps_ids_and_flattens():
     assert cp.ruleset(cp.matching_rules(["G"])) is rs
 
 
+def test_compiled_grants_use_the_policys_parsed_networks():
+    pol = Policy.model_validate({
+        "user_groups": [{"name": "G"}],
+        "ip_lists": {"lan": ["10.0.0.0/8", "2001:db8::/32"]},
+        "rules": [{"name": "one", "sources": ["G"], "destinations": ["lan", "192.0.2.0/24"],
+                   "services": ["22/tcp"]}]})
+    (rule,) = compiler.compile_policy(pol, []).rules
+    held = pol.destinations_of(pol.rules[0])
+    assert [g.destination for g in rule.grants] == held
+    # the very objects the policy parsed at validation: no parsing of text here
+    assert all(g.destination is n for g, n in zip(rule.grants, held, strict=True))
+    assert all(g.services == (SvcEntry(TCP, 22, 64, rule.id),) for g in rule.grants)
+
+
 # ---------------------------------------------------------------------------
 # Randomized differential test against a naive reference
 
@@ -540,13 +573,25 @@ def _probe_services(rnd: random.Random, specs, family):
     return out
 
 
+def _resolve(entries, named, parse):
+    """Reference: names expanded, each text parsed, first-seen order kept."""
+    out = []
+    for entry in entries:
+        for text in named.get(entry, [entry]):
+            value = parse(text)
+            if value not in out:
+                out.append(value)
+    return out
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_differential_random_policies(seed):
     rnd = random.Random(1000 + seed)
     pol = _rand_policy(rnd)
     cp = compiler.compile_policy(pol, BASELINE)
     ids = {r.name: r.id for r in cp.rules}
-    ref_rules = [(ids[r.name], pol.destinations_of(r), pol.services_of(r)) for r in pol.rules]
+    ref_rules = [(ids[r.name], _resolve(r.destinations, pol.ip_lists, parse_network),
+                  _resolve(r.services, pol.services, parse_service)) for r in pol.rules]
     all_nets = [n for _, nets, _ in ref_rules for n in nets]
     all_specs = [s for _, _, specs in ref_rules for s in specs]
     checked = allowed_seen = 0

@@ -170,6 +170,39 @@ def test_services_literals_and_dedup():
     ]
 
 
+def test_policy_holds_its_parsed_networks_and_services():
+    data = {
+        "user_groups": [{"name": "DEV", "sid": None, "external_id": None}],
+        "ip_lists": {"lan": ["10.0.0.0/8", "2001:db8::/32"]},
+        "services": {"web": ["80/tcp", "443/tcp"]},
+        "rules": [{"name": "r", "sources": ["DEV"], "destinations": ["lan", "192.0.2.7"],
+                   "services": ["web", "53/udp"]}],
+    }
+    policy = Policy.model_validate(data)      # as the server builds it
+    rule = policy.rules[0]
+    nets = policy.destinations_of(rule)
+    specs = policy.services_of(rule)
+    assert nets == [parse_network(t) for t in ("10.0.0.0/8", "2001:db8::/32", "192.0.2.7")]
+    assert specs == [parse_service(t) for t in ("80/tcp", "443/tcp", "53/udp")]
+    # parsed when the policy was validated, not at each question
+    assert all(a is b for a, b in zip(nets, policy.destinations_of(rule), strict=True))
+    assert all(a is b for a, b in zip(specs, policy.services_of(rule), strict=True))
+    # the document keeps its text
+    assert policy.model_dump() == data
+    assert Policy.model_validate_json(policy.model_dump_json()) == policy
+
+
+def test_unparsable_reference_is_reported_not_raised_while_parsing():
+    with pytest.raises(ValidationError) as info:
+        Policy.model_validate({"rules": [{"name": "r", "sources": ["DEV"],
+                                          "destinations": ["intrnet"], "services": ["wbe"]}],
+                               "user_groups": [{"name": "DEV"}],
+                               "ip_lists": {"internet": ["0.0.0.0/0"]}})
+    text = str(info.value)
+    assert "rules[0].destinations[0]: 'intrnet' is neither an ip_list name nor a CIDR" in text
+    assert "rules[0].services[0]: 'wbe' is neither a service name" in text
+
+
 @pytest.mark.parametrize("text, spec", [
     ("22/tcp", ServiceSpec("tcp", 22, 22)),
     ("1/udp", ServiceSpec("udp", 1, 1)),

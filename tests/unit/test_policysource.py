@@ -32,7 +32,6 @@ from aus.core.bundle import bundle_from_bytes, bundle_from_data
 from aus.core.errors import ConfigError, PolicyError, PolicySourceError
 from aus.core.policy import empty_policy
 from aus.core.state import plan
-
 from tests.support.bundle_server import BundleServer, bundle, self_signed
 
 CREDS = ("key1", "s3cret")
@@ -541,7 +540,7 @@ def test_new_bundle_changes_logged_in_users_and_bad_one_is_refused(tmp_path, ser
         d.sessions.open(uid)
     start_policy(d)
     assert rules_of(d, 2001) == ["dev-web"] and rules_of(d, 2002) == ["dev-web"]
-    alice_before = d.kstate.users[2001][0]
+    alice_before = d.kstate.users[2001].ruleset
     gen = d.kstate.config.users_gen
 
     # alice leaves DEV, carol joins OPS: one delivery, everyone recomputed
@@ -550,7 +549,7 @@ def test_new_bundle_changes_logged_in_users_and_bad_one_is_refused(tmp_path, ser
     assert d.syncs[-1] == "bundle" and d.policy_error is None
     assert d.compiled.version == 2 and d.kstate.config.policy_version == 2
     assert rules_of(d, 2001) == [] and rules_of(d, 2003) == ["ops-ssh"]
-    assert d.kstate.users[2001][0] != alice_before
+    assert d.kstate.users[2001].ruleset != alice_before
     assert d.kstate.config.users_gen > gen
     assert d.follower.poller.enforcing == 2
     assert read_cache(d.cfg.policy_cache, server.url).etag == '"b2"'

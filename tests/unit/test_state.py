@@ -13,7 +13,7 @@ from aus.core import compiler, state
 from aus.core import contract as C
 from aus.core.compiler import flatten, service_entries
 from aus.core.policy import parse_service
-from aus.core.state import UNMANAGED, Desired, KernelState, Plan, plan
+from aus.core.state import UNMANAGED, Desired, KernelState, Plan, UserEntry, plan
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
@@ -71,7 +71,7 @@ class Maps:
         self.rules = dict(st.rules)
 
     def referenced_rulesets(self):
-        return ({r for r, f, *_ in self.users.values() if not f & C.USER_UNMANAGED}
+        return ({u.ruleset for u in self.users.values() if u.managed}
                 | {self.config.baseline_ruleset})
 
     def referenced_portsets(self):
@@ -84,7 +84,7 @@ class Maps:
                 ps = frozenset(compiler.SvcEntry(proto, port, plen, rule)
                                for (p2, proto, port, plen), rule in self.svc.items()
                                if p2 == pid)
-                out.append((a, pl, ps))
+                out.append(compiler.DstEntry(a, pl, ps))
         return frozenset(out)
 
     def as_state(self) -> KernelState:
@@ -102,42 +102,48 @@ class Maps:
         baseline) can see, and every pointer written targets complete content."""
         for name, item in _ops(p):
             if name == "svc_put":
-                pid, e = item
+                pid, e = item.portset, item.entry
                 assert pid not in self.referenced_portsets(), f"svc_put into live portset {pid}"
                 self.svc[(pid, e.proto, e.port, e.plen)] = e.rule
             elif name == "dst_put":
-                rid, a, pl, pid = item
+                rid = item.ruleset
                 assert rid not in self.referenced_rulesets(), f"dst_put into live ruleset {rid}"
-                self.dst[(rid, a, pl)] = pid
+                self.dst[(rid, item.addr, item.plen)] = item.portset
             elif name == "rules_put":
-                self.rules[item[0]] = item[1]
+                self.rules[item.rule] = item.name
             elif name == "config_put":
                 assert self.content(item.baseline_ruleset) == want.baseline
                 self.config = item
             elif name == "stats_reset":
-                live = {v[2] for v in self.users.values() if v[2]}
+                live = {u.slot for u in self.users.values() if u.slot}
                 assert item not in live, f"stats slot {item} reset while a user counts in it"
             elif name == "users_put":
-                uid, rid, flags, slot = item
-                if flags & C.USER_UNMANAGED:
+                uid, user = item
+                rid, slot = user.ruleset, user.slot
+                if not user.managed:
                     assert want.users[uid] == UNMANAGED and rid == C.RULESET_NONE and slot == 0
                 else:
                     assert self.content(rid) == want.users[uid], f"user {uid} -> incomplete {rid}"
-                    others = {v[2] for u, v in self.users.items() if u != uid}
+                    others = {v.slot for u, v in self.users.items() if u != uid}
                     assert slot >= 1 and slot not in others, f"user {uid}: slot {slot} shared"
-                self.users[uid] = (rid, flags, slot)
+                self.users[uid] = user
             elif name == "users_del":
                 del self.users[item]
             elif name == "dst_del":
-                rid, a, pl = item
+                rid = item.ruleset
                 assert rid not in self.referenced_rulesets(), f"dst_del in live ruleset {rid}"
-                del self.dst[(rid, a, pl)]
+                del self.dst[(rid, item.addr, item.plen)]
             elif name == "svc_del":
-                pid, e = item
+                pid, e = item.portset, item.entry
                 assert pid not in self.referenced_portsets(), f"svc_del in live portset {pid}"
                 del self.svc[(pid, e.proto, e.port, e.plen)]
             elif name == "rules_del":
                 del self.rules[item]
+
+
+def pointed(p: Plan) -> list[tuple[int, int, int]]:
+    """(login UID, ruleset, flags) of each user the plan writes."""
+    return [(op.login_uid, op.entry.ruleset, op.entry.flags) for op in p.users_put]
 
 
 def _nonempty(st: KernelState) -> KernelState:
@@ -161,27 +167,27 @@ def step(actual: KernelState, want: Desired) -> tuple[Plan, KernelState]:
     # the planner's new state describes the desired content
     assert new.ruleset_content(new.config.baseline_ruleset) == want.baseline
     for uid, content in want.users.items():
-        rid, flags, _slot = new.users[uid]
+        user = new.users[uid]
         if content == UNMANAGED:
-            assert (rid, flags) == (C.RULESET_NONE, C.USER_UNMANAGED)
+            assert (user.ruleset, user.flags) == (C.RULESET_NONE, C.USER_UNMANAGED)
         else:
-            assert flags == 0 and new.ruleset_content(rid) == content
+            assert user.flags == 0 and new.ruleset_content(user.ruleset) == content
     assert set(new.users) == set(want.users)
     assert new.rules == want.rules
     cfg = new.config
     assert (cfg.mode, cfg.events_per_sec, cfg.events_burst, cfg.policy_version) == (
         want.mode, want.events_per_sec, want.events_burst, want.policy_version)
     # new content only under fresh ids; in-use rulesets are never written
-    for rid, *_ in p.dst_put:
-        assert rid not in actual.rulesets
-        assert rid >= actual.config.ruleset_seq
-    for pid, _ in p.svc_put:
-        assert pid not in actual.portsets
-        assert pid >= actual.config.portset_seq
+    for op in p.dst_put:
+        assert op.ruleset not in actual.rulesets
+        assert op.ruleset >= actual.config.ruleset_seq
+    for op in p.svc_put:
+        assert op.portset not in actual.portsets
+        assert op.portset >= actual.config.portset_seq
     assert all(rid < cfg.ruleset_seq for rid in new.rulesets)
     assert all(pid < cfg.portset_seq for pid in new.portsets)
     # nothing unreferenced is left behind
-    live = {r for r, f, *_ in new.users.values() if not f} | {cfg.baseline_ruleset}
+    live = {u.ruleset for u in new.users.values() if u.managed} | {cfg.baseline_ruleset}
     assert set(new.rulesets) == live
     assert set(new.portsets) == {pid for es in new.rulesets.values() for pid in es.values()}
     # idempotent
@@ -205,16 +211,35 @@ def test_from_empty_state():
     assert p.config_put.ruleset_seq == 4           # baseline, A, CC
     # the puts come in dependency order: every portset a dst entry names is
     # put before (svc_put precedes dst_put), every ruleset a user names too
-    put_portsets = {pid for pid, _ in p.svc_put}
-    assert {pid for *_, pid in p.dst_put} <= put_portsets
-    assert {rid for _, rid, *_ in p.users_put} <= {rid for rid, *_ in p.dst_put}
-    users = {uid: rid for uid, rid, *_ in p.users_put}
+    put_portsets = {op.portset for op in p.svc_put}
+    assert {op.portset for op in p.dst_put} <= put_portsets
+    assert {op.entry.ruleset for op in p.users_put} <= {op.ruleset for op in p.dst_put}
+    users = {op.login_uid: op.entry.ruleset for op in p.users_put}
     assert users[1000] == users[1002] != users[1001]
     assert sorted(users) == [1000, 1001, 1002]
     assert p.rules_put == sorted(RULES.items())
     assert p.summary()["config"] == 1 and p.summary()["users_put"] == 3
     # a second plan on the new state is empty
     assert not plan(new, want)[0]
+
+
+def test_plan_operations_name_their_map_writes():
+    p, new = plan(KernelState(), desired({1000: A}))
+    a = new.users[1000].ruleset
+    assert new.users[1000] == UserEntry(ruleset=a, flags=0, slot=1) and new.users[1000].managed
+    assert p.users_put == [state.UserPut(login_uid=1000, entry=new.users[1000])]
+    assert p.stats_reset == [1]
+    ten = C.addr16(ip("10.0.0.0"))
+    (put,) = [op for op in p.dst_put if op.ruleset == a]
+    assert (put.addr, put.plen) == (ten, 96 + 8)
+    web = state.SvcPut(portset=put.portset, entry=compiler.SvcEntry(TCP, 80, 64, 2))
+    assert web in p.svc_put
+    assert p.rules_put[:2] == [state.RulePut(rule=1, name="baseline"),
+                               state.RulePut(rule=2, name="web")]
+    gone, _ = plan(new, desired({}))
+    assert gone.users_del == [1000]
+    assert gone.dst_del == [state.DstDel(ruleset=a, addr=ten, plen=96 + 8)]
+    assert gone.svc_del == [state.SvcDel(portset=web.portset, entry=web.entry)]
 
 
 def test_mapsync_applies_in_plan_order():
@@ -253,7 +278,7 @@ def test_mapsync_applies_in_plan_order():
 
 def test_identical_content_shares_rulesets_and_portsets():
     p, new = step(KernelState(), desired({1000: B, 1001: B, 1002: A}))
-    r = {uid: rid for uid, rid, *_ in p.users_put}
+    r = {op.login_uid: op.entry.ruleset for op in p.users_put}
     assert r[1000] == r[1001]
     # B's two prefixes carry the same services: one portset for both, and A
     # (same services again) reuses it too
@@ -262,31 +287,31 @@ def test_identical_content_shares_rulesets_and_portsets():
     assert len(b_pids) == 1 and b_pids == a_pids
     assert len(p.svc_put) == len(set(p.svc_put))
     # two portsets in all: the baseline's and the web one
-    assert len({pid for pid, _ in p.svc_put}) == 2
+    assert len({op.portset for op in p.svc_put}) == 2
     # a user whose content equals the baseline shares the baseline ruleset
     p2, new2 = step(new, desired({1000: B, 1001: B, 1002: A, 1003: BASE}))
-    assert [u[:3] for u in p2.users_put] == [(1003, new.config.baseline_ruleset, 0)]
+    assert pointed(p2) == [(1003, new.config.baseline_ruleset, 0)]
     assert not p2.dst_put and not p2.svc_put
 
 
 def test_user_change_gets_new_ruleset_and_gc_when_unreferenced():
     _, s0 = step(KernelState(), desired({1000: A, 1001: A}))
-    rid_a = s0.users[1000][0]
+    rid_a = s0.users[1000].ruleset
 
     # 1000 moves to new content: new id; A stays (1001 uses it)
     p1, s1 = step(s0, desired({1000: CC, 1001: A}))
-    rid_c = s1.users[1000][0]
+    rid_c = s1.users[1000].ruleset
     assert rid_c not in s0.rulesets and rid_c != rid_a
-    assert {rid for rid, *_ in p1.dst_put} == {rid_c}
-    assert [u[:3] for u in p1.users_put] == [(1000, rid_c, 0)]
+    assert {op.ruleset for op in p1.dst_put} == {rid_c}
+    assert pointed(p1) == [(1000, rid_c, 0)]
     assert not p1.dst_del
-    assert s1.users[1001][:2] == (rid_a, 0)
+    assert (s1.users[1001].ruleset, s1.users[1001].flags) == (rid_a, 0)
     assert s1.rulesets[rid_a] == s0.rulesets[rid_a]
 
     # 1001 moves to existing content: shared, nothing written but users
     p2, s2 = step(s1, desired({1000: CC, 1001: CC}))
     assert not p2.dst_put and not p2.svc_put
-    assert [u[:3] for u in p2.users_put] == [(1001, rid_c, 0)]
+    assert pointed(p2) == [(1001, rid_c, 0)]
     # A is now unreferenced: all its dst entries go, and so does its
     # portset (nothing else holds tcp/80)
     assert sorted(p2.dst_del) == sorted((rid_a, a, pl) for (a, pl) in s1.rulesets[rid_a])
@@ -296,7 +321,7 @@ def test_user_change_gets_new_ruleset_and_gc_when_unreferenced():
 
     # A again: a brand-new id, never the old one
     p3, s3 = step(s2, desired({1000: CC, 1001: A}))
-    new_a = s3.users[1001][0]
+    new_a = s3.users[1001].ruleset
     assert new_a != rid_a and new_a > rid_c
     assert s3.config.ruleset_seq > s2.config.ruleset_seq
 
@@ -304,12 +329,12 @@ def test_user_change_gets_new_ruleset_and_gc_when_unreferenced():
 def test_removing_users_collects_garbage_but_not_the_baseline():
     _, s0 = step(KernelState(), desired({1000: A, 1001: CC, 1002: BASE}))
     base = s0.config.baseline_ruleset
-    assert s0.users[1002][:2] == (base, 0)
-    rid_c = s0.users[1001][0]
+    assert (s0.users[1002].ruleset, s0.users[1002].flags) == (base, 0)
+    rid_c = s0.users[1001].ruleset
 
     p1, s1 = step(s0, desired({1000: A, 1002: BASE}))
     assert p1.users_del == [1001]
-    assert {rid for rid, *_ in p1.dst_del} == {rid_c}
+    assert {op.ruleset for op in p1.dst_del} == {rid_c}
     assert rid_c not in s1.rulesets
     # only users_gen moves, so sockets drop their cached decisions
     assert p1.config_put is not None
@@ -320,7 +345,7 @@ def test_removing_users_collects_garbage_but_not_the_baseline():
     p2, s2 = step(s1, desired({}))
     assert p2.users_del == [1000, 1002]
     assert base in s2.rulesets and s2.config.baseline_ruleset == base
-    assert all(rid != base for rid, *_ in p2.dst_del)
+    assert all(op.ruleset != base for op in p2.dst_del)
     assert s2.rulesets == {base: s0.rulesets[base]}
     assert set(s2.portsets) == set(s0.rulesets[base].values())
 
@@ -328,27 +353,28 @@ def test_removing_users_collects_garbage_but_not_the_baseline():
     new_base = rs(("127.0.0.0/8", 1, "any"))
     p3, s3 = step(s2, desired({}, baseline=new_base))
     assert p3.config_put is not None and p3.config_put.baseline_ruleset not in (base, 0)
-    assert {rid for rid, *_ in p3.dst_del} == {base}
+    assert {op.ruleset for op in p3.dst_del} == {base}
     # ... but it stays while a user still uses that content
     _, s4 = step(s3, desired({1000: BASE}, baseline=new_base))
     p5, s5 = step(s4, desired({1000: BASE}, baseline=BASE))
-    assert s5.config.baseline_ruleset == s5.users[1000][0]
+    assert s5.config.baseline_ruleset == s5.users[1000].ruleset
     assert not p5.dst_put
 
 
 def test_unmanaged_users():
     p, s = step(KernelState(), desired({1000: UNMANAGED, 1001: A}))
-    assert (1000, C.RULESET_NONE, C.USER_UNMANAGED, 0) in p.users_put
-    assert s.users[1000] == (0, C.USER_UNMANAGED, 0)
+    assert (1000, UserEntry(C.RULESET_NONE, C.USER_UNMANAGED, 0)) in p.users_put
+    assert s.users[1000] == UserEntry(ruleset=0, flags=C.USER_UNMANAGED, slot=0)
+    assert not s.users[1000].managed and s.users[1001].managed
     assert state.lookup(s, 1000, ip("203.0.113.1"), TCP, 1) == (C.Reason.UNMANAGED, None)
-    rid_a = s.users[1001][0]
+    rid_a = s.users[1001].ruleset
     p2, s2 = step(s, desired({1000: UNMANAGED, 1001: UNMANAGED}))
-    assert [u[:3] for u in p2.users_put] == [(1001, C.RULESET_NONE, C.USER_UNMANAGED)]
-    assert {rid for rid, *_ in p2.dst_del} == {rid_a}
+    assert pointed(p2) == [(1001, C.RULESET_NONE, C.USER_UNMANAGED)]
+    assert {op.ruleset for op in p2.dst_del} == {rid_a}
     assert state.lookup(s2, 1001, ip("10.0.0.1"), TCP, 80) == (C.Reason.UNMANAGED, None)
     # and back to managed
     p3, s3 = step(s2, desired({1000: A, 1001: UNMANAGED}))
-    assert p3.users_put[0][0] == 1000 and p3.users_put[0][2] == 0
+    assert p3.users_put[0].login_uid == 1000 and p3.users_put[0].entry.flags == 0
     assert state.lookup(s3, 1000, ip("10.0.0.1"), TCP, 80) == (C.Reason.RULE, 2)
     assert state.lookup(s3, 1000, ip("10.0.0.1"), TCP, 81) == (C.Reason.NO_RULE, None)
 
@@ -470,10 +496,11 @@ def test_plan_after_interrupted_apply_does_not_reuse_ids():
     # then it dies before config_put / users_put.
     p1, _ = plan(s0, desired({1000: A, 1001: CC}))
     maps = Maps(s0)
-    for pid, e in p1.svc_put:
-        maps.svc[(pid, e.proto, e.port, e.plen)] = e.rule
-    for rid, a, pl, pid in p1.dst_put:
-        maps.dst[(rid, a, pl)] = pid
+    for op in p1.svc_put:
+        e = op.entry
+        maps.svc[(op.portset, e.proto, e.port, e.plen)] = e.rule
+    for op in p1.dst_put:
+        maps.dst[(op.ruleset, op.addr, op.plen)] = op.portset
     adopted = maps.as_state()      # what mapsync.read_state() gives on restart
     assert adopted.config == s0.config
     assert set(adopted.rulesets) - set(s0.rulesets)   # the partial ruleset
@@ -483,8 +510,8 @@ def test_plan_after_interrupted_apply_does_not_reuse_ids():
     want = desired({1000: A, 1001: D})
     p2, _ = plan(adopted, want)
     # new content must go under ids the maps do not hold yet
-    assert not {rid for rid, *_ in p2.dst_put} & set(adopted.rulesets)
-    assert not {pid for pid, _ in p2.svc_put} & set(adopted.portsets)
+    assert not {op.ruleset for op in p2.dst_put} & set(adopted.rulesets)
+    assert not {op.portset for op in p2.svc_put} & set(adopted.portsets)
     # and the kernel then decides as the policy says
     maps.apply(p2, want)
     kernel = maps.as_state()
@@ -494,18 +521,18 @@ def test_plan_after_interrupted_apply_does_not_reuse_ids():
 
 def test_stats_slots_are_kept_and_reused_only_after_release():
     p0, s0 = step(KernelState(), desired({1000: A, 1001: CC}))
-    slots = {uid: v[2] for uid, v in s0.users.items()}
+    slots = {uid: v.slot for uid, v in s0.users.items()}
     assert sorted(slots.values()) == [1, 2] and sorted(p0.stats_reset) == [1, 2]
     # a new ruleset for 1000 keeps its slot (and its counters)
     p1, s1 = step(s0, desired({1000: CC, 1001: CC}))
-    assert s1.users[1000][2] == slots[1000] and not p1.stats_reset
+    assert s1.users[1000].slot == slots[1000] and not p1.stats_reset
     # 1001 leaves while 1002 arrives: 1002 must not take 1001's slot yet
     p2, s2 = step(s1, desired({1000: CC, 1002: A}))
-    assert s2.users[1002][2] not in slots.values()
-    assert p2.stats_reset == [s2.users[1002][2]]
+    assert s2.users[1002].slot not in slots.values()
+    assert p2.stats_reset == [s2.users[1002].slot]
     # once released, the slot is free for the next newcomer (zeroed first)
     p3, s3 = step(s2, desired({1000: CC, 1002: A, 1003: A}))
-    assert s3.users[1003][2] == slots[1001] and p3.stats_reset == [slots[1001]]
+    assert s3.users[1003].slot == slots[1001] and p3.stats_reset == [slots[1001]]
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -533,12 +560,13 @@ def test_incremental_plan_matches_full_plan(seed):
         _, full = step(full, d)
         # same content per user, same slots
         for uid in want:
-            assert inc_new.ruleset_content(inc_new.users[uid][0]) == \
-                full.ruleset_content(full.users[uid][0])
-        assert {u: v[1:] for u, v in inc_new.users.items()} == \
-            {u: v[1:] for u, v in full.users.items()}
+            assert inc_new.ruleset_content(inc_new.users[uid].ruleset) == \
+                full.ruleset_content(full.users[uid].ruleset)
+        assert {u: (v.flags, v.slot) for u, v in inc_new.users.items()} == \
+            {u: (v.flags, v.slot) for u, v in full.users.items()}
         # nothing referenced is ever collected; nothing unreferenced lingers
-        live = {v[0] for v in inc_new.users.values() if not v[1]} | {inc_new.config.baseline_ruleset}
+        live = {v.ruleset for v in inc_new.users.values() if v.managed} \
+            | {inc_new.config.baseline_ruleset}
         assert set(inc_new.rulesets) == live
         assert plan(inc_new, d)[0].users_put == []
         inc = inc_new

@@ -557,7 +557,7 @@ class Daemon:
         return {"ok": True, "login_uid": uid, "managed": True, "user": info.name,
                 "groups": list(dict.fromkeys(info.groups + extra)),
                 "bundle_groups": list(extra), "rules": rules,
-                "ruleset": entry[0] if entry else None}
+                "ruleset": entry.ruleset if entry else None}
 
     def cmd_session_close(self, req, peer) -> dict:
         uid = self._peer_uid(req, peer)

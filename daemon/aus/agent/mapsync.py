@@ -9,7 +9,7 @@ import socket
 
 from ..core import contract as C
 from ..core.compiler import SvcEntry
-from ..core.state import ConfigValues, KernelState, Plan
+from ..core.state import ConfigValues, KernelState, Plan, UserEntry
 from .bpfsys import Map
 
 
@@ -45,26 +45,28 @@ def config_struct(cfg: ConfigValues) -> C.Config:
 def apply(plan: Plan, maps: dict[str, Map]) -> None:
     svc, dst = maps[C.MAP_SVC], maps[C.MAP_DST]
     users, rules = maps[C.MAP_USERS], maps[C.MAP_RULES]
-    for pid, e in plan.svc_put:
-        svc.update(svc_key(pid, e.proto, e.port, e.plen), C.SvcVal(e.rule))
-    for rid, addr, plen, pid in plan.dst_put:
-        dst.update(dst_key(rid, addr, plen), C.DstVal(pid))
-    for rid, name in plan.rules_put:
+    for op in plan.svc_put:
+        e = op.entry
+        svc.update(svc_key(op.portset, e.proto, e.port, e.plen), C.SvcVal(e.rule))
+    for op in plan.dst_put:
+        dst.update(dst_key(op.ruleset, op.addr, op.plen), C.DstVal(op.portset))
+    for op in plan.rules_put:
         # A new name for an id: its counters start from zero.
-        maps[C.MAP_RULE_STATS].update(_u32(rid), C.Counters())
-        rules.update(_u32(rid), C.RuleInfo(name.encode()[:C.RULE_NAME_LEN - 1]))
+        maps[C.MAP_RULE_STATS].update(_u32(op.rule), C.Counters())
+        rules.update(_u32(op.rule), C.RuleInfo(op.name.encode()[:C.RULE_NAME_LEN - 1]))
     for slot in plan.stats_reset:
         maps[C.MAP_USER_STATS].update(_u32(slot), C.Counters())
-    for uid, ruleset, flags, slot in plan.users_put:
-        users.update(_u32(uid), C.User(ruleset, flags, slot))
+    for uid, user in plan.users_put:
+        users.update(_u32(uid), C.User(user.ruleset, user.flags, user.slot))
     for uid in plan.users_del:
         users.delete(_u32(uid))
     if plan.config_put is not None:
         maps[C.MAP_CONFIG].update(_u32(0), config_struct(plan.config_put))
-    for rid, addr, plen in plan.dst_del:
-        dst.delete(dst_key(rid, addr, plen))
-    for pid, e in plan.svc_del:
-        svc.delete(svc_key(pid, e.proto, e.port, e.plen))
+    for op in plan.dst_del:
+        dst.delete(dst_key(op.ruleset, op.addr, op.plen))
+    for op in plan.svc_del:
+        e = op.entry
+        svc.delete(svc_key(op.portset, e.proto, e.port, e.plen))
     for rid in plan.rules_del:
         rules.delete(_u32(rid))
 
@@ -78,7 +80,7 @@ def read_state(maps: dict[str, Map]) -> KernelState:
                                  raw.events_burst, raw.ruleset_seq, raw.portset_seq,
                                  raw.policy_version, raw.users_gen)
     for k, v in maps[C.MAP_USERS].items():
-        st.users[k.value] = (v.ruleset, v.flags, v.slot)
+        st.users[k.value] = UserEntry(v.ruleset, v.flags, v.slot)
     for k, v in maps[C.MAP_DST].items():
         st.rulesets.setdefault(k.ruleset, {})[
             (bytes(k.addr), k.prefixlen - C.DST_ID_BITS)] = v.portset

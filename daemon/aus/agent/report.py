@@ -82,9 +82,8 @@ def users(s: Snapshot) -> list[dict]:
     counters = mapview.user_counters(s.maps)
     out = []
     for uid, entry in sorted(s.kstate.users.items()):
-        ruleset, flags = entry[0], entry[1]
         ident = s.identities.get(uid)
-        if flags & C.USER_UNMANAGED or ident is None:
+        if not entry.managed or ident is None:
             continue
         info, extra, rule_ids = ident
         out.append({
@@ -99,7 +98,7 @@ def users(s: Snapshot) -> list[dict]:
             "groups_source": info.source,
             "groups_age": round(time.time() - info.fetched_at, 1),
             "rules": [s.compiled.rule_names[r] for r in sorted(rule_ids)],
-            "ruleset": ruleset,
+            "ruleset": entry.ruleset,
             "processes": s.processes.get(uid, 0),
             "counters": counters.get(uid, dict.fromkeys(mapview.COUNTER_FIELDS, 0)),
         })

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, NamedTuple, TypeAlias
 
 from . import contract as C
 from .policy import Policy, ServiceSpec
@@ -49,9 +49,27 @@ class SvcEntry:
         return bits == 0 or (port >> (16 - bits)) == (self.port >> (16 - bits))
 
 
-Portset = frozenset  # frozenset[SvcEntry]
-# A ruleset: frozenset of (addr16, plen128, Portset).
-Ruleset = frozenset
+# A portset: the aus_svc entries sharing one portset id.
+Portset: TypeAlias = frozenset[SvcEntry]
+
+
+class DstEntry(NamedTuple):
+    """One aus_dst entry of a ruleset: a destination prefix (the 16-byte
+    address of bpf/aus.h, v4 mapped; its length counted in those 128 bits)
+    and the services allowed under it."""
+    addr: bytes
+    plen: int
+    portset: Portset
+
+
+# A ruleset: its aus_dst entries. Content, not ids: equal rulesets are one.
+Ruleset: TypeAlias = frozenset[DstEntry]
+
+
+class Grant(NamedTuple):
+    """What one rule allows towards one destination."""
+    destination: Network
+    services: tuple[SvcEntry, ...]
 
 
 def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
@@ -133,7 +151,7 @@ def flatten(grants: Iterable[tuple[Network, Iterable[SvcEntry]]]) -> Ruleset:
         if stack:
             merged |= stack[-1][3]
         stack.append((fam, a, last, merged))
-        out.append((a.to_bytes(16, "big"), plen, _dedupe(merged)))
+        out.append(DstEntry(a.to_bytes(16, "big"), plen, _dedupe(merged)))
     return frozenset(out)
 
 
@@ -149,7 +167,7 @@ class CompiledRule:
     id: int
     name: str
     sources: tuple[str, ...]                     # policy group names
-    grants: tuple[tuple[Network, tuple[SvcEntry, ...]], ...]
+    grants: tuple[Grant, ...]
 
 
 def assign_rule_ids(names: list[str], existing: dict[str, int],
@@ -254,7 +272,7 @@ def compile_policy(policy: Policy, baseline: Iterable[Network], *,
                         for e in service_entries(spec, rid))
         # icmp means ICMP towards IPv4 and ICMPv6 towards IPv6.
         other = {4: C.PROTO_ICMPV6, 6: C.PROTO_ICMP}
-        grants = tuple((net, tuple(e for e in entries if e.proto != other[net.version]))
+        grants = tuple(Grant(net, tuple(e for e in entries if e.proto != other[net.version]))
                        for net in policy.destinations_of(r))
         rules.append(CompiledRule(rid, r.name, tuple(r.sources), grants))
     sids = tuple((g.name, g.sid) for g in policy.user_groups if g.sid)
@@ -266,15 +284,15 @@ def lookup(ruleset: Ruleset, addr: ipaddress.IPv4Address | ipaddress.IPv6Address
     """What the two LPM lookups give for a destination: the rule id, or None.
     Used by unit tests and ``ausctl check --offline`` on compiled data."""
     a = int.from_bytes(C.addr16(addr), "big")
-    best = None
-    for raddr, plen, portset in ruleset:
-        if _contains((int.from_bytes(raddr, "big"), plen), (a, 128)):
-            if best is None or plen > best[0]:
-                best = (plen, portset)
+    best: DstEntry | None = None
+    for dst in ruleset:
+        if _contains((int.from_bytes(dst.addr, "big"), dst.plen), (a, 128)):
+            if best is None or dst.plen > best.plen:
+                best = dst
     if best is None:
         return None
     match = None
-    for e in best[1]:
+    for e in best.portset:
         if e.covers(proto, port) and (match is None or e.plen > match.plen):
             match = e
     return match.rule if match else None

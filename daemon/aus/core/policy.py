@@ -328,6 +328,11 @@ class Policy(_Frozen):
     rules: list[Rule] = Field(default_factory=list)
 
     _groups_by_key: dict[str, UserGroup] = PrivateAttr(default_factory=dict)
+    # Every destination and service the policy names (a list name or a
+    # literal) -> its parsed values, filled once at validation, so that
+    # compiling never parses text again. Not part of the document.
+    _networks: dict[str, tuple[Network, ...]] = PrivateAttr(default_factory=dict)
+    _service_specs: dict[str, tuple[ServiceSpec, ...]] = PrivateAttr(default_factory=dict)
 
     @field_validator("ip_lists", "services", mode="before")
     @classmethod
@@ -348,6 +353,10 @@ class Policy(_Frozen):
         for group in self.user_groups:
             index.setdefault(group.name.casefold(), group)
         self._groups_by_key = index
+        self._networks = _parse_references(
+            self.ip_lists, [r.destinations for r in self.rules], parse_network)
+        self._service_specs = _parse_references(
+            self.services, [r.services for r in self.rules], parse_service)
 
     # -- queries -------------------------------------------------------------
 
@@ -358,30 +367,56 @@ class Policy(_Frozen):
     def destinations_of(self, rule: Rule) -> list[Network]:
         """The rule's destinations as networks: lists expanded, duplicates
         removed, first-seen order kept."""
-        out: list[Network] = []
-        seen: set[Network] = set()
-        for entry in rule.destinations:
-            texts = self.ip_lists[entry] if entry in self.ip_lists else [entry]
-            for text in texts:
-                net = parse_network(text)
-                if net not in seen:
-                    seen.add(net)
-                    out.append(net)
-        return out
+        return _expand(rule.destinations, self._networks, parse_network)
 
     def services_of(self, rule: Rule) -> list[ServiceSpec]:
         """The rule's services: names expanded, duplicates removed,
         first-seen order kept."""
-        out: list[ServiceSpec] = []
-        seen: set[ServiceSpec] = set()
-        for entry in rule.services:
-            texts = self.services[entry] if entry in self.services else [entry]
-            for text in texts:
-                spec = parse_service(text)
-                if spec not in seen:
-                    seen.add(spec)
-                    out.append(spec)
-        return out
+        return _expand(rule.services, self._service_specs, parse_service)
+
+
+_Parsed = TypeVar("_Parsed")
+
+
+def _parse_references(named: dict[str, list[str]], references: Sequence[list[str]],
+                      parse: Callable[[str], _Parsed]) -> dict[str, tuple[_Parsed, ...]]:
+    """Each name of ``named``, and each other entry of ``references`` (a
+    literal), -> its parsed values; a name wins over a literal spelled the
+    same. What does not parse is left out: validation reports it (this
+    runs before the cross checks)."""
+    out: dict[str, tuple[_Parsed, ...]] = {}
+    for name, texts in named.items():
+        values = []
+        for text in texts:
+            try:
+                values.append(parse(text))
+            except ValueError:
+                pass
+        out[name] = tuple(values)
+    for entries in references:
+        for entry in entries:
+            if entry not in out:
+                try:
+                    out[entry] = (parse(entry),)
+                except ValueError:
+                    pass
+    return out
+
+
+def _expand(entries: list[str], parsed: dict[str, tuple[_Parsed, ...]],
+            parse: Callable[[str], _Parsed]) -> list[_Parsed]:
+    """Entries (names or literals) -> their values, duplicates removed,
+    first-seen order kept. A rule from elsewhere may name what this policy
+    never parsed: that is parsed here (and raises ValueError if it is bad)."""
+    out: list[_Parsed] = []
+    seen: set[_Parsed] = set()
+    for entry in entries:
+        values = parsed.get(entry)
+        for value in values if values is not None else (parse(entry),):
+            if value not in seen:
+                seen.add(value)
+                out.append(value)
+    return out
 
 
 # --------------------------------------------------------------------------

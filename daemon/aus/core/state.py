@@ -16,18 +16,73 @@ result twice is a no-op (puts are upserts, deletes of absent keys pass).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, NamedTuple, TypeAlias
 
 from . import contract as C
-from .compiler import Portset, Ruleset, SvcEntry
+from .compiler import DstEntry, Portset, Ruleset, SvcEntry
 
 UNMANAGED = "unmanaged"
+
+# The ids the maps are keyed by (all u32 in bpf/aus.h).
+LoginUid: TypeAlias = int
+RulesetId: TypeAlias = int
+PortsetId: TypeAlias = int
+RuleId: TypeAlias = int
+StatsSlot: TypeAlias = int          # index in aus_user_stats; 0 counts users not in aus_users
+# An aus_dst key within its ruleset: (16-byte address, prefix length of 128).
+DstPrefix: TypeAlias = tuple[bytes, int]
+
+
+class UserEntry(NamedTuple):
+    """An aus_users value: unmanaged users have RULESET_NONE and slot 0."""
+    ruleset: RulesetId
+    flags: int
+    slot: StatsSlot
+
+    @property
+    def managed(self) -> bool:
+        return not self.flags & C.USER_UNMANAGED
+
+
+# The plan's operations, one per map write.
+
+class SvcPut(NamedTuple):
+    portset: PortsetId
+    entry: SvcEntry
+
+
+class DstPut(NamedTuple):
+    ruleset: RulesetId
+    addr: bytes
+    plen: int
+    portset: PortsetId
+
+
+class RulePut(NamedTuple):
+    rule: RuleId
+    name: str
+
+
+class UserPut(NamedTuple):
+    login_uid: LoginUid
+    entry: UserEntry
+
+
+class DstDel(NamedTuple):
+    ruleset: RulesetId
+    addr: bytes
+    plen: int
+
+
+class SvcDel(NamedTuple):
+    portset: PortsetId
+    entry: SvcEntry
 
 
 @dataclass(frozen=True)
 class ConfigValues:
     mode: int = C.MODE_ENFORCE
-    baseline_ruleset: int = C.RULESET_NONE
+    baseline_ruleset: RulesetId = C.RULESET_NONE
     events_per_sec: int = 1000
     events_burst: int = 2000
     ruleset_seq: int = 1
@@ -40,48 +95,46 @@ class ConfigValues:
 class KernelState:
     """What the maps hold (as read at adoption, then as written)."""
     config: ConfigValues = field(default_factory=ConfigValues)
-    # login UID -> (ruleset, flags, stats slot)
-    users: dict[int, tuple[int, int, int]] = field(default_factory=dict)
-    rulesets: dict[int, dict[tuple[bytes, int], int]] = field(default_factory=dict)
-    portsets: dict[int, Portset] = field(default_factory=dict)
-    rules: dict[int, str] = field(default_factory=dict)
+    users: dict[LoginUid, UserEntry] = field(default_factory=dict)
+    rulesets: dict[RulesetId, dict[DstPrefix, PortsetId]] = field(default_factory=dict)
+    portsets: dict[PortsetId, Portset] = field(default_factory=dict)
+    rules: dict[RuleId, str] = field(default_factory=dict)
     # content -> id, built once and then kept up to date by plan(), so a
     # plan costs no rebuilding of every ruleset's content
-    _rs_index: dict | None = field(default=None, compare=False, repr=False)
-    _ps_index: dict | None = field(default=None, compare=False, repr=False)
+    _rs_index: dict[Ruleset, RulesetId] | None = field(default=None, compare=False, repr=False)
+    _ps_index: dict[Portset, PortsetId] | None = field(default=None, compare=False, repr=False)
     # ruleset id -> number of managed users on it; slots in use
-    _refs: dict | None = field(default=None, compare=False, repr=False)
-    _slots: set | None = field(default=None, compare=False, repr=False)
+    _refs: dict[RulesetId, int] | None = field(default=None, compare=False, repr=False)
+    _slots: set[StatsSlot] | None = field(default=None, compare=False, repr=False)
 
-    def ruleset_content(self, rid: int) -> Ruleset:
-        return frozenset((addr, plen, self.portsets.get(pid, frozenset()))
-                         for (addr, plen), pid in self.rulesets.get(rid, {}).items())
+    def ruleset_content(self, rid: RulesetId) -> Ruleset:
+        return _ruleset_content(self.rulesets.get(rid, {}), self.portsets)
 
-    def ruleset_index(self) -> dict:
+    def ruleset_index(self) -> dict[Ruleset, RulesetId]:
         if self._rs_index is None:
             self._rs_index = {self.ruleset_content(rid): rid for rid in self.rulesets}
         return self._rs_index
 
-    def portset_index(self) -> dict:
+    def portset_index(self) -> dict[Portset, PortsetId]:
         if self._ps_index is None:
             self._ps_index = {content: pid for pid, content in self.portsets.items()}
         return self._ps_index
 
-    def ruleset_refs(self) -> dict:
+    def ruleset_refs(self) -> dict[RulesetId, int]:
         if self._refs is None:
-            refs: dict[int, int] = {}
-            for rid, flags, _slot in self.users.values():
-                if not flags & C.USER_UNMANAGED:
-                    refs[rid] = refs.get(rid, 0) + 1
+            refs: dict[RulesetId, int] = {}
+            for user in self.users.values():
+                if user.managed:
+                    refs[user.ruleset] = refs.get(user.ruleset, 0) + 1
             self._refs = refs
         return self._refs
 
-    def used_slots(self) -> set:
+    def used_slots(self) -> set[StatsSlot]:
         if self._slots is None:
-            self._slots = {v[2] for v in self.users.values() if v[2]}
+            self._slots = {user.slot for user in self.users.values() if user.slot}
         return self._slots
 
-    def copy(self) -> "KernelState":
+    def copy(self) -> KernelState:
         # Rulesets and portsets are never edited in place, so their
         # containers are shared, not copied.
         return KernelState(self.config, dict(self.users), dict(self.rulesets),
@@ -95,9 +148,9 @@ class Desired:
     """What the maps should hold: each login UID's ruleset content (or
     UNMANAGED), the baseline ruleset, rule names and the config values
     the daemon owns."""
-    users: dict[int, Ruleset | str]
+    users: dict[LoginUid, Ruleset | str]
     baseline: Ruleset
-    rules: dict[int, str]
+    rules: dict[RuleId, str]
     mode: int
     events_per_sec: int
     events_burst: int
@@ -107,16 +160,16 @@ class Desired:
 @dataclass
 class Plan:
     """Map operations, in the order that keeps every step consistent."""
-    svc_put: list[tuple[int, SvcEntry]] = field(default_factory=list)
-    dst_put: list[tuple[int, bytes, int, int]] = field(default_factory=list)
-    rules_put: list[tuple[int, str]] = field(default_factory=list)
-    stats_reset: list[int] = field(default_factory=list)
-    users_put: list[tuple[int, int, int, int]] = field(default_factory=list)
-    users_del: list[int] = field(default_factory=list)
+    svc_put: list[SvcPut] = field(default_factory=list)
+    dst_put: list[DstPut] = field(default_factory=list)
+    rules_put: list[RulePut] = field(default_factory=list)
+    stats_reset: list[StatsSlot] = field(default_factory=list)
+    users_put: list[UserPut] = field(default_factory=list)
+    users_del: list[LoginUid] = field(default_factory=list)
     config_put: ConfigValues | None = None
-    dst_del: list[tuple[int, bytes, int]] = field(default_factory=list)
-    svc_del: list[tuple[int, SvcEntry]] = field(default_factory=list)
-    rules_del: list[int] = field(default_factory=list)
+    dst_del: list[DstDel] = field(default_factory=list)
+    svc_del: list[SvcDel] = field(default_factory=list)
+    rules_del: list[RuleId] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return any((self.svc_put, self.dst_put, self.rules_put, self.stats_reset,
@@ -136,162 +189,223 @@ _GONE = object()
 
 
 def plan(actual: KernelState, desired: Desired,
-         changed: Iterable[int] | None = None) -> tuple[Plan, KernelState]:
+         changed: Iterable[LoginUid] | None = None) -> tuple[Plan, KernelState]:
     """The operations that turn ``actual`` into ``desired``, and the state
     after them. ``changed`` limits the comparison of users to these login
     UIDs (the others are known to be unchanged): a login costs O(1) users,
-    not O(all users)."""
-    p = Plan()
-    new = actual.copy()
-    cfg = actual.config
+    not O(all users).
 
-    # What exists, by content, so unchanged content keeps its id.
-    portset_ids = new.portset_index()
-    ruleset_ids = new.ruleset_index()
-    # Ids are never reused: past the stored sequence and past any id the
-    # maps hold (an apply interrupted before its config write leaves
-    # entries under ids the sequence has not counted yet).
-    ruleset_seq = max(cfg.ruleset_seq, max(actual.rulesets, default=0) + 1)
-    portset_seq = max(cfg.portset_seq, max(actual.portsets, default=0) + 1)
+    Each step needs the ones before it: the config records the ids and
+    user writes made so far, and garbage is what no user points at once
+    every user is pointed."""
+    planner = _Planner(actual)
+    baseline = planner.ruleset_id(desired.baseline)
+    newcomers = planner.point_users(desired, changed)
+    planner.give_slots(newcomers, desired)
+    planner.update_rule_names(desired.rules)
+    planner.update_config(desired, baseline)
+    planner.collect_garbage(baseline, full=changed is None)
+    return planner.ops, planner.new
 
-    def portset_id(content: Portset) -> int:
-        nonlocal portset_seq
-        pid = portset_ids.get(content)
+
+def _ruleset_content(entries: dict[DstPrefix, PortsetId],
+                     portsets: dict[PortsetId, Portset]) -> Ruleset:
+    return frozenset(DstEntry(addr, plen, portsets.get(pid, frozenset()))
+                     for (addr, plen), pid in entries.items())
+
+
+class _Planner:
+    """One plan being built: its operations so far (``ops``) and the state
+    after them (``new``). Each public method is one step of :func:`plan`,
+    called in the order the steps are listed there."""
+
+    def __init__(self, actual: KernelState):
+        self.actual = actual
+        self.ops = Plan()
+        self.new = actual.copy()
+        # What exists, by content, so unchanged content keeps its id.
+        self.portset_ids = self.new.portset_index()
+        self.ruleset_ids = self.new.ruleset_index()
+        # Ids are never reused: past the stored sequence and past any id the
+        # maps hold (an apply interrupted before its config write leaves
+        # entries under ids the sequence has not counted yet).
+        cfg = actual.config
+        self.ruleset_seq = max(cfg.ruleset_seq, max(actual.rulesets, default=0) + 1)
+        self.portset_seq = max(cfg.portset_seq, max(actual.portsets, default=0) + 1)
+        self.refs = self.new.ruleset_refs()
+        self.used_slots = self.new.used_slots()
+        self.dropped: set[RulesetId] = set()    # rulesets that lost a user
+        self.freed: list[StatsSlot] = []        # slots of users gone or unmanaged
+
+    # -- content: each distinct content once, under an id of its own --------
+
+    def portset_id(self, content: Portset) -> PortsetId:
+        pid = self.portset_ids.get(content)
         if pid is None:
-            pid = portset_ids[content] = portset_seq
-            portset_seq += 1
-            new.portsets[pid] = content
-            p.svc_put.extend((pid, e) for e in sorted(content))
+            pid = self.portset_ids[content] = self.portset_seq
+            self.portset_seq += 1
+            self.new.portsets[pid] = content
+            self.ops.svc_put.extend(SvcPut(pid, e) for e in sorted(content))
         return pid
 
-    def ruleset_id(content: Ruleset) -> int:
-        nonlocal ruleset_seq
-        rid = ruleset_ids.get(content)
+    def ruleset_id(self, content: Ruleset) -> RulesetId:
+        """The id of this content. New content is written whole under a new
+        id (its portsets first) before any user can point at it."""
+        rid = self.ruleset_ids.get(content)
         if rid is None:
-            rid = ruleset_ids[content] = ruleset_seq
-            ruleset_seq += 1
+            rid = self.ruleset_ids[content] = self.ruleset_seq
+            self.ruleset_seq += 1
             entries = {}
-            for addr, plen, portset in sorted(content, key=lambda e: (e[1], e[0])):
-                pid = portset_id(portset)
-                entries[(addr, plen)] = pid
-                p.dst_put.append((rid, addr, plen, pid))
-            new.rulesets[rid] = entries
+            for dst in sorted(content, key=lambda e: (e.plen, e.addr)):
+                pid = self.portset_id(dst.portset)
+                entries[(dst.addr, dst.plen)] = pid
+                self.ops.dst_put.append(DstPut(rid, dst.addr, dst.plen, pid))
+            self.new.rulesets[rid] = entries
         return rid
 
-    baseline_id = ruleset_id(desired.baseline)
-    refs = new.ruleset_refs()
-    used = new.used_slots()
-    dropped: set[int] = set()          # rulesets that lost a user
+    # -- users ---------------------------------------------------------------
 
-    def point(uid: int, old, value) -> None:
-        if old is not None and not old[1] & C.USER_UNMANAGED:
-            refs[old[0]] -= 1
-            dropped.add(old[0])
-        if value is not None and not value[1] & C.USER_UNMANAGED:
-            refs[value[0]] = refs.get(value[0], 0) + 1
-
-    check = (desired.users.keys() | actual.users.keys()) if changed is None else set(changed)
-    newcomers, freed = [], []
-    for uid in check:
-        content = desired.users.get(uid, _GONE)
-        old = actual.users.get(uid)
-        if content is _GONE:
-            if old is not None:
-                p.users_del.append(uid)
-                del new.users[uid]
-                point(uid, old, None)
-                if old[2]:
-                    freed.append(old[2])
-            continue
-        if content is UNMANAGED or content == UNMANAGED:
-            value = (C.RULESET_NONE, C.USER_UNMANAGED, 0)
-            if old is not None and old[2]:
-                freed.append(old[2])
-        elif old is not None and old[2] and not old[1] & C.USER_UNMANAGED:
-            # A user keeps its stats slot (and counters).
-            value = (ruleset_id(content), 0, old[2])
+    def _set_user(self, uid: LoginUid, old: UserEntry | None,
+                  value: UserEntry | None) -> None:
+        """Write a user's entry (delete it for None), and count the managed
+        users on each ruleset, which tells garbage from content in use."""
+        if value is None:
+            self.ops.users_del.append(uid)
+            del self.new.users[uid]
         else:
-            newcomers.append(uid)
-            continue
-        if old != value:
-            p.users_put.append((uid, *value))
-            new.users[uid] = value
-            point(uid, old, value)
-    # A newcomer gets the lowest free slot, zeroed before use. Slots freed
-    # in this plan stay taken until the next: their users still count
-    # into them until their entries are gone.
-    free_slot = 1
-    for uid in sorted(newcomers):
-        while free_slot in used:
-            free_slot += 1
-        used.add(free_slot)
-        p.stats_reset.append(free_slot)
-        old = actual.users.get(uid)
-        value = (ruleset_id(desired.users[uid]), 0, free_slot)
-        p.users_put.append((uid, *value))
-        new.users[uid] = value
-        point(uid, old, value)
-    used.difference_update(freed)
-    p.users_put.sort()
-    p.users_del.sort()
+            self.ops.users_put.append(UserPut(uid, value))
+            self.new.users[uid] = value
+        if old is not None and old.managed:
+            self.refs[old.ruleset] -= 1
+            self.dropped.add(old.ruleset)
+        if value is not None and value.managed:
+            self.refs[value.ruleset] = self.refs.get(value.ruleset, 0) + 1
 
-    for rid, name in desired.rules.items():
-        if actual.rules.get(rid) != name:
-            p.rules_put.append((rid, name))
-            new.rules[rid] = name
-    for rid in actual.rules:
-        if rid not in desired.rules:
-            p.rules_del.append(rid)
-            del new.rules[rid]
+    def point_users(self, desired: Desired,
+                    changed: Iterable[LoginUid] | None) -> list[LoginUid]:
+        """Point each user whose entry changes at its ruleset, or mark it
+        unmanaged, or delete it. Returns the newcomers, managed users with
+        no stats slot of their own yet: give_slots() points them."""
+        actual = self.actual
+        check = (desired.users.keys() | actual.users.keys()) if changed is None else set(changed)
+        newcomers = []
+        for uid in check:
+            content = desired.users.get(uid, _GONE)
+            old = actual.users.get(uid)
+            if content is _GONE:
+                if old is not None:
+                    self._set_user(uid, old, None)
+                    if old.slot:
+                        self.freed.append(old.slot)
+                continue
+            if content is UNMANAGED or content == UNMANAGED:
+                value = UserEntry(C.RULESET_NONE, C.USER_UNMANAGED, 0)
+                if old is not None and old.slot:
+                    self.freed.append(old.slot)
+            elif old is not None and old.slot and old.managed:
+                # A user keeps its stats slot (and counters).
+                rid = self.ruleset_id(content)
+                if old.ruleset == rid and not old.flags:
+                    continue        # unchanged
+                value = UserEntry(rid, 0, old.slot)
+            else:
+                newcomers.append(uid)
+                continue
+            if old != value:
+                self._set_user(uid, old, value)
+        return newcomers
 
-    # Written after the users: bumping users_gen makes every socket drop
-    # its cached decision and look its user up again.
-    users_changed = bool(p.users_put or p.users_del) or baseline_id != cfg.baseline_ruleset
-    new_cfg = replace(cfg, mode=desired.mode, baseline_ruleset=baseline_id,
-                      events_per_sec=desired.events_per_sec,
-                      events_burst=desired.events_burst,
-                      ruleset_seq=ruleset_seq, portset_seq=portset_seq,
-                      policy_version=desired.policy_version,
-                      users_gen=(cfg.users_gen + 1) & 0xFFFFFFFF if users_changed else cfg.users_gen)
-    if new_cfg != cfg:
-        p.config_put = new_cfg
-        new.config = new_cfg
+    def give_slots(self, newcomers: list[LoginUid], desired: Desired) -> None:
+        """A newcomer gets the lowest free stats slot, zeroed before use.
+        Slots freed in this plan stay taken until the next: their users
+        still count into them until their entries are gone."""
+        free_slot = 1
+        for uid in sorted(newcomers):
+            while free_slot in self.used_slots:
+                free_slot += 1
+            self.used_slots.add(free_slot)
+            self.ops.stats_reset.append(free_slot)
+            value = UserEntry(self.ruleset_id(desired.users[uid]), 0, free_slot)
+            self._set_user(uid, self.actual.users.get(uid), value)
+        self.used_slots.difference_update(self.freed)
+        # Every user is written now: in login UID order.
+        self.ops.users_put.sort()
+        self.ops.users_del.sort()
 
-    # Garbage: rulesets no user (and not the baseline) points at, then
-    # portsets no remaining ruleset points at. A full plan looks at every
-    # ruleset (leftovers of an interrupted apply included).
-    if changed is None:
-        candidates = set(new.rulesets)
-    else:
-        candidates = dropped | {cfg.baseline_ruleset}
-    doomed = sorted(rid for rid in candidates
-                    if rid in new.rulesets and rid != baseline_id and not refs.get(rid))
-    maybe_free: set[int] = set()
-    for rid in doomed:
-        entries = new.rulesets.pop(rid)
-        for (addr, plen) in sorted(entries):
-            p.dst_del.append((rid, addr, plen))
-        maybe_free.update(entries.values())
-        content = frozenset((a, pl, new.portsets.get(pid, frozenset()))
-                            for (a, pl), pid in entries.items())
-        if ruleset_ids.get(content) == rid:
-            del ruleset_ids[content]
-        refs.pop(rid, None)
-    if changed is None:
-        maybe_free = set(new.portsets)
-    if maybe_free:
+    # -- rule names and config -----------------------------------------------
+
+    def update_rule_names(self, rules: dict[RuleId, str]) -> None:
+        for rid, name in rules.items():
+            if self.actual.rules.get(rid) != name:
+                self.ops.rules_put.append(RulePut(rid, name))
+                self.new.rules[rid] = name
+        for rid in self.actual.rules:
+            if rid not in rules:
+                self.ops.rules_del.append(rid)
+                del self.new.rules[rid]
+
+    def update_config(self, desired: Desired, baseline: RulesetId) -> None:
+        """Written after the users: bumping users_gen makes every socket
+        drop its cached decision and look its user up again."""
+        cfg = self.actual.config
+        users_changed = (bool(self.ops.users_put or self.ops.users_del)
+                         or baseline != cfg.baseline_ruleset)
+        new_cfg = replace(cfg, mode=desired.mode, baseline_ruleset=baseline,
+                          events_per_sec=desired.events_per_sec,
+                          events_burst=desired.events_burst,
+                          ruleset_seq=self.ruleset_seq, portset_seq=self.portset_seq,
+                          policy_version=desired.policy_version,
+                          users_gen=((cfg.users_gen + 1) & 0xFFFFFFFF if users_changed
+                                     else cfg.users_gen))
+        if new_cfg != cfg:
+            self.ops.config_put = new_cfg
+            self.new.config = new_cfg
+
+    # -- garbage ---------------------------------------------------------------
+
+    def collect_garbage(self, baseline: RulesetId, full: bool) -> None:
+        """Delete the rulesets no user (and not the baseline) points at, then
+        the portsets no remaining ruleset points at. A full plan looks at
+        every ruleset and portset (leftovers of an interrupted apply
+        included); an incremental one at those that lost a user."""
+        if full:
+            candidates = set(self.new.rulesets)
+        else:
+            candidates = self.dropped | {self.actual.config.baseline_ruleset}
+        maybe_free = self._drop_rulesets(candidates, baseline)
+        self._drop_portsets(set(self.new.portsets) if full else maybe_free)
+
+    def _drop_rulesets(self, candidates: set[RulesetId], baseline: RulesetId) -> set[PortsetId]:
+        """Delete the unreferenced candidates; returns the portsets they named."""
+        new = self.new
+        doomed = sorted(rid for rid in candidates
+                        if rid in new.rulesets and rid != baseline and not self.refs.get(rid))
+        named: set[PortsetId] = set()
+        for rid in doomed:
+            entries = new.rulesets.pop(rid)
+            self.ops.dst_del.extend(DstDel(rid, addr, plen) for addr, plen in sorted(entries))
+            named.update(entries.values())
+            content = _ruleset_content(entries, new.portsets)
+            if self.ruleset_ids.get(content) == rid:
+                del self.ruleset_ids[content]
+            self.refs.pop(rid, None)
+        return named
+
+    def _drop_portsets(self, candidates: set[PortsetId]) -> None:
+        if not candidates:
+            return
+        new = self.new
         live = {pid for entries in new.rulesets.values() for pid in entries.values()}
-        for pid in sorted(maybe_free - live):
+        for pid in sorted(candidates - live):
             content = new.portsets.pop(pid, None)
             if content is None:
                 continue
-            p.svc_del.extend((pid, e) for e in sorted(content))
-            if portset_ids.get(content) == pid:
-                del portset_ids[content]
-    return p, new
+            self.ops.svc_del.extend(SvcDel(pid, e) for e in sorted(content))
+            if self.portset_ids.get(content) == pid:
+                del self.portset_ids[content]
 
 
-def lookup(state: KernelState, loginuid: int, addr, proto: int, port: int):
+def lookup(state: KernelState, loginuid: LoginUid, addr, proto: int, port: int):
     """The decision the kernel's lookups give on this state, as
     (reason, rule id or None). Pure mirror of aus_judge() for tests."""
     from .compiler import lookup as ruleset_lookup
@@ -299,9 +413,9 @@ def lookup(state: KernelState, loginuid: int, addr, proto: int, port: int):
     if loginuid == C.LOGINUID_UNSET:
         return C.Reason.UNMANAGED, None
     user = state.users.get(loginuid)
-    if user and user[1] & C.USER_UNMANAGED:
+    if user and not user.managed:
         return C.Reason.UNMANAGED, None
-    rid = user[0] if user else state.config.baseline_ruleset
+    rid = user.ruleset if user else state.config.baseline_ruleset
     rule = ruleset_lookup(state.ruleset_content(rid), addr, proto, port)
     if rule is not None:
         return C.Reason.RULE, rule
