@@ -1,31 +1,98 @@
 #!/bin/bash
-# Build the Debian package: dist/aus_<version>_amd64.deb. One command:
+# Build the two Debian packages with one command:
 #   packaging/debian/build.sh
-# pydantic 2 is not in Debian 12 (which has 1.10), so it is vendored from
-# PyPI into /usr/lib/aus/vendor; the rest comes from Debian's packages.
+# and print their paths, one a line, the agent's last:
+#   dist/aus-server_<version>_amd64.deb   aus-server, the policy server
+#   dist/aus_<version>_amd64.deb          the agent: ausd, ausctl, PAM hook, unit
+#
+# Each package has its own prefix and shares no file with the other, so
+# both install on one host. The agent holds aus.core, aus.agent and aus.cli
+# (no server code, no server dependency); aus-server holds aus.core and
+# aus.server (never the agent: the server does not touch the kernel).
+#
+# Python dependencies come from Debian 12 where bookworm has the version
+# pyproject.toml asks for; the others are vendored from PyPI, at the
+# version pyproject.toml asks for, into the package's own vendor directory:
+#   agent   Debian: PyYAML, psutil, bcc       vendored: pydantic 2 (bookworm: 1.10)
+#   server  Debian: PyYAML, psycopg 3.1       vendored: pydantic 2 (1.10),
+#           fastapi >= 0.110 (0.92), uvicorn >= 0.29 (0.17), SQLAlchemy 2
+#           (1.4), alembic >= 1.13 (1.8), scim2-models (absent), and what
+#           they need. Vendored wheels are built for CPython 3.11 (pydantic-core,
+#           MarkupSafe), hence python3 (<< 3.12) in both controls.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VERSION=$(/usr/bin/python3 -c "import re; print(re.search(r'^version = \"(.+)\"', open('pyproject.toml').read(), re.M).group(1))")
 OUT=dist
-ROOT=$(mktemp -d)
-trap 'rm -rf "$ROOT"' EXIT
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# The requirement pyproject.toml states for each named distribution
+# (dependencies or optional-dependencies), e.g. "pydantic>=2.5,<3".
+requirements() {
+    /usr/bin/python3 - "$@" <<'PY'
+import re, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+declared = list(project["dependencies"])
+for group in project.get("optional-dependencies", {}).values():
+    declared += group
+def name(req):
+    return re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0].lower().replace("_", "-")
+by_name = {name(r): r for r in declared}
+for wanted in sys.argv[1:]:
+    if wanted.lower() not in by_name:
+        sys.exit(f"build.sh: {wanted} is not a dependency in pyproject.toml")
+    print(by_name[wanted.lower()])
+PY
+}
+
+# vendor DIR DIST...: install the named distributions and what they need
+# from PyPI into DIR, wheels only (no compiler runs at build time).
+vendor() {
+    local dir=$1
+    shift
+    local reqs
+    mapfile -t reqs < <(requirements "$@")
+    /usr/bin/python3 -m pip install -q --disable-pip-version-check --no-compile \
+        --only-binary=:all: --target "$dir" "${reqs[@]}"
+    # Console scripts pip writes for the vendored tools: the packages have
+    # their own entry points in /usr/bin.
+    rm -rf "$dir/bin"
+}
+
+# wrapper PATH MODULE PYTHONPATH: /usr/bin/<tool> runs MODULE with the
+# system's python3 on the package's own tree.
+wrapper() {
+    cat > "$1" <<WRAP
+#!/bin/sh
+export PYTHONPATH=$3
+exec /usr/bin/python3 -m $2 "\$@"
+WRAP
+    chmod 755 "$1"
+}
+
+# copy_modules DEST MODULE...: daemon/aus/MODULE into DEST/aus, with
+# aus/__init__.py and without bytecode.
+copy_modules() {
+    local dest=$1
+    shift
+    install -d "$dest/aus"
+    install -m 644 daemon/aus/__init__.py "$dest/aus/"
+    for module in "$@"; do
+        cp -r "daemon/aus/$module" "$dest/aus/"
+    done
+    find "$dest" -name __pycache__ -prune -exec rm -rf {} +
+}
+
+# ---- aus: the agent ---------------------------------------------------------
+ROOT=$WORK/aus
 install -d "$ROOT/DEBIAN" "$ROOT/usr/bin" "$ROOT/usr/lib/aus/python" "$ROOT/usr/lib/aus/vendor" \
     "$ROOT/usr/share/aus/bpf" "$ROOT/etc/aus" "$ROOT/lib/systemd/system" \
     "$ROOT/usr/lib/tmpfiles.d" "$ROOT/usr/share/doc/aus"
-cp -r daemon/aus "$ROOT/usr/lib/aus/python/"
-find "$ROOT/usr/lib/aus/python" -name __pycache__ -prune -exec rm -rf {} +
+copy_modules "$ROOT/usr/lib/aus/python" core agent cli
 cp bpf/aus.h bpf/aus.bpf.c "$ROOT/usr/share/aus/bpf/"
-/usr/bin/python3 -m pip install -q --disable-pip-version-check --no-compile \
-    --target "$ROOT/usr/lib/aus/vendor" "pydantic>=2.5,<3"
-for tool in ausd:aus.agent.ausd ausctl:aus.cli.ausctl; do
-    module=${tool#*:} tool=${tool%%:*}
-    cat > "$ROOT/usr/bin/$tool" <<WRAP
-#!/bin/sh
-export PYTHONPATH=/usr/lib/aus/python:/usr/lib/aus/vendor
-exec /usr/bin/python3 -m $module "\$@"
-WRAP
-    chmod 755 "$ROOT/usr/bin/$tool"
-done
+vendor "$ROOT/usr/lib/aus/vendor" pydantic
+wrapper "$ROOT/usr/bin/ausd" aus.agent.ausd /usr/lib/aus/python:/usr/lib/aus/vendor
+wrapper "$ROOT/usr/bin/ausctl" aus.cli.ausctl /usr/lib/aus/python:/usr/lib/aus/vendor
 install -m 644 packaging/ausd.yaml "$ROOT/etc/aus/ausd.yaml"
 install -m 644 packaging/policy.example.yaml "$ROOT/usr/share/doc/aus/policy.example.yaml"
 install -m 644 README.md docs/policy-format.md docs/policy-server-client.md "$ROOT/usr/share/doc/aus/"
@@ -37,6 +104,25 @@ install -m 644 packaging/systemd/aus.tmpfiles.conf "$ROOT/usr/lib/tmpfiles.d/aus
 sed "s/@VERSION@/$VERSION/" packaging/debian/control.in > "$ROOT/DEBIAN/control"
 install -m 755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm "$ROOT/DEBIAN/"
 echo /etc/aus/ausd.yaml > "$ROOT/DEBIAN/conffiles"
+
+# ---- aus-server: the policy server ------------------------------------------
+# No systemd unit yet: aus-server runs by hand (README, "The policy
+# server"); its unit and hardening come with the server's operability work.
+# Its default SQLite database is /var/lib/aus/aus-server.db, which it makes
+# itself; the package ships nothing there (the agent's purge removes only
+# its bundle cache from that shared directory).
+SROOT=$WORK/aus-server
+install -d "$SROOT/DEBIAN" "$SROOT/usr/bin" "$SROOT/usr/lib/aus-server/python" \
+    "$SROOT/usr/lib/aus-server/vendor" "$SROOT/usr/share/doc/aus-server"
+copy_modules "$SROOT/usr/lib/aus-server/python" core server
+vendor "$SROOT/usr/lib/aus-server/vendor" pydantic fastapi uvicorn SQLAlchemy alembic scim2-models
+wrapper "$SROOT/usr/bin/aus-server" aus.server.cli /usr/lib/aus-server/python:/usr/lib/aus-server/vendor
+install -m 644 README.md docs/server.md docs/scim.md docs/console.md "$SROOT/usr/share/doc/aus-server/"
+sed "s/@VERSION@/$VERSION/" packaging/debian/aus-server.control.in > "$SROOT/DEBIAN/control"
+install -m 755 packaging/debian/aus-server.prerm "$SROOT/DEBIAN/prerm"
+
 mkdir -p "$OUT"
+dpkg-deb --root-owner-group --build "$SROOT" "$OUT/aus-server_${VERSION}_amd64.deb" >/dev/null
 dpkg-deb --root-owner-group --build "$ROOT" "$OUT/aus_${VERSION}_amd64.deb" >/dev/null
+echo "$OUT/aus-server_${VERSION}_amd64.deb"
 echo "$OUT/aus_${VERSION}_amd64.deb"

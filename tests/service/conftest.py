@@ -42,15 +42,27 @@ class Box:
     after_install: dict[str, str]
 
 
-@pytest.fixture(scope="module")
-def deb() -> Path:
+@pytest.fixture(scope="session")
+def debs() -> dict[str, Path]:
+    """Both packages, built once by the one command, by package name."""
     missing = [t for t in ("systemd-nspawn", "debootstrap", "nsenter", "bpftool")
                if not shutil.which(t)]
     assert not missing, f"missing tools: {missing} (run scripts/service-packages.sh)"
     build = subprocess.run([str(REPO / "packaging/debian/build.sh")], capture_output=True,
-                           text=True, timeout=600)
+                           text=True, timeout=900)
     assert build.returncode == 0, build.stderr[-2000:]
-    return REPO / build.stdout.strip().splitlines()[-1]
+    out = {}
+    for line in build.stdout.split():
+        deb = REPO / line
+        out[deb.name.split("_")[0]] = deb
+    assert {"aus", "aus-server"} <= set(out), build.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def deb(debs) -> Path:
+    """The agent's package."""
+    return debs["aus"]
 
 
 @pytest.fixture(scope="module")

@@ -226,10 +226,11 @@ class Machine:
                 f.write(str(os.getpid()))
         return pre
 
-    def prepare(self, base: Path, deb: Path, files: dict[str, Path]) -> None:
+    def prepare(self, base: Path, deb: Path, files: dict[str, Path],
+                packages: tuple[str, ...] = ()) -> None:
         """Copy the base root, put the test's files in GUEST_DIR, and fetch
         (with the host's network, before boot) every .deb that installing
-        ``deb`` needs, into the shared archive."""
+        ``deb`` and ``packages`` needs, into the shared archive."""
         run("cp", "-a", "--reflink=auto", str(base), str(self.root), timeout=600)
         guest = self.root / GUEST_DIR.lstrip("/")
         assert not any(p.is_symlink() for p in (guest.parent, guest))
@@ -237,7 +238,7 @@ class Machine:
         for name, src in {deb.name: deb, **files}.items():
             shutil.copyfile(src, guest / name)
         cmd = (f"apt-get update -q && apt-get install -y -q --download-only "
-               f"{GUEST_DIR}/{deb.name}")
+               f"{GUEST_DIR}/{deb.name} {' '.join(packages)}")
         p = subprocess.run(self._nspawn(f"--machine={self.name}-apt", "--pipe",
                                         "--setenv=DEBIAN_FRONTEND=noninteractive",
                                         "--", "/bin/sh", "-c", cmd),
@@ -305,9 +306,10 @@ def _nspawn_dirs() -> set[str]:
 
 
 @contextlib.contextmanager
-def machine(deb: Path, files: dict[str, Path]):
+def machine(deb: Path, files: dict[str, Path], packages: tuple[str, ...] = ()):
     """A booted container with ``deb`` and ``files`` in GUEST_DIR and every
-    .deb installing it needs in its apt archive; removed afterwards."""
+    .deb installing it (and ``packages``) needs in its apt archive; removed
+    afterwards."""
     base = base_rootfs()
     archives = CACHE / "apt-archives"
     (archives / "partial").mkdir(parents=True, exist_ok=True)
@@ -318,7 +320,7 @@ def machine(deb: Path, files: dict[str, Path]):
     workdir.mkdir(mode=0o700)
     m.cgroup.mkdir()
     try:
-        m.prepare(base, deb, files)
+        m.prepare(base, deb, files, packages)
         m.boot()
         yield m
     finally:
