@@ -13,7 +13,7 @@
 # Python dependencies come from Debian 12 where bookworm has the version
 # pyproject.toml asks for; the others are vendored from PyPI, at the
 # version pyproject.toml asks for, into the package's own vendor directory:
-#   agent   Debian: PyYAML, psutil, bcc       vendored: pydantic 2 (bookworm: 1.10)
+#   agent   Debian: PyYAML, bcc               vendored: pydantic 2 (bookworm: 1.10)
 #   server  Debian: PyYAML, psycopg 3.1       vendored: pydantic 2 (1.10),
 #           fastapi >= 0.110 (0.92), uvicorn >= 0.29 (0.17), SQLAlchemy 2
 #           (1.4), alembic >= 1.13 (1.8), scim2-models (absent), and what

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from aus.core.contract import LOGINUID_UNSET
 from tests.support import lab
 
 from .conftest import lab_policy
@@ -139,7 +140,7 @@ def test_unset_and_unmanaged_login_uids_are_not_filtered(daemon, peer, cg, peopl
     carol = people[0]["carol"]
     # A service (login UID unset) running as carol's uid: not filtered.
     assert lab.act(cg, "tcp", peer.v4, 443, loginuid=None, uid=carol.uid, gid=carol.gid)["ok"]
-    assert_agrees(daemon, lab.LOGINUID_UNSET, peer.v4, "tcp", 443, True)
+    assert_agrees(daemon, LOGINUID_UNSET, peer.v4, "tcp", 443, True)
     # Login UID 0 is unmanaged by default, even for another uid.
     assert lab.act(cg, "tcp", peer.v4, 443, loginuid=0, uid=carol.uid, gid=carol.gid)["ok"]
     res = assert_agrees(daemon, 0, peer.v4, "tcp", 443, True)

@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from ..kernel.lab import wait_until
+from tests.support.polling import wait_until
+
 from . import container
 
 # Run inside the container by its python3, the one aus-server runs on.

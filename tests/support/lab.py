@@ -42,7 +42,6 @@ HERE = Path(__file__).resolve().parent
 PEER = HERE / "lab_peer.py"       # the destination host's echo server
 CLIENT = HERE / "lab_client.py"   # one network action as a user's process
 PYTHON = sys.executable
-LOGINUID_UNSET = 4294967295
 
 wait_until = polling.wait_until   # the lab's users wait on state with it too
 

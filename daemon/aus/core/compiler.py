@@ -282,7 +282,8 @@ def compile_policy(policy: Policy, baseline: Iterable[Network], *,
 def lookup(ruleset: Ruleset, addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
            proto: int, port: int) -> int | None:
     """What the two LPM lookups give for a destination: the rule id, or None.
-    Used by unit tests and ``ausctl check --offline`` on compiled data."""
+    The kernel's two lookups (aus.bpf.c) modelled in Python, so that tests can
+    check a compiled ruleset without a kernel."""
     a = int.from_bytes(C.addr16(addr), "big")
     best: DstEntry | None = None
     for dst in ruleset:
