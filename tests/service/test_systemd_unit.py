@@ -136,7 +136,7 @@ def test_package_installs_with_its_dependencies_and_postinst_starts_ausd(box):
     out = box.install.stdout
     assert box.install.returncode == 0, out[-3000:] + box.install.stderr[-3000:]
     # apt resolved and installed the dependencies in this container.
-    for pkg in ("python3-bpfcc", "linux-headers-amd64", "python3-yaml",
+    for pkg in ("python3-bpfcc", "linux-headers-amd64", "python3-yaml", "procps",
                 "aus"):
         assert re.search(rf"^Setting up {re.escape(pkg)}(:amd64)? \(", out, re.M), pkg
     build = m.run("readlink", "-f", f"/lib/modules/{os.uname().release}/build").stdout.strip()
