@@ -102,6 +102,7 @@ class KernelState:
     # content -> id, built once and then kept up to date by plan(), so a
     # plan costs no rebuilding of every ruleset's content
     _rs_index: dict[Ruleset, RulesetId] | None = field(default=None, compare=False, repr=False)
+    _rs_contents: dict[RulesetId, Ruleset] | None = field(default=None, compare=False, repr=False)
     _ps_index: dict[Portset, PortsetId] | None = field(default=None, compare=False, repr=False)
     # ruleset id -> number of managed users on it; slots in use
     _refs: dict[RulesetId, int] | None = field(default=None, compare=False, repr=False)
@@ -112,8 +113,16 @@ class KernelState:
 
     def ruleset_index(self) -> dict[Ruleset, RulesetId]:
         if self._rs_index is None:
-            self._rs_index = {self.ruleset_content(rid): rid for rid in self.rulesets}
+            self._rs_contents = {rid: self.ruleset_content(rid) for rid in self.rulesets}
+            self._rs_index = {content: rid for rid, content in self._rs_contents.items()}
         return self._rs_index
+
+    def ruleset_contents(self) -> dict[RulesetId, Ruleset]:
+        """The index read the other way, so deleting a ruleset finds its
+        content without rebuilding it from the entries."""
+        self.ruleset_index()
+        assert self._rs_contents is not None
+        return self._rs_contents
 
     def portset_index(self) -> dict[Portset, PortsetId]:
         if self._ps_index is None:
@@ -139,8 +148,10 @@ class KernelState:
         # containers are shared, not copied.
         return KernelState(self.config, dict(self.users), dict(self.rulesets),
                            dict(self.portsets), dict(self.rules),
-                           dict(self.ruleset_index()), dict(self.portset_index()),
-                           dict(self.ruleset_refs()), set(self.used_slots()))
+                           _rs_index=dict(self.ruleset_index()),
+                           _rs_contents=dict(self.ruleset_contents()),
+                           _ps_index=dict(self.portset_index()),
+                           _refs=dict(self.ruleset_refs()), _slots=set(self.used_slots()))
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,12 @@ def _ruleset_content(entries: dict[DstPrefix, PortsetId],
                      for (addr, plen), pid in entries.items())
 
 
+def _prefix_order(dst: DstEntry) -> tuple[int, bytes]:
+    """A ruleset's entries are written shorter prefixes first: the kernel
+    needs no order, but a plan is the same list every time."""
+    return dst[1], dst[0]
+
+
 class _Planner:
     """One plan being built: its operations so far (``ops``) and the state
     after them (``new``). Each public method is one step of :func:`plan`,
@@ -226,6 +243,7 @@ class _Planner:
         # What exists, by content, so unchanged content keeps its id.
         self.portset_ids = self.new.portset_index()
         self.ruleset_ids = self.new.ruleset_index()
+        self.ruleset_contents = self.new.ruleset_contents()
         # Ids are never reused: past the stored sequence and past any id the
         # maps hold (an apply interrupted before its config write leaves
         # entries under ids the sequence has not counted yet).
@@ -254,12 +272,18 @@ class _Planner:
         rid = self.ruleset_ids.get(content)
         if rid is None:
             rid = self.ruleset_ids[content] = self.ruleset_seq
+            self.ruleset_contents[rid] = content
             self.ruleset_seq += 1
             entries = {}
-            for dst in sorted(content, key=lambda e: (e.plen, e.addr)):
-                pid = self.portset_id(dst.portset)
-                entries[(dst.addr, dst.plen)] = pid
-                self.ops.dst_put.append(DstPut(rid, dst.addr, dst.plen, pid))
+            # The planner's hottest loop (once per entry of every new
+            # ruleset): a known portset is found without a method call.
+            known, put = self.portset_ids, self.ops.dst_put.append
+            for addr, plen, portset in sorted(content, key=_prefix_order):
+                pid = known.get(portset)
+                if pid is None:
+                    pid = self.portset_id(portset)
+                entries[(addr, plen)] = pid
+                put(DstPut(rid, addr, plen, pid))
             self.new.rulesets[rid] = entries
         return rid
 
@@ -385,8 +409,8 @@ class _Planner:
             entries = new.rulesets.pop(rid)
             self.ops.dst_del.extend(DstDel(rid, addr, plen) for addr, plen in sorted(entries))
             named.update(entries.values())
-            content = _ruleset_content(entries, new.portsets)
-            if self.ruleset_ids.get(content) == rid:
+            content = self.ruleset_contents.pop(rid, None)
+            if content is not None and self.ruleset_ids.get(content) == rid:
                 del self.ruleset_ids[content]
             self.refs.pop(rid, None)
         return named
