@@ -19,7 +19,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+    """Run ``cmd``; a failure says what the command printed."""
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: "
+                           f"{(p.stderr or p.stdout).strip()[-800:]}")
+    return p
 
 
 def build_workload(out_dir: Path) -> Path:

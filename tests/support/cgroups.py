@@ -21,15 +21,26 @@ def cgroup(prefix: str):
     PID first."""
     path: Path = cgroup2_root() / unique(prefix)
     path.mkdir()
+    done = False
     try:
         yield path
+        done = True
     finally:
-        for _ in range(100):
-            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-        path.rmdir()
+        if path.exists():
+            _empty_and_remove(path)
+        elif done:
+            # Removed by something else, or the cgroup2 mount is gone. After
+            # an error of the caller's, that error is the one worth reading.
+            raise RuntimeError(f"test cgroup {path} disappeared while in use")
+
+
+def _empty_and_remove(path: Path) -> None:
+    for _ in range(100):
+        pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    path.rmdir()
