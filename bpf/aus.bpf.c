@@ -467,8 +467,116 @@ int aus_sendmsg6(struct bpf_sock_addr *ctx)
 }
 
 /* ---- cgroup_skb/egress: the per-packet backstop, IPv4 and IPv6. */
+
+/* What aus_parse found besides the flow. */
+#define AUS_PKT_ROUTED 0x1   /* a source route, or headers that cannot be
+			      * walked: the destination is not where the
+			      * packet goes */
+
+#define AUS_IPOPT_END  0
+#define AUS_IPOPT_NOOP 1
+#define AUS_IPOPT_LSRR 0x83
+#define AUS_IPOPT_SSRR 0x89
+#define AUS_IPV4_OPTS_MAX 40
+
+/* The walks below must leave the verifier one path per step: a branch per
+ * header kind would multiply the paths at every step (k^n states). So
+ * their choices are arithmetic: AUS_IS() is 1 when a byte equals v, else
+ * 0, and the barrier keeps clang from turning it back into a branch. */
+#define AUS_IS(x, v) (((((u32)(x)) ^ (u32)(v)) - 1) >> 31)
+#define AUS_OPAQUE(x) asm volatile("" : "+r"(x))
+
+/* IPv4 options: 1 when they carry a loose or strict source route, or are
+ * malformed (a length that overruns them). Bytes after an END option are
+ * walked too: padding is zeros, and anything else there is refused as if
+ * it counted. */
+static __always_inline int aus_ip4_routed(struct __sk_buff *skb, u32 optlen)
+{
+	if (optlen > AUS_IPV4_OPTS_MAX)
+		return 1;
+	u32 i = 0;
+	for (int n = 0; n < AUS_IPV4_OPTS_MAX; n++) {
+		if (i >= optlen)
+			return 0;
+		u8 opt[2] = {};
+		/* Two bytes always exist: a transport header follows. */
+		if (bpf_skb_load_bytes(skb, sizeof(struct iphdr) + (i & 63),
+				       opt, 2) < 0)
+			return 1;
+		u32 type = opt[0], olen = opt[1];
+		u32 single = AUS_IS(type, AUS_IPOPT_END) | AUS_IS(type, AUS_IPOPT_NOOP);
+		u32 routed = AUS_IS(type, AUS_IPOPT_LSRR) | AUS_IS(type, AUS_IPOPT_SSRR);
+		AUS_OPAQUE(single);
+		AUS_OPAQUE(routed);
+		/* END and NOOP are one byte; any other option gives its length. */
+		u32 len = olen ^ ((olen ^ 1) & -single);
+		AUS_OPAQUE(len);
+		if (routed || len < 2 - single || i + len > optlen)
+			return 1;
+		i += len;
+	}
+	return i < optlen;
+}
+
+#define AUS_NEXTHDR_HOP      0
+#define AUS_NEXTHDR_ROUTING  43
+#define AUS_NEXTHDR_FRAGMENT 44
+#define AUS_NEXTHDR_AUTH     51
+#define AUS_NEXTHDR_DEST     60
+#define AUS_NEXTHDR_MOBILITY 135
+#define AUS_IPV6_EXT_MAX     8
+
+/* Walk the IPv6 extension headers from `*l4` on, leaving the upper-layer
+ * protocol in f->proto and its offset in *l4. A routing header (of any
+ * type), a chain longer than AUS_IPV6_EXT_MAX (a routing header could hide
+ * past it) or a header that cannot be read marks the packet routed. */
+static __always_inline int aus_ip6_walk(struct __sk_buff *skb,
+					struct aus_flow *f, u32 *l4,
+					int *fragment)
+{
+	u32 next = f->proto;
+	u32 off = *l4;
+	u32 frag_bits = 0;
+	for (int n = 0; n <= AUS_IPV6_EXT_MAX; n++) {
+		u32 frag = AUS_IS(next, AUS_NEXTHDR_FRAGMENT);
+		u32 auth = AUS_IS(next, AUS_NEXTHDR_AUTH);
+		u32 ext = AUS_IS(next, AUS_NEXTHDR_HOP) | AUS_IS(next, AUS_NEXTHDR_DEST) |
+			  AUS_IS(next, AUS_NEXTHDR_MOBILITY) | frag | auth;
+		u32 routing = AUS_IS(next, AUS_NEXTHDR_ROUTING);
+		AUS_OPAQUE(frag);
+		AUS_OPAQUE(auth);
+		AUS_OPAQUE(ext);
+		AUS_OPAQUE(routing);
+		if (routing)
+			return AUS_PKT_ROUTED;
+		if (!ext) {
+			f->proto = next;
+			*l4 = off;
+			*fragment = frag_bits != 0;
+			return 0;
+		}
+		if (n == AUS_IPV6_EXT_MAX)
+			return AUS_PKT_ROUTED;
+		u8 h[4];
+		if (bpf_skb_load_bytes(skb, off & 0xffff, h, 4) < 0)
+			return AUS_PKT_ROUTED;
+		u32 hlen = h[1];
+		/* Fragment: 8 bytes, its offset in the upper 13 bits of bytes
+		 * 2-3; AH: (len + 2) * 4; the others: (len + 1) * 8. */
+		u32 len = ((hlen + 1) << 3) & -(1 - frag - auth);
+		len |= 8 & -frag;
+		len |= ((hlen + 2) << 2) & -auth;
+		AUS_OPAQUE(len);
+		frag_bits |= (((u32)h[2] << 8) | h[3]) & 0xfff8 & -frag;
+		off += len;
+		next = h[0];
+	}
+	return AUS_PKT_ROUTED;
+}
+
 /* Read the headers in place when they are in the linear part of the
- * packet (nearly always on egress), else copy them out. */
+ * packet (nearly always on egress), else copy them out. Returns -1 when
+ * the packet is not IP, else AUS_PKT_* flags. */
 static __always_inline int aus_parse(struct __sk_buff *skb,
 				     struct aus_flow *f, u8 *tcp_flags)
 {
@@ -476,6 +584,7 @@ static __always_inline int aus_parse(struct __sk_buff *skb,
 	void *end = (void *)(long)skb->data_end;
 	u32 l4 = 0;
 	int fragment = 0;
+	int pkt = 0;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr copy, *ip = data;
@@ -490,6 +599,11 @@ static __always_inline int aus_parse(struct __sk_buff *skb,
 		aus_v4_mapped(f->daddr, ip->daddr);
 		l4 = (u32)ip->ihl * 4;
 		fragment = (ip->frag_off & bpf_htons(0x1fff)) != 0;
+		/* Options are copied into every fragment that needs them,
+		 * source routes included: checked on all of them. */
+		if (l4 < sizeof(struct iphdr) ||
+		    aus_ip4_routed(skb, l4 - sizeof(struct iphdr)))
+			return AUS_PKT_ROUTED;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr copy, *ip6 = data;
 		if ((void *)(ip6 + 1) > end) {
@@ -498,31 +612,51 @@ static __always_inline int aus_parse(struct __sk_buff *skb,
 			ip6 = &copy;
 		}
 		f->family = 6;
-		/* Extension headers are not walked: such a packet is judged
-		 * by its first next-header value, which no port rule allows. */
 		f->proto = ip6->nexthdr;
 		__builtin_memcpy(f->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(f->daddr, &ip6->daddr, 16);
 		l4 = sizeof(*ip6);
+		pkt = aus_ip6_walk(skb, f, &l4, &fragment);
+		if (pkt)
+			return pkt;
 	} else {
 		return -1;
 	}
 
 	if (fragment || (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP))
-		return 0;
-	/* Ports, and for TCP the flags byte: the first 14 bytes. */
-	u8 copy4[14], *th = data + l4;
+		return pkt;
+	/* Ports, and for TCP the flags byte: the first 14 bytes, in place
+	 * behind a fixed-size network header, else copied out. */
+	u8 copy4[14], *th = data;
 	u32 need = f->proto == IPPROTO_TCP ? 14 : 4;
-	if (l4 > 60 || (void *)(th + 14) > end) {
-		if (bpf_skb_load_bytes(skb, l4 & 0x3f, copy4, need == 14 ? 14 : 4) < 0)
-			return 0;
+	if (l4 <= 60 && f->family == 4)
+		th = data + l4;
+	else if (l4 == sizeof(struct ipv6hdr))
+		th = data + sizeof(struct ipv6hdr);
+	if (th == data || (void *)(th + 14) > end) {
+		if (bpf_skb_load_bytes(skb, l4 & 0xffff, copy4, need == 14 ? 14 : 4) < 0)
+			return pkt;
 		th = copy4;
 	}
 	__builtin_memcpy(&f->sport, &th[0], 2);
 	__builtin_memcpy(&f->dport, &th[2], 2);
 	if (need == 14)
 		*tcp_flags = th[13];
-	return 0;
+	return pkt;
+}
+
+/* 1 when the packet's network header is the plain one the socket fast
+ * path may skip: IPv4 without options, IPv6 with TCP right after it.
+ * Anything else is parsed, so a source route is seen. */
+static __always_inline int aus_plain_tcp_header(struct __sk_buff *skb)
+{
+	u8 *data = (u8 *)(long)skb->data;
+	u8 *end = (u8 *)(long)skb->data_end;
+	if (data + 8 > end)
+		return 0;
+	if (skb->protocol == bpf_htons(ETH_P_IP))
+		return data[0] == 0x45;
+	return skb->protocol == bpf_htons(ETH_P_IPV6) && data[6] == IPPROTO_TCP;
 }
 
 /* The flow of a connected TCP socket, from the socket itself. A macro,
@@ -560,6 +694,10 @@ static __always_inline int aus_parse(struct __sk_buff *skb,
 #define AUS_TCP_SYN 0x02
 #define AUS_TCP_ACK 0x10
 
+#ifndef SOCK_STREAM
+#define SOCK_STREAM 1
+#endif
+
 int aus_egress(struct __sk_buff *skb)
 {
 	struct aus_config *cfg = aus_get_config();
@@ -575,11 +713,18 @@ int aus_egress(struct __sk_buff *skb)
 	if (sk)
 		sk = bpf_sk_fullsock(sk);
 	struct aus_sock *st = sk ? aus_sock.sk_storage_get(sk, 0, 0) : 0;
+	/* Only the kernel's TCP builds a stream socket's headers from the
+	 * socket; a raw socket writes its own, so each of its packets is
+	 * judged by what it carries. */
+	int stream = 0;
+	if (sk)
+		stream = sk->type == SOCK_STREAM && sk->protocol == IPPROTO_TCP;
 
 	/* Fast path: a TCP connection whose connect() was judged has its
-	 * destination in the socket; no need to parse the packet. */
+	 * destination in the socket; no need to parse a plain packet. */
 	int from_sock = 0;
-	if (st && (st->flags & AUS_SOCK_OUTBOUND) && sk->protocol == IPPROTO_TCP)
+	if (st && stream && (st->flags & AUS_SOCK_OUTBOUND) &&
+	    aus_plain_tcp_header(skb))
 		AUS_FLOW_OF_SOCK(sk, &f, from_sock);
 	if (from_sock) {
 		aus_identity_from(&d, st);
@@ -587,7 +732,8 @@ int aus_egress(struct __sk_buff *skb)
 		return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
 	}
 
-	if (aus_parse(skb, &f, &tcp_flags) < 0) {
+	int pkt = aus_parse(skb, &f, &tcp_flags);
+	if (pkt < 0) {
 		d.reason = AUS_REASON_NOT_IP;
 		d.allowed = 1;
 		return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
@@ -600,26 +746,39 @@ int aus_egress(struct __sk_buff *skb)
 
 	if (st) {
 		aus_identity_from(&d, st);
-		if (f.proto == IPPROTO_TCP && !(st->flags & AUS_SOCK_OUTBOUND)) {
-			/* A bare SYN opens an outbound connection, even one
-			 * that never passed connect() (TCP fast open). Any
-			 * other segment of a socket that never connected
-			 * belongs to a connection it accepted. */
-			if ((tcp_flags & (AUS_TCP_SYN | AUS_TCP_ACK)) ==
-			    AUS_TCP_SYN) {
-				st->flags |= AUS_SOCK_OUTBOUND;
-			} else {
-				d.reason = AUS_REASON_INBOUND;
-				d.allowed = 1;
-				return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS,
-						  1, len);
-			}
-		}
 	} else {
 		/* The socket predates us: fall back to its owner's UID. */
 		d.loginuid = bpf_get_socket_uid(skb);
 		d.uid = d.loginuid;
 		d.by_owner = 1;
+	}
+
+	if (pkt & AUS_PKT_ROUTED) {
+		/* Where the packet goes is not its destination: a managed
+		 * user's is dropped, whatever the rules or the connection. */
+		aus_lookup(&d, cfg, &f);
+		if (d.managed) {
+			d.allowed = 0;
+			d.reason = AUS_REASON_SOURCE_ROUTE;
+			d.rule = AUS_RULE_NONE;
+			d.fresh = 1;
+		}
+		return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+	}
+
+	if (st && stream && f.proto == IPPROTO_TCP &&
+	    !(st->flags & AUS_SOCK_OUTBOUND)) {
+		/* A bare SYN opens an outbound connection, even one that
+		 * never passed connect() (TCP fast open). Any other segment
+		 * of a TCP socket that never connected belongs to a
+		 * connection it accepted. */
+		if ((tcp_flags & (AUS_TCP_SYN | AUS_TCP_ACK)) == AUS_TCP_SYN) {
+			st->flags |= AUS_SOCK_OUTBOUND;
+		} else {
+			d.reason = AUS_REASON_INBOUND;
+			d.allowed = 1;
+			return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+		}
 	}
 
 	aus_judge(&d, cfg, st, &f);

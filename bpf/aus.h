@@ -16,7 +16,7 @@
 /* Bumped on any change to a key or value layout below: maps are pinned
  * under <pin_dir>/v<AUS_ABI_VERSION>, so a new layout gets new maps and the
  * programs are swapped to them atomically. */
-#define AUS_ABI_VERSION 1
+#define AUS_ABI_VERSION 2
 
 #define AUS_LOGINUID_UNSET 0xffffffffU
 
@@ -40,7 +40,11 @@ enum aus_reason {
 	AUS_REASON_INBOUND = 5,    /* reply on a connection the socket accepted */
 	AUS_REASON_NO_SOCKET = 6,  /* no full socket (kernel reply, timewait) */
 	AUS_REASON_NOT_IP = 7,     /* neither IPv4 nor IPv6 */
-	AUS_REASON_MAX = 8,
+	AUS_REASON_SOURCE_ROUTE = 8, /* managed packet carrying a source route
+				      * (IPv4 LSRR/SSRR, IPv6 routing header)
+				      * or options that cannot be walked: its
+				      * destination is not where it goes */
+	AUS_REASON_MAX = 9,
 };
 
 /* Where a decision was taken (events, counters). */

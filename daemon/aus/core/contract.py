@@ -15,7 +15,7 @@ import enum
 import ipaddress
 from dataclasses import dataclass
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LOGINUID_UNSET = 0xFFFFFFFF
 
 DROP = 0
@@ -35,9 +35,10 @@ class Reason(enum.IntEnum):
     INBOUND = 5
     NO_SOCKET = 6
     NOT_IP = 7
+    SOURCE_ROUTE = 8
 
 
-REASON_MAX = 8
+REASON_MAX = 9
 
 
 class Hook(enum.IntEnum):
