@@ -5,7 +5,7 @@ per run, as a real process in the test cgroup; prints a JSON result.
 usage: lab_raw.py lsrr DST HOP PORT          TCP connect to DST via HOP (IPv4 LSRR)
        lab_raw.py srh DST HOP PORT           TCP connect to DST via HOP (IPv6 segment routing header)
        lab_raw.py hdrincl SRC DST PORT FLAGS a TCP segment with FLAGS from an IPPROTO_RAW socket
-       lab_raw.py rawtcp DST PORT...         an IPPROTO_TCP raw socket connected to DST sends
+       lab_raw.py rawtcp DST PORT...         an IPPROTO_TCP raw socket connected to DST:PORT[0] sends
                                              a SYN to each PORT, then with IP_HDRINCL a UDP
                                              datagram to the last one
 """
@@ -78,7 +78,9 @@ def hdrincl(src: str, dst: str, port: str, flags: str) -> dict:
 
 def rawtcp(dst: str, *ports: str) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-    s.connect((dst, 0))
+    # The port is kept as the socket's destination port (inet_dport),
+    # though a raw socket's packets carry whatever header they are given.
+    s.connect((dst, int(ports[0])))
     sent = {}
     for port in ports:
         sent[f"syn {port}"] = send(s, tcp_header(40001, int(port), 0x02), (dst, 0))
