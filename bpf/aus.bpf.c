@@ -13,11 +13,15 @@
  *
  *   Traffic passes when
  *     - the login UID is unset (system services) or marked unmanaged, or
- *     - it is a TCP reply on a connection the socket accepted, or
+ *     - it is a TCP reply on a connection a stream socket accepted, or
  *     - the destination address, protocol and port match the user's
  *       ruleset: the longest prefix for the address in aus_dst names a
  *       portset, and aus_svc holds an entry covering the protocol and port.
  *       A managed user not yet in aus_users gets the baseline ruleset.
+ *   A managed user's packet carrying a source route (IPv4 LSRR/SSRR, an IPv6
+ *   routing header) is denied whatever the rules: it does not go where its
+ *   destination says. Raw sockets are judged packet by packet by the
+ *   headers they wrote.
  *   Otherwise it is denied: connect()/sendmsg() fail with EPERM and packets
  *   are dropped, or, in visibility mode, it passes and is only reported.
  *
