@@ -160,3 +160,4 @@ def test_allowed_traffic_still_passes(daemon, cg, net, fam):
     assert lab.act(cg, "tcp", ok, 443, loginuid=alice.uid) == {"ok": False, "errno": "EPERM"}
     assert lab.act(cg, "tcp", net.hop4 if fam == "v4" else net.hop6, 80,
                    loginuid=alice.uid) == {"ok": False, "errno": "EPERM"}
+
