@@ -119,6 +119,22 @@ def test_source_route_to_a_denied_first_hop_never_reaches_it(daemon, cg, net, fa
     assert reasons(d).get("source_route", 0) > before
 
 
+def test_ipv6_extension_headers_are_walked_to_the_transport_header(daemon, cg, net):
+    """Destination options are no route: the packets behind them are
+    judged by their ports and pass where a rule allows them."""
+    d, alice = daemon
+    before = reasons(d).get("source_route", 0)
+    with Capture(net.ns, net.peer_if) as cap:
+        got = raw(cg, alice.uid, "dstopts", net.ok6, 80)
+    assert got == {"udp": {"ok": False, "errno": "EPERM"}, "tcp": {"ok": True, "errno": None}}
+    assert cap.count(dst=net.ok6, proto=6, dport=80, flags=SYN, routed=True) == 1, cap.packets
+    with Capture(net.ns, net.peer_if) as cap:
+        got = raw(cg, alice.uid, "dstopts", net.ok6, 53)
+    assert got["udp"] == {"ok": True, "errno": None}
+    assert cap.count(dst=net.ok6, proto=17, dport=53, routed=True) == 1, cap.packets
+    assert reasons(d).get("source_route", 0) == before
+
+
 @pytest.mark.parametrize("flags", [ACK | PSH, SYN | ACK], ids=["ack-psh", "syn-ack"])
 def test_raw_segment_that_is_no_syn_is_judged_not_counted_inbound(daemon, cg, net, flags):
     d, alice = daemon

@@ -4,6 +4,8 @@ per run, as a real process in the test cgroup; prints a JSON result.
 
 usage: lab_raw.py lsrr DST HOP PORT          TCP connect to DST via HOP (IPv4 LSRR)
        lab_raw.py srh DST HOP PORT           TCP connect to DST via HOP (IPv6 segment routing header)
+       lab_raw.py dstopts DST PORT           a UDP datagram and a TCP connect to DST:PORT, both
+                                             behind an IPv6 destination options header
        lab_raw.py hdrincl SRC DST PORT FLAGS a TCP segment with FLAGS from an IPPROTO_RAW socket
        lab_raw.py rawtcp DST PORT...         an IPPROTO_TCP raw socket connected to DST:PORT[0] sends
                                              a SYN to each PORT, then with IP_HDRINCL a UDP
@@ -56,6 +58,18 @@ def srh(dst: str, hop: str, port: str) -> dict:
     return connect(s, (dst, int(port)))
 
 
+def dstopts(dst: str, port: str) -> dict:
+    # Next header and length are filled in by the kernel; one PadN option.
+    opts = bytes([0, 0, 1, 4, 0, 0, 0, 0])
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, opts)
+    out = {"udp": send(u, b"opts", (dst, int(port)))}
+    t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, opts)
+    out["tcp"] = connect(t, (dst, int(port)))
+    return out
+
+
 def tcp_header(sport: int, dport: int, flags: int) -> bytes:
     return struct.pack("!HHIIBBHHH", sport, dport, 1000, 2000, 5 << 4, flags, 65535, 0, 0)
 
@@ -95,7 +109,7 @@ def rawtcp(dst: str, *ports: str) -> dict:
 
 def main() -> None:
     action, args = sys.argv[1], sys.argv[2:]
-    print(json.dumps({"lsrr": lsrr, "srh": srh, "hdrincl": hdrincl, "rawtcp": rawtcp}[action](*args)))
+    print(json.dumps({"lsrr": lsrr, "srh": srh, "dstopts": dstopts, "hdrincl": hdrincl, "rawtcp": rawtcp}[action](*args)))
 
 
 if __name__ == "__main__":
