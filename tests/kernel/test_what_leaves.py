@@ -127,7 +127,7 @@ def test_ipv6_extension_headers_are_walked_to_the_transport_header(daemon, cg, n
     with Capture(net.ns, net.peer_if) as cap:
         got = raw(cg, alice.uid, "dstopts", net.ok6, 80)
     assert got == {"udp": {"ok": False, "errno": "EPERM"}, "tcp": {"ok": True, "errno": None}}
-    assert cap.count(dst=net.ok6, proto=6, dport=80, flags=SYN, routed=True) == 1, cap.packets
+    assert cap.count(dst=net.ok6, proto=6, dport=80, flags=SYN, routed=True) >= 1, cap.packets
     with Capture(net.ns, net.peer_if) as cap:
         got = raw(cg, alice.uid, "dstopts", net.ok6, 53)
     assert got["udp"] == {"ok": True, "errno": None}
@@ -172,7 +172,7 @@ def test_allowed_traffic_still_passes(daemon, cg, net, fam):
     with Capture(net.ns, net.peer_if) as cap:
         got = lab.act(cg, "tcp", ok, 80, loginuid=alice.uid)
     assert got == {"ok": True, "errno": None}
-    assert cap.count(dst=ok, proto=6, dport=80, flags=SYN) == 1, cap.packets
+    assert cap.count(dst=ok, proto=6, dport=80, flags=SYN) >= 1, cap.packets
     assert lab.act(cg, "tcp", ok, 443, loginuid=alice.uid) == {"ok": False, "errno": "EPERM"}
     assert lab.act(cg, "tcp", net.hop4 if fam == "v4" else net.hop6, 80,
                    loginuid=alice.uid) == {"ok": False, "errno": "EPERM"}
