@@ -74,7 +74,9 @@ class SssNss:
                                ctypes.c_long, ctypes.POINTER(ctypes.c_int)]
 
     def _with_buffer(self, call, struct, key):
-        """Run a ``*_r`` call, growing its buffer while it reports ERANGE."""
+        """Run a ``*_r`` call, growing its buffer while it reports ERANGE.
+        The struct points into the buffer: both are returned, so that the
+        buffer lives as long as the struct is read."""
         size = 4096
         while True:
             buf = ctypes.create_string_buffer(size)
@@ -83,17 +85,17 @@ class SssNss:
             if status == TRYAGAIN and err.value == errno.ERANGE and size < MAX_BUFFER:
                 size *= 4
                 continue
-            return status, out
+            return status, out, buf
 
     def user(self, uid: int) -> Reply:
         """(name, primary GID) of a UID SSSD serves."""
-        status, pw = self._with_buffer(self._pw, _Passwd, uid)
+        status, pw, _buf = self._with_buffer(self._pw, _Passwd, uid)
         if status != SUCCESS:
             return Reply(status, None)
         return Reply(status, (pw.pw_name.decode(errors="replace"), pw.pw_gid))
 
     def group_name(self, gid: int) -> Reply:
-        status, gr = self._with_buffer(self._gr, _Group, gid)
+        status, gr, _buf = self._with_buffer(self._gr, _Group, gid)
         if status != SUCCESS:
             return Reply(status, None)
         return Reply(status, gr.gr_name.decode(errors="replace"))
