@@ -371,7 +371,10 @@ class Sssd:
         conf = Path("/etc/sssd/sssd.conf")  # our bind mount
         conf.write_text(
             "[sssd]\nconfig_file_version = 2\nservices = nss, pam\ndomains = corp, nest\n\n"
-            "[nss]\n\n[pam]\n\n"
+            # no initgroups fast cache (a documented setting): with sssd
+            # stopped, getpwnam still answers from the fast cache but
+            # getgrouplist() falls back to the primary group
+            "[nss]\nmemcache_size_initgroups = 0\n\n[pam]\n\n"
             "[domain/corp]\n" + common +
             f"ldap_uri = {corp_uri}\nldap_search_base = {SUFFIX}\nldap_schema = rfc2307\n\n"
             # rfc2307bis: members are DNs and SSSD follows groups inside groups
@@ -748,6 +751,64 @@ class Scenario:
         obs["bob_still_22"] = self.act("bob", 22)
         return obs
 
+    def case_sssd_stopped(self) -> dict:
+        """sssd stops (its fast cache still valid): NSS finds bob but glibc
+        gives him his primary group only. ausd must keep his groups for
+        many groups_ttl; once sssd is back, a real removal in LDAP (dave
+        out of support) must still reach the kernel."""
+        bob, dave = 41002, BIS_USERS["dave"][0]
+        obs: dict = {"before": self.traffic({"bob_22": ("bob", 22), "dave_443": ("dave", 443)})}
+        obs["sssd_exit"] = self.sssd.stop()
+        obs["getent_bob_stopped"] = sh("getent", "passwd", "bob", check=False).returncode
+        obs["id_bob_stopped"] = sh("id", "bob", check=False).stdout.strip()
+        # what SSSD's NSS module itself says, asked the way ausd asks
+        obs["sss_module_stopped"] = sh(
+            PYTHON, "-c", "from aus.agent import nss_sss; s = nss_sss.load(); "
+            "u = s.user(41002); print(u, u.value and u.value[0], s.groups('bob', 41002))",
+            check=False, env=dict(os.environ, PYTHONPATH=f"{REPO / 'daemon'}:{REPO}")).stdout.strip()
+        t = time.monotonic()
+        results, sources = [], set()
+        while time.monotonic() - t < GROUPS_TTL * 6:
+            results.append(self.act("bob", 22))
+            entry = self.users_entry(bob)
+            sources.add(entry["groups_source"] if entry else None)
+            time.sleep(0.1)
+        obs["watched_s"] = round(time.monotonic() - t, 3)
+        obs["required_s"] = GROUPS_TTL * 5
+        obs["probes"] = len(results)
+        obs["probes_ok"] = sum(1 for r in results if r["ok"])
+        obs["failures"] = [r for r in results if not r["ok"]][:5]
+        obs["groups_sources_seen"] = sorted(map(str, sources))
+        obs["bob_tcp80"] = self.act("bob", 80)
+        obs["bob_entry_stopped"] = self.users_entry(bob)
+        table = self.d.ctl("users").stdout.splitlines()
+        obs["ausctl_users_bob"] = [l for l in table if " bob " in l]
+        obs["sssd_restart_s"] = round(self.sssd.start(), 3)
+        lab.wait_until(lambda: (self.users_entry(bob) or {}).get("groups_source") == "nss",
+                       timeout=10, what="bob's groups fresh again")
+        obs["bob_entry_back"] = self.users_entry(bob)
+        # groupOfNames needs a member: the placeholder is no entry at all
+        t = time.monotonic()
+        m = self.slapd_bis.modify(f"dn: {bis_dn('support')}\nchangetype: modify\n"
+                                  f"replace: member\nmember: cn=nobody,{BIS_SUFFIX}\n")
+        obs["ldapmodify"] = {"rc": m.returncode, "stderr": m.stderr.strip()}
+        c = sh("sss_cache", "-E", check=False)
+        obs["sss_cache"] = {"rc": c.returncode, "stderr": c.stderr.strip()}
+        flipped, last = False, None
+        while time.monotonic() - t < 15.0:
+            last = self.traffic({"dave_443": ("dave", 443), "bob_22": ("bob", 22)})
+            if last["dave_443"]["errno"] == "EPERM":
+                flipped = True
+                break
+            time.sleep(0.1)
+        obs.update(removal_flipped=flipped, removal_last=last,
+                   removal_s=round(time.monotonic() - t, 3))
+        obs["id_dave"] = sh("id", "dave", check=False).stdout.strip()
+        obs["dave_entry"] = self.users_entry(dave)
+        log(f"sssd stopped: {obs['probes_ok']}/{obs['probes']} probes ok, sources "
+            f"{obs['groups_sources_seen']}; removal flipped={flipped} after {obs['removal_s']}s")
+        return obs
+
     def case_sssd_down(self) -> dict:
         obs: dict = {"bob_entry_before": self.users_entry(41002)}
         obs["sssd_exit"] = self.sssd.stop()
@@ -768,7 +829,7 @@ class Scenario:
             entry = self.users_entry(41002)
             if entry:
                 sources.add(entry["groups_source"])
-                if stale_at is None and "stale" in entry["groups_source"]:
+                if stale_at is None and "STALE" in entry["groups_source"]:
                     stale_at = time.monotonic()
             if stale_at is not None and time.monotonic() - stale_at >= GROUPS_TTL * 3 + 0.5:
                 break
@@ -806,7 +867,7 @@ class Scenario:
 
 
 CASES = ["login", "two_users", "nested_group", "sid_group", "nested_change", "group_change",
-         "logout", "sssd_down", "ausd_down"]
+         "logout", "sssd_stopped", "sssd_down", "ausd_down"]
 
 
 def main() -> int:

@@ -272,7 +272,35 @@ def test_sssd_down_keeps_the_last_known_groups(run):
     assert obs["bob_tcp80"] == EPERM
     entry = obs["bob_entry_after"]
     assert entry["rules"] == ["ops-ssh"] and "ops" in entry["groups"]
-    assert entry["groups_source"].startswith("nss (stale")
+    assert entry["groups_source"].startswith("nss,STALE(") and entry["groups_stale"]
+
+
+def test_sssd_stopped_keeps_verdicts_and_a_later_removal_still_applies(run):
+    obs = case(run, "sssd_stopped")
+    assert obs["before"] == {"bob_22": OK, "dave_443": OK}
+    # the failure ausd must see through: NSS knows bob, glibc's group list
+    # has lost ops
+    assert obs["getent_bob_stopped"] == 0 and "(ops)" not in obs["id_bob_stopped"], obs
+    # SSSD's module itself knows bob still, and says it cannot give his groups
+    assert obs["sss_module_stopped"] == "SUCCESS bob UNAVAIL", obs["sss_module_stopped"]
+    assert obs["watched_s"] >= obs["required_s"]
+    assert obs["probes"] >= 5 and obs["probes_ok"] == obs["probes"], obs["failures"]
+    assert obs["bob_tcp80"] == EPERM
+    entry = obs["bob_entry_stopped"]
+    assert entry["rules"] == ["ops-ssh"] and "ops" in entry["groups"], entry
+    assert entry["groups_source"].startswith("nss,STALE(") and "UNAVAIL" in entry["groups_stale"], entry
+    [row] = obs["ausctl_users_bob"]
+    assert row.split()[3].startswith("nss,STALE("), row
+    back = obs["bob_entry_back"]
+    assert back["groups_source"] == "nss" and back["groups_stale"] is None, back
+    # a real removal, sssd up: dave leaves support, hence outer
+    assert obs["ldapmodify"]["rc"] == 0, obs["ldapmodify"]
+    assert obs["removal_flipped"], f"no flip within 15 s: {obs['removal_last']}"
+    assert obs["removal_last"] == {"dave_443": EPERM, "bob_22": OK}
+    assert "(support)" not in obs["id_dave"] and "(outer)" not in obs["id_dave"]
+    assert obs["dave_entry"]["rules"] == [] and obs["dave_entry"]["groups_source"] == "nss"
+    print(f"sssd stopped {obs['watched_s']} s, {obs['probes']} probes ok; "
+          f"removal applied in {obs['removal_s']} s")
 
 
 def test_ausd_down_login_still_works_and_stays_enforced(run):

@@ -3,9 +3,15 @@
 NSS is how SSSD serves Active Directory, LDAP and FreeIPA users and
 groups, so ``getpwuid`` + ``getgrouplist`` see directory groups (nested
 ones too, when SSSD resolves them). Answers are cached per login UID for
-``ttl`` seconds; when a lookup fails after a user was known, the last
-known groups stay (a directory outage must not change enforcement), and
-an unknown user gets no groups, hence only the baseline.
+``ttl`` seconds.
+
+A directory outage must not change enforcement, and glibc cannot tell an
+outage from an answer: with SSSD down, ``getgrouplist()`` quietly returns
+the primary group only. So for users SSSD serves, the groups are asked of
+SSSD's NSS module directly (:mod:`.nss_sss`), which says when it cannot
+answer; :func:`judge` then keeps the last known groups, marked stale,
+until SSSD answers again. Users from local files take glibc's answer as it
+is. An unknown user gets no groups, hence only the baseline.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import os
 import pwd
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, NamedTuple
+
+from . import nss_sss
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +35,56 @@ class UserInfo:
     login_uid: int
     name: str | None          # None: NSS does not know this UID
     groups: tuple[str, ...]
-    source: str               # "nss", "nss (stale: <reason>)", "unknown"
-    fetched_at: float         # time.time() of the answer
+    source: str               # "nss" or "unknown"
+    fetched_at: float         # time.time() of the answer the groups come from
     sids: tuple[str, ...] = ()  # the groups' SIDs, where SSSD knows them (AD)
+    stale: str = ""           # why the last known groups were kept ("": fresh)
+    partial: bool = False     # groups of an incomplete answer, none known before
+    checked_at: float | None = None   # the last lookup, if later than fetched_at
+
+    @property
+    def last_check(self) -> float:
+        return self.fetched_at if self.checked_at is None else self.checked_at
+
+
+# How complete an NSS answer is.
+COMPLETE = "complete"         # the directory answered (or the user is local)
+UNAVAILABLE = "unavailable"   # the directory could not answer
+PARTIAL = "partial"           # it answered, but not all of it resolved
+
+
+class Answer(NamedTuple):
+    name: str | None
+    groups: tuple[str, ...] = ()
+    sids: tuple[str, ...] = ()
+    status: str = COMPLETE
+    detail: str = ""          # why not complete
+
+
+def judge(login_uid: int, cached: UserInfo | None, answer: Answer, now: float) -> UserInfo:
+    """What ausd takes as a user's groups, from the last known ones and a
+    new answer. A complete answer replaces them, shorter or not: a real
+    removal must reach the kernel. An unavailable or partial answer, or a
+    known user NSS no longer finds, keeps the last groups, marked stale;
+    a user never known gets what there is, marked partial (fail closed)."""
+    known = cached is not None and cached.name is not None
+    if answer.status == COMPLETE:
+        if answer.name is not None:
+            return UserInfo(login_uid, answer.name, tuple(answer.groups), "nss", now,
+                            tuple(answer.sids))
+        if known:
+            return _keep(cached, "user not found", now)
+        return UserInfo(login_uid, None, (), "unknown", now)
+    if known and answer.name in (None, cached.name):
+        return _keep(cached, answer.detail or answer.status, now)
+    if answer.name is None:
+        return UserInfo(login_uid, None, (), "unknown", now)
+    return UserInfo(login_uid, answer.name, tuple(answer.groups), "nss", now,
+                    tuple(answer.sids), stale=answer.detail or answer.status, partial=True)
+
+
+def _keep(cached: UserInfo, why: str, now: float) -> UserInfo:
+    return replace(cached, stale=why, checked_at=now)
 
 
 _GID_NAMES: dict[int, str | None] = {}
@@ -37,20 +92,26 @@ _GID_NAMES_AT = [0.0]
 GID_NAME_TTL = 60.0
 
 
-def _group_name(gid: int) -> str | None:
-    """A GID's name, cached for a minute: getgrgid() also builds the
-    group's member list, which for a large group costs more than the whole
-    rest of a lookup."""
+def _group_name(gid: int, sss: nss_sss.SssNss | None = None) -> tuple[str | None, str]:
+    """(A GID's name, "" or why it could not be resolved), cached for a
+    minute: getgrgid() also builds the group's member list, which for a
+    large group costs more than the whole rest of a lookup. A GID without
+    a name matches no policy group; one SSSD could not resolve is not
+    cached."""
     now = time.monotonic()
     if now - _GID_NAMES_AT[0] > GID_NAME_TTL:
         _GID_NAMES.clear()
         _GID_NAMES_AT[0] = now
-    if gid not in _GID_NAMES:
-        try:
-            _GID_NAMES[gid] = grp.getgrgid(gid).gr_name
-        except KeyError:
-            _GID_NAMES[gid] = None  # a GID without a name matches no policy group
-    return _GID_NAMES[gid]
+    if gid in _GID_NAMES:
+        return _GID_NAMES[gid], ""
+    try:
+        _GID_NAMES[gid] = grp.getgrgid(gid).gr_name
+    except KeyError:
+        reply = sss.group_name(gid) if sss is not None else None
+        if reply is not None and reply.unavailable:
+            return None, f"group {gid} not resolvable (SSSD {reply})"
+        _GID_NAMES[gid] = None
+    return _GID_NAMES[gid], ""
 
 
 try:  # Debian's python3-libsss-nss-idmap: SIDs of AD groups served by SSSD
@@ -69,64 +130,73 @@ def _group_sids(gids: list[int]) -> tuple[str, ...]:
     return tuple(v[_idmap.SID_KEY].upper() for v in found.values() if _idmap.SID_KEY in v)
 
 
-def nss_lookup(login_uid: int) -> tuple[str | None, tuple[str, ...], tuple[str, ...]]:
-    """(user name, group names, group SIDs) from NSS; (None, (), ()) for an
-    unknown UID. Nested groups are in the list when SSSD resolves them."""
+_SSS = nss_sss.load()
+
+
+def nss_lookup(login_uid: int) -> Answer:
+    """A UID's name, group names and group SIDs from NSS, and whether the
+    directory answered in full. Nested groups are in the list when SSSD
+    resolves them."""
     try:
         pw = pwd.getpwuid(login_uid)
     except KeyError:
-        return None, (), ()
-    gids = os.getgrouplist(pw.pw_name, pw.pw_gid)
-    names = [_group_name(gid) for gid in gids]
-    return pw.pw_name, tuple(dict.fromkeys(n for n in names if n)), _group_sids(gids)
+        return Answer(None)
+    served = _SSS.user(login_uid) if _SSS is not None else None
+    if served is None or not served.ok or served.value[0] != pw.pw_name:
+        # not SSSD's user (local files, or no SSSD): glibc's answer as it is
+        gids = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        names = [_group_name(gid)[0] for gid in gids]
+        return Answer(pw.pw_name, tuple(dict.fromkeys(n for n in names if n)), _group_sids(gids))
+    reply = _SSS.groups(pw.pw_name, pw.pw_gid)
+    # glibc's list adds what other modules (files) give; SSSD's status
+    # says whether its part is whole
+    gids = list(dict.fromkeys([pw.pw_gid, *(reply.value or ()),
+                               *os.getgrouplist(pw.pw_name, pw.pw_gid)]))
+    resolved = [_group_name(gid, _SSS) for gid in gids]
+    names = tuple(dict.fromkeys(n for n, _ in resolved if n))
+    if reply.unavailable:
+        return Answer(pw.pw_name, names, (), UNAVAILABLE, f"SSSD initgroups {reply}")
+    missing = [why for _, why in resolved if why]
+    if missing:
+        return Answer(pw.pw_name, names, (), PARTIAL, "; ".join(missing))
+    return Answer(pw.pw_name, names, _group_sids(gids))
 
 
 @dataclass
 class Directory:
-    """Cached view of NSS. ``lookup`` and ``clock`` are seams for tests."""
+    """Cached view of NSS. ``lookup`` and ``clock`` are seams for tests;
+    ``lookup`` returns an :class:`Answer` or a (name, groups[, sids]) tuple."""
     ttl: float = 30.0
-    lookup: Callable[[int], tuple[str | None, tuple[str, ...]]] = nss_lookup
+    lookup: Callable[[int], tuple] = nss_lookup
     clock: Callable[[], float] = time.time
-    # in order of fetch time (a fetch moves a user to the end), so the
+    # in order of lookup time (a lookup moves a user to the end), so the
     # users due for a refresh are found at the front without a full pass
     _cache: "OrderedDict[int, UserInfo]" = field(default_factory=OrderedDict)
 
     def get(self, login_uid: int, *, refresh: bool = False) -> UserInfo:
         now = self.clock()
         cached = self._cache.get(login_uid)
-        if cached and not refresh and now - cached.fetched_at < self.ttl:
+        if cached and not refresh and now - cached.last_check < self.ttl:
             return cached
         try:
-            name, groups, *more = self.lookup(login_uid)
-            sids = tuple(more[0]) if more else ()
+            answer = Answer(*self.lookup(login_uid))
         except OSError as exc:
-            if cached and cached.name:
-                log.warning("groups of login UID %d: %s; keeping the last known",
-                            login_uid, exc)
-                info = UserInfo(login_uid, cached.name, cached.groups,
-                                f"nss (stale: {exc})", cached.fetched_at, cached.sids)
-                self._cache[login_uid] = info
-                return info
-            name, groups, sids = None, (), ()
-        if name is None and cached and cached.name:
-            # NSS forgot a known user (directory unreachable): keep groups.
-            info = UserInfo(login_uid, cached.name, cached.groups,
-                            "nss (stale: user not found)", cached.fetched_at, cached.sids)
-        else:
-            info = UserInfo(login_uid, name, groups,
-                            "nss" if name else "unknown", now, sids)
+            answer = Answer(None, status=UNAVAILABLE, detail=str(exc))
+        info = judge(login_uid, cached, answer, now)
+        if info.stale and not (cached and cached.stale == info.stale):
+            log.warning("groups of login UID %d (%s): %s; %s", login_uid, info.name,
+                        info.stale, "keeping the last known" if not info.partial
+                        else "taking the partial answer (no groups known before)")
         self._cache[login_uid] = info
-        if info.fetched_at == now:
-            self._cache.move_to_end(login_uid)
+        self._cache.move_to_end(login_uid)
         return info
 
     def due(self, limit: int) -> list[int]:
-        """Up to ``limit`` users whose groups are older than the TTL,
-        oldest first."""
+        """Up to ``limit`` users not looked up for the TTL, oldest first."""
         now = self.clock()
         out = []
         for uid, info in self._cache.items():
-            if now - info.fetched_at < self.ttl or len(out) >= limit:
+            if now - info.last_check < self.ttl or len(out) >= limit:
                 break
             out.append(uid)
         return out
@@ -136,4 +206,4 @@ class Directory:
 
     def expired(self, login_uid: int) -> bool:
         cached = self._cache.get(login_uid)
-        return cached is None or self.clock() - cached.fetched_at >= self.ttl
+        return cached is None or self.clock() - cached.last_check >= self.ttl

@@ -78,8 +78,20 @@ def status(s: Snapshot) -> dict:
     }
 
 
+def groups_source(info: UserInfo, now: float) -> str:
+    """Where a user's groups come from, and whether the directory last
+    answered in full: ``nss,STALE(<age>s)`` while the last known groups are
+    kept, ``nss,PARTIAL`` for an incomplete first answer."""
+    if info.partial:
+        return f"{info.source},PARTIAL"
+    if info.stale:
+        return f"{info.source},STALE({now - info.fetched_at:.0f}s)"
+    return info.source
+
+
 def users(s: Snapshot) -> list[dict]:
     counters = mapview.user_counters(s.maps)
+    now = time.time()
     out = []
     for uid, entry in sorted(s.kstate.users.items()):
         ident = s.identities.get(uid)
@@ -95,8 +107,9 @@ def users(s: Snapshot) -> list[dict]:
             "bundle_groups": list(extra),
             "bundle_version": s.bundle.version if s.bundle else None,
             "group_sids": list(info.sids),
-            "groups_source": info.source,
-            "groups_age": round(time.time() - info.fetched_at, 1),
+            "groups_source": groups_source(info, now),
+            "groups_stale": info.stale or None,
+            "groups_age": round(now - info.fetched_at, 1),
             "rules": [s.compiled.rule_names[r] for r in sorted(rule_ids)],
             "ruleset": entry.ruleset,
             "processes": s.processes.get(uid, 0),

@@ -29,17 +29,31 @@ def read_loginuid(pid: int) -> int | None:
         os.close(fd)
 
 
+def is_zombie(pid: int) -> bool:
+    """Whether a process has exited and waits to be reaped (state Z, or X
+    while it goes): its login UID is still readable, but it runs nothing."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True   # gone since its login UID was read
+    # the state follows the command name, which may itself hold ") "
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"Z", b"X")
+
+
 def all_pids() -> list[int]:
     """The ID of every process, from the numeric entries of /proc."""
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
 def scan_loginuids(proc_pids=None) -> dict[int, int]:
-    """{login UID: number of processes} for every set login UID."""
+    """{login UID: number of processes} for every set login UID. A process
+    that exited but is not reaped yet carries none: its parent may never
+    reap it, and the user's session must not outlive it."""
     counts: dict[int, int] = {}
     for pid in proc_pids if proc_pids is not None else all_pids():
         uid = read_loginuid(pid)
-        if uid is not None and uid != C.LOGINUID_UNSET:
+        if uid is not None and uid != C.LOGINUID_UNSET and not is_zombie(pid):
             counts[uid] = counts.get(uid, 0) + 1
     return counts
 
