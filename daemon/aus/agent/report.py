@@ -78,10 +78,13 @@ def status(s: Snapshot) -> dict:
     }
 
 
-def users(s: Snapshot) -> list[dict]:
+def users(s: Snapshot, viewer: int | None = None) -> list[dict]:
+    """Every managed user; with ``viewer``, that login UID only."""
     counters = mapview.user_counters(s.maps)
     out = []
     for uid, entry in sorted(s.kstate.users.items()):
+        if viewer is not None and uid != viewer:
+            continue
         ident = s.identities.get(uid)
         if not entry.managed or ident is None:
             continue
@@ -109,7 +112,7 @@ def rules(s: Snapshot, login_uid: int | None) -> list[dict]:
     c = s.compiled
     ids = [r.id for r in c.rules]
     if login_uid is not None:
-        ident = s.identities.get(int(login_uid))
+        ident = s.identities.get(login_uid)
         wanted = ident.rule_ids if ident is not None else frozenset()
         ids = [i for i in ids if i in wanted]
     counters = mapview.rule_counters(s.maps, [C.RULE_BASELINE, *ids])
