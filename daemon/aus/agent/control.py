@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import ControlError
+from . import commands
 from .commands import MAX_REQUEST
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,11 @@ class Server:
 
     def __init__(self, listener: socket.socket,
                  handle: Callable[[bytes, Peer], dict], *,
-                 limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic):
+                 limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic,
+                 peer: Callable[[socket.socket], Peer] = peer_of):
         self.listener = listener
         self.handle = handle
+        self.peer_of = peer   # a seam: tests give connections other UIDs
         self.limits = limits
         self.clock = clock
         self.sel = selectors.DefaultSelector()
@@ -207,7 +210,7 @@ class Server:
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         try:
-            peer = peer_of(sock)
+            peer = self.peer_of(sock)
         except OSError:
             sock.close()
             return
@@ -267,7 +270,7 @@ class Server:
 
     def _answer(self, c: _Conn, line: bytes) -> None:
         c.inbuf.clear()
-        reply = self.handle(line, c.peer)
+        reply = commands.run(lambda: self.handle(line, c.peer), "control request")
         follow = reply.pop(FOLLOW, None)
         if follow is not None and c.peer.uid != 0:
             why = None
