@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import selectors
 import socket
 import tempfile
@@ -18,6 +19,8 @@ import pytest
 
 from aus.agent import commands, control
 from aus.agent.control import FOLLOW, FOLLOW_ALL, Limits, Peer, Server
+from aus.agent.sessions import read_loginuid, viewer_of
+from aus.core.contract import LOGINUID_UNSET
 from tests.support.polling import wait_until
 
 
@@ -288,3 +291,17 @@ def test_a_follower_that_hangs_up_is_forgotten(loop_of):
     assert lp.call(lambda: lp.server.open_count(followers=True)) == 1
     s.close()
     wait_until(lambda: lp.call(lambda: len(lp.server.conns)) == 0, what="the follower gone")
+
+
+def test_what_a_peer_may_see():
+    me = os.getpid()
+    owner = os.stat(f"/proc/{me}").st_uid
+    assert viewer_of(Peer(me, 0, 0)) is None                       # root: everyone
+    # a PID that is gone, or that now belongs to another user (reused):
+    # the peer's own UID, never someone else's login UID
+    assert viewer_of(Peer(2**22 + 17, 1234, 1234)) == 1234
+    assert viewer_of(Peer(me, owner + 1, 0)) == owner + 1
+    if owner != 0:   # run unprivileged: our own login UID, or our UID without one
+        expected = read_loginuid(me)
+        assert viewer_of(Peer(me, owner, 0)) == (owner if expected in (None, LOGINUID_UNSET)
+                                                 else expected)
