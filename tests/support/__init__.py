@@ -3,6 +3,8 @@
     lab             the kernel lab: peer namespace, cgroup, users, ausd, sessions
     lab_peer        the program the lab's peer runs (TCP and UDP echo)
     lab_client      the program ``lab.act`` runs: one network action
+    lab_control     a control-socket client run as a test user: hostile
+                    requests, held connections, followers, timed logins
     netns           network namespaces, veth pairs and addresses over netlink
                     (pyroute2), and setns for a child process
     cgroups         test cgroups under the cgroup2 root, never the root itself

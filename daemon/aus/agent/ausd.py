@@ -26,8 +26,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
@@ -37,7 +35,7 @@ from ..core.bundle import Bundle
 from ..core.errors import AusError, ConfigError, PolicyError
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
-from . import control, flows, loader, mapsync, pins, report
+from . import commands, control, flows, loader, mapsync, pins, report
 from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
 from .follower import BundleFollower, Delivery
 from .identity import Directory, UserInfo
@@ -45,21 +43,13 @@ from .policysource import Fetched, Refused
 from .report import Identity, Snapshot
 from .ringbuf import RingBuffer
 from .sdnotify import Notifier
-from .sessions import Sessions, peer_loginuid, scan_loginuids
+from .sessions import Sessions, peer_loginuid, scan_loginuids, viewer_of
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = str(DEFAULT_CONFIG_PATH)
 FLOW_HISTORY = 2000
 REFRESHES_PER_SCAN = 500   # directory lookups at most per scan
-
-
-@dataclass(frozen=True)
-class Command:
-    """A control command: its handler and whether only root may send it
-    (peers are judged by SO_PEERCRED)."""
-    handler: Callable[[dict, control.Peer], dict]
-    root_only: bool = False
 
 
 def setup_logging(level: str) -> None:
@@ -85,13 +75,13 @@ class Daemon:
         self.unmanaged = set(cfg.unmanaged_login_uids)
         self.started = time.time()
         self.flow_history: collections.deque = collections.deque(maxlen=FLOW_HISTORY)
-        self.followers: list[socket.socket] = []
         self.ring: RingBuffer | None = None
         self._scanned: dict[int, int] | None = None   # handed over by the scanner
         self._stopping = threading.Event()
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         self.listener: socket.socket | None = None
+        self.server: control.Server | None = None
         self.last_sync: dict = {}
         self.start_stages: dict[str, float] = {}
         # Why each login UID in self.want gets its rules (for users/rules).
@@ -101,16 +91,17 @@ class Daemon:
         self.follower = BundleFollower(cfg, self._deliver) if cfg.policy_url else None
         self.bundle: Bundle | None = None
         self._inbox: collections.deque[Delivery] = collections.deque()
-        # The control commands: handler, and whether only root may send it.
-        self.commands: dict[str, Command] = {
-            "status": Command(self.cmd_status),
-            "users": Command(self.cmd_users),
-            "rules": Command(self.cmd_rules),
-            "flows": Command(self.cmd_flows),
-            "reload": Command(self.cmd_reload, root_only=True),
-            "session_open": Command(self.cmd_session_open, root_only=True),
-            "session_close": Command(self.cmd_session_close, root_only=True),
+        # The handler of each command of commands.COMMANDS (which says what
+        # a request may hold and who may send it). A handler gets the
+        # validated fields, the peer, and the login UID the peer may see
+        # (None: root, everyone).
+        self.handlers = {
+            "status": self.cmd_status, "users": self.cmd_users,
+            "rules": self.cmd_rules, "flows": self.cmd_flows,
+            "reload": self.cmd_reload, "session_open": self.cmd_session_open,
+            "session_close": self.cmd_session_close,
         }
+        assert self.handlers.keys() == commands.COMMANDS.keys()
 
     @property
     def policy_source(self) -> str:
@@ -222,9 +213,11 @@ class Daemon:
                  "%d groups", b.version, b.org, self.cfg.policy_url,
                  len(self.compiled.rules), len(b.policy.user_groups))
 
-    def groups_of(self, uid: int) -> tuple[UserInfo, tuple[str, ...]]:
-        """A user's NSS answer and the bundle groups it is a member of."""
-        info = self.directory.get(uid)
+    def groups_of(self, uid: int, refresh: bool = False) -> tuple[UserInfo, tuple[str, ...]]:
+        """A user's NSS answer and the bundle groups it is a member of.
+        Only _content calls it: every directory answer is turned into
+        the user's ruleset at once."""
+        info = self.directory.get(uid, refresh=refresh)
         extra = self.bundle.groups_of(info.name, self.cfg.bundle_user_match) \
             if self.bundle is not None else ()
         return info, extra
@@ -237,8 +230,8 @@ class Daemon:
     # self.want holds each login UID's desired ruleset; it is updated for
     # the users that change (a login, a scan, a group refresh) and rebuilt
     # whole only when the policy changes, so a login costs O(1) users.
-    def _content(self, uid: int):
-        info, extra = self.groups_of(uid)
+    def _content(self, uid: int, refresh: bool = False):
+        info, extra = self.groups_of(uid, refresh)
         rule_ids = self.rules_of(info, extra)
         self.identities[uid] = Identity(info, extra, rule_ids)
         return self.compiled.ruleset(rule_ids)
@@ -296,8 +289,7 @@ class Daemon:
             changed.add(uid)
         stale = [u for u in self.directory.due(REFRESHES_PER_SCAN) if u in active]
         for uid in stale:
-            self.directory.get(uid, refresh=True)
-            content = self._content(uid)
+            content = self._content(uid, refresh=True)
             if content != self.want.get(uid):
                 self.want[uid] = content
                 changed.add(uid)
@@ -362,6 +354,7 @@ class Daemon:
                 self._bundle_in_force(first)
         self._start_events()
         self.listener = control.listen(self.cfg.socket)
+        self.server = control.Server(self.listener, self.handle)
         self.notifier.ready(f"enforcing policy version {self.compiled.version}"
                             if self.compiled.version or not self.cfg.policy_url else
                             "no policy bundle yet: enforcing the baseline only")
@@ -375,8 +368,8 @@ class Daemon:
     def close(self) -> None:
         if self.follower is not None:
             self.follower.stop()
-        for f in self.followers:
-            f.close()
+        if self.server:
+            self.server.close()
         if self.listener:
             self.listener.close()
             try:
@@ -401,7 +394,7 @@ class Daemon:
         for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
         sel = selectors.DefaultSelector()
-        sel.register(self.listener, selectors.EVENT_READ, "accept")
+        sel.register(self.server, selectors.EVENT_READ, "control")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         sel.register(self.ring, selectors.EVENT_READ, "events")
         scanner = threading.Thread(target=self._scanner, name="aus-scan", daemon=True)
@@ -409,13 +402,14 @@ class Daemon:
         if self.follower is not None:
             self.follower.run()
         while True:
-            for key, _ in sel.select():
-                if key.data == "accept":
-                    self._accept()
+            for key, _ in sel.select(self.server.timeout()):
+                if key.data == "control":
+                    pass   # served below, with the deadlines
                 elif key.data == "events":
                     self.ring.drain(self._on_event)
                 else:
                     os.read(self._wake_r, 4096)
+            self.server.service()
             while self._signals:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
@@ -459,51 +453,21 @@ class Daemon:
     def _on_event(self, raw: bytes) -> None:
         ev = flows.decode(raw, self.kstate.rules)
         self.flow_history.append(ev)
-        for f in list(self.followers):
-            try:
-                control.send(f, {"ok": True, "flow": ev})
-            except OSError:
-                self.followers.remove(f)
-                f.close()
+        self.server.broadcast({"ok": True, "flow": ev}, ev["login_uid"])
 
     # ---- control requests --------------------------------------------------
-    def _accept(self) -> None:
+    def handle(self, line: bytes, peer: control.Peer) -> dict:
+        """The reply to one request line; never raises (a bad request or a
+        failing handler costs one error reply, never the daemon)."""
         try:
-            conn, _ = self.listener.accept()
-        except BlockingIOError:
-            return
-        keep = False
-        try:
-            peer = control.peer_of(conn)
-            req = control.read_request(conn)
-            cmd = req["cmd"]
-            command = self.commands.get(cmd)
-            if command is None:
-                reply = {"ok": False, "error": f"unknown command {cmd!r}"}
-            elif command.root_only and peer.uid != 0:
-                reply = {"ok": False, "error": f"{cmd}: only root may change ausd"}
-            else:
-                reply = command.handler(req, peer)
-            if reply.pop("_follow", False):
-                keep = True
-            control.send(conn, reply)
-            if keep:
-                conn.setblocking(False)
-                self.followers.append(conn)
-        except (OSError, ValueError) as exc:
-            log.debug("control request failed: %s", exc)
-            try:
-                control.send(conn, {"ok": False, "error": f"bad request: {exc}"})
-            except OSError:
-                pass
-        except AusError as exc:
-            try:
-                control.send(conn, {"ok": False, "error": str(exc)})
-            except OSError:
-                pass
-        finally:
-            if not keep:
-                conn.close()
+            req = commands.parse(line)
+        except commands.RequestError as exc:
+            log.debug("control request of uid %d refused: %s", peer.uid, exc)
+            return commands.error(str(exc))
+        if req.spec.root_only and peer.uid != 0:
+            return commands.error(f"{req.cmd}: only root may change ausd")
+        handler = self.handlers[req.cmd]
+        return commands.run(lambda: handler(req.args, peer, viewer_of(peer)), req.cmd)
 
     def snapshot(self) -> Snapshot:
         """What the read commands report, as plain data."""
@@ -517,37 +481,48 @@ class Daemon:
             last_sync=self.last_sync, start_stages=self.start_stages,
             layout=self.loaded.layout, maps=self.loaded.maps)
 
-    def cmd_status(self, req, peer) -> dict:
+    # Read commands report from a snapshot and never ask the directory:
+    # a read must not change what is enforced (a refresh that is not
+    # followed by a recompute would hide a group removal from due()).
+    def cmd_status(self, args, peer, viewer) -> dict:
         return {"ok": True, **report.status(self.snapshot())}
 
-    def cmd_users(self, req, peer) -> dict:
-        return {"ok": True, "users": report.users(self.snapshot())}
+    def cmd_users(self, args, peer, viewer) -> dict:
+        return {"ok": True, "users": report.users(self.snapshot(), viewer)}
 
-    def cmd_rules(self, req, peer) -> dict:
-        return {"ok": True, "rules": report.rules(self.snapshot(), req.get("login_uid"))}
+    def cmd_rules(self, args, peer, viewer) -> dict:
+        login_uid = args["login_uid"]
+        if viewer is not None:
+            if login_uid not in (None, viewer):
+                return commands.error(f"rules: login UID {login_uid} is not yours; only "
+                                      f"root sees other users' rules (yours: {viewer})")
+            login_uid = viewer
+        return {"ok": True, "rules": report.rules(self.snapshot(), login_uid)}
 
-    def cmd_reload(self, req, peer) -> dict:
+    def cmd_reload(self, args, peer, viewer) -> dict:
         return self.reload()
 
-    def cmd_flows(self, req, peer) -> dict:
-        limit = int(req.get("limit", 100))
-        recent = list(self.flow_history)[-limit:] if limit > 0 else []
-        return {"ok": True, "flows": recent, "_follow": bool(req.get("follow"))}
+    def cmd_flows(self, args, peer, viewer) -> dict:
+        limit = args["limit"]
+        seen = [f for f in self.flow_history if viewer is None or f["login_uid"] == viewer]
+        reply = {"ok": True, "flows": seen[len(seen) - limit:] if limit else []}
+        if args["follow"]:
+            reply[control.FOLLOW] = control.FOLLOW_ALL if viewer is None else viewer
+        return reply
 
-    def _peer_uid(self, req, peer) -> int:
+    def _peer_uid(self, peer) -> int:
         uid = peer_loginuid(peer.pid)
         if uid is None or uid == C.LOGINUID_UNSET:
             raise AusError("session: the calling process has no login UID "
                            "(run it from a login session, after pam_loginuid)")
         return uid
 
-    def cmd_session_open(self, req, peer) -> dict:
-        uid = self._peer_uid(req, peer)
+    def cmd_session_open(self, args, peer, viewer) -> dict:
+        uid = self._peer_uid(peer)
         if uid in self.unmanaged:
             return {"ok": True, "login_uid": uid, "managed": False}
         self.sessions.open(uid)
-        self.directory.get(uid, refresh=True)
-        self.want[uid] = self._content(uid)
+        self.want[uid] = self._content(uid, refresh=True)
         self.sync("session open", {uid})
         entry = self.kstate.users.get(uid)
         info, extra, rule_ids = self.identities[uid]
@@ -559,8 +534,8 @@ class Daemon:
                 "bundle_groups": list(extra), "rules": rules,
                 "ruleset": entry.ruleset if entry else None}
 
-    def cmd_session_close(self, req, peer) -> dict:
-        uid = self._peer_uid(req, peer)
+    def cmd_session_close(self, args, peer, viewer) -> dict:
+        uid = self._peer_uid(peer)
         self.sessions.close(uid)
         # The entry goes at the next scan if no process carries the login
         # UID any more (scanning all of /proc here would slow logouts).

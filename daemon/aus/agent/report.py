@@ -89,11 +89,14 @@ def groups_source(info: UserInfo, now: float) -> str:
     return info.source
 
 
-def users(s: Snapshot) -> list[dict]:
+def users(s: Snapshot, viewer: int | None = None) -> list[dict]:
+    """Every managed user; with ``viewer``, that login UID only."""
     counters = mapview.user_counters(s.maps)
     now = time.time()
     out = []
     for uid, entry in sorted(s.kstate.users.items()):
+        if viewer is not None and uid != viewer:
+            continue
         ident = s.identities.get(uid)
         if not entry.managed or ident is None:
             continue
@@ -122,7 +125,7 @@ def rules(s: Snapshot, login_uid: int | None) -> list[dict]:
     c = s.compiled
     ids = [r.id for r in c.rules]
     if login_uid is not None:
-        ident = s.identities.get(int(login_uid))
+        ident = s.identities.get(login_uid)
         wanted = ident.rule_ids if ident is not None else frozenset()
         ids = [i for i in ids if i in wanted]
     counters = mapview.rule_counters(s.maps, [C.RULE_BASELINE, *ids])

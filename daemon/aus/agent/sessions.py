@@ -93,3 +93,19 @@ class Sessions:
 def peer_loginuid(pid: int) -> int | None:
     """Login UID of a control-socket peer, from its PID (SO_PEERCRED)."""
     return read_loginuid(pid) if pid > 0 and os.path.exists(f"/proc/{pid}") else None
+
+
+def viewer_of(peer) -> int | None:
+    """The login UID whose users, rules and flows a control-socket peer
+    may see: None (everyone's) for root; else the peer's login UID, which
+    is what the kernel judges its traffic by (after ``su`` too); else,
+    when it has none or its PID now belongs to another user (the peer
+    exited and the PID was reused), its UID."""
+    if peer.uid == 0:
+        return None
+    try:
+        owner = os.stat(f"/proc/{peer.pid}").st_uid if peer.pid > 0 else None
+    except OSError:
+        owner = None
+    uid = read_loginuid(peer.pid) if owner == peer.uid else None
+    return peer.uid if uid is None or uid == C.LOGINUID_UNSET else uid

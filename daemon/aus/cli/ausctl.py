@@ -19,6 +19,7 @@ import time
 
 from .. import __version__
 from ..agent import control, flows, mapview, pins
+from ..agent.commands import MAX_FLOWS
 from ..agent.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
 from ..core import contract as C
 from ..core.errors import AusError, ControlError
@@ -239,6 +240,13 @@ def _uid(text: str) -> int:
     return v
 
 
+def _limit(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= MAX_FLOWS:
+        raise argparse.ArgumentTypeError(f"--limit is 0..{MAX_FLOWS}")
+    return v
+
+
 def _ip(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
@@ -265,8 +273,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"ausctl {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("status", parents=[common], help="daemon, policy, programs, counters").set_defaults(fn=cmd_status)
-    sub.add_parser("users", parents=[common], help="active login UIDs, groups, rules, counters").set_defaults(fn=cmd_users)
-    p = sub.add_parser("rules", parents=[common], help="the policy's rules and their counters")
+    sub.add_parser("users", parents=[common], help="active login UIDs, groups, rules, counters "
+                   "(not root: your own)").set_defaults(fn=cmd_users)
+    p = sub.add_parser("rules", parents=[common], help="the policy's rules and their counters "
+                       "(not root: your own)")
     p.add_argument("--login-uid", type=_uid, help="only the rules of this login UID")
     p.set_defaults(fn=cmd_rules)
     sub.add_parser("maps", parents=[common], help="decoded dump of the pinned maps").set_defaults(fn=cmd_maps)
@@ -278,7 +288,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("flows", parents=[common], help="recent flow events")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_limit, default=100,
+                   help=f"the last N events (0..{MAX_FLOWS}, default 100)")
     p.set_defaults(fn=cmd_flows)
     sub.add_parser("reload", parents=[common],
                    help="re-read the policy file (a policy URL: fetch the bundle now)").set_defaults(fn=cmd_reload)
