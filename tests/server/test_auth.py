@@ -196,3 +196,24 @@ def test_malformed_authorization_is_401(server, header):
         bearer = header.replace("Basic", "Bearer", 1)
         status, _, body, _ = request(port, bearer, path="/scim/orgs/1/Users", source="127.0.4.2")
         assert status == 401, (bearer, status, body)
+
+
+def test_revocation_reaches_every_worker_on_postgresql(postgres):
+    name = postgres.new_database()
+    try:
+        db = postgres.url(name)
+        token = _cli("api-key", "create", "--org", "1", "--db", db)
+        port = free_port()
+        with serving("--listen", f"127.0.0.1:{port}", "--db", db, "--workers", "2",
+                     "--log-level", "WARNING") as proc:
+            wait_port(port, proc)
+            # New connections are spread over both workers: each caches the key.
+            assert [request(port, basic(token))[0] for _ in range(20)] == [200] * 20
+            _cli("api-key", "revoke", token.partition(":")[0], "--db", db)
+            revoked_at = time.monotonic()
+            time.sleep(3)
+            codes = [request(port, basic(token))[0] for _ in range(30)]
+            print(f"\n{time.monotonic() - revoked_at:.1f} s after revoking: {codes.count(401)} of 30 refused")
+            assert codes == [401] * 30
+    finally:
+        postgres.drop_database(name)
