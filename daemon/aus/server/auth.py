@@ -140,7 +140,7 @@ class Verifier:
 
     def _note_generation(self, generation: int, read_at: float) -> None:
         with self._lock:
-            if generation != self._generation:
+            if generation > self._generation:   # it only grows; an older read changes nothing
                 self._cache.clear()
                 self._generation = generation
             self._generation_read_at = max(self._generation_read_at, read_at)
