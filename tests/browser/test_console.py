@@ -10,6 +10,8 @@ import uuid
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
+from aus.server.auth import BAD_CREDENTIALS
+
 # An org as Entra ID provisions it: object IDs as externalId, UPNs as
 # userName, one group nested in another.
 DIRECTORY = dict(
@@ -42,7 +44,7 @@ def test_sign_in_shows_the_servers_message_and_sign_out_forgets_the_key(console,
     key, _, secret = org.token.partition(":")
     console.d.find_element(By.NAME, "token").send_keys(f"{key}:{secret}x" + Keys.ENTER)
     box = console.d.find_element(By.NAME, "token")
-    assert console.wait(lambda: console.error_next_to(box), "the sign-in error") == "wrong secret for this API key"
+    assert console.wait(lambda: console.error_next_to(box), "the sign-in error") == BAD_CREDENTIALS
     console.screenshot("console-sign-in")
     # Focus goes back to the field, so the key can be corrected at once.
     assert console.focused() == box
@@ -73,7 +75,7 @@ def test_sign_in_shows_the_servers_message_and_sign_out_forgets_the_key(console,
         c.token += 'x';
         sessionStorage.setItem('aus.console.credentials', JSON.stringify(c));""")
     console.click_nav("Rules")
-    console.wait(lambda: "Signed out: wrong secret for this API key" in console.find("main").text, "signed out")
+    console.wait(lambda: f"Signed out: {BAD_CREDENTIALS}" in console.find("main").text, "signed out")
     assert console.d.execute_script("return sessionStorage.length") == 0
     console.sign_in()
     console.wait_heading("Rules")   # back where the tab was

@@ -492,11 +492,10 @@ class Scenario:
         self.d = self.stack.enter_context(
             lab.ausd(self.cg, policy, groups_ttl=GROUPS_TTL, scan_interval=SCAN_INTERVAL))
         self.stack.callback(self.dump_ausd_log)   # runs before lab.ausd removes its workdir
-        # The shipped hook, pointed at this test's ausd: pam_exec passes
-        # only the PAM environment, so a wrapper sets AUSCTL.
+        # The shipped hook, pointed at this test's ausd by its arguments
+        # (it takes nothing from the environment).
         hook.write_text("#!/bin/sh\n"
-                        f'AUSCTL="{PYTHON} -m aus.cli.ausctl --config {self.d.config_path}" '
-                        f"exec {SHIPPED_HOOK}\n")
+                        f"exec {SHIPPED_HOOK} -- {PYTHON} -m aus.cli.ausctl --config {self.d.config_path}\n")
         hook.chmod(0o755)
         ta = time.monotonic()
         self.d.start()

@@ -12,6 +12,7 @@ import errno
 import json
 import mmap
 import os
+import resource
 import signal
 import socket
 import sys
@@ -98,6 +99,12 @@ def status_fields():
     return out
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def main():
     marker = sys.argv[1]
     result = {
@@ -119,6 +126,10 @@ def main():
         "tmp_marker_visible": os.path.exists(f"/tmp/{marker}"),
         "root_marker_visible": os.path.exists(f"/root/{marker}"),
         "home_marker_visible": os.path.exists(f"/home/{marker}"),
+        "kmsg": attempt(lambda: os.close(os.open("/proc/kmsg", os.O_RDONLY | os.O_NONBLOCK))),
+        "syslog": attempt(lambda: checked(libc.klogctl(10, None, 0))),  # SYSLOG_ACTION_SIZE_BUFFER
+        "umask": oct(current_umask()),
+        "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
     }
     print(json.dumps(result), flush=True)
 

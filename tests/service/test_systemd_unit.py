@@ -33,7 +33,8 @@ SESSION_UID = 4242
 # Everything in [Service] that restricts the daemon, each checked below.
 HARDENING = {"CapabilityBoundingSet", "NoNewPrivileges", "ProtectHome", "PrivateTmp",
              "ProtectClock", "ProtectHostname", "RestrictRealtime", "RestrictSUIDSGID",
-             "LockPersonality", "RestrictAddressFamilies", "SystemCallArchitectures"}
+             "LockPersonality", "RestrictAddressFamilies", "SystemCallArchitectures",
+             "ProtectKernelLogs", "UMask", "LimitNOFILE"}
 NOT_HARDENING = {"Type", "NotifyAccess", "ExecStartPre", "ExecStart", "ExecReload", "Restart",
                  "RestartSec", "WatchdogSec", "TimeoutStartSec", "KillMode", "RuntimeDirectory",
                  "RuntimeDirectoryPreserve"}
@@ -70,8 +71,10 @@ def state(m, *props: str) -> dict[str, str]:
 
 def ensure_running(box) -> dict[str, str]:
     m = box.m
+    # Also resets the start limit (StartLimitBurst=), which the restarts of
+    # these tests would otherwise use up.
+    m.systemctl("reset-failed", "ausd", check=False)
     if state(m)["ActiveState"] != "active":
-        m.systemctl("reset-failed", "ausd", check=False)
         m.systemctl("start", "ausd")
     s = state(m)
     assert (s["ActiveState"], s["SubState"]) == ("active", "running"), s
@@ -299,10 +302,11 @@ def test_hardening_directives_are_in_effect(box, token):
     caps = unit_capabilities()
     pid = ensure_running(box)["MainPID"]
 
-    s = m.show("ausd", *HARDENING)
+    s = m.show("ausd", *HARDENING - {"LimitNOFILE"}, "LimitNOFILE", "LimitNOFILESoft")
     assert sorted(s["CapabilityBoundingSet"].upper().split()) == sorted(caps)
     assert set(s["RestrictAddressFamilies"].split()) == set(unit["RestrictAddressFamilies"].split())
-    for key in HARDENING - {"CapabilityBoundingSet", "RestrictAddressFamilies"}:
+    assert s["LimitNOFILE"] == s["LimitNOFILESoft"] == unit["LimitNOFILE"]
+    for key in HARDENING - {"CapabilityBoundingSet", "RestrictAddressFamilies", "LimitNOFILE"}:
         assert s[key] == unit[key], key
 
     # ausd itself: the bounding set (what the container has of it), no new
@@ -364,6 +368,65 @@ def test_hardening_directives_are_in_effect(box, token):
     assert sandboxed["af_packet"] == "EAFNOSUPPORT" and control["af_packet"] != "EAFNOSUPPORT"
     for family in ("af_unix", "af_inet", "af_inet6", "af_netlink"):
         assert both(family) == ("ok", "ok"), family
+    # ProtectKernelLogs: /proc/kmsg is out of reach and syslog(2) refused.
+    print(f"kernel log: control {both('kmsg')} {both('syslog')}")
+    assert sandboxed["kmsg"] != "ok" and sandboxed["syslog"] == "EPERM"
+    assert control["kmsg"] == "ok" or control["syslog"] == "ok", control
+    assert both("umask") == ("0o22", "0o77")                               # UMask
+    # LimitNOFILE, soft and hard, within what the container itself allows.
+    nofile = min(int(unit["LimitNOFILE"]), control["nofile"][1])
+    assert sandboxed["nofile"] == [nofile, nofile] and control["nofile"][0] < nofile, both("nofile")
+    assert proc_limits_nofile(m, ensure_running(box)["MainPID"]) == nofile
+
+
+def proc_limits_nofile(m, pid) -> int:
+    line = next(line for line in m.run("cat", f"/proc/{pid}/limits").stdout.splitlines()
+                if line.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+def test_a_daemon_that_cannot_start_stops_at_the_start_limit(box):
+    """StartLimitIntervalSec=/StartLimitBurst= in [Unit]: a daemon failing
+    at every start is retried 10 times, then left failed."""
+    m = box.m
+    ensure_running(box)
+    s = m.show("ausd", "StartLimitIntervalUSec", "StartLimitBurst")
+    assert (s["StartLimitIntervalUSec"], s["StartLimitBurst"]) == ("1min", "10"), s
+    since = cursor(m)
+    try:
+        with dropin(m, "fail", "ExecStart=\nExecStart=/bin/false\n"):
+            m.systemctl("restart", "ausd", check=False)
+            wait_log(m, since, "Start request repeated too quickly", timeout=60)
+            s = m.show("ausd", "ActiveState", "NRestarts")
+            assert (s["ActiveState"], s["NRestarts"]) == ("failed", "10"), s
+            time.sleep(3)      # and it stays down
+            assert m.show("ausd", "NRestarts")["NRestarts"] == "10"
+            assert attached(box) == PROGRAMS          # what is pinned keeps enforcing
+    finally:
+        m.systemctl("reset-failed", "ausd", check=False)
+        m.systemctl("restart", "ausd")
+    assert state(m)["ActiveState"] == "active"
+
+
+def test_protect_kernel_modules_is_left_out_because_bcc_needs_lib_modules(box):
+    """ProtectKernelModules= hides /lib/modules, where the kernel headers
+    bcc compiles against are linked: ausd cannot start with it."""
+    m = box.m
+    ensure_running(box)
+    assert "ProtectKernelModules" not in service_section()
+    try:
+        with dropin(m, "kmod", "ProtectKernelModules=yes\nRestart=no\n"):
+            since = cursor(m)
+            assert m.systemctl("restart", "ausd", check=False).returncode != 0
+            assert state(m)["ActiveState"] == "failed"
+            log = log_since(m, since)
+            print(f"ausd with ProtectKernelModules=yes:\n{log[-1500:]}")
+            assert "lib/modules" in log or "kernel headers" in log.lower() or "headers" in log, log
+            assert attached(box) == PROGRAMS
+    finally:
+        m.systemctl("reset-failed", "ausd", check=False)
+        m.systemctl("restart", "ausd")
+    assert state(m)["ActiveState"] == "active"
 
 
 # ---- capabilities ----------------------------------------------------------------

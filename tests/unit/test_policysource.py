@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -87,6 +88,26 @@ def test_credentials_readable_by_others_are_refused(tmp_path, mode):
         f"policy_credentials {path}: readable by its group or by others (mode {mode:04o}); "
         f"the secret must be readable by its owner only: chmod 600 {path}")
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o622])
+def test_credentials_writable_by_others_are_refused(tmp_path, mode):
+    path = cred_file(tmp_path, "key1:s3cret\n", mode)
+    with pytest.raises(ConfigError) as info:
+        read_credentials(path)
+    assert str(info.value) == (f"policy_credentials {path}: writable by its group or by others "
+                               f"(mode {mode:04o}): chmod 600 {path}")
+
+
+def test_credentials_owned_by_another_user_are_refused(tmp_path):
+    path = cred_file(tmp_path, "key1:s3cret\n", 0o600)
+    os.chown(path, 4242, 0)    # the suite runs as root: a file of uid 4242
+    with pytest.raises(ConfigError) as info:
+        read_credentials(path)
+    assert str(info.value) == (f"policy_credentials {path}: owned by uid 4242, not root; "
+                               f"chown root:root {path}")
+    os.chown(path, 0, 4242)    # a group that is not root's is fine at mode 0600
+    assert read_credentials(path) == ("key1", "s3cret")
 
 
 @pytest.mark.parametrize("text, reason", [

@@ -62,8 +62,10 @@ def read_credentials(path: str | os.PathLike) -> tuple[str, str]:
     """(api_key, secret) from a file holding one line ``<api_key>:<secret>``.
 
     The file must be a regular file that neither its group nor others can
-    read: the secret opens the org's policy. Raises ConfigError (never
-    with the secret in the message)."""
+    read: the secret opens the org's policy; and owned by root (or by the
+    user ausd runs as) and writable by its owner only, since whoever can
+    change it can point ausd at another org's key. Raises ConfigError
+    (never with the secret in the message)."""
     source = str(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -79,6 +81,14 @@ def read_credentials(path: str | os.PathLike) -> tuple[str, str]:
                 f"policy_credentials {source}: readable by its group or by others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); the secret must be readable "
                 f"by its owner only: chmod 600 {source}")
+        if st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(
+                f"policy_credentials {source}: owned by uid {st.st_uid}, not root; "
+                f"chown root:root {source}")
+        if st.st_mode & 0o022:
+            raise ConfigError(
+                f"policy_credentials {source}: writable by its group or by others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 {source}")
         raw = b""
         while chunk := os.read(fd, 65536):
             raw += chunk

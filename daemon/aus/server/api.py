@@ -28,7 +28,7 @@ from ..core.policy import (
     parse_network,
     parse_service,
 )
-from .auth import AuthError, token_from_header
+from .auth import AuthError, client_address, token_from_header
 from .bundle import parse_if_none_match, touch
 from .db import (
     Group,
@@ -63,7 +63,7 @@ def _error_response(status: int, message: str, fields: list[dict] | None = None,
 def org_auth(org_id: str, request: Request) -> str:
     """The org the request may act on; AuthError otherwise."""
     token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    request.app.state.verifier.for_org(token, org_id)
+    request.app.state.verifier.for_org(token, org_id, source=client_address(request))
     return org_id
 
 
@@ -542,7 +542,8 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
                      x_aus_enforcing: int | None = Header(None)) -> Response:
     token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
     if request.app.state.verifier.for_org(token, org_id, cached_only=True) is None:
-        await asyncio.to_thread(request.app.state.verifier.for_org, token, org_id)
+        await asyncio.to_thread(request.app.state.verifier.for_org, token, org_id,
+                                source=client_address(request))
     if x_aus_workload:
         address = request.client.host if request.client else ""
         _note_workload(request, org_id, x_aus_workload[:255], x_aus_enforcing or 0, address)
@@ -562,7 +563,7 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
 def whoami_any(request: Request) -> dict:
     """The org a key belongs to: the console signs in with the key alone."""
     token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    key_id, org_id = request.app.state.verifier.verify(token)
+    key_id, org_id = request.app.state.verifier.verify(token, client_address(request))
     return {"org": org_id, "key": key_id}
 
 
@@ -583,6 +584,8 @@ def install(app: FastAPI) -> None:
         if not is_api(request) and previous_auth is not None:
             return await previous_auth(request, exc)
         headers = {"WWW-Authenticate": 'Basic realm="aus-server"'} if exc.status == 401 else None
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(exc.retry_after)}
         return _error_response(exc.status, str(exc), headers=headers)
 
     previous_validation = app.exception_handlers.get(RequestValidationError)

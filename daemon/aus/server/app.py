@@ -30,18 +30,19 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
             engine.dispose()
 
     app = FastAPI(title="aus-server", version="0.1.0", lifespan=lifespan,
-                  docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+                  docs_url=None, openapi_url="/api/openapi.json", redoc_url=None)
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.verifier = Verifier(sessions)
     app.state.bundles = bundles
 
-    from . import api, console
+    from . import api, apidocs, console
     from .scim import routes as scim_routes
 
     scim_routes.install(app)
     api.install(app)
     console.install(app)
+    apidocs.install(app)
     return app
 
 

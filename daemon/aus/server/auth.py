@@ -2,8 +2,17 @@
 
 Only a salted scrypt hash of the secret is stored. Checking scrypt costs
 tens of milliseconds on purpose, so a verified token is remembered for
-:data:`CACHE_SECONDS` under its SHA-256 (never the token itself); revoking a
-key reaches other replicas within that time, this one at once.
+:data:`CACHE_SECONDS` under its SHA-256 (never the token itself).
+
+An unknown key id costs the same scrypt (against a dummy hash) and gets
+the same answer as a wrong secret or a revoked key, so answers and timing
+tell nothing about which key ids exist. Checks that need scrypt are
+limited per source address (:mod:`.ratelimit`); a token in the cache
+passes without one, from any address.
+
+Revoking a key bumps the revocation generation in the database; every
+process reads it at most :data:`REVOCATION_CHECK_SECONDS` apart and drops
+its cache when it changed.
 """
 
 from __future__ import annotations
@@ -16,26 +25,44 @@ import secrets
 import threading
 import time
 
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..core.errors import AusError
-from .db import ApiKey, Org
+from .db import ApiKey, AuthState, Org
+from .ratelimit import FailureLimiter
 
 CACHE_SECONDS = 60.0
+REVOCATION_CHECK_SECONDS = 2.0
+BAD_CREDENTIALS = "invalid API key: unknown or revoked key id, or wrong secret"
 _SCRYPT = dict(n=2**14, r=8, p=1, dklen=32)
 
 
 class AuthError(AusError):
-    """Missing, malformed, unknown, revoked or wrong credentials (401), or a
-    key of another org (403)."""
+    """Missing, malformed, unknown, revoked or wrong credentials (401), a
+    key of another org (403), or too many failed checks (429, with
+    ``retry_after`` seconds)."""
 
-    def __init__(self, message: str, status: int = 401):
+    def __init__(self, message: str, status: int = 401, retry_after: int | None = None):
         self.status = status
+        self.retry_after = retry_after
         super().__init__(message)
 
 
 def _hash(secret: str, salt: bytes) -> bytes:
-    return hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)
+    return hashlib.scrypt(secret.encode("utf-8", "surrogatepass"), salt=salt, **_SCRYPT)
+
+
+# Checked against for unknown key ids, so they cost what a known one does.
+_DUMMY_SALT = secrets.token_bytes(16)
+_dummy_hash: bytes | None = None
+
+
+def _dummy() -> bytes:
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = _hash(secrets.token_urlsafe(32), _DUMMY_SALT)
+    return _dummy_hash
 
 
 def ensure_org(session: Session, org_id: str) -> Org:
@@ -60,24 +87,39 @@ def create_key(sessions: sessionmaker, org_id: str) -> str:
 
 
 def revoke_key(sessions: sessionmaker, key_id: str) -> bool:
+    """Revoke ``key_id`` and bump the revocation generation, in one
+    transaction; False if there is no such key."""
     with sessions.begin() as s:
         key = s.get(ApiKey, key_id)
         if key is None:
             return False
         key.revoked = True
+        bumped = s.execute(update(AuthState).where(AuthState.id == 1)
+                           .values(revocations=AuthState.revocations + 1)).rowcount
+        if not bumped:
+            s.add(AuthState(id=1, revocations=1))
     Verifier.forget_everywhere()
     return True
 
 
+def _read_generation(s: Session) -> int:
+    return s.execute(select(AuthState.revocations).where(AuthState.id == 1)).scalar() or 0
+
+
 class Verifier:
-    """Checks tokens against the store, with a short-lived cache."""
+    """Checks tokens against the store, with a short-lived cache that a
+    revocation anywhere invalidates."""
 
     _instances: list["Verifier"] = []
 
-    def __init__(self, sessions: sessionmaker):
+    def __init__(self, sessions: sessionmaker, limiter: FailureLimiter | None = None):
         self.sessions = sessions
-        self._cache: dict[bytes, tuple[str, str, float]] = {}
+        self.limiter = limiter or FailureLimiter()
+        # digest -> (key id, org id, expires, revocation generation)
+        self._cache: dict[bytes, tuple[str, str, float, int]] = {}
         self._lock = threading.Lock()
+        self._generation = -1
+        self._generation_read_at = float("-inf")
         Verifier._instances.append(self)
 
     @classmethod
@@ -86,42 +128,76 @@ class Verifier:
             with v._lock:
                 v._cache.clear()
 
-    def cached(self, token: str) -> tuple[str, str] | None:
-        """``(key id, org id)`` if this token was verified recently; no I/O,
-        so the event loop may call it directly."""
-        digest = hashlib.sha256(token.encode()).digest()
+    def _lookup(self, digest: bytes) -> tuple[str, str] | None:
+        now = time.monotonic()
         with self._lock:
+            if now - self._generation_read_at > REVOCATION_CHECK_SECONDS:
+                return None   # a revocation may have happened: ask the store
             hit = self._cache.get(digest)
-        if hit and hit[2] > time.monotonic():
-            return hit[0], hit[1]
+            if hit and hit[2] > now and hit[3] == self._generation:
+                return hit[0], hit[1]
         return None
 
-    def verify(self, token: str) -> tuple[str, str]:
-        """Return ``(key id, org id)`` for a valid token, else AuthError."""
-        hit = self.cached(token)
+    def _note_generation(self, generation: int, read_at: float) -> None:
+        with self._lock:
+            if generation > self._generation:   # it only grows; an older read changes nothing
+                self._cache.clear()
+                self._generation = generation
+            self._generation_read_at = max(self._generation_read_at, read_at)
+
+    def _refresh_generation(self) -> None:
+        read_at = time.monotonic()
+        if read_at - self._generation_read_at <= REVOCATION_CHECK_SECONDS:
+            return
+        with self.sessions() as s:
+            s.connection(execution_options={"read_only": True})
+            generation = _read_generation(s)
+        self._note_generation(generation, read_at)
+
+    def cached(self, token: str) -> tuple[str, str] | None:
+        """``(key id, org id)`` if this token was verified recently and no
+        revocation check is due; no I/O, so the event loop may call it."""
+        return self._lookup(hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest())
+
+    def verify(self, token: str, source: str | None = None) -> tuple[str, str]:
+        """Return ``(key id, org id)`` for a valid token, else AuthError.
+        ``source`` (the client address) is what failed checks are limited by."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        self._refresh_generation()
+        hit = self._lookup(digest)
         if hit:
             return hit
-        digest = hashlib.sha256(token.encode()).digest()
-        now = time.monotonic()
         key_id, sep, secret = token.partition(":")
         if not sep or not key_id or not secret:
             raise AuthError("the credentials must have the form <api_key>:<secret>")
+        source = source or "-"
+        wait = self.limiter.take(source)
+        if wait:
+            raise AuthError(f"too many failed authentication attempts from {source}; "
+                            f"retry in {max(1, round(wait))} s", 429, retry_after=max(1, round(wait)))
+        read_at = time.monotonic()
         with self.sessions() as s:
             s.connection(execution_options={"read_only": True})   # no SQLite write lock
-            key = s.get(ApiKey, key_id)
+            generation = _read_generation(s)
+            key = s.get(ApiKey, key_id[:64])
             found = (key.org_id, key.salt, key.secret_hash, key.revoked) if key else None
-        if found is None or found[3]:
-            raise AuthError("unknown or revoked API key")
-        org_id, salt, want, _ = found
-        if not hmac.compare_digest(_hash(secret, salt), want):
-            raise AuthError("wrong secret for this API key")
+        self._note_generation(generation, read_at)
+        if found is None:
+            hmac.compare_digest(_hash(secret, _DUMMY_SALT), _dummy())
+            raise AuthError(BAD_CREDENTIALS)
+        org_id, salt, want, revoked = found
+        if not hmac.compare_digest(_hash(secret, salt), want) or revoked:
+            raise AuthError(BAD_CREDENTIALS)
+        self.limiter.give_back(source)
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[digest] = (key_id, org_id, now + CACHE_SECONDS)
+            if generation == self._generation:
+                self._cache[digest] = (key_id, org_id, time.monotonic() + CACHE_SECONDS, generation)
         return key_id, org_id
 
-    def for_org(self, token: str, org_id: str, *, cached_only: bool = False) -> str | None:
+    def for_org(self, token: str, org_id: str, *, cached_only: bool = False,
+                source: str | None = None) -> str | None:
         """Verify ``token`` and that it belongs to ``org_id``; return the key
         id. With ``cached_only``, return None when the cache cannot tell."""
         if cached_only:
@@ -130,10 +206,15 @@ class Verifier:
                 return None
             key_id, key_org = hit
         else:
-            key_id, key_org = self.verify(token)
+            key_id, key_org = self.verify(token, source)
         if key_org != org_id:
             raise AuthError(f"this API key belongs to another org, not org {org_id!r}", 403)
         return key_id
+
+
+def client_address(request) -> str:  # noqa: ANN001 - a Starlette Request
+    """The address failed checks are counted against."""
+    return request.client.host if request.client else "-"
 
 
 def token_from_header(value: str | None, *, basic: bool, bearer: bool) -> str:
@@ -147,8 +228,8 @@ def token_from_header(value: str | None, *, basic: bool, bearer: bool) -> str:
         return rest
     if basic and scheme == "basic" and rest:
         try:
-            return base64.b64decode(rest, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            raise AuthError("malformed Basic credentials") from None
+            return base64.b64decode(rest.encode("ascii"), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeError, ValueError):
+            raise AuthError("malformed Basic credentials: not base64 of UTF-8 text") from None
     wanted = " or ".join(n for n, ok in (("Bearer", bearer), ("Basic", basic)) if ok)
     raise AuthError(f"unsupported Authorization scheme; use {wanted}")

@@ -75,6 +75,15 @@ class ApiKey(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class AuthState(Base):
+    """One row (id 1): ``revocations`` counts key revocations, so every
+    process can tell with one cheap read that its verified-key cache is stale."""
+
+    __tablename__ = "auth_state"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    revocations: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class User(Base):
     """A SCIM user. ``doc`` is the resource as accepted (core + extension
     attributes, without id/meta); the columns are what filters and the
@@ -202,6 +211,23 @@ class Workload(Base):
 # Engine
 
 
+def _private_file(path: Path) -> None:
+    """Create the SQLite file 0600 (in a directory made 0700) before SQLite
+    does, which would use the umask; its -wal and -shm files take the main
+    file's mode. An existing file readable by others is tightened."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        st = path.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(path, 0o600)
+            for suffix in ("-wal", "-shm"):
+                side = path.with_name(path.name + suffix)
+                if side.exists():
+                    os.chmod(side, 0o600)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # Transactions are begun by the "begin" listener below, not by pysqlite.
     dbapi_conn.isolation_level = None
@@ -218,8 +244,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if path and path != ":memory:" and not path.startswith("file:"):
+            _private_file(Path(path))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                pool_size=20, max_overflow=20)
         event.listen(engine, "connect", _sqlite_pragmas)

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
-from ..auth import AuthError, token_from_header
+from ..auth import AuthError, client_address, token_from_header
 from ..bundle import touch
 from . import discovery, store
 from .errors import (
@@ -89,9 +89,11 @@ class Ctx:
 def _ctx(request: Request, org_id: str) -> Ctx:
     try:
         token = token_from_header(request.headers.get("authorization"), basic=False, bearer=True)
-        request.app.state.verifier.for_org(token, org_id)
+        request.app.state.verifier.for_org(token, org_id, source=client_address(request))
     except AuthError as exc:
         headers = {"WWW-Authenticate": 'Bearer realm="aus-server"'} if exc.status == 401 else None
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(exc.retry_after)}
         raise ScimError(exc.status, str(exc), headers=headers) from None
     base = f"{str(request.base_url).rstrip('/')}/scim/orgs/{org_id}"
     params = {k.casefold(): v for k, v in request.query_params.items()}
