@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 
 import pytest
 from sqlalchemy import text
@@ -17,6 +16,7 @@ from sqlalchemy import text
 from aus.core.bundle import bundle_from_bytes
 from aus.server.bundle import RETRY_MAX, retry_delay, touch
 from aus.server.db import open_database
+from tests.support.server_seed import insert_rule_past_api
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -173,24 +173,6 @@ def test_a_sid_given_twice_is_refused(server):
 # A build that fails anyway
 
 
-def _insert_rule(db_url: str, name: str, group_id: str) -> None:
-    """A rule written into the store past the API (an older server, a hand
-    edit): raw SQL, so none of the application's keys are filled in."""
-    engine, sessions = open_database(db_url)
-    try:
-        with sessions.begin() as s:
-            rid = str(uuid.uuid4())
-            s.execute(text("INSERT INTO rules (id, org_id, name, description, destinations, services,"
-                           " position, created_at, modified_at) VALUES (:id, '1', :name, '',"
-                           " '[\"10.9.0.0/16\"]', '[\"22/tcp\"]', 99, :now, :now)"),
-                      {"id": rid, "name": name, "now": "2026-12-01 00:00:00"})
-            s.execute(text("INSERT INTO rule_sources (rule_id, group_id, position) "
-                           "VALUES (:r, :g, 0)"), {"r": rid, "g": group_id})
-            touch(s, "1")
-    finally:
-        engine.dispose()
-
-
 def _wait(what, pred, timeout=10.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -212,7 +194,7 @@ def test_a_build_that_fails_keeps_publishing_memberships_and_says_so(server, cap
     good = o.bundle()
     assert good.members == {"DEV": ("alice", "bob")}
 
-    _insert_rule(server.db_url, "DEV-WEB", ops)
+    insert_rule_past_api(server.db_url, "1", "DEV-WEB", ops)
     status = _wait("the failed build on /policy", lambda: (p := o.policy())["build"]["ok"] is False and p)
     build = status["build"]
     assert "duplicate rule name 'DEV-WEB'" in build["error"], build
@@ -253,7 +235,7 @@ def test_a_failing_build_is_retried_with_back_off(server):
     o = Org(server)
     dev = o.group("DEV", [o.user("alice")]).json()["id"]
     assert o.rule("dev-web", [dev]).status_code == 201
-    _insert_rule(server.db_url, "Dev-Web", dev)
+    insert_rule_past_api(server.db_url, "1", "Dev-Web", dev)
     # Watch the attempts without writing anything (a write retries at once).
     seen: list[tuple[float, int]] = []
     t0 = time.monotonic()
