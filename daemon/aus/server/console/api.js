@@ -31,7 +31,7 @@ function authHeader(token) {
   return "Basic " + base64(token);
 }
 
-const listeners = { signedOut: [], policyVersion: [] };
+const listeners = { signedOut: [], policyVersion: [], policyBuild: [] };
 export function on(event, fn) {
   listeners[event].push(fn);
 }
@@ -108,8 +108,10 @@ export async function api(path, { method = "GET", query, body, signal } = {}) {
   }
 }
 
+// The version in force and how the last build of the policy went.
 export async function refreshPolicyVersion() {
   const p = await api("/policy");
   emit("policyVersion", p.version);
+  if (p.build) emit("policyBuild", p.build, p.version);
   return p.version;
 }
