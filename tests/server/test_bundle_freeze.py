@@ -6,6 +6,7 @@ with back-off instead of five times a second."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
@@ -283,3 +284,75 @@ def test_an_old_clash_does_not_block_member_writes(server):
     assert r.status_code == 204, r.text
     _wait("DEV emptied in the bundle", lambda: o.bundle().members["DEV"] == ())
     assert json.loads(o.api("GET", "/bundle").content)["policy"]["rules"][0]["name"] == "dev-web"
+
+
+# --------------------------------------------------------------------------
+# Cost of the checks
+
+
+def test_the_write_time_checks_cost_an_index_probe_at_20000_groups(server, capsys):
+    """At 20,000 groups (one rule naming all of them) the checks probe an
+    index; shown beside a scan of the groups and a build of the bundle,
+    the two ways the same answer could be had without the key columns."""
+    from statistics import median
+
+    from sqlalchemy import insert, select
+
+    from aus.core.policy import external_id_key
+    from aus.server import policycheck
+    from aus.server.bundle import _document, build_content
+    from aus.server.db import Group, Rule, RuleSource, fold
+
+    n = 20_000
+    engine, sessions = open_database(server.db_url)
+    try:
+        with sessions.begin() as s:
+            s.execute(insert(Group), [
+                {"id": f"g{i:05d}", "org_id": "1", "display_name": f"Group {i}",
+                 "display_name_key": fold(f"Group {i}"), "external_id": f"EXT-{i:05d}",
+                 "external_id_key": external_id_key(f"EXT-{i:05d}"), "source": "scim", "doc": {},
+                 "version": 1} for i in range(n)])
+            s.add(Rule(id="r1", org_id="1", name="all", destinations=["10.0.0.0/8"],
+                       services=["80/tcp"], position=1))
+            s.flush()
+            s.execute(insert(RuleSource), [{"rule_id": "r1", "group_id": f"g{i:05d}", "position": i}
+                                           for i in range(n)])
+            touch(s, "1")
+
+        def timed(fn, rounds=7):
+            out = []
+            for _ in range(rounds):
+                with sessions.begin() as s:
+                    t = time.perf_counter()
+                    fn(s)
+                    out.append(time.perf_counter() - t)
+            return median(out) * 1000
+
+        def naive_scan(s):
+            key = external_id_key("ext-12345")
+            return [g for g, e in s.execute(select(Group.id, Group.external_id)
+                                            .where(Group.org_id == "1"))
+                    if e and external_id_key(e) == key and g != "g00001"]
+
+        def full_build(s):
+            _document("1", 1, dt.datetime.now(dt.timezone.utc), build_content(s, "1"))
+
+        probe = timed(lambda s: (policycheck.group_ids(s, "1", "g00001", external_id="ext-77777"),
+                                 policycheck.rule_name(s, "1", "new", "other")))
+        scan = timed(naive_scan)
+        build = timed(full_build, rounds=3)
+        with pytest.raises(policycheck.WriteRefused):
+            with sessions.begin() as s:
+                policycheck.group_ids(s, "1", "g00001", external_id="ext-12345")
+        if server.db_url.startswith("sqlite"):
+            with engine.connect() as conn:
+                plan = " ".join(str(r) for r in conn.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN SELECT id FROM groups WHERE org_id = '1' "
+                    "AND external_id_key = 'x' AND id != 'y'"))
+            assert "ix_groups_org_external_key" in plan, plan
+    finally:
+        engine.dispose()
+    with capsys.disabled():
+        print(f"\n[{server.db_url.split(':')[0]}] write-time checks at {n} groups: index probe "
+              f"{probe:.2f} ms, naive scan {scan:.1f} ms, full bundle build {build:.0f} ms")
+    assert probe * 5 < scan < build
