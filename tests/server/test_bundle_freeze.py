@@ -356,3 +356,23 @@ def test_the_write_time_checks_cost_an_index_probe_at_20000_groups(server, capsy
         print(f"\n[{server.db_url.split(':')[0]}] write-time checks at {n} groups: index probe "
               f"{probe:.2f} ms, naive scan {scan:.1f} ms, full bundle build {build:.0f} ms")
     assert probe * 5 < scan < build
+
+
+def test_concurrent_writes_neither_deadlock_nor_slip_a_clash_through(server):
+    """The check's lock of the org row is the one every write takes last:
+    concurrent group creates all succeed (on PostgreSQL a stronger lock
+    deadlocked with the rows' foreign-key locks), and of writes racing
+    with one name or one externalId exactly one is kept."""
+    import concurrent.futures
+
+    o = Org(server)
+    dev = o.group("DEV").json()["id"]
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        codes = list(ex.map(lambda i: o.group(f"g{i}", external_id=f"ext-{i}").status_code, range(40)))
+        assert codes == [201] * 40
+        clash = list(ex.map(lambda i: o.group(f"dup{i}", external_id="EXT-SAME" if i % 2 else "ext-same")
+                            .status_code, range(8)))
+        rules = list(ex.map(lambda i: o.rule("web" if i % 2 else "WEB", [dev]).status_code, range(8)))
+    assert sorted(clash) == [201] + [409] * 7, clash
+    assert sorted(rules) == [201] + [409] * 7, rules
+    assert o.policy()["build"]["ok"] is True

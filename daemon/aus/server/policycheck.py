@@ -54,8 +54,12 @@ class WriteRefused(AusError):
 
 def lock_org(s: Session, org_id: str) -> None:
     """Take the org row's lock (a no-op when this transaction holds it,
-    and on SQLite, whose writers are serialized already)."""
-    s.execute(select(Org.id).where(Org.id == org_id).with_for_update())
+    and on SQLite, whose writers are serialized already). The lock
+    ``bundle.touch``'s UPDATE takes, FOR NO KEY UPDATE: FOR UPDATE would
+    also wait for every transaction that inserted a row referencing the
+    org (their KEY SHARE locks), and deadlock with them."""
+    # key_share without read renders FOR NO KEY UPDATE on PostgreSQL
+    s.execute(select(Org.id).where(Org.id == org_id).with_for_update(key_share=True))
 
 
 def ip_list_name(name: str) -> None:
