@@ -376,3 +376,48 @@ def test_concurrent_writes_neither_deadlock_nor_slip_a_clash_through(server):
     assert sorted(clash) == [201] + [409] * 7, clash
     assert sorted(rules) == [201] + [409] * 7, rules
     assert o.policy()["build"]["ok"] is True
+
+
+def test_the_migration_fills_the_keys_of_rows_already_there(tmp_path):
+    """0002 on a store at 0001 holding a clash: the keys are filled as the
+    application computes them, the clash is kept (the build reports it),
+    and nothing is refused by the upgrade itself."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    import aus.server.db as db
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.Path(db.__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('1', '2026-01-01', 0)")
+        conn.exec_driver_sql("INSERT INTO bundles (org_id, version, generation, digest, body, built_at)"
+                             " VALUES ('1', 3, 0, 'd', '{}', '2026-01-01')")
+        for i, (name, ext) in enumerate([("WEB", "Ext-Straße"), ("web", None)]):
+            conn.exec_driver_sql(
+                "INSERT INTO rules (id, org_id, name, description, destinations, services, position,"
+                " created_at, modified_at) VALUES (?, '1', ?, '', '[]', '[]', 0, '2026-01-01', '2026-01-01')",
+                (f"r{i}", name))
+            conn.exec_driver_sql(
+                "INSERT INTO groups (id, org_id, display_name, display_name_key, external_id, source, doc,"
+                " created_at, modified_at, version) VALUES (?, '1', ?, ?, ?, 'scim', '{}', '2026-01-01',"
+                " '2026-01-01', 1)", (f"g{i}", f"G{i}", f"g{i}", ext))
+    engine.dispose()
+    engine, _sessions = open_database(url)     # upgrades to head
+    try:
+        with engine.connect() as conn:
+            assert sorted(conn.exec_driver_sql("SELECT name, name_key FROM rules")) == [
+                ("WEB", "web"), ("web", "web")]
+            assert sorted(conn.exec_driver_sql("SELECT id, external_id_key FROM groups")) == [
+                ("g0", "ext-strasse"), ("g1", None)]
+            assert list(conn.exec_driver_sql(
+                "SELECT version, build_attempts, build_failures_total, build_error FROM bundles")) == [
+                (3, 0, 0, None)]
+    finally:
+        engine.dispose()
