@@ -103,7 +103,10 @@ export async function api(path, { method = "GET", query, body, signal } = {}) {
     if (data && typeof data.policy_version === "number") emit("policyVersion", data.policy_version);
     return data;
   } catch (err) {
-    if (err instanceof ApiError && err.status === 401) signOut(err.message);
+    // Several requests may fail with one key: the first one signs out, and
+    // none undoes a sign-in made since with another key.
+    const now = credentials();
+    if (err instanceof ApiError && err.status === 401 && now && now.token === cred.token) signOut(err.message);
     throw err;
   }
 }
