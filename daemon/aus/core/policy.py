@@ -273,16 +273,6 @@ def reserved_name_problem(name: str, what: str) -> str | None:
     return None
 
 
-def policy_problems(data: Any) -> list[str]:
-    """Every reason :func:`policy_from_data` would refuse ``data`` (a policy
-    document), as ``path: reason`` lines; empty when it is accepted."""
-    try:
-        policy_from_data(data)
-    except PolicyError as exc:
-        return list(exc.problems)
-    return []
-
-
 CidrStr = Annotated[str, AfterValidator(_check_cidr)]
 ServiceStr = Annotated[str, AfterValidator(_check_service)]
 
