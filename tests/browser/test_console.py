@@ -501,3 +501,34 @@ def test_ten_thousand_groups_page_and_search_stay_fast(console, org, capsys):
               f"last page {last_s:.2f} s, picker {picker_s:.2f} s")
     for what, secs in (("page load", page_s), ("search", search_s), ("last page", last_s), ("picker", picker_s)):
         assert secs < 5, f"{what} took {secs:.2f} s with 10,000 groups"
+
+
+def test_a_policy_that_cannot_be_built_shows_a_banner_until_it_is_fixed(console, org):
+    ids = org.seed(groups={"DEV": ["alice"]})
+    org.post("/rules", _rule_body(ids["DEV"]))
+    from tests.support.server_seed import insert_rule_past_api
+
+    insert_rule_past_api(org.server.db_url, org.id, "DEV-WEB", ids["DEV"])
+    deadline = time.monotonic() + 10
+    while org.get("/policy")["build"]["ok"]:
+        assert time.monotonic() < deadline, "the build did not fail"
+        time.sleep(0.05)
+
+    console.sign_in()
+    console.wait_heading("User groups")
+    banner = console.find("#build-alert")
+    console.wait(lambda: banner.is_displayed(), "the build banner")
+    assert banner.get_attribute("role") == "alert"
+    assert "The policy cannot be built." in banner.text
+    assert "removals and disabled users still reach them" in banner.text
+    assert "duplicate rule name 'DEV-WEB'" in banner.text
+    console.screenshot("console-build-failing")
+
+    # Fixed through the API; the next page the console shows drops the banner.
+    bad = next(r for r in org.get("/rules")["items"] if r["name"] == "DEV-WEB")
+    r = org.http.delete(f"/rules/{bad['id']}")
+    assert r.status_code == 200, r.text
+    assert org.get("/policy")["build"]["ok"] is True
+    console.click_nav("Rules")
+    console.wait_heading("Rules")
+    console.wait(lambda: not banner.is_displayed(), "the banner to go")

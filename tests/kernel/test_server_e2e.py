@@ -15,6 +15,7 @@ import pytest
 from tests.support import lab
 from tests.support.names import free_port
 from tests.support.server_process import CLI, serving, wait_port
+from tests.support.server_seed import insert_rule_past_api
 
 pytestmark = pytest.mark.kernel
 
@@ -120,3 +121,64 @@ def test_scim_push_rule_bundle_kernel(cg, peer, people, aus_server):
             lab.wait_until(lambda: not d.check(alice.uid, peer.v4, "tcp", 80)["allowed"],
                            timeout=5, interval=0.02, what="the rule deletion")
             assert tcp(cg, alice, peer.v4, 80)["errno"] == "EPERM"
+
+
+def test_after_the_freeze_attempts_removals_and_disables_reach_the_kernel(
+        cg, peer, people, aus_server, tmp_path):
+    """Each write that used to freeze an org's bundle is refused; a clash
+    written past the API still fails the build, and then a SCIM removal
+    and a SCIM disable still take the users' access away in the kernel."""
+    base, token, c = aus_server
+    users, _groups = people
+    alice, bob = users["alice"], users["bob"]
+    scim = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
+    basic = tuple(token.split(":", 1))
+
+    def push(method, path, body=None, want=(200, 201, 204)):
+        r = c.request(method, f"/scim/orgs/1{path}", json=body, headers=scim)
+        assert r.status_code in want, (method, path, r.status_code, r.text)
+        return r.json() if r.content else None
+
+    ids = {u.name: push("POST", "/Users", {"schemas": [USER], "userName": u.name, "active": True})["id"]
+           for u in (alice, bob)}
+    dev = push("POST", "/Groups", {"schemas": GROUP, "displayName": "DEV", "externalId": "grp-dev",
+                                   "members": [{"value": ids[alice.name]},
+                                               {"value": ids[bob.name]}]})["id"]
+    rule = {"name": "dev-web", "sources": [dev], "destinations": [f"{peer.v4}/32"],
+            "services": ["80/tcp"]}
+    assert c.post("/api/orgs/1/rules", auth=basic, json=rule).status_code == 201
+
+    # The three freezes of the past: refused, nothing committed.
+    assert c.post("/api/orgs/1/rules", auth=basic, json={**rule, "name": "DEV-WEB"}).status_code == 409
+    assert c.post("/api/orgs/1/ip-lists", auth=basic,
+                  json={"name": "tcp", "entries": [f"{peer.v4}/32"]}).status_code == 422
+    push("POST", "/Groups", {"schemas": GROUP, "displayName": "DEV2", "externalId": "GRP-DEV"},
+         want=(409,))
+    assert [r["name"] for r in c.get("/api/orgs/1/rules", auth=basic).json()["items"]] == ["dev-web"]
+    assert c.get("/api/orgs/1/policy", auth=basic).json()["build"]["ok"] is True
+
+    with lab.ausd(cg, {}, policy_url=f"{base}/api/orgs/1/bundle", credentials=token,
+                  bundle_wait=30) as d:
+        d.start()
+        with lab.session(d, alice.uid), lab.session(d, bob.uid):
+            assert tcp(cg, alice, peer.v4, 80)["ok"] and tcp(cg, bob, peer.v4, 80)["ok"]
+
+            # A clash written past the API: the policy cannot be built.
+            insert_rule_past_api(f"sqlite:///{tmp_path}/server.db", "1", "Dev-Web", dev)
+            lab.wait_until(lambda: not c.get("/api/orgs/1/policy", auth=basic).json()["build"]["ok"],
+                           timeout=10, what="the failed build on /policy")
+
+            push("PATCH", f"/Groups/{dev}", {"schemas": [PATCH], "Operations": [
+                {"op": "remove", "path": f'members[value eq "{ids[alice.name]}"]'}]})
+            lab.wait_until(lambda: not d.check(alice.uid, peer.v4, "tcp", 80)["allowed"],
+                           timeout=5, interval=0.02, what="alice's removal in the kernel")
+            assert tcp(cg, alice, peer.v4, 80)["errno"] == "EPERM"
+            assert tcp(cg, bob, peer.v4, 80)["ok"]
+
+            push("PATCH", f"/Users/{ids[bob.name]}", {"schemas": [PATCH], "Operations": [
+                {"op": "Replace", "path": "active", "value": "False"}]})
+            lab.wait_until(lambda: not d.check(bob.uid, peer.v4, "tcp", 80)["allowed"],
+                           timeout=5, interval=0.02, what="bob's disable in the kernel")
+            assert tcp(cg, bob, peer.v4, 80)["errno"] == "EPERM"
+            build = c.get("/api/orgs/1/policy", auth=basic).json()["build"]
+            assert not build["ok"] and "duplicate rule name 'Dev-Web'" in build["error"], build

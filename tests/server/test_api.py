@@ -148,7 +148,7 @@ def test_duplicate_rule_name(server):
     c, auth = server.client, server.basic()
     assert c.post(f"{server.api}/rules", json=_rule([ids["DEV"]]), auth=auth).status_code == 201
     r = c.post(f"{server.api}/rules", json=_rule([ids["DEV"]]), auth=auth)
-    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "name"
+    assert r.status_code == 409 and r.json()["error"]["fields"][0]["field"] == "name"
 
 
 def test_bundle_etag_304_and_long_poll_wakes_on_change(server):

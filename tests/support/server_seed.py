@@ -41,3 +41,23 @@ def seed(db_url: str, org: str, *, groups: dict[str, list[str]], users: list[str
     finally:
         engine.dispose()
     return ids
+
+
+def insert_rule_past_api(db_url: str, org: str, name: str, group_id: str) -> None:
+    """A rule written into the store past the API (an older server, a hand
+    edit): raw SQL, so none of the application's keys or checks apply."""
+    from sqlalchemy import text
+
+    engine, sessions = open_database(db_url)
+    try:
+        with sessions.begin() as s:
+            rid = str(uuid.uuid4())
+            s.execute(text("INSERT INTO rules (id, org_id, name, description, destinations, services,"
+                           " position, created_at, modified_at) VALUES (:id, :org, :name, '',"
+                           " '[\"10.9.0.0/16\"]', '[\"22/tcp\"]', 99, :now, :now)"),
+                      {"id": rid, "org": org, "name": name, "now": "2026-12-01 00:00:00"})
+            s.execute(text("INSERT INTO rule_sources (rule_id, group_id, position) "
+                           "VALUES (:r, :g, 0)"), {"r": rid, "g": group_id})
+            touch(s, org)
+    finally:
+        engine.dispose()

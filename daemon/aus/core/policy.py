@@ -246,6 +246,33 @@ def normalize_sid(text: str) -> str:
     return "S" + sid[1:]
 
 
+def name_key(name: str) -> str:
+    """The key under which rule names (and user group names) are unique:
+    they compare case-insensitively."""
+    return name.casefold()
+
+
+def sid_key(sid: str) -> str:
+    """The key under which SIDs are unique."""
+    return sid.strip().upper()
+
+
+def external_id_key(external_id: str) -> str:
+    """The key under which user groups' external ids are unique."""
+    return external_id.strip().casefold()
+
+
+def reserved_name_problem(name: str, what: str) -> str | None:
+    """Why ``name`` cannot name an ip list or a service (it reads as an
+    address or a service literal, so a rule naming it would be ambiguous),
+    or None."""
+    if _is_network(name):
+        return f"the {what} name {name!r} reads as a CIDR/IP address; choose a name that does not"
+    if _is_service(name):
+        return f"the {what} name {name!r} reads as a service literal; choose a name that does not"
+    return None
+
+
 CidrStr = Annotated[str, AfterValidator(_check_cidr)]
 ServiceStr = Annotated[str, AfterValidator(_check_service)]
 
@@ -478,7 +505,7 @@ def cross_problems(data: Any) -> list[tuple[tuple[Any, ...], str]]:
                     group_keys[key] = i
             sid = g.get("sid")
             if isinstance(sid, str) and _SID_RE.match(sid.strip()):
-                key = sid.strip().upper()
+                key = sid_key(sid)
                 if key in sids:
                     problems.append((
                         ("user_groups", i, "sid"),
@@ -487,7 +514,7 @@ def cross_problems(data: Any) -> list[tuple[tuple[Any, ...], str]]:
                     sids[key] = i
             ext = g.get("external_id")
             if isinstance(ext, str) and ext.strip():
-                key = ext.strip().casefold()
+                key = external_id_key(ext)
                 if key in ext_ids:
                     problems.append((
                         ("user_groups", i, "external_id"),
@@ -512,14 +539,8 @@ def cross_problems(data: Any) -> list[tuple[tuple[Any, ...], str]]:
                 continue
             if not key.strip():
                 problems.append(((section, key), f"{what} names must not be empty"))
-            elif _is_network(key):
-                problems.append(((section, key),
-                                 f"the {what} name {key!r} reads as a CIDR/IP address; "
-                                 "choose a name that does not"))
-            elif _is_service(key):
-                problems.append(((section, key),
-                                 f"the {what} name {key!r} reads as a service literal; "
-                                 "choose a name that does not"))
+            elif (reason := reserved_name_problem(key, what)) is not None:
+                problems.append(((section, key), reason))
             if isinstance(values, list) and not values:
                 problems.append(((section, key),
                                  f"{what} {key!r} is empty; give it at least one "
@@ -540,7 +561,7 @@ def cross_problems(data: Any) -> list[tuple[tuple[Any, ...], str]]:
             continue
         name = rule.get("name")
         if isinstance(name, str) and name:
-            key = name.casefold()
+            key = name_key(name)
             if key in rule_names:
                 problems.append((("rules", i, "name"),
                                  f"duplicate rule name {name!r} (already used by "

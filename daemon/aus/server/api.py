@@ -11,7 +11,9 @@ password) or as ``Bearer <key>:<secret>``. Errors are JSON::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Iterator
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,12 +26,14 @@ from sqlalchemy.orm import Session
 from ..core.policy import (
     check_group_name,
     check_rule_name,
+    name_key,
     normalize_sid,
     parse_network,
     parse_service,
 )
+from . import policycheck
 from .auth import AuthError, client_address, token_from_header
-from .bundle import parse_if_none_match, touch
+from .bundle import build_status, parse_if_none_match, touch
 from .db import (
     Group,
     IpList,
@@ -110,6 +114,17 @@ def _check_name(name: str, field: str, what: str) -> list[dict]:
     return []
 
 
+@contextlib.contextmanager
+def _refused_as(what: str) -> Iterator[None]:
+    """A write-time policy check's refusal, as this API's error (the
+    transaction it happened in has been rolled back)."""
+    try:
+        yield
+    except policycheck.WriteRefused as exc:
+        raise ApiError(exc.status, f"the {what} is not valid",
+                       [{"field": exc.field, "message": exc.message}]) from None
+
+
 def _validate_rule(s: Session, org_id: str, body: RuleIn) -> list[dict]:
     problems = _check_name(body.name, "name", "rule")
     if not body.sources:
@@ -148,6 +163,11 @@ def _validate_rule(s: Session, org_id: str, body: RuleIn) -> list[dict]:
 
 def _validate_ip_list(body: IpListIn) -> list[dict]:
     problems = _check_name(body.name, "name", "IP list")
+    if not problems:
+        try:
+            policycheck.ip_list_name(body.name)
+        except policycheck.WriteRefused as exc:
+            problems.append({"field": exc.field, "message": exc.message})
     if not body.entries:
         problems.append({"field": "entries", "message": "an IP list needs at least one address or CIDR"})
     for i, entry in enumerate(body.entries):
@@ -334,13 +354,14 @@ def create_manual_group(body: ManualGroupIn, request: Request,
         raise ApiError(422, "the user group is not valid", problems)
     now = utcnow()
     try:
-        with _session(request).begin() as s:
+        with _refused_as("user group"), _session(request).begin() as s:
             g = Group(id=str(uuid.uuid4()), org_id=org_id, display_name=body.display_name,
                       display_name_key=fold(body.display_name), sid=sid, source="manual", doc={},
                       created_at=now, modified_at=now, last_sync_at=None)
             s.add(g)
             s.flush()
             touch(s, org_id)
+            policycheck.group_ids(s, org_id, g.id, sid=sid)
             view = _group_view(g, 0, {"member_groups": 0, "member_of": []}, [])
     except IntegrityError:
         raise ApiError(409, "the user group is not valid", [{
@@ -421,6 +442,7 @@ def delete_ip_list(list_id: str, request: Request, org_id: str = Depends(org_aut
         row = s.scalar(select(IpList).where(IpList.org_id == org_id, IpList.id == list_id))
         if row is None:
             raise ApiError(404, f"no IP list with id {list_id!r} in this org")
+        policycheck.lock_org(s, org_id)   # no rule may start using it meanwhile
         users = [r.name for r in s.scalars(select(Rule).where(Rule.org_id == org_id))
                  if row.name in r.destinations]
         if users:
@@ -454,7 +476,7 @@ def get_rule(rule_id: str, request: Request, org_id: str = Depends(org_auth)) ->
 def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None) -> dict:
     now = utcnow()
     try:
-        with _session(request).begin() as s:
+        with _refused_as("rule"), _session(request).begin() as s:
             problems = _validate_rule(s, org_id, body)
             if problems:
                 raise ApiError(422, "the rule is not valid", problems)
@@ -468,6 +490,7 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
                 if rule is None:
                     raise ApiError(404, f"no rule with id {rule_id!r} in this org")
                 s.execute(delete(RuleSource).where(RuleSource.rule_id == rule.id))
+            renamed = rule.name_key != name_key(body.name)
             rule.name, rule.description = body.name, body.description
             rule.destinations, rule.services = list(body.destinations), list(body.services)
             rule.modified_at = now
@@ -475,10 +498,13 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
             for i, gid in enumerate(body.sources):
                 s.add(RuleSource(rule_id=rule.id, group_id=gid, position=i))
             touch(s, org_id)
+            if renamed:
+                policycheck.rule_name(s, org_id, rule.id, body.name)
+            policycheck.rule_destinations(s, org_id, body.destinations)
             s.flush()
             view = _rules_view(s, org_id, [rule])[0]
     except IntegrityError:
-        raise ApiError(422, "the rule is not valid", [
+        raise ApiError(409, "the rule is not valid", [
             {"field": "name", "message": f"a rule named {body.name!r} exists already"}]) from None
     view["policy_version"] = request.app.state.bundles.rebuild_now(org_id)
     return view
@@ -508,10 +534,14 @@ def delete_rule(rule_id: str, request: Request, org_id: str = Depends(org_auth))
 
 @router.get("/policy")
 def policy_version(request: Request, org_id: str = Depends(org_auth)) -> dict:
+    """The version in force, and how the last build of the org's policy
+    went (``build``): when it failed, what workloads get meanwhile."""
     cur = request.app.state.bundles.current(org_id)
+    with _session(request)() as s:
+        build = build_status(s, org_id)
     if cur is None:
-        return {"version": 0, "etag": None}
-    return {"version": cur.version, "etag": cur.etag}
+        return {"version": 0, "etag": None, "build": build}
+    return {"version": cur.version, "etag": cur.etag, "build": build}
 
 
 @router.get("/workloads")

@@ -9,6 +9,15 @@ requests costs one build), and only a bundle whose content changed gets a
 new ``version``. The current bundle lives in the database, so replicas
 sharing PostgreSQL serve the same version; each replica watches the
 ``bundles`` table and wakes its own long-pollers.
+
+A build the daemon's model refuses (data that reached the store without
+the write-time checks of ``policycheck``: an older server, a hand edit)
+never stops membership changes: the bundle published instead is the last
+good policy with the current members of its groups, so removals and
+disabled users still reach every workload. The failure is kept on the
+bundle row (``build_*``: shown by ``GET /api/orgs/{org}/policy`` and the
+console, logged, counted) and the build is tried again after 1 s, 2 s,
+4 s, ... up to 5 minutes, and at once after every write.
 """
 
 from __future__ import annotations
@@ -19,10 +28,11 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..core.bundle import BUNDLE_FORMAT, document_from_data
@@ -38,10 +48,24 @@ from .db import (
     RuleSource,
     User,
     Workload,
+    fold,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
+
+RETRY_FIRST = 1.0       # seconds before the first retry of a failed build
+RETRY_MAX = 300.0       # the longest wait between two retries
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds to wait after the ``attempts``-th failed build in a row."""
+    return min(RETRY_MAX, RETRY_FIRST * 2.0 ** min(max(attempts - 1, 0), 30))
+
+
+def _aware(t: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands back naive UTC times."""
+    return t.replace(tzinfo=dt.timezone.utc) if t is not None and t.tzinfo is None else t
 
 
 def touch(session: Session, org_id: str) -> None:
@@ -89,28 +113,50 @@ def build_content(session: Session, org_id: str) -> dict:
                           "destinations": list(rule.destinations),
                           "services": list(rule.services)})
 
-    members: dict[str, list[str]] = {}
-    if used_groups:
-        rows = session.execute(
-            select(Membership.group_id, User.user_name)
-            .join(User, User.id == Membership.member_id)
-            .where(Membership.group_id.in_(list(used_groups)), User.active.is_(True))).all()
-        for group_id, user_name in rows:
-            members.setdefault(used_groups[group_id].display_name, []).append(user_name)
     user_groups = []
     for g in sorted(used_groups.values(), key=lambda g: g.display_name):
         entry: dict = {"name": g.display_name}
         if g.sid:
             entry["sid"] = g.sid
-        if g.external_id:
+        if g.external_id and g.external_id.strip():   # a blank one is no id
             entry["external_id"] = g.external_id
         user_groups.append(entry)
-        members.setdefault(g.display_name, [])
     return {
         "policy": {"user_groups": user_groups, "ip_lists": dict(sorted(used_lists.items())),
                    "services": {}, "rules": out_rules},
-        "members": {k: sorted(v) for k, v in sorted(members.items())},
+        "members": _members(session, {g: used_groups[g].display_name for g in used_groups}),
     }
+
+
+def _members(session: Session, names: dict[str, str]) -> dict[str, list[str]]:
+    """Group id -> name, to each name's active immediate members (userNames,
+    sorted; every name present)."""
+    members: dict[str, list[str]] = {name: [] for name in names.values()}
+    ids = list(names)
+    for i in range(0, len(ids), 900):
+        rows = session.execute(
+            select(Membership.group_id, User.user_name)
+            .join(User, User.id == Membership.member_id)
+            .where(Membership.group_id.in_(ids[i:i + 900]), User.active.is_(True))).all()
+        for group_id, user_name in rows:
+            members[names[group_id]].append(user_name)
+    return {k: sorted(v) for k, v in sorted(members.items())}
+
+
+def current_members(session: Session, org_id: str, group_names: list[str]) -> dict[str, list[str]]:
+    """The current members of the org's groups called ``group_names`` (as
+    a published policy names them); a group gone from the store has none."""
+    keys = {fold(n): n for n in group_names}
+    found: dict[str, str] = {}
+    key_list = list(keys)
+    for i in range(0, len(key_list), 900):
+        for gid, key in session.execute(select(Group.id, Group.display_name_key).where(
+                Group.org_id == org_id, Group.display_name_key.in_(key_list[i:i + 900]))):
+            found[gid] = keys[key]
+    out = _members(session, found)
+    for name in group_names:
+        out.setdefault(name, [])
+    return dict(sorted(out.items()))
 
 
 def _digest(content: dict) -> str:
@@ -118,35 +164,110 @@ def _digest(content: dict) -> str:
                           .encode()).hexdigest()
 
 
-def rebuild(session: Session, org_id: str) -> Bundle:
+def rebuild(session: Session, org_id: str, now: dt.datetime | None = None) -> Bundle:
     """Bring the org's bundle up to its generation, in the caller's
-    transaction; the version moves only when the content changed."""
+    transaction; the version moves only when the content changed. A build
+    the daemon's model refuses publishes the last good policy with the
+    current members instead, and is noted on the row (``build_*``)."""
+    now = now or utcnow()
     org = session.get(Org, org_id, with_for_update=True)
     if org is None:
         raise KeyError(org_id)
     row = session.get(Bundle, org_id, with_for_update=True)
     if row is None:
-        row = Bundle(org_id=org_id, version=0, generation=-1, digest="", body="")
+        row = Bundle(org_id=org_id, version=0, generation=-1, digest="", body="",
+                     build_attempts=0, build_failures_total=0)
         session.add(row)
-    if row.generation == org.generation and row.body:
+    retry_due = row.build_error is not None and (row.build_retry_at is None
+                                                 or _aware(row.build_retry_at) <= now)
+    if row.generation == org.generation and row.body and not retry_due:
         return row
-    content = build_content(session, org_id)
-    digest = _digest(content)
-    if digest != row.digest or not row.body:
-        now = utcnow()
-        # Validated as the daemon will: data the API let through but a
-        # daemon would refuse is a PolicyError here, and nothing is published.
-        doc = document_from_data({
-            "format": BUNDLE_FORMAT, "org": org_id, "version": row.version + 1,
-            "generated_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), **content,
-        }, f"bundle of org {org_id}")
-        row.version = doc.version
-        row.digest = digest
-        row.built_at = now
-        row.body = json.dumps(doc.model_dump(mode="json", exclude_none=True),
-                              separators=(",", ":"))
+    try:
+        content = build_content(session, org_id)
+        digest = _digest(content)
+        if digest != row.digest or not row.body:
+            # Validated as the daemon will: data the API let through but a
+            # daemon would refuse is a PolicyError here.
+            _publish(row, _document(org_id, row.version + 1, now, content), digest, now)
+    except SQLAlchemyError:
+        raise
+    except Exception as exc:   # PolicyError, or a build that broke on odd data
+        _build_failed(session, row, org_id, exc, now)
+    else:
+        if row.build_error is not None:
+            log.warning("bundle of org %s builds again (version %d), after %d failed attempts",
+                        org_id, row.version, row.build_attempts)
+        row.build_error = row.build_failing_since = row.build_retry_at = None
+        row.build_attempts = 0
     row.generation = org.generation
     return row
+
+
+def _document(org_id: str, version: int, now: dt.datetime, content: dict):
+    return document_from_data({
+        "format": BUNDLE_FORMAT, "org": org_id, "version": version,
+        "generated_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), **content,
+    }, f"bundle of org {org_id}")
+
+
+def _publish(row: Bundle, doc, digest: str, now: dt.datetime) -> None:
+    row.version = doc.version
+    row.digest = digest
+    row.built_at = now
+    row.body = json.dumps(doc.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
+
+
+def _build_failed(session: Session, row: Bundle, org_id: str, exc: Exception,
+                  now: dt.datetime) -> None:
+    """Note the failure, schedule the retry, and publish the last good
+    policy with the current members of its groups."""
+    reason = "; ".join(exc.problems) if isinstance(exc, PolicyError) else \
+        f"internal error ({type(exc).__name__}: {exc})"
+    row.build_error = reason[:4000]
+    row.build_failing_since = row.build_failing_since or now
+    row.build_attempts = (row.build_attempts or 0) + 1
+    row.build_failures_total = (row.build_failures_total or 0) + 1
+    delay = retry_delay(row.build_attempts)
+    row.build_retry_at = now + dt.timedelta(seconds=delay)
+    if not row.body:
+        log.error("bundle of org %s cannot be built (attempt %d, next in %.0f s) and no "
+                  "policy was ever published: %s", org_id, row.build_attempts, delay, reason)
+        return
+    policy = json.loads(row.body)["policy"]
+    members = current_members(session, org_id, [g["name"] for g in policy["user_groups"]])
+    content = {"policy": policy, "members": members}
+    digest = _digest(content)
+    if digest != row.digest:
+        try:
+            _publish(row, _document(org_id, row.version + 1, now, content), digest, now)
+        except PolicyError as again:   # members the model refuses: keep what is in force
+            log.error("bundle of org %s: the last good policy with the current members is "
+                      "refused too (%s); the bundle in force stays", org_id, again)
+            return
+    log.error("bundle of org %s cannot be built (attempt %d, next in %.0f s): %s; "
+              "publishing the last good policy with the current members (version %d)",
+              org_id, row.build_attempts, delay, reason, row.version)
+
+
+def build_status(session: Session, org_id: str) -> dict:
+    """How the org's last build went, for ``GET /api/orgs/{org}/policy``."""
+    row = session.get(Bundle, org_id)
+    failing = row is not None and row.build_error is not None
+    return {
+        "ok": not failing,
+        "error": row.build_error if failing else None,
+        "since": _iso(row.build_failing_since) if failing else None,
+        "attempts": row.build_attempts if failing else 0,
+        "next_attempt_at": _iso(row.build_retry_at) if failing else None,
+        "failures_total": row.build_failures_total if row is not None else 0,
+        "published": ("the last good policy with the current members of its groups"
+                      if failing and row.body else None if failing else "the current policy"),
+    }
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    t = _aware(t)
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
 
 
 @dataclass(frozen=True)
@@ -170,6 +291,8 @@ class BundleService:
         self._stopping = False
         self._checkins: dict[tuple[str, str], tuple[int, str, dt.datetime]] = {}
         self._checkin_lock = threading.Lock()
+        self._held: dict[str, float] = {}          # org -> monotonic time of its next try
+        self._held_attempts: dict[str, int] = {}
 
     async def start(self) -> None:
         self._cond = asyncio.Condition()
@@ -245,16 +368,29 @@ class BundleService:
             self._flush_checkins()
         except Exception:
             log.exception("recording workload check-ins failed")
+        now = utcnow()
         with self.sessions() as s:
             stale = s.execute(
                 select(Org.id).outerjoin(Bundle, Bundle.org_id == Org.id)
-                .where((Bundle.org_id.is_(None)) | (Bundle.generation != Org.generation))).scalars().all()
+                .where((Bundle.org_id.is_(None)) | (Bundle.generation != Org.generation)
+                       | (Bundle.build_error.is_not(None) & (Bundle.build_retry_at <= now)))
+            ).scalars().all()
         for org_id in stale:
+            if self._held.get(org_id, 0.0) > time.monotonic():
+                continue
             try:
                 with self.sessions.begin() as s:
-                    rebuild(s, org_id)
-            except PolicyError as exc:
-                log.error("%s; the bundle in force stays", exc)
+                    rebuild(s, org_id, now)
+                self._held.pop(org_id, None)
+            except Exception:
+                # The database itself failed (the build's own failures are
+                # handled by rebuild): back off here, the row cannot say so.
+                n = self._held_attempts[org_id] = self._held_attempts.get(org_id, 0) + 1
+                self._held[org_id] = time.monotonic() + retry_delay(n)
+                log.exception("bundle of org %s: rebuild failed (attempt %d, next in %.0f s); "
+                              "the bundle in force stays", org_id, n, retry_delay(n))
+            else:
+                self._held_attempts.pop(org_id, None)
         return self.refresh()
 
     def refresh(self) -> bool:

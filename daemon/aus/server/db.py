@@ -32,9 +32,16 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    mapped_column,
+    sessionmaker,
+    validates,
+)
 
 from ..core.errors import AusError
+from ..core.policy import external_id_key, name_key
 
 DEFAULT_DB = "sqlite:////var/lib/aus/aus-server.db"
 
@@ -117,6 +124,8 @@ class Group(Base):
     display_name: Mapped[str] = mapped_column(Text)
     display_name_key: Mapped[str] = mapped_column(Text)
     external_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # external_id as the bundle compares it (core.policy.external_id_key)
+    external_id_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     sid: Mapped[str | None] = mapped_column(Text, nullable=True)
     source: Mapped[str] = mapped_column(String(16), default="scim")
     doc: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -129,7 +138,14 @@ class Group(Base):
     __table_args__ = (
         UniqueConstraint("org_id", "display_name_key", name="uq_groups_org_name"),
         Index("ix_groups_org_external", "org_id", "external_id"),
+        Index("ix_groups_org_external_key", "org_id", "external_id_key"),
+        Index("ix_groups_org_sid", "org_id", "sid"),
     )
+
+    @validates("external_id")
+    def _keep_external_id_key(self, _key: str, value: str | None) -> str | None:
+        self.external_id_key = (external_id_key(value) or None) if value else None
+        return value
 
 
 class Membership(Base):
@@ -149,6 +165,10 @@ class Rule(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(63))
+    # name as the bundle compares it: case-insensitively (core.policy.name_key).
+    # Not unique in the schema (rows from before it existed may clash); the
+    # write-time check (policycheck) keeps it unique under the org's lock.
+    name_key: Mapped[str | None] = mapped_column(String(63), nullable=True)
     description: Mapped[str] = mapped_column(Text, default="")
     # Each destination is a CIDR, an address, or the name of an IpList.
     destinations: Mapped[list] = mapped_column(JSON)
@@ -156,7 +176,13 @@ class Rule(Base):
     position: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     modified_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_rules_org_name"),)
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_rules_org_name"),
+                      Index("ix_rules_org_name_key", "org_id", "name_key"))
+
+    @validates("name")
+    def _keep_name_key(self, _key: str, value: str) -> str:
+        self.name_key = name_key(value)
+        return value
 
 
 class IpList(Base):
@@ -193,6 +219,17 @@ class Bundle(Base):
     digest: Mapped[str] = mapped_column(String(64), default="")
     body: Mapped[str] = mapped_column(Text, default="")
     built_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The last build of the org's policy, when it failed: why, since when,
+    # how many times in a row, and when it is tried again. While it fails,
+    # ``body`` is the last good policy with the current memberships.
+    build_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    build_failing_since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
+                                                                    nullable=True)
+    build_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    build_retry_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
+                                                               nullable=True)
+    # Every failed build of the org, ever (a counter for monitoring).
+    build_failures_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Workload(Base):

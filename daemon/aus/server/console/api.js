@@ -31,7 +31,7 @@ function authHeader(token) {
   return "Basic " + base64(token);
 }
 
-const listeners = { signedOut: [], policyVersion: [] };
+const listeners = { signedOut: [], policyVersion: [], policyBuild: [] };
 export function on(event, fn) {
   listeners[event].push(fn);
 }
@@ -103,13 +103,18 @@ export async function api(path, { method = "GET", query, body, signal } = {}) {
     if (data && typeof data.policy_version === "number") emit("policyVersion", data.policy_version);
     return data;
   } catch (err) {
-    if (err instanceof ApiError && err.status === 401) signOut(err.message);
+    // Several requests may fail with one key: the first one signs out, and
+    // none undoes a sign-in made since with another key.
+    const now = credentials();
+    if (err instanceof ApiError && err.status === 401 && now && now.token === cred.token) signOut(err.message);
     throw err;
   }
 }
 
+// The version in force and how the last build of the policy went.
 export async function refreshPolicyVersion() {
   const p = await api("/policy");
   emit("policyVersion", p.version);
+  if (p.build) emit("policyBuild", p.build, p.version);
   return p.version;
 }

@@ -15,6 +15,8 @@ const session = document.getElementById("session");
 const statusEl = document.getElementById("status");
 const versionEl = document.getElementById("policy-version");
 const orgEl = document.getElementById("org");
+const buildEl = document.getElementById("build-alert");
+const BUILD_POLL_MS = 15000;
 
 const ROUTES = [
   [/^\/groups$/, groups.list, "groups"],
@@ -64,7 +66,29 @@ function setVersion(v) {
   versionEl.dataset.version = String(v);
 }
 
+// A policy the server cannot build: say what workloads enforce meanwhile.
+function setBuild(build, version) {
+  if (build.ok) {
+    buildEl.hidden = true;
+    buildEl.textContent = "";
+    return;
+  }
+  const when = (t) => (t ? new Date(t).toLocaleString() : "unknown");
+  replace(buildEl,
+    h("strong", {}, "The policy cannot be built. "),
+    `Failing since ${when(build.since)}, ${build.attempts} ${build.attempts === 1 ? "attempt" : "attempts"}; next attempt ${when(build.next_attempt_at)}. `,
+    build.published
+      ? `Workloads get the last good policy (version ${num(version)}) with the current members of its groups: removals and disabled users still reach them, rule changes do not until this is fixed. `
+      : "No policy was ever published for this org. ",
+    h("span", { class: "build-error" }, `Reason: ${build.error}`));
+  buildEl.hidden = false;
+}
+
 on("policyVersion", setVersion);
+on("policyBuild", setBuild);
+setInterval(() => {
+  if (credentials()) refreshPolicyVersion().catch(() => {});
+}, BUILD_POLL_MS);
 on("signedOut", (reason) => {
   signOutReason = reason || null;
   route();
@@ -83,6 +107,7 @@ async function route() {
   nav.hidden = false;
   session.hidden = false;
   orgEl.textContent = `Org ${cred.org}`;
+  refreshPolicyVersion().catch(() => {});
   const { path, query } = parseHash();
   const found = ROUTES.find(([re]) => re.test(path));
   if (!found) {
@@ -128,6 +153,7 @@ function renderSignIn() {
   nav.hidden = true;
   session.hidden = true;
   versionEl.hidden = true;
+  buildEl.hidden = true;
   document.title = "Sign in · aus";
   const token = field({
     name: "token", label: "API key", type: "password",

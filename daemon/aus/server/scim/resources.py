@@ -35,7 +35,7 @@ from scim2_models import (
     User as ScimUser,
 )
 
-from ...core.policy import normalize_sid
+from ...core.policy import external_id_key, normalize_sid
 from ..db import fold
 from .errors import INVALID_VALUE, bad_request
 from .filter import AttrPath
@@ -433,8 +433,10 @@ def user_columns(doc: dict) -> dict:
 def group_columns(doc: dict) -> dict:
     name = doc["displayName"]
     sid = doc.get(ENTRA_GROUP, {}).get("onPremisesSecurityIdentifier")
+    ext = doc.get("externalId")
     return {"display_name": name, "display_name_key": fold(name),
-            "external_id": doc.get("externalId"), "sid": _sid_column(sid)}
+            "external_id": ext, "external_id_key": (external_id_key(ext) or None) if ext else None,
+            "sid": _sid_column(sid)}
 
 
 def _sid_column(sid: str | None) -> str | None:

@@ -24,11 +24,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
+from .. import policycheck
 from ..auth import AuthError, client_address, token_from_header
 from ..bundle import touch
 from . import discovery, store
 from .errors import (
     INVALID_SYNTAX,
+    UNIQUENESS,
     ScimError,
     ScimResponse,
     ScimRoute,
@@ -46,6 +48,7 @@ from .resources import (
     Projection,
     accept,
     etag,
+    group_columns,
     render,
 )
 
@@ -344,6 +347,20 @@ def _record_failure(ctx: Ctx, group_id: str, op: str, outcome: str) -> None:
         store.record_sync_failure(s, ctx.org, group_id, op, outcome)
 
 
+def _check_group_ids(s: Session, ctx: Ctx, group_id: str, before: dict | None,
+                     doc: dict) -> None:
+    """The group's externalId and SID, when new or changed, are no other
+    group's (the bundle refuses duplicates); runs after ``touch``."""
+    after = group_columns(doc)
+    old = group_columns(before) if before is not None else {}
+    ext = after["external_id"] if after["external_id_key"] != old.get("external_id_key") else None
+    sid = after["sid"] if after["sid"] != old.get("sid") else None
+    try:
+        policycheck.group_ids(s, ctx.org, group_id, external_id=ext, sid=sid)
+    except policycheck.WriteRefused as exc:
+        raise ScimError(exc.status, exc.message, UNIQUENESS) from None
+
+
 def _split_members(doc: dict) -> list[dict] | None:
     members = doc.pop("members", None)
     if members is not None:
@@ -363,6 +380,7 @@ def create_group(request: Request, org_id: str, body: bytes = Depends(read_body)
             if members:
                 store.replace_members(s, ctx.org, row.id, members)
             touch(s, ctx.org)
+            _check_group_ids(s, ctx, row.id, None, doc)
             view = _view(s, ctx, GROUP, row, proj)
     except IntegrityError as exc:
         raise store.integrity_conflict(exc, GROUP) from None
@@ -384,11 +402,13 @@ def replace_group(request: Request, org_id: str, group_id: str,
         doc, members = prepared
         row = store.begin_group_write(s, ctx.org, group_id, "replace")
         _check_if_match(ctx, row.version - 1)
+        before = row.doc
         row = store.save_group(s, ctx.org, row, doc)
         # members left out of a PUT are not asserted (RFC 7644 §3.5.1): they stay
         if members is not None:
             store.replace_members(s, ctx.org, row.id, members)
         touch(s, ctx.org)
+        _check_group_ids(s, ctx, row.id, before, doc)
         return _view(s, ctx, GROUP, row, proj)
 
     return _resource_response(_group_write(ctx, group_id, "replace", work, prepare))
@@ -409,12 +429,16 @@ def patch_group(request: Request, org_id: str, group_id: str,
         ops, mops = prepared
         row = store.begin_group_write(s, ctx.org, group_id, summary(ops, mops))
         _check_if_match(ctx, row.version - 1)
+        before = None
         if any(not op.is_members for op in ops):
             doc = apply_patch(GROUP, row.doc, ops)
             if doc != row.doc:
+                before = row.doc
                 row = store.save_group(s, ctx.org, row, doc)
         store.apply_members(s, ctx.org, group_id, mops)
         touch(s, ctx.org)
+        if before is not None:
+            _check_group_ids(s, ctx, row.id, before, row.doc)
         return _view(s, ctx, GROUP, row, proj) if shown else None
 
     view = _group_write(ctx, group_id, "update", work, prepare)
