@@ -1,7 +1,7 @@
 """auth state: the revocation generation
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 """
 import sqlalchemy as sa
 from alembic import op
