@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from .auth import Verifier
 from .bundle import BundleService
 from .db import open_database
+from .intake import InputGate
 
 log = logging.getLogger("aus.server")
 
@@ -42,6 +43,7 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     scim_routes.install(app)
     api.install(app)
     console.install(app)
+    app.add_middleware(InputGate)       # outermost: before any route reads a byte
     return app
 
 
