@@ -35,7 +35,7 @@ from aus.server.db import open_database
 from tests.support.server_seed import seed
 from tests.support.server_state import fingerprint, integrity_problems, scim_listing
 
-REQUESTS = int(os.environ.get("AUS_FUZZ_REQUESTS", "600"))
+REQUESTS = int(os.environ.get("AUS_FUZZ_REQUESTS", "3000"))
 HANG_SECONDS = 10.0
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"

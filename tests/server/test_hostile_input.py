@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
-import os
 import socket
 import time
 
@@ -16,7 +16,12 @@ from aus.server.auth import create_key
 from aus.server.db import open_database
 from aus.server.intake import API_LIMIT, MAX_DEPTH, SCIM_LIMIT
 from tests.support.server_process import serving, wait_port
-from tests.support.server_state import SCIM_ERROR, fingerprint, integrity_problems, scim_listing
+from tests.support.server_state import (
+    SCIM_ERROR,
+    fingerprint,
+    integrity_problems,
+    scim_listing,
+)
 
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -110,8 +115,7 @@ def test_attributes_projection_keeps_etag_and_location(server, org):
         "schemas": [PATCH], "Operations": [{"op": "add", "path": "members",
                                             "value": [{"value": carol}]}]})
     assert r.status_code == 200 and r.headers["ETag"] == 'W/"2"', r.text
-    assert r.json() == {"displayName": "devs", "id": org["group"], "schemas": [CORE_GROUP]} or \
-        r.json()["displayName"] == "devs"
+    assert r.json()["displayName"] == "devs" and "meta" not in r.json()
 
 
 def test_bad_authorization_headers_answer_401(server, org):
@@ -303,8 +307,6 @@ def test_unauthenticated_large_upload_does_not_grow_the_server(tmp_path):
         assert status == 401
         status_chunked, _ = _upload(port, "/scim/orgs/1/Users", "Bearer ak0:x", 120 * 1024 * 1024)
         assert status_chunked == 401
-        key, _, secret = token.partition(":")
-        import base64
         basic = "Basic " + base64.b64encode(token.encode()).decode()
         status_auth, _ = _upload(port, "/api/orgs/1/rules", basic, 120 * 1024 * 1024)
         assert status_auth == 413
@@ -312,4 +314,3 @@ def test_unauthenticated_large_upload_does_not_grow_the_server(tmp_path):
         assert grown < 20 * 1024 * 1024, f"the server grew by {grown / 2**20:.0f} MiB"
         assert sent < 120 * 1024 * 1024
         assert proc.poll() is None
-        os.environ.get("AUS_TEST_VERBOSE") and print(f"rss growth {grown} bytes, sent {sent}")
