@@ -3,7 +3,9 @@
 # binaries (the tests start their own throwaway server on a free port), and
 # Debian's Chromium with its chromedriver for the console tests in
 # tests/browser (Selenium, from the 'test' extra, drives them; no browser
-# is downloaded).
+# is downloaded). hypothesis and schemathesis, which drive the fuzz tests
+# in tests/server/test_fuzz.py, come from the 'test' extra; a venv made
+# before they joined it gets them here.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 updated=
@@ -17,5 +19,9 @@ fi
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     # The page needs one font; DejaVu is Debian's default.
     apt_install --no-install-recommends chromium chromium-driver fonts-dejavu-core
+fi
+cd "$(dirname "$0")/.."
+if [ -x .venv/bin/python ] && ! .venv/bin/python -c "import hypothesis, schemathesis" 2>/dev/null; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check 'hypothesis>=6.100' 'schemathesis>=4.0'
 fi
 echo "server-packages: ready"

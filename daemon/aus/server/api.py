@@ -48,6 +48,8 @@ from .db import (
 
 API_PREFIX = "/api/orgs/{org_id}"
 MAX_PAGE = 500
+MAX_OFFSET = 2**62         # an OFFSET every engine takes
+INT32_MAX = 2**31 - 1       # the enforcing_version column (INTEGER)
 
 
 class ApiError(Exception):
@@ -283,9 +285,9 @@ def whoami(org_id: str = Depends(org_auth)) -> dict:
 
 @router.get("/groups")
 def list_groups(request: Request, org_id: str = Depends(org_auth),
-                q: str = Query("", description="substring of the name, id, external id or SID"),
+                q: str = Query("", max_length=1024, description="substring of the name, id, external id or SID"),
                 source: str | None = Query(None, pattern="^(scim|manual)$"),
-                offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=MAX_PAGE)) -> dict:
+                offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=MAX_PAGE)) -> dict:
     with _session(request)() as s:
         where = [Group.org_id == org_id]
         if q.strip():
@@ -307,7 +309,7 @@ def list_groups(request: Request, org_id: str = Depends(org_auth),
 
 @router.get("/groups/{group_id}")
 def get_group(group_id: str, request: Request, org_id: str = Depends(org_auth),
-              offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=MAX_PAGE)) -> dict:
+              offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(100, ge=1, le=MAX_PAGE)) -> dict:
     with _session(request)() as s:
         g = s.scalar(select(Group).where(Group.org_id == org_id, Group.id == group_id))
         if g is None:
@@ -569,7 +571,7 @@ def _note_workload(request: Request, org_id: str, name: str, version: int, addre
 async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0, le=3600),
                      if_none_match: str | None = Header(None),
                      x_aus_workload: str | None = Header(None),
-                     x_aus_enforcing: int | None = Header(None)) -> Response:
+                     x_aus_enforcing: int | None = Header(None, ge=0, le=INT32_MAX)) -> Response:
     token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
     if request.app.state.verifier.for_org(token, org_id, cached_only=True) is None:
         await asyncio.to_thread(request.app.state.verifier.for_org, token, org_id,

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from .auth import Verifier
 from .bundle import BundleService
 from .db import open_database
+from .intake import InputGate
 
 log = logging.getLogger("aus.server")
 
@@ -43,6 +44,7 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     api.install(app)
     console.install(app)
     apidocs.install(app)
+    app.add_middleware(InputGate)       # outermost: before any route reads a byte
     return app
 
 

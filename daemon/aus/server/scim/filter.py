@@ -38,6 +38,12 @@ KEYWORDS = {"and", "or", "not"}
 _LITERALS = {"true": True, "false": False, "null": None}
 _NAME = re.compile(r"^\$?[A-Za-z][A-Za-z0-9_\-]*$")
 _URN_PREFIX = "urn:"
+MAX_LENGTH = 8192       # characters of a filter or path
+MAX_TERMS = 100         # comparisons in one filter (Entra ID sends one or two)
+MAX_NESTING = 16        # "(" and "not (" inside each other
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+MAX_NUMBER_DIGITS = 18  # an integer of more digits would not fit a 64-bit column
 
 
 class FilterError(ScimError):
@@ -177,6 +183,8 @@ class _Parser:
         self.toks = _lex(text, scim_type)
         self.i = 0
         self.depth = 0      # inside [...]
+        self.nesting = 0    # inside ( ... )
+        self.terms = 0
 
     def fail(self, message: str, tok: _Tok | None = None):
         tok = tok or self.peek()
@@ -221,6 +229,18 @@ class _Parser:
 
     def parse_unary(self) -> Node:
         tok = self.peek()
+        if self.is_word("not") or (tok.kind == "punct" and tok.text == "("):
+            if self.nesting >= MAX_NESTING:
+                self.fail(f"parentheses nest deeper than {MAX_NESTING} levels")
+            self.nesting += 1
+            try:
+                return self._parse_group()
+            finally:
+                self.nesting -= 1
+        return self.parse_attr_exp()
+
+    def _parse_group(self) -> Node:
+        tok = self.peek()
         if self.is_word("not"):
             self.next()
             self.expect_punct("(", "after 'not'")
@@ -232,10 +252,13 @@ class _Parser:
             node = self.parse_or()
             self.expect_punct(")", "to close '('")
             return node
-        return self.parse_attr_exp()
+        self.fail(f"expected 'not' or '(', found {self.describe(tok)}")
 
     def parse_attr_path(self) -> AttrPath:
         tok = self.peek()
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            self.fail(f"more than {MAX_TERMS} attribute comparisons in one filter")
         if tok.kind != "word" or tok.text.lower() in KEYWORDS:
             self.fail(f"expected an attribute name, found {self.describe(tok)}")
         self.next()
@@ -287,12 +310,15 @@ class _Parser:
         if tok.kind == "str":
             self.next()
             try:
-                return json.loads(tok.text)
+                value = json.loads(tok.text)
             except ValueError:
                 self.fail("invalid escape in string", tok)
+            if _BAD_CHARS.search(value):
+                self.fail("a string may not contain NUL or an unpaired surrogate", tok)
+            return value
         if tok.kind == "num":
             self.next()
-            return json.loads(tok.text)
+            return self.number(tok)
         if tok.kind == "word":
             low = tok.text.lower()
             if low in _LITERALS:
@@ -302,6 +328,21 @@ class _Parser:
                 self.next()
                 return tok.text          # an unquoted word, as Entra's examples show
         self.fail(f"expected a value after {attr!r} {op}, found {self.describe(tok)}")
+
+    def number(self, tok: _Tok) -> int | float:
+        """A JSON number: no leading zeros, an integer within 64 bits, a
+        finite float."""
+        if not _JSON_NUMBER.fullmatch(tok.text):
+            self.fail(f"{tok.text!r} is not a number (JSON numbers have no leading zeros)", tok)
+        integer = tok.text.lstrip("-")
+        if integer.isdigit():
+            if len(integer) > MAX_NUMBER_DIGITS:
+                self.fail(f"the number has more than {MAX_NUMBER_DIGITS} digits", tok)
+            return int(tok.text)
+        value = float(tok.text[:64]) if len(tok.text) <= 64 else float("inf")
+        if value in (float("inf"), float("-inf")):
+            self.fail(f"the number {tok.text[:24]!r} is out of range", tok)
+        return value
 
     def finish(self) -> None:
         tok = self.peek()
@@ -333,6 +374,8 @@ def split_attr_path(word: str, pos: int, text: str, scim_type: str) -> AttrPath:
 def parse_filter(text: str) -> Node:
     if text is None or not text.strip():
         raise FilterError("the filter is empty", text or "", 0)
+    if len(text) > MAX_LENGTH:
+        raise FilterError(f"the filter is longer than {MAX_LENGTH} characters", text, MAX_LENGTH)
     p = _Parser(text, INVALID_FILTER)
     node = p.parse_or()
     p.finish()
@@ -343,6 +386,9 @@ def parse_path(text: str) -> PatchPath:
     """A PATCH operation's ``path`` (RFC 7644 §3.5.2, ``PATH`` ABNF)."""
     if text is None or not str(text).strip():
         raise FilterError("the path is empty", text or "", 0, INVALID_PATH)
+    if not isinstance(text, str) or len(text) > MAX_LENGTH:
+        raise FilterError(f"the path is not a string of at most {MAX_LENGTH} characters",
+                          str(text)[:200], 0, INVALID_PATH)
     p = _Parser(text, INVALID_PATH)
     attr = p.parse_attr_path()
     flt = None

@@ -127,14 +127,22 @@ def _json(body: bytes) -> Any:
         raise bad_request(f"malformed JSON: {exc}", INVALID_SYNTAX) from None
 
 
-def _int_param(ctx: Ctx, name: str, default: int) -> int:
+_INTEGER = re.compile(r"-?[0-9]+")
+MAX_START = 2**62          # an OFFSET every engine takes
+
+
+def _int_param(ctx: Ctx, name: str, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter, clamped to ``lo..hi`` as RFC 7644 §3.4.2.4
+    has it for startIndex and count; only ASCII digits with an optional
+    minus, so ``1e30``, ``+1`` or ``١`` are refused, not guessed at."""
     raw = ctx.params.get(name.casefold())
     if raw is None or raw == "":
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise bad_request(f"{name} must be an integer, not {raw!r}") from None
+    if not _INTEGER.fullmatch(raw):
+        raise bad_request(f"{name} must be an integer, not {raw[:40]!r}")
+    if len(raw.lstrip("-")) > 18:             # clamp without converting 4,000 digits
+        return lo if raw.startswith("-") else hi
+    return min(max(lo, int(raw)), hi)
 
 
 def _projection(ctx: Ctx, kind: Kind) -> Projection:
@@ -183,10 +191,13 @@ def _view(s, ctx: Ctx, kind: Kind, row, proj: Projection) -> dict:
     return _views(s, ctx, kind, [row], proj)[0]
 
 
-def _resource_response(view: dict, status: int = 200, location: bool = False) -> Response:
-    headers = {"ETag": view["meta"]["version"]} if "meta" in view else {}
-    if location and "meta" in view:
-        headers["Location"] = view["meta"]["location"]
+def _resource_response(ctx: Ctx, kind: Kind, row, view: dict, status: int = 200,
+                       location: bool = False) -> Response:
+    """The ETag and Location come from the row: ``attributes`` may have
+    projected ``meta`` away from the body."""
+    headers = {"ETag": etag(row.version)}
+    if location:
+        headers["Location"] = f"{ctx.base}/{'Users' if kind is USER else 'Groups'}/{row.id}"
     return ScimResponse(view, status_code=status, headers=headers)
 
 
@@ -204,8 +215,8 @@ def _list(request: Request, org_id: str, kind: Kind) -> Response:
     ctx = _ctx(request, org_id)
     text = ctx.params.get("filter")
     node = parse_filter(text) if text is not None else None
-    start = max(1, _int_param(ctx, "startIndex", 1))
-    count = min(max(0, _int_param(ctx, "count", discovery.DEFAULT_PAGE)), discovery.MAX_PAGE)
+    start = _int_param(ctx, "startIndex", 1, 1, MAX_START)
+    count = _int_param(ctx, "count", discovery.DEFAULT_PAGE, 0, discovery.MAX_PAGE)
     proj = _projection(ctx, kind)
     with ctx.reading() as s:
         total, rows = store.search(s, kind, ctx.org, node, start, count)
@@ -223,7 +234,7 @@ def _get(request: Request, org_id: str, kind: Kind, rid: str) -> Response:
                 t.strip().removeprefix("W/") for t in inm.split(",")]:
             return Response(status_code=304, headers={"ETag": etag(row.version)})
         view = _views(s, ctx, kind, [row], proj)[0]
-    return _resource_response(view)
+    return _resource_response(ctx, kind, row, view)
 
 
 @router.get("/Users")
@@ -263,7 +274,7 @@ def create_user(request: Request, org_id: str, body: bytes = Depends(read_body))
     except IntegrityError as exc:
         raise store.integrity_conflict(exc, USER) from None
     ctx.poke()
-    return _resource_response(view, 201, location=True)
+    return _resource_response(ctx, USER, row, view, 201, location=True)
 
 
 def _write_user(ctx: Ctx, user_id: str, proj: Projection, change: Callable[[Any], dict]) -> Response:
@@ -283,7 +294,7 @@ def _write_user(ctx: Ctx, user_id: str, proj: Projection, change: Callable[[Any]
         raise store.integrity_conflict(exc, USER) from None
     if changed:
         ctx.poke()
-    return _resource_response(view)
+    return _resource_response(ctx, USER, row, view)
 
 
 @router.put("/Users/{user_id}")
@@ -385,7 +396,7 @@ def create_group(request: Request, org_id: str, body: bytes = Depends(read_body)
     except IntegrityError as exc:
         raise store.integrity_conflict(exc, GROUP) from None
     ctx.poke()
-    return _resource_response(view, 201, location=True)
+    return _resource_response(ctx, GROUP, row, view, 201, location=True)
 
 
 @router.put("/Groups/{group_id}")
@@ -409,9 +420,10 @@ def replace_group(request: Request, org_id: str, group_id: str,
             store.replace_members(s, ctx.org, row.id, members)
         touch(s, ctx.org)
         _check_group_ids(s, ctx, row.id, before, doc)
-        return _view(s, ctx, GROUP, row, proj)
+        return row, _view(s, ctx, GROUP, row, proj)
 
-    return _resource_response(_group_write(ctx, group_id, "replace", work, prepare))
+    row, view = _group_write(ctx, group_id, "replace", work, prepare)
+    return _resource_response(ctx, GROUP, row, view)
 
 
 @router.patch("/Groups/{group_id}")
@@ -439,11 +451,12 @@ def patch_group(request: Request, org_id: str, group_id: str,
         touch(s, ctx.org)
         if before is not None:
             _check_group_ids(s, ctx, row.id, before, row.doc)
-        return _view(s, ctx, GROUP, row, proj) if shown else None
+        return (row, _view(s, ctx, GROUP, row, proj)) if shown else None
 
-    view = _group_write(ctx, group_id, "update", work, prepare)
+    shown_row = _group_write(ctx, group_id, "update", work, prepare)
     # Entra ID expects 204 for group PATCH; a body only when attributes are asked for
-    return Response(status_code=204) if view is None else _resource_response(view)
+    return Response(status_code=204) if shown_row is None else \
+        _resource_response(ctx, GROUP, *shown_row)
 
 
 @router.delete("/Groups/{group_id}")
