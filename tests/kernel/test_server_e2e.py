@@ -42,17 +42,23 @@ def aus_server(tmp_path):
             yield base, token, c
 
 
-def test_scim_push_rule_bundle_kernel(cg, peer, people, aus_server):
-    base, token, c = aus_server
-    users, _groups = people
-    alice, bob = users["alice"], users["bob"]
+def _scim_push(c, token):
+    """A SCIM request as Entra ID sends it, answered with one of ``want``."""
     scim = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
-    basic = tuple(token.split(":", 1))
 
     def push(method, path, body=None, want=(200, 201, 204)):
         r = c.request(method, f"/scim/orgs/1{path}", json=body, headers=scim)
         assert r.status_code in want, (method, path, r.status_code, r.text)
         return r.json() if r.content else None
+    return push
+
+
+def test_scim_push_rule_bundle_kernel(cg, peer, people, aus_server):
+    base, token, c = aus_server
+    users, _groups = people
+    alice, bob = users["alice"], users["bob"]
+    push = _scim_push(c, token)
+    basic = tuple(token.split(":", 1))
 
     # Entra: match by filter (no hit), then create; the same for the group.
     ids = {}
@@ -131,13 +137,8 @@ def test_after_the_freeze_attempts_removals_and_disables_reach_the_kernel(
     base, token, c = aus_server
     users, _groups = people
     alice, bob = users["alice"], users["bob"]
-    scim = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
+    push = _scim_push(c, token)
     basic = tuple(token.split(":", 1))
-
-    def push(method, path, body=None, want=(200, 201, 204)):
-        r = c.request(method, f"/scim/orgs/1{path}", json=body, headers=scim)
-        assert r.status_code in want, (method, path, r.status_code, r.text)
-        return r.json() if r.content else None
 
     ids = {u.name: push("POST", "/Users", {"schemas": [USER], "userName": u.name, "active": True})["id"]
            for u in (alice, bob)}

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from aus.core.bundle import bundle_from_bytes
 from aus.server.bundle import RETRY_MAX, retry_delay, touch
 from aus.server.db import open_database
+from tests.support.polling import wait_until
 from tests.support.server_seed import insert_rule_past_api
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -175,14 +176,7 @@ def test_a_sid_given_twice_is_refused(server):
 
 
 def _wait(what, pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    return wait_until(pred, timeout, interval=0.02, what=what)
 
 
 def test_a_build_that_fails_keeps_publishing_memberships_and_says_so(server, caplog):
