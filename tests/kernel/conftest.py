@@ -53,3 +53,12 @@ def lab_policy(peer, groups, *, dev_services=None):
              "services": ["22/tcp"]},
         ],
     }
+
+
+@pytest.fixture(scope="module")
+def daemon(cg, peer, people):
+    """A running ausd on the module's cgroup with the lab policy."""
+    _users, groups = people
+    with lab.ausd(cg, lab_policy(peer, groups)) as d:
+        d.start()
+        yield d

@@ -89,14 +89,6 @@ def p99(xs: list[float]) -> float:
     return sorted(xs)[max(0, round(0.99 * len(xs)) - 1)]
 
 
-@pytest.fixture(scope="module")
-def daemon(cg, peer, people):
-    users, groups = people
-    with lab.ausd(cg, lab_policy(peer, groups)) as d:
-        d.start()
-        yield d
-
-
 def test_hostile_requests_get_errors_and_ausd_keeps_running(daemon, people):
     users, _ = people
     bob = users["bob"]

@@ -21,14 +21,6 @@ pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture(scope="module")
-def daemon(cg, peer, people):
-    users, groups = people
-    with lab.ausd(cg, lab_policy(peer, groups)) as d:
-        d.start()
-        yield d
-
-
-@pytest.fixture(scope="module")
 def alice(daemon, people):
     u = people[0]["alice"]
     with lab.session(daemon, u.uid) as s:
