@@ -185,7 +185,12 @@ class InputGate:
         body = b"".join(chunks)
         if org is not None and body.strip():
             try:
-                check_json(body)
+                if len(body) > OTHER_LIMIT:
+                    # a SCIM body of megabytes takes a second's fraction to walk:
+                    # off the event loop, which long-polls and other requests share
+                    await asyncio.to_thread(check_json, body)
+                else:
+                    check_json(body)
             except InputError as exc:
                 await _refuse(scim, 400, f"the request body is refused: {exc}",
                               exc.scim_type)(scope, receive, send)
