@@ -11,4 +11,5 @@ and the server import it; it imports neither.
 - :mod:`~aus.core.state`: the planner, actual against desired map state.
 - :mod:`~aus.core.bundle`: the bundle document the server publishes and
   the agent follows.
+- :mod:`~aus.core.flowrecord`: the flow records a workload uploads.
 """

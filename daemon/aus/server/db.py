@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -242,6 +243,38 @@ class Workload(Base):
     address: Mapped[str] = mapped_column(String(64), default="")
     enforcing_version: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Flow(Base):
+    """Flow records of the org's workloads, merged by (workload, login UID,
+    user, destination, protocol, port, verdict, rule, hour): storage grows
+    with distinct flows, not with connections. ``rule`` is "" when no rule
+    decided (a NULL would make every such row distinct to the unique index)."""
+
+    __tablename__ = "flows"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(String(64))
+    hour: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    workload: Mapped[str] = mapped_column(String(255))
+    login_uid: Mapped[int] = mapped_column(BigInteger)
+    user_name: Mapped[str] = mapped_column(Text, default="")
+    groups: Mapped[list] = mapped_column(JSON, default=list)
+    process: Mapped[str] = mapped_column(String(64), default="")
+    dst: Mapped[str] = mapped_column(String(45))
+    proto: Mapped[str] = mapped_column(String(8))
+    port: Mapped[int] = mapped_column(Integer)
+    verdict: Mapped[str] = mapped_column(String(16))
+    rule: Mapped[str] = mapped_column(String(64), default="")
+    first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    __table_args__ = (
+        UniqueConstraint("org_id", "workload", "login_uid", "user_name", "dst", "proto",
+                         "port", "verdict", "rule", "hour", name="uq_flows_merge"),
+        Index("ix_flows_org_last_seen", "org_id", "last_seen"),
+        Index("ix_flows_org_user", "org_id", "user_name", "last_seen"),
+    )
 
 
 # --------------------------------------------------------------------------
