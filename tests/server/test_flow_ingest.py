@@ -10,7 +10,13 @@ import json
 import pytest
 from sqlalchemy import select, text
 
-from aus.core.flowrecord import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, FlowRecord, hour_of, iso
+from aus.core.flowrecord import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_RECORDS,
+    FlowRecord,
+    hour_of,
+    iso,
+)
 from aus.server.db import Flow, open_database, utcnow
 from aus.server.flowstore import FlowStore, merge_records
 from tests.support.polling import wait_until

@@ -12,7 +12,12 @@ from fastapi import FastAPI
 from .auth import Verifier
 from .bundle import BundleService
 from .db import open_database
-from .flowstore import DEFAULT_RETENTION_DAYS, RETENTION_INTERVAL, FlowStore, RetentionService
+from .flowstore import (
+    DEFAULT_RETENTION_DAYS,
+    RETENTION_INTERVAL,
+    FlowStore,
+    RetentionService,
+)
 from .intake import InputGate
 
 log = logging.getLogger("aus.server")
@@ -45,7 +50,8 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     app.state.bundles = bundles
     app.state.flows = flows
 
-    from . import api, apidocs, console, flows as flow_routes
+    from . import api, apidocs, console
+    from . import flows as flow_routes
     from .scim import routes as scim_routes
 
     scim_routes.install(app)

@@ -11,8 +11,8 @@ One batch is one statement: its records are merged by key in Python first
 (an upsert may not touch a row twice), sorted by key (concurrent batches
 lock rows in one order, so they cannot deadlock), then written with
 ``INSERT ... ON CONFLICT DO UPDATE``: on PostgreSQL as one INSERT ... SELECT
-from arrays (fifteen parameters whatever the batch size), on SQLite as one
-prepared statement run per row.
+from the batch sent as one JSON parameter, on SQLite as one prepared
+statement run per row.
 
 Retention: a UTC day is removed once its end is more than the retention
 ago, so between N and N+1 days are kept. On PostgreSQL ``flows`` is
@@ -27,22 +27,31 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import re
 import threading
 from collections.abc import Iterable
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, Text, bindparam, case, cast, func, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Integer,
+    Text,
+    bindparam,
+    case,
+    column,
+    func,
+    select,
+)
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import text as sa_text
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-from ..core.flowrecord import FlowRecord, hour_of
+from ..core.flowrecord import FlowRecord
 from .db import Flow, utcnow
 
 log = logging.getLogger(__name__)
@@ -63,7 +72,7 @@ def merge_records(org_id: str, workload: str, records: Iterable[FlowRecord]) -> 
     """The rows a batch writes: records with the same key summed, sorted by key."""
     rows: dict[tuple, dict] = {}
     for r in records:
-        hour = hour_of(r.first_seen)
+        hour = r.first_seen.replace(minute=0, second=0, microsecond=0)   # already UTC
         key = (r.login_uid, r.user, r.dst, r.proto, r.port, r.verdict, r.rule, hour)
         row = rows.get(key)
         if row is None:
@@ -98,21 +107,32 @@ def _sqlite_statement():
                                       set_=_update_set(stmt, func.min, func.max))
 
 
-_ARRAY_TYPES = {"org_id": Text, "workload": Text, "login_uid": BigInteger, "user_name": Text,
-                "dst": Text, "proto": Text, "port": Integer, "verdict": Text, "rule": Text,
-                "hour": DateTime(timezone=True), "groups": Text, "process": Text,
-                "first_seen": DateTime(timezone=True), "last_seen": DateTime(timezone=True),
-                "count": BigInteger}
+_RECORD_TYPES = {"org_id": Text, "workload": Text, "login_uid": BigInteger, "user_name": Text,
+                 "dst": Text, "proto": Text, "port": Integer, "verdict": Text, "rule": Text,
+                 "hour": DateTime(timezone=True), "groups": JSON, "process": Text,
+                 "first_seen": DateTime(timezone=True), "last_seen": DateTime(timezone=True),
+                 "count": BigInteger}
 
 
 def _postgres_statement():
-    cols = []
-    for name in COLUMNS:
-        col = func.unnest(bindparam(name, type_=ARRAY(_ARRAY_TYPES[name])))
-        cols.append(cast(col, JSON) if name == "groups" else col)
-    stmt = pg_insert(_T).from_select(list(COLUMNS), select(*cols))
+    # The rows travel as one JSON document that PostgreSQL unpacks in C
+    # (json_to_recordset): per-row parameters or arrays cost far more to
+    # encode on the client than the insert costs the server.
+    src = func.json_to_recordset(bindparam("rows", type_=JSON)).table_valued(
+        *(column(name, _RECORD_TYPES[name]) for name in COLUMNS)).render_derived(with_types=True)
+    stmt = pg_insert(_T).from_select(list(COLUMNS), select(*(src.c[name] for name in COLUMNS)))
     return stmt.on_conflict_do_update(index_elements=list(MERGE_KEY),
                                       set_=_update_set(stmt, func.least, func.greatest))
+
+
+def _json_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["hour"], r["first_seen"], r["last_seen"] = (
+            r["hour"].isoformat(), r["first_seen"].isoformat(), r["last_seen"].isoformat())
+        out.append(r)
+    return out
 
 
 _SQLITE_UPSERT = _sqlite_statement()
@@ -145,8 +165,7 @@ class FlowStore:
             with self.engine.begin() as conn:
                 conn.execute(_SQLITE_UPSERT, rows)
             return
-        params = {name: [r[name] for r in rows] for name in COLUMNS}
-        params["groups"] = [json.dumps(g, separators=(",", ":")) for g in params["groups"]]
+        params = {"rows": _json_rows(rows)}
         self.ensure_partitions({r["hour"].date() for r in rows})
         for attempt in range(3):
             try:
