@@ -354,3 +354,60 @@ def test_postgres_flows_is_partitioned_by_day(server):
         assert [utc(f.hour).date() for f in rows(server)] == [_day(9).date()]
     finally:
         engine.dispose()
+
+
+def test_strings_the_database_cannot_hold_are_refused(server):
+    # a lone surrogate (valid JSON escape, not storable text) and a NUL
+    body = json.dumps(batch([record(), record(user="\ud800x")]))
+    _refused(post(server, None, raw=body.encode(), gz=False), 400, "records[1].user", "surrogate")
+    _refused(post(server, batch([record(process="cu\x00rl")])), 400, "records[0].process",
+             "control character")
+    deep = b'{"format": 1, "records": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    _refused(post(server, None, raw=deep, gz=False), 400, "nest")
+    assert rows(server) == []
+
+
+def test_a_real_server_process_takes_gzip_batches(tmp_path):
+    """`aus-server serve --flow-retention-days` over real HTTP: the flag
+    reaches the worker, whose retention removes the old day at start."""
+    import urllib.request
+
+    from aus.server.auth import create_key
+    from tests.support.names import free_port
+    from tests.support.server_process import serving, wait_port
+
+    url = f"sqlite:///{tmp_path}/aus-server.db"
+    engine, sessions = open_database(url)
+    token = create_key(sessions, "1")
+    store = FlowStore(engine)
+    old = _day(5)
+    store.write(merge_records("1", "w", [FlowRecord.model_validate(record(first=old, last=old))]))
+    engine.dispose()
+    port = free_port()
+    with serving("--listen", f"127.0.0.1:{port}", "--db", url, "--flow-retention-days", "2") as proc:
+        wait_port(port, proc)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/orgs/1/flows", method="POST",
+            data=gzip.compress(json.dumps(batch([record(), record(first=_day(4), last=_day(4))])
+                                          ).encode()),
+            headers={"Authorization": f"Bearer {token}", "Content-Encoding": "gzip",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read()) == {"accepted": 1, "rows": 1, "expired": 1}
+        engine, _ = open_database(url)
+        try:
+            with engine.connect() as c:
+                got = [utc(h) for h in c.execute(select(Flow.hour)).scalars()]
+        finally:
+            engine.dispose()
+        assert got == [HOUR]
+
+
+def test_the_retention_flag_is_checked():
+    import subprocess
+
+    from tests.support.server_process import CLI
+
+    p = subprocess.run(CLI + ["serve", "--flow-retention-days", "0"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "--flow-retention-days" in p.stderr and "1 to 3650" in p.stderr

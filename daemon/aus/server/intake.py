@@ -169,7 +169,8 @@ def _decode_flow_batch(body: bytes, encoding: str) -> tuple[bytes, Any]:
     try:
         return body, json.loads(body)
     except RecursionError:
-        raise InputError(f"the JSON nests deeper than {MAX_DEPTH} levels") from None
+        raise InputError("the JSON nests deeper than the parser goes (a flow batch nests "
+                         "4 levels)") from None
     except ValueError:
         return body, None
 
