@@ -271,7 +271,9 @@ class FlowStore:
 
 
 class RetentionService:
-    """Runs :meth:`FlowStore.enforce` at start and every ``interval`` seconds."""
+    """Runs :meth:`FlowStore.enforce` in the background: at start (not
+    delaying it: a long backlog of days is deleted while requests are
+    served) and every ``interval`` seconds."""
 
     def __init__(self, store: FlowStore, interval: float = RETENTION_INTERVAL):
         self.store = store
@@ -279,7 +281,6 @@ class RetentionService:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self._run_once()
         self._task = asyncio.create_task(self._loop(), name="flow-retention")
 
     async def stop(self) -> None:
@@ -295,5 +296,5 @@ class RetentionService:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
             await self._run_once()
+            await asyncio.sleep(self.interval)
