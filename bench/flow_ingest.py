@@ -30,6 +30,7 @@ import gzip
 import itertools
 import json
 import multiprocessing as mp
+import os
 import random
 import sys
 import time
@@ -38,10 +39,11 @@ from dataclasses import dataclass
 from sqlalchemy import create_engine, text
 
 from aus.core.flowrecord import hour_of, iso
+from tests.support.postgres import PostgresServer
 
 from .common import percentile
 from .httpload import Connection, Response
-from .server import Server, database
+from .server import Server
 
 TARGET = 20_000
 
@@ -178,6 +180,29 @@ async def _load(port: int, token: str, bodies: list[list[bytes]], seconds: float
             "p99_ms": percentile(lat, 99) * 1000}
 
 
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, float] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(d))
+        stats[int(d)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, 0.0)
+        todo.extend(children.get(pid, ()))
+    return total
+
+
 def _load_job(args) -> dict:
     return asyncio.run(_load(*args))
 
@@ -189,11 +214,31 @@ def run(sizes: Sizes, workers: int) -> dict:
     per_batch = sum(len(b) for bs in bodies for b in bs) / sum(len(bs) for bs in bodies)
     print(f"built {sizes.workloads} x {sizes.windows} batches of {sizes.batch} records "
           f"({per_batch / 1024:.1f} KiB gzip each) in {built:.1f} s")
-    with database("postgresql") as url, Server(url, workers) as server:
+    pg = PostgresServer().start()
+    try:
+        url = pg.url(pg.new_database())
+        return _run(sizes, workers, bodies, pg, url)
+    finally:
+        pg.stop()
+
+
+def _run(sizes: Sizes, workers: int, bodies, pg: PostgresServer, url: str) -> dict:
+    with Server(url, workers) as server:
         ctx = mp.get_context("spawn")
+        load_before = os.getloadavg()[0]
         with ctx.Pool(1) as pool:
-            result = pool.apply(_load_job, ((server.port, server.token, bodies, sizes.seconds,
-                                             sizes.warmup),))
+            job = pool.apply_async(_load_job, ((server.port, server.token, bodies, sizes.seconds,
+                                                sizes.warmup),))
+            # CPU of the server and of PostgreSQL over the measured window
+            time.sleep(sizes.warmup + 1.0)
+            t0 = time.perf_counter()
+            cpu0 = (_tree_cpu(server.proc.pid), _tree_cpu(pg.proc.pid))
+            time.sleep(max(0.1, sizes.seconds - 2.0))
+            cpu1 = (_tree_cpu(server.proc.pid), _tree_cpu(pg.proc.pid))
+            window = time.perf_counter() - t0
+            result = job.get()
+        result["loadavg"] = (load_before, os.getloadavg()[0])
+        result["cpu"] = ((cpu1[0] - cpu0[0]) / window, (cpu1[1] - cpu0[1]) / window)
         engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
         try:
             with engine.connect() as c:
@@ -222,6 +267,14 @@ def report(sizes: Sizes, r: dict) -> bool:
     print(f"  rows written/merged  {r['rows']:10,}   (per batch, after in-batch merge)")
     print(f"  rows in the table    {r['table_rows']:10,}   ({r['partitions']} day partitions)")
     print(f"  refused batches      {r['errors']:10,}")
+    rate_cpu = r["records"] / r["seconds"]
+    srv, db = r["cpu"]
+    print(f"  CPU used             {srv:10.2f} server + {db:.2f} PostgreSQL (cores, measured window)")
+    per = (srv + db) / rate_cpu * 1000 if rate_cpu else 0.0
+    print(f"  CPU per 1,000 recs   {per * 1000:10.1f} ms  (server + PostgreSQL; 2 CPUs to themselves "
+          f"would take {2 / per * 1000 if per else 0:,.0f} records/s)")
+    print(f"  machine load average {r['loadavg'][0]:10.1f} before, {r['loadavg'][1]:.1f} after "
+          f"({os.cpu_count()} CPUs; above the CPU count, other work shares them)")
     return ok and r["errors"] == 0
 
 

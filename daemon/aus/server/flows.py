@@ -2,9 +2,9 @@
 
 The body is a :class:`aus.core.flowrecord.FlowBatch` as JSON, sent as is or
 with ``Content-Encoding: gzip``. The input gate (:mod:`.intake`) has by then
-checked the key, inflated a gzip body with a cap (:data:`MAX_BATCH_BYTES`)
-and parsed it; this route validates the batch against the model (which
-bounds every string and number),
+checked the key and inflated a gzip body with a cap (:data:`MAX_BATCH_BYTES`);
+this route parses the batch, validates it against the model (which bounds
+every string and number),
 merges it and writes it in one transaction (:mod:`.flowstore`). A batch
 with any bad record is refused whole (400, naming each record and field)
 and stores nothing.
@@ -27,12 +27,15 @@ from ..core.flowrecord import MAX_BATCH_BYTES, FlowBatch
 from .api import ApiError, org_auth
 from .db import utcnow
 from .flowstore import FlowStore, merge_records
-from .intake import PARSED_BODY
 
 router = APIRouter(prefix="/api/orgs/{org_id}", tags=["flows"])
 
 MAX_AHEAD = dt.timedelta(days=1)   # clock skew a workload may have
 MAX_FIELDS = 50                    # problems listed in one answer
+# Batches parsed and written at once by one process. The others wait as
+# bytes: a parsed batch is tens of thousands of objects, and a hundred of
+# them alive at once make every garbage collection walk millions.
+CONCURRENT_BATCHES = 4
 
 
 def _field(loc: tuple) -> str:
@@ -83,22 +86,26 @@ def ingest(store: FlowStore, org_id: str, doc) -> dict:
 
 @router.post("/flows")
 async def post_flows(request: Request, org_id: str = Depends(org_auth)) -> dict:
-    doc = request.scope.get("state", {}).pop(PARSED_BODY, None)
-    if doc is None:
-        body = await request.body()
-        if not body.strip():
-            raise ApiError(400, "the flow batch is empty: send a FlowBatch as JSON",
-                           [{"field": "body", "message": "empty"}])
-        if len(body) > MAX_BATCH_BYTES:
-            raise ApiError(413, f"the flow batch is larger than {MAX_BATCH_BYTES} bytes")
-        try:
-            doc = await asyncio.to_thread(json.loads, body)
-        except RecursionError:
-            raise ApiError(400, "the flow batch nests too deeply") from None
-        except ValueError as exc:
-            raise ApiError(400, f"the flow batch is not JSON: {_json_error(exc)}",
-                           [{"field": "body", "message": _json_error(exc)}]) from None
-    return await asyncio.to_thread(ingest, _store(request), org_id, doc)
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "the flow batch is empty: send a FlowBatch as JSON",
+                       [{"field": "body", "message": "empty"}])
+    if len(body) > MAX_BATCH_BYTES:
+        raise ApiError(413, f"the flow batch is larger than {MAX_BATCH_BYTES} bytes")
+    async with request.app.state.flow_slots:
+        return await asyncio.to_thread(_parse_and_ingest, _store(request), org_id, body)
+
+
+def _parse_and_ingest(store: FlowStore, org_id: str, body: bytes) -> dict:
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "the flow batch nests deeper than the parser goes "
+                            "(a flow batch nests 4 levels)") from None
+    except ValueError as exc:
+        raise ApiError(400, f"the flow batch is not JSON: {_json_error(exc)}",
+                       [{"field": "body", "message": _json_error(exc)}]) from None
+    return ingest(store, org_id, doc)
 
 
 def _json_error(exc: ValueError) -> str:
@@ -110,4 +117,5 @@ def _json_error(exc: ValueError) -> str:
 
 
 def install(app: FastAPI) -> None:
+    app.state.flow_slots = asyncio.Semaphore(CONCURRENT_BATCHES)
     app.include_router(router)

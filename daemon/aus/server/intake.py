@@ -17,15 +17,14 @@
    :data:`MAX_BATCH_BYTES`, then inflated here with the same cap on what
    it inflates to, reading at most one byte past it, so a zip bomb is
    refused (413) having cost that much memory and no more. A broken gzip
-   stream is refused (400), any other encoding too (415). The batch is
-   then parsed by the standard parser (its nesting limit answers 400), not
-   walked by :func:`check_json`: the route validates it against
+   stream is refused (400), any other encoding too (415). The route sees
+   the inflated body without the header. It is not walked by
+   :func:`check_json`: the route parses it and validates it against
    :class:`~aus.core.flowrecord.FlowBatch`, whose bounds are tighter than
    the walk's for every value (a fixed shape; each string capped and free
    of control characters and lone surrogates; each number in range), and
-   the walk would double the cost of the busiest route. The route sees the
-   inflated body without the header, and the parsed document
-   (``scope["state"][PARSED_BODY]``), so the body is parsed once.
+   parses it only when its turn to be stored comes, so batches waiting
+   their turn hold bytes, not millions of small objects.
 5. Content: a JSON body of SCIM or the API is parsed once with bounds
    (:func:`check_json`): nesting, numbers, NaN/Infinity, NUL and unpaired
    surrogates are refused with 400 here; plain malformed JSON is left to the
@@ -59,8 +58,6 @@ OTHER_LIMIT = 64 * 1024            # nothing else takes a body
 MAX_DEPTH = 32                     # SCIM's deepest document nests 4 levels
 MAX_INT_DIGITS = 18                # |n| < 10**18 fits a 64-bit column
 MAX_STRING = 1024 * 1024           # one JSON string
-
-PARSED_BODY = "aus.parsed_body"     # scope["state"] key: the JSON the gate parsed
 
 _FLOWS = re.compile(r"^/api/orgs/[^/]+/flows/?$")
 _SCIM_ORG = re.compile(r"^/scim/orgs/([^/]+)(/|$)")
@@ -162,19 +159,6 @@ def inflate(body: bytes, encoding: str, limit: int = MAX_BATCH_BYTES) -> bytes:
     return out
 
 
-def _decode_flow_batch(body: bytes, encoding: str) -> tuple[bytes, Any]:
-    """A flow batch's body inflated and parsed; the document is None when
-    it is malformed (the route says where)."""
-    body = inflate(body, encoding)
-    try:
-        return body, json.loads(body)
-    except RecursionError:
-        raise InputError("the JSON nests deeper than the parser goes (a flow batch nests "
-                         "4 levels)") from None
-    except ValueError:
-        return body, None
-
-
 def limit_for(path: str) -> int:
     if _FLOWS.match(path):
         return MAX_BATCH_BYTES
@@ -251,20 +235,14 @@ class InputGate:
         if org is not None and _FLOWS.match(path) and body.strip():
             encoding = headers.get(b"content-encoding", b"").decode("latin-1")
             try:
-                body, doc = await asyncio.to_thread(_decode_flow_batch, body, encoding)
+                body = await asyncio.to_thread(inflate, body, encoding)
             except EncodingError as exc:
                 await _refuse(scim, exc.status, str(exc))(scope, receive, send)
-                return
-            except InputError as exc:
-                await _refuse(scim, 400, f"the request body is refused: {exc}")(
-                    scope, receive, send)
                 return
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in scope["headers"]
                                 if k.lower() not in (b"content-encoding", b"content-length")]
             scope["headers"].append((b"content-length", str(len(body)).encode()))
-            if doc is not None:
-                scope["state"] = {**scope.get("state", {}), PARSED_BODY: doc}
         elif org is not None and body.strip():
             try:
                 if len(body) > OTHER_LIMIT:
