@@ -18,7 +18,15 @@ window: distinct keys, each seen a few times. Later windows repeat
 popular keys (merged into stored rows) and bring rarer ones (inserted),
 and windows move through the current hour so both happen throughout.
 
-Target (issue: fleet visibility): at least 20,000 records/s on this 2-CPU VM.
+Every workload posts back to back (a closed loop), so the server is
+saturated throughout and the batch latency printed is mostly time spent
+waiting for a turn; ausd posts one batch per window, far less often.
+
+Beside the rates it prints the CPU the server and PostgreSQL used in the
+measured window, per 1,000 records: on a machine shared with other work
+that figure holds where the rate does not.
+
+Target: at least 20,000 records/s on a 2-CPU VM.
 """
 
 from __future__ import annotations
@@ -275,7 +283,7 @@ def report(sizes: Sizes, r: dict) -> bool:
           f"would take {2 / per * 1000 if per else 0:,.0f} records/s)")
     print(f"  machine load average {r['loadavg'][0]:10.1f} before, {r['loadavg'][1]:.1f} after "
           f"({os.cpu_count()} CPUs; above the CPU count, other work shares them)")
-    return ok and r["errors"] == 0
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes.batch = args.batch
     result = run(sizes, args.workers)
     ok = report(sizes, result)
+    if result["errors"] or not result["records"] or not result["table_rows"]:
+        return 1                      # broken, whatever the rate
     return 0 if ok or args.tiny else 1
 
 

@@ -420,3 +420,16 @@ def test_the_retention_flag_is_checked():
     p = subprocess.run(CLI + ["serve", "--flow-retention-days", "0"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and "--flow-retention-days" in p.stderr and "1 to 3650" in p.stderr
+
+
+def test_the_ingest_benchmark_runs_tiny():
+    """bench.flow_ingest end to end in its tiny size, so it cannot rot
+    (its figures mean something only in a full run)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = subprocess.run([sys.executable, "-m", "bench.flow_ingest", "--tiny"], capture_output=True,
+                       text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "records/s" in p.stdout and "refused batches               0" in p.stdout
