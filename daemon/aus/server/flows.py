@@ -86,6 +86,11 @@ def ingest(store: FlowStore, org_id: str, doc) -> dict:
 
 @router.post("/flows")
 async def post_flows(request: Request, org_id: str = Depends(org_auth)) -> dict:
+    """A batch of flow records from a workload: a FlowBatch as JSON
+    (aus.core.flowrecord), plain or with Content-Encoding: gzip, at most
+    5,000 records and 8 MiB inflated. Answers {"accepted", "rows",
+    "expired"}; a malformed batch gets 400 naming each record and field,
+    and nothing of it is stored. See docs/flow-ingest.md."""
     body = await request.body()
     if not body.strip():
         raise ApiError(400, "the flow batch is empty: send a FlowBatch as JSON",

@@ -25,7 +25,7 @@
    of control characters and lone surrogates; each number in range), and
    parses it only when its turn to be stored comes, so batches waiting
    their turn hold bytes, not millions of small objects.
-5. Content: a JSON body of SCIM or the API is parsed once with bounds
+5. Content: a JSON body of SCIM or the API (but a flow batch) is parsed once with bounds
    (:func:`check_json`): nesting, numbers, NaN/Infinity, NUL and unpaired
    surrogates are refused with 400 here; plain malformed JSON is left to the
    handler, which says where it broke. The path and query string may not
