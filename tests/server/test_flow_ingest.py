@@ -9,6 +9,7 @@ import json
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from aus.core.flowrecord import (
     MAX_BATCH_BYTES,
@@ -359,6 +360,28 @@ def test_postgres_flows_is_partitioned_by_day(postgres):
         with engine.connect() as c:
             assert [utc(h).date() for h in c.execute(select(Flow.hour)).scalars()] == \
                 [_day(9).date()]
+
+        # Rows written past the store, for a day without a partition, land
+        # in the default partition; making the day's partition moves them.
+        def direct(day: dt.datetime, dst: str) -> None:
+            with Session(engine) as s, s.begin():
+                s.add(Flow(org_id="1", hour=day.replace(minute=0), workload="w", login_uid=1,
+                           user_name="u", groups=[], process="", dst=dst, proto="tcp", port=22,
+                           verdict="allowed", rule="", first_seen=day, last_seen=day, count=1))
+
+        def where(dst: str) -> str:
+            with engine.connect() as c:
+                return c.execute(text("SELECT tableoid::regclass::text FROM flows WHERE dst = :d"),
+                                 {"d": dst}).scalar()
+        direct(_day(12), "192.0.2.12")
+        direct(_day(40), "192.0.2.40")
+        assert where("192.0.2.12") == where("192.0.2.40") == "flows_default"
+        store.ensure_partitions([_day(12).date()])
+        assert where("192.0.2.12") == f"flows_p{_day(12):%Y%m%d}"
+        assert ingest(store, "1", batch([record(first=_day(12), last=_day(12))]))["rows"] == 1
+        # retention empties the default partition of days past it too
+        store.enforce(NOW)
+        assert where("192.0.2.40") is None and where("192.0.2.12") is not None
     finally:
         engine.dispose()
         postgres.drop_database(name)

@@ -17,8 +17,10 @@ statement run per row.
 Retention: a UTC day is removed once its end is more than the retention
 ago, so between N and N+1 days are kept. On PostgreSQL ``flows`` is
 partitioned by day (``flows_pYYYYMMDD``): partitions are made ahead
-(today and tomorrow) and on demand for any day a batch names, so an insert
-never lacks one, and retention drops whole partitions. On SQLite the rows
+(today and tomorrow) and on demand for any day a batch names, and retention
+drops whole partitions. A default partition takes rows written past this
+module for a day without a partition (so no insert fails); making that
+day's partition later moves them into it. On SQLite the rows
 are deleted in bounded chunks, each its own transaction, so writers are
 never held off for long.
 """
@@ -200,19 +202,37 @@ class FlowStore:
         name = f"flows_p{day:%Y%m%d}"
         start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
         end = start + dt.timedelta(days=1)
-        ddl = (f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF flows "
-               f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')")
+        bounds = f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
         for attempt in range(3):
             try:
                 with self.engine.begin() as conn:
-                    conn.exec_driver_sql(ddl)
+                    conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF flows "
+                                         f"{bounds}")
                 return
             except DBAPIError as exc:
+                state = getattr(exc.orig, "sqlstate", None)
+                if state == "23514":
+                    # The default partition holds rows of this day (written
+                    # past this module): move them into the day's own.
+                    self._adopt_from_default(name, start, end, bounds)
+                    return
                 # Two replicas creating the same partition at once: the
                 # loser sees a duplicate in the catalog; the table exists.
-                if getattr(exc.orig, "sqlstate", None) in ("42P07", "23505") and attempt < 2:
+                if state in ("42P07", "23505") and attempt < 2:
                     continue
                 raise
+
+    def _adopt_from_default(self, name: str, start: dt.datetime, end: dt.datetime,
+                            bounds: str) -> None:
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("LOCK TABLE flows_default IN ACCESS EXCLUSIVE MODE")
+            conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {name} "
+                                 f"(LIKE flows INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+            conn.execute(sa_text(
+                f"WITH moved AS (DELETE FROM flows_default WHERE hour >= :s AND hour < :e "
+                f"RETURNING *) INSERT INTO {name} SELECT * FROM moved"), {"s": start, "e": end})
+            conn.exec_driver_sql(f"ALTER TABLE flows ATTACH PARTITION {name} {bounds}")
+        log.info("flows: partition %s made, its rows moved from flows_default", name)
 
     def partitions(self) -> dict[str, dt.date]:
         """The day partitions of ``flows``, by name."""
@@ -251,6 +271,8 @@ class FlowStore:
                     dropped += 1
                     with self._days_lock:
                         self._days.discard(day)
+            # normally empty: rows written past this module to a day without a partition
+            conn.execute(sa_text("DELETE FROM flows_default WHERE hour < :c"), {"c": cutoff})
         if dropped:
             log.info("flow retention: dropped %d day partition(s) before %s", dropped,
                      cutoff.date())

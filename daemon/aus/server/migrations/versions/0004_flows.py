@@ -2,7 +2,8 @@
 
 On PostgreSQL ``flows`` is partitioned by range of ``hour``, one partition
 per UTC day (``flows_pYYYYMMDD``), made ahead and on demand by
-:mod:`aus.server.flowstore`; retention drops whole partitions. A unique
+:mod:`aus.server.flowstore`, plus a default partition for rows of a day
+without one; retention drops whole partitions. A unique
 index or primary key of a partitioned table must hold the partition key,
 so the primary key is (id, hour) there. SQLite has one table and an index
 on ``hour`` that retention deletes by.
@@ -49,6 +50,9 @@ CREATE TABLE flows (
 def upgrade() -> None:
     if op.get_bind().dialect.name == 'postgresql':
         op.execute(_POSTGRES)
+        # Catches rows written past aus.server.flowstore (which makes each
+        # day's partition first); making that day's partition moves them.
+        op.execute("CREATE TABLE flows_default PARTITION OF flows DEFAULT")
     else:
         op.create_table('flows',
         sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True,
