@@ -273,7 +273,7 @@ def report(sizes: Sizes, r: dict) -> bool:
     print(f"  batch latency p50    {r['p50_ms']:10.1f} ms")
     print(f"  batch latency p99    {r['p99_ms']:10.1f} ms")
     print(f"  rows written/merged  {r['rows']:10,}   (per batch, after in-batch merge)")
-    print(f"  rows in the table    {r['table_rows']:10,}   ({r['partitions']} day partitions)")
+    print(f"  rows in the table    {r['table_rows']:10,}   ({r['partitions']} partitions: days and the default)")
     print(f"  refused batches      {r['errors']:10,}")
     rate_cpu = r["records"] / r["seconds"]
     srv, db = r["cpu"]
