@@ -429,5 +429,5 @@ def read_segment(path: Path) -> tuple[list[bytes], int]:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(document)"
         raise SpoolCorrupt(f"not a flow batch: {where}: {first['msg']} "
-                           f"({exc.error_count()} problems)") from exc
+                           f"({exc.error_count()} in all)") from exc
     return [encode(r) for r in batch.records], batch.dropped
