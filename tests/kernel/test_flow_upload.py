@@ -124,10 +124,10 @@ def test_spooled_records_are_uploaded_after_a_restart(cg, peer, people):
             assert "upload:    ok to" in d.ctl("status").stdout
 
 
-def _session_latency(cg, d, user, n=200) -> tuple[float, float]:
-    """p50 and p99 of `session_open` (ms) while the user's traffic keeps
-    producing flow events."""
-    busy = load(cg, user, "loop", "127.0.0.1", stdin=subprocess.PIPE)
+def _session_latency(cg, d, user, addr, n=200) -> tuple[float, float]:
+    """p50 and p99 of `session_open` (ms) while the user's denied
+    connections keep producing flow events."""
+    busy = load(cg, user, "loop", addr, stdin=subprocess.PIPE)
     try:
         time.sleep(0.5)
         p = lab.spawn([lab.PYTHON, LOAD, "sessions", str(d.socket), str(n)],
@@ -135,8 +135,7 @@ def _session_latency(cg, d, user, n=200) -> tuple[float, float]:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0
     finally:
-        busy.stdin.close()
-        busy.communicate(timeout=30)
+        busy.communicate(input="", timeout=30)
     took = sorted(json.loads(out)["seconds"])
     return took[len(took) // 2] * 1000, took[len(took) * 99 // 100] * 1000
 
@@ -144,7 +143,7 @@ def _session_latency(cg, d, user, n=200) -> tuple[float, float]:
 def test_session_open_is_not_delayed_while_uploads_fail(cg, peer, people):
     users, _ = people
     carol = users["carol"]
-    figures = {}
+    figures, spooled = {}, {}
     srv = FlowReceiver(credentials=CREDS).start()
     srv.stop()                                          # a port with nobody behind it
     try:
@@ -157,13 +156,16 @@ def test_session_open_is_not_delayed_while_uploads_fail(cg, peer, people):
                           flow_upload=upload) as d:
                 d.start()
                 with lab.session(d, carol.uid, carol.uid, carol.gid):
-                    figures[arm] = _session_latency(cg, d, carol)
+                    figures[arm] = _session_latency(cg, d, carol, peer.v4)
                     st = d.ctl_json("status")["upload"]
                     if upload:
                         wait_until(lambda: d.ctl_json("status")["upload"]["failures"] >= 1,
                                    timeout=30, what="a failed upload")
                         st = d.ctl_json("status")["upload"]
                         assert st["batches_sent"] == 0 and st["spooled"]["memory"] > 0
+                        # refused at once, or no answer at all
+                        assert ("in time" if blackhole else "cannot reach") in st["last_error"]
+                        spooled[arm] = st["spooled"]["memory"]
                     else:
                         assert st is None
     finally:
@@ -171,7 +173,8 @@ def test_session_open_is_not_delayed_while_uploads_fail(cg, peer, people):
         srv.stop()
     print("\nsession_open latency while flow events flow (200 requests each):")
     for arm, (p50, p99) in figures.items():
-        print(f"  {arm:12} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
+        print(f"  {arm:12} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+              + (f"  ({spooled[arm]} records spooled, none sent)" if arm in spooled else ""))
     base50, base99 = figures["uploads off"]
     for arm in ("server down", "black hole"):
         p50, p99 = figures[arm]
