@@ -204,7 +204,8 @@ def test_submit_never_waits_for_a_hung_server(receiver, creds, tmp_path):
         # shared CPU, never the network (a hung request would be seconds)
         p50, p99 = took[len(took) // 2], took[len(took) * 99 // 100]
         assert p50 < 0.0005 and p99 < 0.01 and took[-1] < 1.0, (p50, p99, took[-1])
-        wait_until(lambda: up.status()["spooled"]["memory"] <= 1000, what="the spool thread")
+        wait_until(lambda: up.status()["spooled"]["queued"] == 0, what="the spool thread")
+        assert up.status()["spooled"]["memory"] <= 1000
         assert up.status()["batches_sent"] == 0
     finally:
         t0 = time.monotonic()
@@ -228,5 +229,23 @@ def test_bad_credentials_are_retried_and_read_again(receiver, creds, tmp_path):
         assert "refused the credentials (HTTP 401)" in up.status()["last_error"]
         creds.write_text(":".join(CREDS) + "\n")      # the key is fixed on disk
         wait_until(lambda: up.batches_sent == 1, what="the upload with the new key")
+    finally:
+        up.stop()
+
+
+def test_a_stalled_spool_thread_does_not_let_the_queue_grow(receiver, creds, tmp_path):
+    up = uploader(receiver, creds, tmp_path, spool_dir=None)
+    for p in range(1, 3001):                  # no threads yet: nobody takes them
+        up.submit([rec(p)], 1 if p <= 10 else 0)
+    assert up.queued() == 1000 and len(up._inbox) == 1000
+    up.start()
+    try:
+        wait_until(lambda: up.spool.unreported == 0 and up.status()["spooled"]["memory"] == 0
+                   and up.batches_sent >= 1, what="the upload")
+        assert [r["port"] for r in receiver.accepted()] == list(range(2001, 3001))
+        # 2000 records lost in the queue, and the 10 window drops they carried
+        assert receiver.dropped_told() == 2010
+        st = up.status()["dropped"]
+        assert st["spool"] == 2000 and st["window"] == 10
     finally:
         up.stop()

@@ -230,14 +230,16 @@ class FlowSpool:
             log.debug("flow spool: %d oldest records dropped: %s", n, why)
 
     # -- adding (the spool thread) -------------------------------------------------
-    def add(self, records: list[bytes], window_dropped: int = 0) -> None:
-        """Take in records (and the count the window cap dropped); past
-        ``max_records`` in memory, the oldest go to disk or are dropped."""
+    def add(self, records: list[bytes], window_dropped: int = 0, lost: int = 0) -> None:
+        """Take in records (and the counts dropped before they got here: by
+        the window cap, ``lost`` on the way); past ``max_records`` in
+        memory, the oldest go to disk or are dropped."""
         with self._lock:
             if self._closed:
                 return
-            self.unreported += window_dropped
+            self.unreported += window_dropped + lost
             self.dropped_window += window_dropped
+            self.dropped_spool += lost
             self._mem.extend(records)
             self._bound_memory()
 

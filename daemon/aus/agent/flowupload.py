@@ -98,8 +98,13 @@ class FlowUploader:
         self.spool = FlowSpool(spool_records, spool_dir, spool_bytes)
         self.client: Client | None = None
         self._inbox: collections.deque[tuple[list[FlowRecord], int]] = collections.deque()
+        # The hand-over queue's size and losses, without a lock: each
+        # counter has one writer (the main loop, or the spool thread).
+        self._handed = self._queue_popped = self._queue_dropped = self._queue_window = 0
+        self._taken = 0
+        self._seen_dropped = self._seen_window = 0
         self._arrived = threading.Event()   # the spool thread has work
-        self._queued = threading.Event()    # the sender may have work
+        self._sendable = threading.Event()    # the sender may have work
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._target = ""
@@ -116,9 +121,24 @@ class FlowUploader:
 
     # -- the sink (the main loop) --------------------------------------------------
     def submit(self, records: list[FlowRecord], dropped: int) -> None:
-        """Hand over a closed window's records; returns at once."""
+        """Hand over a closed window's records; returns at once. Should
+        the spool thread fall behind by more than the memory bound, the
+        oldest records handed over are dropped here (and counted)."""
         self._inbox.append((records, dropped))
+        self._handed += len(records)
+        while self._handed - self._queue_popped - self._taken > self.spool.max_records:
+            try:
+                old, window = self._inbox.popleft()
+            except IndexError:
+                break
+            self._queue_popped += len(old)
+            self._queue_dropped += len(old)
+            self._queue_window += window
         self._arrived.set()
+
+    def queued(self) -> int:
+        """Records handed over, not yet in the spool."""
+        return max(0, self._handed - self._queue_popped - self._taken)
 
     # -- life ------------------------------------------------------------------------
     def start(self) -> None:
@@ -142,7 +162,7 @@ class FlowUploader:
         for at most STOP_TIMEOUT) and keep what was not sent on disk."""
         self._stop.set()
         self._arrived.set()
-        self._queued.set()
+        self._sendable.set()
         if self.client is not None:
             self.client.interrupt()
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -161,7 +181,7 @@ class FlowUploader:
         return {"url": self.url,
                 "state": "error" if self._error_key else
                          ("ok" if self.last_success is not None else "starting"),
-                "spooled": {"memory": s.memory_records + self._inbox_records(),
+                "spooled": {"memory": s.memory_records, "queued": self.queued(),
                             "memory_max": s.max_records,
                             "disk": s.disk_records, "disk_bytes": s.disk_bytes,
                             "disk_max_bytes": s.max_bytes if s.dir is not None else None,
@@ -176,12 +196,6 @@ class FlowUploader:
                             "refused": s.dropped_refused, "corrupt": s.dropped_corrupt,
                             "unreported": s.unreported}}
 
-    def _inbox_records(self) -> int:
-        try:
-            return sum(len(r) for r, _ in list(self._inbox))
-        except RuntimeError:   # changed while copied: a status is a glimpse
-            return 0
-
     # -- the spool thread ------------------------------------------------------------
     def _spool_loop(self) -> None:
         while not self._stop.is_set():
@@ -190,11 +204,16 @@ class FlowUploader:
             self._drain()
 
     def _drain(self) -> None:
+        lost, window = self._queue_dropped, self._queue_window
+        if lost != self._seen_dropped or window != self._seen_window:
+            self.spool.add([], window - self._seen_window, lost - self._seen_dropped)
+            self._seen_dropped, self._seen_window = lost, window
         while self._inbox:
             try:
                 records, dropped = self._inbox.popleft()
             except IndexError:
                 return
+            self._taken += len(records)
             encoded = []
             for r in records:
                 try:
@@ -204,15 +223,15 @@ class FlowUploader:
                               exc)
                     dropped += 1
             self.spool.add(encoded, dropped)
-            self._queued.set()
+            self._sendable.set()
 
     # -- the sender thread -------------------------------------------------------------
     def _send_loop(self) -> None:
         while not self._stop.is_set():
             delay = self.send_once()
             if delay is None:
-                self._queued.wait()
-                self._queued.clear()
+                self._sendable.wait()
+                self._sendable.clear()
             elif delay > 0:
                 self.next_retry = self.clock() + delay
                 self._stop.wait(delay)

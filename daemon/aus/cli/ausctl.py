@@ -77,7 +77,7 @@ def _upload_lines(up: dict) -> list[str]:
             if sp["dir"] else "no disk spool")
     lines = [f"upload:    {up['state']} to {up['url']}, last success {_ago(up['last_success'])}",
              f"{pad}{up['batches_sent']} batches ({up['records_sent']} records) sent; spooled "
-             f"{sp['memory']} in memory (of {sp['memory_max']}), {disk}",
+             f"{sp['memory']} in memory (of {sp['memory_max']}; {sp['queued']} queued), {disk}",
              f"{pad}dropped: {dr['spool']} spool full, {dr['refused']} refused, "
              f"{dr['corrupt']} corrupt files, {dr['window']} window cap; "
              f"{dr['unreported']} not yet reported"]
