@@ -180,7 +180,7 @@ class FlowUploader:
         s = self.spool
         return {"url": self.url,
                 "state": "error" if self._error_key else
-                         ("ok" if self.last_success is not None else "starting"),
+                         ("ok" if self.last_success is not None else "idle"),
                 "spooled": {"memory": s.memory_records, "queued": self.queued(),
                             "memory_max": s.max_records,
                             "disk": s.disk_records, "disk_bytes": s.disk_bytes,
