@@ -43,8 +43,9 @@ def receiver():
 def uploader(receiver, creds, tmp_path, **kw) -> FlowUploader:
     opts = dict(spool_records=1000, spool_dir=tmp_path / "spool", spool_bytes=1 << 20,
                 backoff=Backoff(0.05, 0.4))
+    ca = kw.pop("ca", None)
     opts.update(kw)
-    return FlowUploader(flows_url(receiver.url), creds, None, **opts)
+    return FlowUploader(flows_url(receiver.url), creds, ca, **opts)
 
 
 def test_flows_url_and_retry_after():
@@ -249,3 +250,46 @@ def test_a_stalled_spool_thread_does_not_let_the_queue_grow(receiver, creds, tmp
         assert st["spool"] == 2000 and st["window"] == 10
     finally:
         up.stop()
+
+
+def test_https_with_policy_ca_and_an_untrusted_server(creds, tmp_path):
+    import ssl
+
+    from tests.support.bundle_server import self_signed
+    cert, key = self_signed(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    with FlowReceiver(credentials=CREDS, tls=ctx) as srv:
+        assert srv.url.startswith("https://")
+        trusted = uploader(srv, creds, tmp_path, ca=cert)
+        untrusted = uploader(srv, creds, tmp_path, spool_dir=None)
+        trusted.start()
+        untrusted.start()
+        try:
+            trusted.submit([rec(1)], 0)
+            untrusted.submit([rec(2)], 0)
+            wait_until(lambda: trusted.batches_sent == 1 and untrusted.backoff.failures >= 1,
+                       what="one upload over TLS, one refused certificate")
+            assert "certificate is not trusted" in untrusted.status()["last_error"]
+            assert [r["port"] for r in srv.accepted()] == [1]
+        finally:
+            trusted.stop()
+            untrusted.stop()
+
+
+def test_status_lines_of_ausctl(receiver, creds, tmp_path):
+    from aus.cli.ausctl import _upload_lines
+    receiver.answer = 503
+    up = uploader(receiver, creds, tmp_path, backoff=Backoff(5.0, 10.0))
+    up.start()
+    try:
+        up.submit([rec(p) for p in range(1, 4)], 2)
+        wait_until(lambda: up.backoff.failures >= 1 and up.next_retry, what="a failure")
+        text = "\n".join(_upload_lines(up.status()))
+    finally:
+        up.stop()
+    assert f"upload:    error to {receiver.url.replace('bundle', 'flows')}" in text
+    assert "0 batches (0 records) sent; spooled 3 in memory (of 1000; 0 queued)" in text
+    assert "dropped: 0 spool full, 0 refused, 0 corrupt files, 2 window cap; " \
+           "2 not yet reported" in text
+    assert "last error: the policy server failed (HTTP 503" in text and "next retry in" in text
