@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
@@ -33,10 +34,13 @@ from ..core import compiler
 from ..core import contract as C
 from ..core.bundle import Bundle
 from ..core.errors import AusError, ConfigError, PolicyError
+from ..core.flowrecord import FlowRecord
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
 from . import commands, control, flows, loader, mapsync, pins, report
 from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
+from .eventrecords import record_of
+from .flowupload import uploader_for
 from .follower import BundleFollower, Delivery
 from .identity import Directory, UserInfo
 from .policysource import Fetched, Refused
@@ -91,6 +95,12 @@ class Daemon:
         self.follower = BundleFollower(cfg, self._deliver) if cfg.policy_url else None
         self.bundle: Bundle | None = None
         self._inbox: collections.deque[Delivery] = collections.deque()
+        # Called with each closed window's records and the count its cap
+        # dropped; each must return at once.
+        self.flow_sinks: list[Callable[[list[FlowRecord], int], None]] = []
+        self.uploader = uploader_for(cfg)
+        if self.uploader is not None:
+            self.flow_sinks.append(self.uploader.submit)
         # The handler of each command of commands.COMMANDS (which says what
         # a request may hold and who may send it). A handler gets the
         # validated fields, the peer, and the login UID the peer may see
@@ -361,11 +371,15 @@ class Daemon:
         log.info("ausd %s ready: mode %s, cgroup %s, %d active users, pins %s",
                  __version__, self.cfg.mode, self.cfg.cgroup_path,
                  len(self.sessions.active(self.unmanaged)), self.cfg.pin_dir)
+        if self.uploader is not None:
+            self.uploader.start()
 
     def _start_events(self) -> None:
         self.ring = RingBuffer(str(self.loaded.layout.map(C.MAP_EVENTS)))
 
     def close(self) -> None:
+        if self.uploader is not None:
+            self.uploader.stop()
         if self.follower is not None:
             self.follower.stop()
         if self.server:
@@ -453,6 +467,13 @@ class Daemon:
     def _on_event(self, raw: bytes) -> None:
         ev = flows.decode(raw, self.kstate.rules)
         self.flow_history.append(ev)
+        if self.flow_sinks:   # one record per event until windows are aggregated
+            ident = self.identities.get(ev["login_uid"])
+            rec = record_of(
+                ev, ident.info.name if ident else "",
+                tuple(dict.fromkeys(ident.info.groups + ident.bundle_groups)) if ident else ())
+            for sink in self.flow_sinks if rec is not None else ():
+                sink([rec], 0)
         self.server.broadcast({"ok": True, "flow": ev}, ev["login_uid"])
 
     # ---- control requests --------------------------------------------------
@@ -479,6 +500,7 @@ class Daemon:
             bundle=self.bundle,
             server=self.follower.status() if self.follower is not None else None,
             last_sync=self.last_sync, start_stages=self.start_stages,
+            upload=self.uploader.status() if self.uploader is not None else None,
             layout=self.loaded.layout, maps=self.loaded.maps)
 
     # Read commands report from a snapshot and never ask the directory:

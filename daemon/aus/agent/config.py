@@ -251,6 +251,14 @@ class DaemonConfig(BaseModel):
     policy_ca: Annotated[Path | None, PathIn] = None
     bundle_user_match: Literal["exact", "local-part"] = "exact"
     bundle_wait: Annotated[int, Field(strict=True), _between(1, 60, " seconds")] = 30
+    # Flow upload, with a policy URL (see docs/flow-upload.md):
+    flow_upload: Annotated[bool, Field(strict=True, validate_default=True)] = True
+    flow_spool_records: Annotated[int, Field(strict=True),
+                                  _between(1000, 10_000_000, " records")] = 100_000
+    flow_spool_dir: Annotated[Path | None, PathIn, AfterValidator(_absolute)] = \
+        Path("/var/lib/aus/flows")
+    flow_spool_bytes: Annotated[int, Field(strict=True),
+                                _between(1 << 20, 1 << 40, " bytes")] = 64 << 20
 
     @field_validator("mode", "log_level", "bundle_user_match", mode="before")
     @classmethod
@@ -273,6 +281,18 @@ class DaemonConfig(BaseModel):
             raise ValueError(
                 "required when policy is a URL: the path of a file holding one "
                 "line <api_key>:<secret>, readable by root only")
+        return value
+
+    @field_validator("flow_upload")
+    @classmethod
+    def _upload_next_to_bundle(cls, value: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("policy")
+        if value and isinstance(url, str) and \
+                urlsplit(url).path.rstrip("/").rpartition("/")[2] != "bundle":
+            raise ValueError(
+                f"flow records go to the flows endpoint next to the bundle, but the "
+                f"policy URL {url!r} does not end in /bundle; set flow_upload: false "
+                "to upload nothing")
         return value
 
     @property

@@ -52,6 +52,7 @@ class Snapshot:
     start_stages: dict[str, float]
     layout: pins.PinLayout
     maps: dict[str, Map]
+    upload: dict[str, Any] | None = None   # the flow uploader's status
 
 
 def status(s: Snapshot) -> dict:
@@ -75,6 +76,7 @@ def status(s: Snapshot) -> dict:
         "events": mapview.event_stats(s.maps),
         "last_sync": s.last_sync,
         "start_stages": s.start_stages,
+        "upload": s.upload,
     }
 
 

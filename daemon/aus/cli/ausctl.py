@@ -69,6 +69,29 @@ def _server_lines(srv: dict) -> list[str]:
     return lines
 
 
+def _upload_lines(up: dict) -> list[str]:
+    """The flow upload part of ``status``: what waits, what went, what was lost."""
+    pad = " " * 11
+    sp, dr = up["spooled"], up["dropped"]
+    disk = (f"{sp['disk']} on disk ({sp['disk_bytes']} of {sp['disk_max_bytes']} bytes)"
+            if sp["dir"] else "no disk spool")
+    lines = [f"upload:    {up['state']} to {up['url']}, last success {_ago(up['last_success'])}",
+             f"{pad}{up['batches_sent']} batches ({up['records_sent']} records) sent; spooled "
+             f"{sp['memory']} in memory (of {sp['memory_max']}; {sp['queued']} queued), {disk}",
+             f"{pad}dropped: {dr['spool']} spool full, {dr['refused']} refused, "
+             f"{dr['corrupt']} corrupt files, {dr['window']} window cap; "
+             f"{dr['unreported']} not yet reported"]
+    if up["last_error"]:
+        nxt = up["next_retry"]
+        lines.append(f"{pad}last error: {up['last_error']} ({up['failures']} failures in a "
+                     f"row; next retry {'in %d s' % max(0, round(nxt - time.time())) if nxt else 'now'})")
+    if up["last_refusal"]:
+        lines.append(f"{pad}last refusal: {up['last_refusal']} ({up['batches_refused']} batches)")
+    if sp["disk_error"]:
+        lines.append(f"{pad}spool: {sp['disk_error']}")
+    return lines
+
+
 def _counts(c: dict) -> str:
     return (f"{c['allowed_packets']}/{c['allowed_bytes']}B "
             f"{c['denied_packets']}/{c['denied_bytes']}B")
@@ -101,6 +124,8 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
             if p["error"]:
                 lines.append(f"           last {'bundle' if p.get('server') else 'reload'} "
                              f"refused: {p['error']}")
+            if s.get("upload"):
+                lines += _upload_lines(s["upload"])
             lines += [f"users:     {s['users']['active']} active",
                       f"kernel:    {s['kernel']['rulesets']} rulesets, "
                       f"{s['kernel']['destinations']} destinations, {s['kernel']['services']} services",
