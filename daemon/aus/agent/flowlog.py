@@ -145,9 +145,9 @@ class FileSink:
         if not records:
             return
         lines = [(json.dumps(r.wire(), sort_keys=True) + "\n").encode() for r in records]
+        i = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            i = 0
             while i < len(lines):
                 try:
                     size = self.path.stat().st_size
