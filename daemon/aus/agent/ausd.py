@@ -95,7 +95,9 @@ class Daemon:
         self.flow_log = flowlog.sink_of(cfg.flow_log)
         if self.flow_log is not None:
             self.flow_sinks.append(self.flow_log)
-        self.flow_closed: tuple[list[FlowRecord], float | None] = ([], None)
+        # The latest closed records, for ausctl flows --records.
+        self.flow_recent: collections.deque[FlowRecord] = collections.deque(
+            maxlen=cfg.flow_window_records)
         self._policy_groups: dict[tuple, tuple[str, ...]] = {}
         self._policy_groups_of: Policy | None = None
         self.ring: RingBuffer | None = None
@@ -505,7 +507,7 @@ class Daemon:
 
     def close_flow_window(self) -> None:
         records, dropped = self.flow_records.close()
-        self.flow_closed = (records, time.time())
+        self.flow_recent.extend(records)
         if not records and not dropped:
             return
         for sink in self.flow_sinks:
@@ -569,10 +571,9 @@ class Daemon:
     def cmd_flows(self, args, peer, viewer) -> dict:
         limit, want = args["limit"], flowrecords.Filter.of(args)
         if args["records"]:
-            closed, at = self.flow_closed
-            pick = [r for r in closed + self.flow_records.current()
+            pick = [r for r in [*self.flow_recent, *self.flow_records.current()]
                     if (viewer is None or r.login_uid == viewer) and want.record(r)]
-            return {"ok": True, "window_closed_at": at,
+            return {"ok": True,
                     "records": [r.wire() for r in pick[len(pick) - limit:]] if limit else []}
         seen = [f for f in self.flow_history
                 if (viewer is None or f["login_uid"] == viewer) and want.event(f)]

@@ -363,7 +363,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_limit, default=100,
                    help=f"the last N events or records (0..{MAX_FLOWS}, default 100)")
     p.add_argument("--records", action="store_true",
-                   help="the flow records of the last closed window and the current one")
+                   help="the latest flow records (closed windows, then the open one)")
     p.add_argument("--user", help="only this user (name)")
     p.add_argument("--verdict", choices=VERDICTS, help="only this verdict")
     p.add_argument("--to", type=_cidr, help="only destinations in this CIDR (or address)")
