@@ -37,18 +37,12 @@ from ..core.errors import AusError, ConfigError, PolicyError
 from ..core.flowrecord import FlowRecord
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
-from . import (
-    commands,
-    control,
-    flowlog,
-    flowrecords,
-    flows,
-    loader,
-    mapsync,
-    pins,
-    report,
-)
+from . import commands, control, flows, loader, mapsync, pins, report
 from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
+from .flowlog import sink_of as flow_log_sink
+from .flowrecords import Aggregator as FlowAggregator
+from .flowrecords import Filter as FlowFilter
+from .flowrecords import policy_groups
 from .follower import BundleFollower, Delivery
 from .identity import Directory, UserInfo
 from .policysource import Fetched, Refused
@@ -89,10 +83,10 @@ class Daemon:
         self.flow_history: collections.deque = collections.deque(maxlen=FLOW_HISTORY)
         # Flow records: events folded per window; at each close every sink
         # gets (records, dropped by the cap) and must return at once.
-        self.flow_records = flowrecords.Aggregator(cfg.flow_window, cfg.flow_window_records,
-                                                   self._who, time.monotonic)
+        self.flow_records = FlowAggregator(cfg.flow_window, cfg.flow_window_records,
+                                           self._who, time.monotonic)
         self.flow_sinks: list[Callable[[list[FlowRecord], int], None]] = []
-        self.flow_log = flowlog.sink_of(cfg.flow_log)
+        self.flow_log = flow_log_sink(cfg.flow_log)
         if self.flow_log is not None:
             self.flow_sinks.append(self.flow_log)
         # The latest closed records, for ausctl flows --records.
@@ -403,6 +397,8 @@ class Daemon:
                 pass
         if self.ring:
             self.ring.close()
+        if self.flow_log is not None:
+            self.flow_log.close()
         if self.loaded:
             self.loaded.close()
         self.lock.release()
@@ -502,7 +498,7 @@ class Daemon:
         groups = self._policy_groups.get(key)
         if groups is None:
             declared = [(g.name, g.sid) for g in self.policy.user_groups]
-            groups = self._policy_groups[key] = flowrecords.policy_groups(declared, *key)
+            groups = self._policy_groups[key] = policy_groups(declared, *key)
         return info.name or "", groups
 
     def close_flow_window(self) -> None:
@@ -569,7 +565,7 @@ class Daemon:
         return self.reload()
 
     def cmd_flows(self, args, peer, viewer) -> dict:
-        limit, want = args["limit"], flowrecords.Filter.of(args)
+        limit, want = args["limit"], FlowFilter.of(args)
         if args["records"]:
             pick = [r for r in [*self.flow_recent, *self.flow_records.current()]
                     if (viewer is None or r.login_uid == viewer) and want.record(r)]
