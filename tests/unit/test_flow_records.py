@@ -305,3 +305,23 @@ def test_file_sink_failure_is_counted(tmp_path):
     sink = flowlog.FileSink(blocker / "flows.jsonl", max_bytes=4096, keep=1)
     sink(closed(4), 0)
     assert sink.status()["failures"] == 4 and sink.status()["last_error"]
+
+
+def test_ausctl_since_takes_durations_and_iso_times():
+    import argparse
+
+    from aus.cli.ausctl import parser, since
+    now = 1_765_000_000.0
+    assert since("10m", now) == now - 600 and since("1h", now) == now - 3600
+    assert since("30s", now) == now - 30 and since("2d", now) == now - 172800
+    assert since("2026-12-06T03:00:00Z") == 1796526000
+    assert since("2026-12-06T04:00:00+01:00") == 1796526000
+    for bad in ("10x", "yesterday", "", "-5m"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            since(bad, now)
+    args = parser().parse_args(["flows", "--records", "--user", "alice", "--verdict",
+                                "would_deny", "--to", "192.0.2.7/24", "--port", "443"])
+    assert (args.records, args.user, args.verdict, args.to, args.port) == \
+        (True, "alice", "would_deny", "192.0.2.0/24", 443)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["flows", "--verdict", "deny"])
