@@ -15,6 +15,7 @@ from aus.agent.commands import RequestError, parse
 from aus.agent.config import ConfigError, config_from_text
 from aus.agent.flowrecords import Aggregator, Filter, key_of, policy_groups
 from aus.core.flowrecord import FlowBatch
+from tests.support.polling import wait_until
 
 
 class Clock:
@@ -65,6 +66,10 @@ def test_every_key_field_separates_records():
     records, _ = a.close()
     assert len(records) == 7
     assert {r.user for r in records} == {"alice", "bob"}
+    # built without validation: the wire model accepts every one, unchanged
+    batch = FlowBatch.model_validate({"format": 1, "workload": "w",
+                                      "records": [r.wire() for r in records]})
+    assert [r.wire() for r in batch.records] == [r.wire() for r in records]
 
 
 @pytest.mark.parametrize("kernel, record", [
@@ -117,16 +122,35 @@ def test_overflow_memory_is_bounded_too():
 
 def test_window_closes_by_the_clock_and_restarts_from_the_close():
     a, clock = agg(window=10.0)
-    assert a.timeout() == 10.0 and not a.due()
+    assert a.timeout() == 10.0 and a.step() is None
     clock.now += 9.5
-    assert a.timeout() == pytest.approx(0.5) and not a.due()
+    assert a.timeout() == pytest.approx(0.5) and a.step() is None
     a.add(ev())
     clock.now += 3.0                      # closed late
-    assert a.due() and a.timeout() == 0.0
-    records, _ = a.close()
-    assert len(records) == 1 and a.timeout() == 10.0 and a.records == {}
-    assert a.close() == ([], 0)           # an empty window closes empty
+    records, dropped = a.step()
+    assert len(records) == 1 and dropped == 0
+    assert a.timeout() == 10.0 and a.records == {} and a.step() is None
+    clock.now += 10.0
+    assert a.step() == ([], 0)            # an empty window closes empty
     assert a.status()["windows_closed"] == 2 and a.status()["records_closed"] == 1
+
+
+def test_a_full_window_closes_a_slice_per_step_while_the_next_fills():
+    a, clock = agg(cap=2500)
+    for port in range(2500):
+        a.add(ev(dport=port, t=100.0))
+    clock.now += 10.0
+    assert a.step(budget=1000) is None    # 1000 built
+    assert a.timeout() == 0.0             # more to do: the loop must not wait
+    a.add(ev(dport=1, t=111.0))           # the next window already takes events
+    assert a.step(budget=1000) is None
+    records, dropped = a.step(budget=1000)
+    assert len(records) == 2500 and dropped == 0
+    assert {r.port for r in records} == set(range(2500))
+    assert all(r.count == 1 and r.last_seen.timestamp() == 100.0 for r in records)
+    assert a.status()["windows_closed"] == 1 and a.timeout() == 10.0
+    (r,), _ = a.close()                   # close now, whole (at exit)
+    assert (r.port, r.first_seen.timestamp()) == (1, 111.0)
 
 
 def test_records_are_valid_batch_members_even_with_hostile_names():
@@ -250,6 +274,7 @@ def test_journal_sink_sends_one_native_entry_per_record(tmp_path):
     sink = flowlog.JournalSink(path)
     try:
         sink(closed(2, verdict="deny", rule=None), 0)
+        sink.flush()
         entries = [parse_journal(rx.recv(65536)) for _ in range(2)]
         assert {e["AUS_PORT"] for e in entries} == {"1", "2"}
         e = entries[0]
@@ -271,12 +296,14 @@ def test_journal_sink_never_waits_and_counts_failures_once_logged(tmp_path, capl
     sink = flowlog.JournalSink(path)
     try:
         sink(closed(3000), 0)              # nobody reads: the socket fills
+        sink.flush()
         st = sink.status()
         assert st["sent"] < 3000 and st["sent"] + st["failures"] == 3000
         assert len([r for r in caplog.records if "flow log" in r.getMessage()]) == 1
         rx.close()
         path.unlink()
         sink(closed(5), 0)                 # no journal at all
+        sink.flush()
         assert sink.status()["failures"] == st["failures"] + 5
         assert len([r for r in caplog.records if "flow log" in r.getMessage()]) == 1
     finally:
@@ -289,6 +316,7 @@ def test_file_sink_rotates_by_size_and_keeps_n(tmp_path):
     sink = flowlog.FileSink(path, max_bytes=one * 10, keep=2)
     for _ in range(5):
         sink(closed(7), 0)                 # 35 records, 10 per file
+        sink.flush()
     files = sorted(p.name for p in path.parent.iterdir())
     assert files == ["flows.jsonl", "flows.jsonl.1", "flows.jsonl.2"]
     for p in path.parent.iterdir():
@@ -304,7 +332,30 @@ def test_file_sink_failure_is_counted(tmp_path):
     blocker.write_text("")
     sink = flowlog.FileSink(blocker / "flows.jsonl", max_bytes=4096, keep=1)
     sink(closed(4), 0)
+    sink.flush()
     assert sink.status()["failures"] == 4 and sink.status()["last_error"]
+    sink.close()
+
+
+def test_export_queue_is_bounded_and_the_caller_never_waits(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    sink = flowlog.FileSink(tmp_path / "flows.jsonl", max_bytes=1 << 20, keep=1)
+    gate = threading.Event()
+    write = sink.write
+    monkeypatch.setattr(sink, "write", lambda records: (gate.wait(10), write(records)))
+    t0 = time.monotonic()
+    sink(closed(10), 0)                   # taken by the thread, which waits
+    wait_until(lambda: sink._queue.qsize() == 0, what="the export thread took a window")
+    for _ in range(flowlog.QUEUED + 2):   # QUEUED queued, two refused
+        sink(closed(10), 0)
+    assert time.monotonic() - t0 < 1.0
+    assert sink.status()["failures"] == 20
+    gate.set()
+    sink.flush()
+    assert sink.status()["written"] == 10 * (flowlog.QUEUED + 1)
+    sink.close()
 
 
 def test_ausctl_since_takes_durations_and_iso_times():

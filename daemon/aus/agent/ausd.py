@@ -433,8 +433,9 @@ class Daemon:
                 else:
                     os.read(self._wake_r, 4096)
             self.server.service()
-            if self.flow_records.due():
-                self.close_flow_window()
+            closed = self.flow_records.step()
+            if closed is not None:
+                self.hand_over_flows(*closed)
             while self._signals:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
@@ -448,7 +449,7 @@ class Daemon:
                              signal.Signals(signum).name)
                     self.notifier.stopping()
                     self._stopping.set()
-                    self.close_flow_window()
+                    self.hand_over_flows(*self.flow_records.close())
                     return 0
             while self._inbox:
                 self.apply_fetched(self._inbox.popleft())
@@ -501,8 +502,8 @@ class Daemon:
             groups = self._policy_groups[key] = policy_groups(declared, *key)
         return info.name or "", groups
 
-    def close_flow_window(self) -> None:
-        records, dropped = self.flow_records.close()
+    def hand_over_flows(self, records: list[FlowRecord], dropped: int) -> None:
+        """A closed window to every flow sink."""
         self.flow_recent.extend(records)
         if not records and not dropped:
             return

@@ -13,6 +13,12 @@ records (see flowrecords.Aggregator):
 - :class:`FileSink`: JSON lines appended to a file that is rotated by size
   (``flows.jsonl`` -> ``flows.jsonl.1`` ... ``.keep``).
 
+Each sink formats and writes in a thread of its own, fed by a bounded
+queue: the daemon's loop only queues a window (a few microseconds). The
+thread touches nothing but its queue, its file or socket and its
+counters. When the export falls more than QUEUED windows behind, a new
+window is not queued and its records count as failures.
+
 Failures are counted and logged once when they start (and once when the
 export works again), never once per record.
 """
@@ -23,7 +29,9 @@ import errno
 import json
 import logging
 import os
+import queue
 import socket
+import threading
 from pathlib import Path
 
 from ..core.flowrecord import FlowRecord, iso
@@ -33,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SYSLOG_IDENTIFIER = "ausd"
 PRIORITY = {"allowed": 6, "would_deny": 5, "denied": 4}   # info, notice, warning
+QUEUED = 4          # windows waiting for the export thread at most
 
 
 class _Failures:
@@ -40,15 +49,17 @@ class _Failures:
 
     def __init__(self, what: str):
         self.what = what
+        self.lock = threading.Lock()    # the loop and the export thread count
         self.count = 0
         self.failing = False
         self.last_error = ""
 
     def failed(self, n: int, error: str) -> None:
-        self.count += n
-        self.last_error = error
-        if not self.failing:
-            self.failing = True
+        with self.lock:
+            self.count += n
+            self.last_error = error
+            first, self.failing = not self.failing, True
+        if first:
             log.error("flow log: %s failed: %s (counted in ausctl status; logged again "
                       "when it works)", self.what, error)
 
@@ -57,6 +68,60 @@ class _Failures:
             self.failing = False
             log.info("flow log: %s works again (%d records lost so far)",
                      self.what, self.count)
+
+
+class _Exporter:
+    """The queue and thread every sink shares; subclasses write()."""
+
+    what = "export"
+
+    def __init__(self):
+        self.failures = _Failures(self.what)
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUED)
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, records: list[FlowRecord], dropped: int) -> None:
+        """Called by the daemon's loop: queue the window, never wait."""
+        if not records:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="aus-flow-log", daemon=True)
+            self._thread.start()
+        try:
+            self._queue.put_nowait(records)
+        except queue.Full:
+            self.failures.failed(len(records), f"{QUEUED} windows already wait for the "
+                                 "export (it is slower than the traffic)")
+
+    def _run(self) -> None:
+        while True:
+            records = self._queue.get()
+            try:
+                if records is None:
+                    return
+                self.write(records)
+            except Exception:    # a bug costs the window, not the export
+                log.exception("flow log: %s", self.what)
+                self.failures.failed(len(records), "internal error; see the log")
+            finally:
+                self._queue.task_done()
+
+    def write(self, records: list[FlowRecord]) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Wait until every queued window is written (tests, exit)."""
+        if self._thread is not None:
+            self._queue.join()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (for at most ``timeout`` seconds), then stop."""
+        if self._thread is not None:
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                return
+            self._thread.join(timeout)
 
 
 def _field(name: str, value: object) -> bytes:
@@ -84,15 +149,16 @@ def journal_entry(r: FlowRecord) -> bytes:
     return b"".join(_field(k, v) for k, v in fields)
 
 
-class JournalSink:
+class JournalSink(_Exporter):
     def __init__(self, path: Path = JOURNAL_SOCKET):
         self.path = str(path)
+        self.what = f"journal at {self.path}"
+        super().__init__()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.setblocking(False)
-        self.failures = _Failures(f"journal at {self.path}")
         self.sent = 0
 
-    def __call__(self, records: list[FlowRecord], dropped: int) -> None:
+    def write(self, records: list[FlowRecord]) -> None:
         lost, error = 0, ""
         for i, r in enumerate(records):
             try:
@@ -116,17 +182,19 @@ class JournalSink:
         return {"kind": "journal", "socket": self.path, "sent": self.sent,
                 "failures": self.failures.count, "last_error": self.failures.last_error}
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        super().close(timeout)
         self.sock.close()
 
 
-class FileSink:
+class FileSink(_Exporter):
     """JSON lines in ``path``; before a write would take the file past
     ``max_bytes`` it is rotated, keeping ``keep`` old files."""
 
     def __init__(self, path: Path, max_bytes: int, keep: int):
         self.path, self.max_bytes, self.keep = Path(path), max_bytes, keep
-        self.failures = _Failures(f"file {self.path}")
+        self.what = f"file {self.path}"
+        super().__init__()
         self.written = 0
         self.rotations = 0
 
@@ -141,9 +209,7 @@ class FileSink:
             self.path.unlink()
         self.rotations += 1
 
-    def __call__(self, records: list[FlowRecord], dropped: int) -> None:
-        if not records:
-            return
+    def write(self, records: list[FlowRecord]) -> None:
         lines = [(json.dumps(r.wire(), sort_keys=True) + "\n").encode() for r in records]
         i = 0
         try:
@@ -178,9 +244,6 @@ class FileSink:
         return {"kind": "file", "path": str(self.path), "written": self.written,
                 "rotations": self.rotations, "failures": self.failures.count,
                 "last_error": self.failures.last_error}
-
-    def close(self) -> None:
-        pass
 
 
 def sink_of(cfg) -> JournalSink | FileSink | None:
