@@ -492,7 +492,7 @@ class Daemon:
         ident = self.identities.get(uid)
         if ident is None or self.policy is None:
             return "", ()
-        if self._policy_groups_of is not self.policy:
+        if self._policy_groups_of is not self.policy or len(self._policy_groups) > 4096:
             self._policy_groups, self._policy_groups_of = {}, self.policy
         info, extra = ident.info, ident.bundle_groups
         key = (info.groups + extra, info.sids)
