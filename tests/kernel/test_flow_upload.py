@@ -24,7 +24,7 @@ pytestmark = pytest.mark.kernel
 
 CREDS = ("flow-key-1", "flow-s3cret")
 LOAD = str(Path(__file__).resolve().parents[1] / "support" / "flow_load.py")
-FAST_EVENTS = {"events_per_second": 200_000, "events_burst": 200_000}
+FAST_EVENTS = {"events_per_second": 200_000, "events_burst": 200_000, "flow_window": 1.0}
 
 
 def lab_bundle(peer):

@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from ..core.contract import LOGINUID_UNSET
@@ -38,6 +39,7 @@ from ..core.yamlsource import (
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/aus/ausd.yaml")
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 
 MAP_SIZE_MIN = 16
 MAP_SIZE_MAX = 16_777_216
@@ -218,6 +220,38 @@ MapSize = Annotated[
 ]
 
 
+class FlowLog(BaseModel):
+    """``flow_log``: flow records exported for SIEMs, to the journal or to a
+    size-rotated JSON-lines file (see aus.agent.flowlog)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    journal: AbsPath | None = None      # the journal's native socket
+    path: AbsPath | None = None
+    max_bytes: Annotated[int, Field(strict=True), _between(4096, 1 << 40, " bytes")] = 10 << 20
+    keep: Annotated[int, Field(strict=True), _between(0, 100, " files")] = 5
+
+    @model_validator(mode="after")
+    def _one(self) -> FlowLog:
+        if (self.journal is None) == (self.path is None):
+            raise ValueError("give either path (a JSON-lines file) or journal (the "
+                             "journal's socket), not both or neither")
+        return self
+
+
+def _flow_log(value: Any) -> Any:
+    """``off`` (YAML reads it as false) or null: none; ``journal``: the
+    system journal; a mapping: see FlowLog."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "journal":
+        return {"journal": str(JOURNAL_SOCKET)}
+    if isinstance(value, dict):
+        return value
+    raise ValueError(f"expected off, journal, or a mapping with path (and max_bytes, keep) "
+                     f"or journal, got {describe_value(value)}")
+
+
 class DaemonConfig(BaseModel):
     """ausd's settings. Every field has a default; paths are absolute (a
     relative ``policy`` or ``bpf_dir`` in a file is taken relative to the
@@ -259,6 +293,10 @@ class DaemonConfig(BaseModel):
         Path("/var/lib/aus/flows")
     flow_spool_bytes: Annotated[int, Field(strict=True),
                                 _between(1 << 20, 1 << 40, " bytes")] = 64 << 20
+    # Flow records (see docs/flow-records.md):
+    flow_window: Annotated[float, StrictNumber, _between(1.0, 3600.0, " seconds")] = 10.0
+    flow_window_records: Annotated[int, Field(strict=True), _between(1, 1_000_000)] = 10000
+    flow_log: Annotated[FlowLog | None, BeforeValidator(_flow_log)] = None
 
     @field_validator("mode", "log_level", "bundle_user_match", mode="before")
     @classmethod

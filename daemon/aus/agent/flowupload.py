@@ -126,11 +126,17 @@ class FlowUploader:
         oldest records handed over are dropped here (and counted)."""
         self._inbox.append((records, dropped))
         self._handed += len(records)
-        while self._handed - self._queue_popped - self._taken > self.spool.max_records:
+        while (excess := self._handed - self._queue_popped - self._taken
+               - self.spool.max_records) > 0:
             try:
                 old, window = self._inbox.popleft()
             except IndexError:
                 break
+            if len(old) > excess:
+                # A window larger than the bound keeps its newest records.
+                self._inbox.appendleft((old[excess:], window))
+                old = old[:excess]
+                window = 0
             self._queue_popped += len(old)
             self._queue_dropped += len(old)
             self._queue_window += window
