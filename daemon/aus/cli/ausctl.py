@@ -60,7 +60,8 @@ def _server_lines(srv: dict) -> list[str]:
                 f"(generated {srv['generated_at']}), ETag {srv['etag']}")
         head += (f", from the cache {srv['cache']} (fetched {_ago(srv['fetched_at'])})"
                  if srv["from_cache"] else f", fetched {_ago(srv['fetched_at'])}")
-    lines = [pad + head, f"{pad}server: {srv['state']}, last answer {_ago(srv['last_fetch'])}"]
+    lines = [pad + head, f"{pad}server: {srv['state']}, last answer {_ago(srv['last_fetch'])}"
+             + (f", as workload {srv['workload']}" if srv.get("workload") else "")]
     if srv["last_error"]:
         lines.append(f"{pad}last error: {srv['last_error']} "
                      f"({srv['failures']} failures in a row)")
@@ -117,7 +118,9 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
         lines = [f"ausd:      {'running, pid ' + str(d['pid']) if d['running'] else 'not running (' + d['error'] + ')'}"]
         if d["running"]:
             p = s["policy"]
-            lines += [f"mode:      {s['mode']}", f"cgroup:    {s['cgroup']}",
+            source = s.get("mode_source")
+            lines += [f"mode:      {s['mode']}" + (f" (from {source})" if source else ""),
+                      f"cgroup:    {s['cgroup']}",
                       f"policy:    {p['path']} version {p['version']}, {p['rules']} rules"]
             if p.get("server"):
                 lines += _server_lines(p["server"])

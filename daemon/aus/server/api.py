@@ -41,7 +41,6 @@ from .db import (
     Rule,
     RuleSource,
     User,
-    Workload,
     fold,
     utcnow,
 )
