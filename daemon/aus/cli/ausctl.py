@@ -60,8 +60,7 @@ def _server_lines(srv: dict) -> list[str]:
                 f"(generated {srv['generated_at']}), ETag {srv['etag']}")
         head += (f", from the cache {srv['cache']} (fetched {_ago(srv['fetched_at'])})"
                  if srv["from_cache"] else f", fetched {_ago(srv['fetched_at'])}")
-    lines = [pad + head, f"{pad}server: {srv['state']}, last answer {_ago(srv['last_fetch'])}"
-             + (f", as workload {srv['workload']}" if srv.get("workload") else "")]
+    lines = [pad + head, f"{pad}server: {srv['state']}, last answer {_ago(srv['last_fetch'])}"]
     if srv["last_error"]:
         lines.append(f"{pad}last error: {srv['last_error']} "
                      f"({srv['failures']} failures in a row)")
@@ -119,6 +118,8 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
         if d["running"]:
             p = s["policy"]
             source = s.get("mode_source")
+            if source and s.get("workload"):
+                source += f", workload {s['workload']}"
             lines += [f"mode:      {s['mode']}" + (f" (from {source})" if source else ""),
                       f"cgroup:    {s['cgroup']}",
                       f"policy:    {p['path']} version {p['version']}, {p['rules']} rules"]
