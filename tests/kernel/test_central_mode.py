@@ -41,12 +41,15 @@ def aus_server(tmp_path):
             yield base, token, c
 
 
-def _alice_may_reach_port_80(c, peer, alice) -> None:
-    scim = {"Content-Type": "application/scim+json"}
-    uid = c.post("/scim/orgs/1/Users", headers=scim, json={
-        "schemas": [USER], "userName": alice.name, "active": True}).json()["id"]
-    dev = c.post("/scim/orgs/1/Groups", headers=scim, json={
-        "schemas": GROUP, "displayName": "DEV", "members": [{"value": uid}]}).json()["id"]
+def _alice_may_reach_port_80(c, token, peer, alice) -> None:
+    scim = {"Content-Type": "application/scim+json", "Authorization": f"Bearer {token}"}
+    r = c.post("/scim/orgs/1/Users", headers=scim, auth=None, json={
+        "schemas": [USER], "userName": alice.name, "active": True})
+    assert r.status_code == 201, r.text
+    r = c.post("/scim/orgs/1/Groups", headers=scim, auth=None, json={
+        "schemas": GROUP, "displayName": "DEV", "members": [{"value": r.json()["id"]}]})
+    assert r.status_code == 201, r.text
+    dev = r.json()["id"]
     r = c.post("/api/orgs/1/rules", json={
         "name": "dev-web", "sources": [dev], "destinations": [f"{peer.v4}/32"],
         "services": ["80/tcp"]})
@@ -78,7 +81,7 @@ def test_the_server_switches_a_running_workload_between_enforce_and_visibility(
         cg, peer, people, aus_server):
     base, token, c = aus_server
     alice = people[0]["alice"]
-    _alice_may_reach_port_80(c, peer, alice)
+    _alice_may_reach_port_80(c, token, peer, alice)
     # given ahead of the workload's first check-in; the org stays in visibility
     assert _set(c, f"/workloads/{WORKLOAD}/mode", "enforce")["mode_source"] == "workload"
     assert c.get("/api/orgs/1/mode").json()["mode"] == "visibility"
@@ -126,7 +129,7 @@ def test_the_server_switches_a_running_workload_between_enforce_and_visibility(
 def test_a_mode_in_ausd_yaml_wins_over_the_server(cg, peer, people, aus_server):
     base, token, c = aus_server
     alice = people[0]["alice"]
-    _alice_may_reach_port_80(c, peer, alice)
+    _alice_may_reach_port_80(c, token, peer, alice)
     _set(c, "/mode", "enforce")
     _set(c, f"/workloads/{WORKLOAD}/mode", "enforce")
     with lab.ausd(cg, {}, policy_url=f"{base}/api/orgs/1/bundle", credentials=token,
