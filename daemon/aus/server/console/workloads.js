@@ -61,12 +61,16 @@ export async function view(ctx) {
     return select;
   }
 
+  // What the workload says it applies; a difference is explained: not yet
+  // taken (it is behind) or its own ausd.yaml sets the mode (it is current).
   function appliedCell(w) {
     if (!w.last_seen) return h("span", { class: "muted" }, "not seen yet");
     if (!w.applied_mode) return h("span", { class: "muted" }, "not reported");
     const differs = w.mode && w.applied_mode !== w.mode;
     return h("span", {}, modeBadge(w.applied_mode),
-      differs ? h("span", { class: "badge warn", title: "mode set in the workload's ausd.yaml wins" }, "ausd.yaml") : null);
+      !differs ? null : w.current
+        ? h("span", { class: "badge warn", title: "the mode set in the workload's ausd.yaml wins over the server's" }, "ausd.yaml")
+        : h("span", { class: "badge", title: "the workload has not taken the newest policy version yet" }, "changing"));
   }
 
   function renderOrgMode(mode) {
@@ -103,9 +107,9 @@ export async function view(ctx) {
     renderOrgMode(data.default_mode);
     replace(table, data.items.length ? h("table", { class: "data", id: "workloads-table" },
       h("caption", { class: "visually-hidden" }, "Workloads"),
-      h("thead", {}, h("tr", {}, ["Name", "Address", "Mode", "Applies", "Denied (1 h)", "Would be denied (1 h)",
-        "Enforcing version", "Status", "Last seen", "Set mode"].map((c, i) =>
-        h("th", { scope: "col", class: [4, 5, 6].includes(i) ? "num" : null }, c)))),
+      h("thead", {}, h("tr", {}, ["Name", "Address", "Mode", "Applies", "Denied, 1 h", "Would deny, 1 h",
+        "Policy version", "Last seen", "Set mode"].map((c, i) =>
+        h("th", { scope: "col", class: [4, 5].includes(i) ? "num" : null }, c)))),
       h("tbody", {}, data.items.map((w) => h("tr", { "data-workload": w.name },
         h("th", { scope: "row" }, w.name),
         h("td", {}, w.address ? h("code", {}, w.address) : h("span", { class: "muted" }, "unknown")),
@@ -114,11 +118,10 @@ export async function view(ctx) {
         h("td", { class: "applied" }, appliedCell(w)),
         h("td", { class: "num denied" }, num(w.denied_last_hour)),
         h("td", { class: "num would-deny" }, num(w.would_deny_last_hour)),
-        h("td", { class: "num" }, w.last_seen ? num(w.enforcing_version) : "–"),
-        h("td", {}, !w.last_seen ? h("span", { class: "muted" }, "not seen yet") : w.current
+        h("td", {}, !w.last_seen ? h("span", { class: "muted" }, "–") : [num(w.enforcing_version), " ", w.current
           ? h("span", { class: "badge ok" }, "current")
           : h("span", { class: "badge warn" }, w.enforcing_version < data.policy_version
-            ? `behind by ${plural(data.policy_version - w.enforcing_version, "version", "versions")}` : "not current")),
+            ? `behind by ${plural(data.policy_version - w.enforcing_version, "version", "versions")}` : "not current")]),
         h("td", {}, w.last_seen ? time(w.last_seen, { withAge: true }) : "–"),
         h("td", {}, modeControl(w, data.default_mode))))))
       : null);
