@@ -90,7 +90,7 @@ def test_workload_mode_wins_over_the_org_default_and_null_returns_to_it(server):
     assert b.enforcement.mode_for("web-2") == ("enforce", "server:org")
     assert resp.json()["version"] == r.json()["policy_version"]
 
-    w = wait_until(lambda: (w := _workloads(server))["items"]
+    w = wait_until(lambda: len((w := _workloads(server))["items"]) == 2
                    and all(i["applied_mode"] for i in w["items"]) and w,
                    what="the check-ins")
     assert w["default_mode"] == "enforce"
