@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -103,8 +104,12 @@ def test_the_server_switches_a_running_workload_between_enforce_and_visibility(
                                     c.get("/api/orgs/1/workloads").json()["items"]]
                            == [(WORKLOAD, "enforce")], what="the check-in of the mode")
 
+            t0 = time.monotonic()
             _set(c, f"/workloads/{WORKLOAD}/mode", "visibility")
             _in_force(d, "visibility", "server:workload")
+            took = time.monotonic() - t0
+            print(f"server mode change to the kernel's config map: {took * 1000:.0f} ms")
+            assert took < 3, took     # the long poll wakes; not the end of its wait
             assert tcp(cg, alice, peer.v4, 443)["ok"]
             lab.wait_until(lambda: _audited(d, peer, 443), what="the would-be denial")
             assert tcp(cg, alice, peer.v4, 80)["ok"]

@@ -246,3 +246,24 @@ def test_a_mode_change_wakes_a_long_poll_with_the_new_bundle(server):
     b = bundle_from_bytes(got["body"], "long poll")
     assert b.enforcement.mode_for("web-1") == ("enforce", "server:workload")
     assert json.loads(got["body"])["version"] == r.json()["policy_version"]
+
+
+def test_concurrent_first_settings_of_one_workload_all_succeed(server):
+    """Settings of a name that has no row yet race to insert it: they
+    queue on the org's lock instead of failing on the primary key."""
+    results: list[int] = []
+
+    def put(mode):
+        results.append(_put(server, "/workloads/race-1/mode", {"mode": mode}).status_code)
+
+    threads = [threading.Thread(target=put, args=(("enforce", "visibility")[i % 2],))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [200] * 8
+    final = _workloads(server)["items"]
+    assert [(i["name"], i["mode_source"]) for i in final] == [("race-1", "workload")]
+    b, _ = _bundle(server)
+    assert b.enforcement.workloads == {"race-1": final[0]["mode"]}

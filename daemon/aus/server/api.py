@@ -575,6 +575,7 @@ def _set_mode(request: Request, org_id: str, key_id: str, workload: str, body) -
         raise ApiError(400, "the mode is not valid",
                        [{"field": exc.field, "message": exc.message}]) from None
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # concurrent first settings of one name queue here
         changed = enforcement.set_mode(s, org_id, workload, mode, key_id)
         if changed:
             touch(s, org_id)
@@ -627,7 +628,7 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
                      if_none_match: str | None = Header(None),
                      x_aus_workload: str | None = Header(None),
                      x_aus_enforcing: int | None = Header(None, ge=0, le=INT32_MAX),
-                     x_aus_mode: str | None = Header(None, max_length=16)) -> Response:
+                     x_aus_mode: str | None = Header(None)) -> Response:
     token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
     if request.app.state.verifier.for_org(token, org_id, cached_only=True) is None:
         await asyncio.to_thread(request.app.state.verifier.for_org, token, org_id,

@@ -76,8 +76,8 @@ def set_mode(session: Session, org_id: str, workload: str, mode: str | None,
     """Set (``mode`` None: remove) the org's default (``workload`` ORG)
     or a workload's mode. Returns whether anything changed; the caller
     then bumps the org's generation (``bundle.touch``) in the same
-    transaction."""
-    row = session.get(EnforcementMode, (org_id, workload), with_for_update=True)
+    transaction, holding the org's lock (``policycheck.lock_org``)."""
+    row = session.get(EnforcementMode, (org_id, workload))
     if (row.mode if row else None) == mode:
         return False
     if mode is None:
