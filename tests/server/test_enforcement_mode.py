@@ -267,3 +267,42 @@ def test_concurrent_first_settings_of_one_workload_all_succeed(server):
     assert [(i["name"], i["mode_source"]) for i in final] == [("race-1", "workload")]
     b, _ = _bundle(server)
     assert b.enforcement.workloads == {"race-1": final[0]["mode"]}
+
+
+def test_the_upgrade_gives_existing_orgs_no_default(tmp_path):
+    """0007 on a store at 0006: the org and its workloads stay as they
+    were, no mode is set, and the bundle built afterwards has no
+    enforcement key, so no running workload changes mode."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    import aus.server.db as db
+    from aus.server.bundle import rebuild
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.Path(db.__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0006")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('1', '2026-01-01', 0)")
+        conn.exec_driver_sql("INSERT INTO workloads (org_id, name, address, enforcing_version, last_seen)"
+                             " VALUES ('1', 'web-1', '10.0.0.5', 3, '2026-01-01')")
+    engine.dispose()
+    engine, sessions = open_database(url)     # upgrades to head
+    try:
+        with sessions.begin() as s:
+            body = json.loads(rebuild(s, "1").body)
+        assert "enforcement" not in body
+        with engine.connect() as conn:
+            assert list(conn.exec_driver_sql("SELECT count(*) FROM enforcement_modes")) == [(0,)]
+            assert list(conn.exec_driver_sql(
+                "SELECT name, enforcing_version, applied_mode FROM workloads")) == [("web-1", 3, None)]
+        with engine.begin() as conn:    # and back down
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0006")
+    finally:
+        engine.dispose()
