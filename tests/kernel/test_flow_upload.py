@@ -179,5 +179,6 @@ def test_session_open_is_not_delayed_while_uploads_fail(cg, peer, people):
     base50, base99 = figures["uploads off"]
     for arm in ("server down", "black hole"):
         p50, p99 = figures[arm]
-        # a login waiting on the network would take seconds (connect timeout 5 s)
-        assert p50 <= base50 * 2 + 5 and p99 <= base99 * 3 + 50, (arm, figures)
+        # a login waiting on the network would take seconds (connect timeout
+        # 5 s); the slack in p99 is a shared CPU's scheduling, not the network
+        assert p50 <= base50 * 2 + 5 and p99 <= base99 * 3 + 250, (arm, figures)

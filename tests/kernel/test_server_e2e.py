@@ -79,7 +79,7 @@ def test_scim_push_rule_bundle_kernel(cg, peer, people, aus_server):
     version = r.json()["policy_version"]
 
     with lab.ausd(cg, {}, policy_url=f"{base}/api/orgs/1/bundle", credentials=token,
-                  bundle_wait=30) as d:
+                  bundle_wait=30, mode="enforce") as d:   # a new org's default: visibility
         d.start()
         st = d.ctl_json("status")["policy"]
         assert st["source"] == "server" and st["version"] == version, st
@@ -159,7 +159,7 @@ def test_after_the_freeze_attempts_removals_and_disables_reach_the_kernel(
     assert c.get("/api/orgs/1/policy", auth=basic).json()["build"]["ok"] is True
 
     with lab.ausd(cg, {}, policy_url=f"{base}/api/orgs/1/bundle", credentials=token,
-                  bundle_wait=30) as d:
+                  bundle_wait=30, mode="enforce") as d:   # a new org's default: visibility
         d.start()
         with lab.session(d, alice.uid), lab.session(d, bob.uid):
             assert tcp(cg, alice, peer.v4, 80)["ok"] and tcp(cg, bob, peer.v4, 80)["ok"]

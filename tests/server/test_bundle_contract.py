@@ -82,3 +82,22 @@ def test_the_server_publishes_nothing_the_agent_would_refuse(server):
             assert json.loads(row.body)["policy"] == in_force["policy"]
     finally:
         engine.dispose()
+
+
+def test_the_enforcement_modes_round_trip_through_the_agent(server):
+    """The modes set through the API reach the agent's model as set, and
+    the body is what that model writes out, byte for byte."""
+    c, auth = server.client, server.basic()
+    assert c.put(f"{server.api}/mode", auth=auth, json={"mode": "enforce"}).status_code == 200
+    for name, mode in (("web-1", "visibility"), ("db.example.com", "enforce")):
+        r = c.put(f"{server.api}/workloads/{name}/mode", auth=auth, json={"mode": mode})
+        assert r.status_code == 200, r.text
+    body = c.get(f"{server.api}/bundle", auth=auth).content
+    assert json.loads(body)["enforcement"] == {
+        "default": "enforce", "workloads": {"db.example.com": "enforce", "web-1": "visibility"}}
+    b = bundle_from_bytes(body, "bundle of org 1")
+    assert b.enforcement.mode_for("web-1") == ("visibility", "server:workload")
+    assert b.enforcement.mode_for("web-2") == ("enforce", "server:org")
+    doc = document_from_data(json.loads(body), "bundle of org 1")
+    again = json.dumps(doc.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
+    assert again.encode() == body

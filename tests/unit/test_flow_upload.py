@@ -204,7 +204,7 @@ def test_submit_never_waits_for_a_hung_server(receiver, creds, tmp_path):
         # an append and an event: microseconds; the tail is the GIL and a
         # shared CPU, never the network (a hung request would be seconds)
         p50, p99 = took[len(took) // 2], took[len(took) * 99 // 100]
-        assert p50 < 0.0005 and p99 < 0.01 and took[-1] < 1.0, (p50, p99, took[-1])
+        assert p50 < 0.0005 and p99 < 0.05 and took[-1] < 1.0, (p50, p99, took[-1])
         wait_until(lambda: up.status()["spooled"]["queued"] == 0, what="the spool thread")
         assert up.status()["spooled"]["memory"] <= 1000
         assert up.status()["batches_sent"] == 0

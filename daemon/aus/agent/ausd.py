@@ -39,6 +39,7 @@ from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
 from . import commands, control, flows, loader, mapsync, pins, report
 from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
+from .enforcement import mode_in_force
 from .flowlog import sink_of as flow_log_sink
 from .flowrecords import Aggregator as FlowAggregator
 from .flowrecords import Filter as FlowFilter
@@ -110,6 +111,8 @@ class Daemon:
         # whose memberships count, and deliveries waiting for the main loop.
         self.follower = BundleFollower(cfg, self._deliver) if cfg.policy_url else None
         self.bundle: Bundle | None = None
+        # The mode in the kernel and where it came from (see enforcement.py).
+        self.mode = mode_in_force(cfg, None, None)
         self._inbox: collections.deque[Delivery] = collections.deque()
         self.uploader = uploader_for(cfg)
         if self.uploader is not None:
@@ -161,9 +164,20 @@ class Daemon:
         self.policy, self.policy_digest, self.compiled = policy, digest, compiled
         self.bundle = bundle
         self.policy_error = None
+        self._follow_mode()
         self.rebuild_want()
-        self.sync(why)
+        self.sync(why)   # the new mode goes into the config map with the users
         return compiled
+
+    def _follow_mode(self) -> None:
+        """Take the mode the bundle in force sets, unless ausd.yaml sets one."""
+        new = mode_in_force(self.cfg, self.bundle,
+                            self.follower.workload if self.follower is not None else None)
+        if new.mode != self.mode.mode:
+            log.warning("mode %s -> %s (from %s)", self.mode.mode, new.mode, new.source)
+        self.mode = new
+        if self.follower is not None:
+            self.follower.report_mode(new.mode)
 
     def reload(self) -> dict:
         """Re-read the policy; a bad one is refused and the old stays.
@@ -269,7 +283,7 @@ class Daemon:
         assert self.compiled is not None
         return Desired(users=self.want, baseline=self.compiled.baseline_ruleset(),
                        rules=self.compiled.rule_names,
-                       mode=C.MODES[self.cfg.mode],
+                       mode=C.MODES[self.mode.mode],
                        events_per_sec=self.cfg.events_per_second,
                        events_burst=self.cfg.events_burst,
                        policy_version=self.compiled.version)
@@ -363,6 +377,7 @@ class Daemon:
             policy, digest = empty_policy(), ""
             self.compiled = self._compile(policy, 0)
         self.policy, self.policy_digest, self.bundle = policy, digest, bundle
+        self._follow_mode()
         self.sessions.update_scan(scan_loginuids())
         stage("adopt maps and scan /proc")
         self.rebuild_want()
@@ -381,8 +396,8 @@ class Daemon:
         self.notifier.ready(f"enforcing policy version {self.compiled.version}"
                             if self.compiled.version or not self.cfg.policy_url else
                             "no policy bundle yet: enforcing the baseline only")
-        log.info("ausd %s ready: mode %s, cgroup %s, %d active users, pins %s",
-                 __version__, self.cfg.mode, self.cfg.cgroup_path,
+        log.info("ausd %s ready: mode %s (from %s), cgroup %s, %d active users, pins %s",
+                 __version__, self.mode.mode, self.mode.source, self.cfg.cgroup_path,
                  len(self.sessions.active(self.unmanaged)), self.cfg.pin_dir)
         if self.uploader is not None:
             self.uploader.start()
@@ -547,7 +562,7 @@ class Daemon:
             policy=self.policy, compiled=self.compiled, policy_error=self.policy_error,
             kstate=self.kstate, unmanaged=frozenset(self.unmanaged),
             identities=dict(self.identities), processes=dict(self.sessions.processes),
-            bundle=self.bundle,
+            bundle=self.bundle, mode=self.mode,
             server=self.follower.status() if self.follower is not None else None,
             last_sync=self.last_sync, start_stages=self.start_stages,
             upload=self.uploader.status() if self.uploader is not None else None,

@@ -334,6 +334,11 @@ class DaemonConfig(BaseModel):
         return value
 
     @property
+    def mode_explicit(self) -> bool:
+        """Whether ``mode`` was set (it then wins over the policy server's)."""
+        return "mode" in self.model_fields_set
+
+    @property
     def policy_url(self) -> str | None:
         """The policy server URL, or None when the policy is a file."""
         return self.policy if isinstance(self.policy, str) else None

@@ -8,6 +8,7 @@ Protocol (aus-server)::
     If-None-Match: <etag last received>       (left out on the first fetch)
     X-Aus-Workload: <hostname>
     X-Aus-Enforcing: <bundle version in force, 0 if none>
+    X-Aus-Mode: <enforce | visibility: the mode in force>
     Accept: application/json
 
     200 + ETag: the bundle (now if the ETag differs, or as soon as it
@@ -181,6 +182,7 @@ class Client:
         self.port = parts.port or (443 if self.https else 80)
         self.target = (parts.path or "/") + (f"?{parts.query}&" if parts.query else "?")
         self.workload = workload or socket.gethostname()
+        self.mode: str | None = None    # the mode in force, set by the daemon
         self.set_credentials(credentials)
         self.context: ssl.SSLContext | None = None
         if self.https:
@@ -298,6 +300,8 @@ class Client:
         headers = {"Accept": "application/json", "X-Aus-Enforcing": str(enforcing)}
         if etag is not None:
             headers["If-None-Match"] = etag
+        if self.mode is not None:
+            headers["X-Aus-Mode"] = self.mode
         ans = self.exchange("GET", f"{self.target}wait={wait}", headers,
                             read_timeout=wait + READ_GRACE, limit=MAX_BUNDLE_BYTES,
                             cancel=cancel, connect_timeout=connect_timeout)

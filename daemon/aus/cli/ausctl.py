@@ -121,7 +121,11 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
         lines = [f"ausd:      {'running, pid ' + str(d['pid']) if d['running'] else 'not running (' + d['error'] + ')'}"]
         if d["running"]:
             p = s["policy"]
-            lines += [f"mode:      {s['mode']}", f"cgroup:    {s['cgroup']}",
+            source = s.get("mode_source")
+            if source and s.get("workload"):
+                source += f", workload {s['workload']}"
+            lines += [f"mode:      {s['mode']}" + (f" (from {source})" if source else ""),
+                      f"cgroup:    {s['cgroup']}",
                       f"policy:    {p['path']} version {p['version']}, {p['rules']} rules"]
             if p.get("server"):
                 lines += _server_lines(p["server"])

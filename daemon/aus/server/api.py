@@ -15,7 +15,7 @@ import contextlib
 import uuid
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,7 +31,7 @@ from ..core.policy import (
     parse_network,
     parse_service,
 )
-from . import policycheck
+from . import enforcement, policycheck
 from .auth import AuthError, client_address, token_from_header
 from .bundle import build_status, parse_if_none_match, touch
 from .db import (
@@ -41,7 +41,6 @@ from .db import (
     Rule,
     RuleSource,
     User,
-    Workload,
     fold,
     utcnow,
 )
@@ -548,37 +547,96 @@ def policy_version(request: Request, org_id: str = Depends(org_auth)) -> dict:
 
 @router.get("/workloads")
 def list_workloads(request: Request, org_id: str = Depends(org_auth)) -> dict:
+    """Each workload with its mode (``mode_source``: ``workload`` or
+    ``org``), the mode it says it applies, and its denials of the last hour."""
     cur = request.app.state.bundles.current(org_id)
     with _session(request)() as s:
-        rows = s.scalars(select(Workload).where(Workload.org_id == org_id)
-                         .order_by(Workload.name)).all()
-        items = [{"name": w.name, "address": w.address, "enforcing_version": w.enforcing_version,
-                  "current": cur is not None and w.enforcing_version == cur.version,
-                  "last_seen": _iso(w.last_seen)} for w in rows]
-    return {"policy_version": cur.version if cur else 0, "items": items}
+        items = enforcement.workload_views(s, org_id, cur.version if cur else None)
+        default = enforcement.org_default(s, org_id)
+    return {"policy_version": cur.version if cur else 0, "default_mode": default["mode"],
+            "items": items}
+
+
+# -- the enforcement mode ------------------------------------------------------
+
+
+def _key_of(org_id: str, request: Request) -> str:
+    """The id of the org's key making the request (recorded with a change)."""
+    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
+    return request.app.state.verifier.for_org(token, org_id, source=client_address(request))
+
+
+def _set_mode(request: Request, org_id: str, key_id: str, workload: str, body) -> bool:
+    try:
+        if workload != enforcement.ORG:
+            enforcement.check_workload_name(workload)
+        mode = enforcement.parse_mode_body(body, allow_null=workload != enforcement.ORG)
+    except enforcement.ModeRefused as exc:
+        raise ApiError(400, "the mode is not valid",
+                       [{"field": exc.field, "message": exc.message}]) from None
+    with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # concurrent first settings of one name queue here
+        changed = enforcement.set_mode(s, org_id, workload, mode, key_id)
+        if changed:
+            touch(s, org_id)
+    return changed
+
+
+@router.get("/mode")
+def get_org_mode(request: Request, org_id: str = Depends(org_auth)) -> dict:
+    """The org's default mode (null: none set; workloads keep their own)."""
+    with _session(request)() as s:
+        return enforcement.org_default(s, org_id)
+
+
+@router.put("/mode")
+def put_org_mode(request: Request, org_id: str, body=Body(None),
+                 key_id: str = Depends(_key_of)) -> dict:
+    changed = _set_mode(request, org_id, key_id, enforcement.ORG, body)
+    version = request.app.state.bundles.rebuild_now(org_id)
+    with _session(request)() as s:
+        return {**enforcement.org_default(s, org_id), "changed": changed,
+                "policy_version": version}
+
+
+@router.put("/workloads/{name}/mode")
+def put_workload_mode(name: str, request: Request, org_id: str, body=Body(None),
+                      key_id: str = Depends(_key_of)) -> dict:
+    changed = _set_mode(request, org_id, key_id, name, body)
+    version = request.app.state.bundles.rebuild_now(org_id)
+    with _session(request)() as s:
+        views = {w["name"]: w for w in enforcement.workload_views(s, org_id, version)}
+        # a workload never seen, returned to the default, is listed nowhere
+        default = enforcement.org_default(s, org_id)["mode"]
+        view = views.get(name) or {"name": name, "mode": default,
+                                   "mode_source": "org" if default else None}
+    return {**view, "changed": changed, "policy_version": version}
 
 
 # -- the bundle --------------------------------------------------------------
 
 
-def _note_workload(request: Request, org_id: str, name: str, version: int, address: str) -> None:
+def _note_workload(request: Request, org_id: str, name: str, version: int, address: str,
+                   mode: str | None) -> None:
     """Queue the workload's check-in; the bundle service writes them in
     batches, so a thousand polls never wait on a thousand writes."""
-    request.app.state.bundles.note_workload(org_id, name, version, address)
+    request.app.state.bundles.note_workload(org_id, name, version, address, mode)
 
 
 @router.get("/bundle", responses={304: {"description": "unchanged during the wait"}})
 async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0, le=3600),
                      if_none_match: str | None = Header(None),
                      x_aus_workload: str | None = Header(None),
-                     x_aus_enforcing: int | None = Header(None, ge=0, le=INT32_MAX)) -> Response:
+                     x_aus_enforcing: int | None = Header(None, ge=0, le=INT32_MAX),
+                     x_aus_mode: str | None = Header(None)) -> Response:
     token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
     if request.app.state.verifier.for_org(token, org_id, cached_only=True) is None:
         await asyncio.to_thread(request.app.state.verifier.for_org, token, org_id,
                                 source=client_address(request))
     if x_aus_workload:
         address = request.client.host if request.client else ""
-        _note_workload(request, org_id, x_aus_workload[:255], x_aus_enforcing or 0, address)
+        mode = x_aus_mode if x_aus_mode in enforcement.MODES else None   # an older ausd: none
+        _note_workload(request, org_id, x_aus_workload[:255], x_aus_enforcing or 0, address, mode)
     bundles = request.app.state.bundles
     etag = parse_if_none_match(if_none_match)
     cur = await bundles.wait_change(org_id, etag, wait)

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..core.bundle import BUNDLE_FORMAT, document_from_data
 from ..core.errors import PolicyError
 from ..core.policy import parse_network
+from . import enforcement
 from .db import (
     Bundle,
     Group,
@@ -184,6 +185,7 @@ def rebuild(session: Session, org_id: str, now: dt.datetime | None = None) -> Bu
         return row
     try:
         content = build_content(session, org_id)
+        content.update(enforcement.bundle_key(session, org_id))
         digest = _digest(content)
         if digest != row.digest or not row.body:
             # Validated as the daemon will: data the API let through but a
@@ -235,7 +237,8 @@ def _build_failed(session: Session, row: Bundle, org_id: str, exc: Exception,
         return
     policy = json.loads(row.body)["policy"]
     members = current_members(session, org_id, [g["name"] for g in policy["user_groups"]])
-    content = {"policy": policy, "members": members}
+    content = {"policy": policy, "members": members,
+               **enforcement.bundle_key(session, org_id)}
     digest = _digest(content)
     if digest != row.digest:
         try:
@@ -289,7 +292,7 @@ class BundleService:
         self._poke: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
-        self._checkins: dict[tuple[str, str], tuple[int, str, dt.datetime]] = {}
+        self._checkins: dict[tuple[str, str], tuple[int, str, dt.datetime, str | None]] = {}
         self._checkin_lock = threading.Lock()
         self._held: dict[str, float] = {}          # org -> monotonic time of its next try
         self._held_attempts: dict[str, int] = {}
@@ -334,9 +337,10 @@ class BundleService:
                     self._cond.notify_all()
             await asyncio.sleep(self.interval)   # bounds rebuilds under a write burst
 
-    def note_workload(self, org_id: str, name: str, version: int, address: str) -> None:
+    def note_workload(self, org_id: str, name: str, version: int, address: str,
+                      mode: str | None = None) -> None:
         with self._checkin_lock:
-            self._checkins[(org_id, name)] = (version, address, utcnow())
+            self._checkins[(org_id, name)] = (version, address, utcnow(), mode)
 
     def _flush_checkins(self) -> None:
         with self._checkin_lock:
@@ -352,13 +356,14 @@ class BundleService:
         with self.sessions.begin() as s:
             known = {(w.org_id, w.name): w for w in s.scalars(select(Workload).where(
                 Workload.org_id.in_({o for o, _ in batch}), Workload.name.in_({n for _, n in batch})))}
-            for key, (version, address, seen) in batch.items():
+            for key, (version, address, seen, mode) in batch.items():
                 row = known.get(key)
                 if row is None:
                     s.add(Workload(org_id=key[0], name=key[1], enforcing_version=version,
-                                   address=address, last_seen=seen))
+                                   address=address, last_seen=seen, applied_mode=mode))
                 else:
                     row.enforcing_version, row.address, row.last_seen = version, address, seen
+                    row.applied_mode = mode
 
     def _tick(self) -> bool:
         """Rebuild stale bundles; load bundles other replicas built; write

@@ -243,6 +243,8 @@ class Workload(Base):
     address: Mapped[str] = mapped_column(String(64), default="")
     enforcing_version: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The mode the daemon said it applies (X-Aus-Mode); None: it did not say.
+    applied_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class Flow(Base):
@@ -275,6 +277,21 @@ class Flow(Base):
         Index("ix_flows_org_last_seen", "org_id", "last_seen"),
         Index("ix_flows_org_user", "org_id", "user_name", "last_seen"),
     )
+
+
+class EnforcementMode(Base):
+    """A mode the server sets: a workload's (``workload`` its name, which
+    may not have checked in yet), or the org's default (``workload`` "":
+    no workload is called that). An org without a default row sets none,
+    and its workloads keep the mode of their own configuration."""
+
+    __tablename__ = "enforcement_modes"
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    workload: Mapped[str] = mapped_column(String(255), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16))        # "enforce" | "visibility"
+    changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    changed_by: Mapped[str] = mapped_column(String(64), default="")   # the API key's id
 
 
 # --------------------------------------------------------------------------
