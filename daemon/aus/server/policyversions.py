@@ -51,7 +51,7 @@ def draft_spec(s: Session, org_id: str) -> dict:
                                   .join(Rule, Rule.id == RuleSource.rule_id)
                                   .where(Rule.org_id == org_id).order_by(RuleSource.position)):
             src[rid].append(gid)
-    names = _group_names(s, org_id, {g for v in src.values() for g in v})
+    names = group_names(s, org_id, {g for v in src.values() for g in v})
     lists = s.scalars(select(IpList).where(IpList.org_id == org_id).order_by(IpList.name)).all()
     return {
         "rules": [{"id": r.id, "name": r.name, "description": r.description or "",
@@ -62,7 +62,7 @@ def draft_spec(s: Session, org_id: str) -> dict:
     }
 
 
-def _group_names(s: Session, org_id: str, ids: set[str]) -> dict[str, str]:
+def group_names(s: Session, org_id: str, ids: set[str]) -> dict[str, str]:
     if not ids:
         return {}
     return dict(s.execute(select(Group.id, Group.display_name)
@@ -129,7 +129,7 @@ def draft_view(s: Session, org_id: str) -> dict:
     cur = active_version(s, org_id)
     before = copy.deepcopy(cur.spec) if cur is not None else EMPTY_SPEC
     after = draft_spec(s, org_id)
-    d = diff_specs(before, after, _group_names(s, org_id, spec_group_ids(before, after)))
+    d = diff_specs(before, after, group_names(s, org_id, spec_group_ids(before, after)))
     return {"pending": d["changes"] > 0, "active_version": cur.version if cur else 0, **d}
 
 
