@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from pydantic import Field
 from sqlalchemy import func, select
 
@@ -19,6 +19,8 @@ from .preview import MAX_DAYS, parse_baseline, preview
 
 router = APIRouter(prefix=API_PREFIX, tags=["policy lifecycle"])
 MAX_PAGE = 500
+MAX_VERSION = 2**31 - 1     # the version column (INTEGER)
+Version = Path(ge=1, le=MAX_VERSION)
 
 
 class ProvisionIn(_Body):
@@ -113,15 +115,15 @@ def _version(s, org_id: str, version: int) -> PolicyVersion:
 
 
 @router.get("/policy/versions/{version}")
-def get_version(version: int, request: Request, org_id: str = Depends(org_auth)) -> dict:
+def get_version(request: Request, version: int = Version, org_id: str = Depends(org_auth)) -> dict:
     with _session(request)() as s:
         return pv.version_view(_version(s, org_id, version), full=True)
 
 
 @router.get("/policy/diff")
 def diff_versions(request: Request, org_id: str = Depends(org_auth),
-                  from_: int = Query(..., alias="from", ge=0),
-                  to: int = Query(..., ge=0)) -> dict:
+                  from_: int = Query(..., alias="from", ge=0, le=MAX_VERSION),
+                  to: int = Query(..., ge=0, le=MAX_VERSION)) -> dict:
     """What changed from one version to another (0: the empty policy
     before the first version)."""
     with _session(request)() as s:
@@ -132,7 +134,7 @@ def diff_versions(request: Request, org_id: str = Depends(org_auth),
 
 
 @router.post("/policy/versions/{version}/rollback")
-def rollback(version: int, request: Request, body: RollbackIn | None = None,
+def rollback(request: Request, version: int = Version, body: RollbackIn | None = None,
              who: tuple[str, str] = Depends(org_key)) -> dict:
     """Publish an old version as a new version; refused while the draft
     has pending changes."""

@@ -41,7 +41,9 @@ def _snapshot_policies_in_force(conn) -> None:
     migration never changes with the application's models)."""
     import json
 
-    t = {name: sa.table(name, *(sa.column(c) for c in cols)) for name, cols in {
+    json_columns = {'destinations', 'services', 'entries', 'spec', 'policy'}
+    t = {name: sa.table(name, *(sa.column(c, sa.JSON) if c in json_columns else sa.column(c)
+                                for c in cols)) for name, cols in {
         'orgs': ('id',),
         'rules': ('id', 'org_id', 'name', 'description', 'destinations', 'services', 'position'),
         'rule_sources': ('rule_id', 'group_id', 'position'),
@@ -51,9 +53,6 @@ def _snapshot_policies_in_force(conn) -> None:
         'policy_versions': ('org_id', 'version', 'spec', 'policy', 'note', 'key_id',
                             'rolled_back_from', 'created_at'),
     }.items()}
-
-    def loads(v):
-        return json.loads(v) if isinstance(v, str) else v
 
     now = dt.datetime.now(dt.timezone.utc)
     for (org_id,) in conn.execute(sa.select(t['orgs'].c.id)).all():
@@ -76,9 +75,9 @@ def _snapshot_policies_in_force(conn) -> None:
                                 .order_by(rs.c.position)).scalars().all()
             spec_rules.append({"id": rid, "name": name, "description": desc or "",
                                "sources": [{"id": g, "name": names.get(g)} for g in gids],
-                               "destinations": loads(dests), "services": loads(svcs)})
+                               "destinations": dests, "services": svcs})
         spec = {"rules": spec_rules,
-                "ip_lists": [{"id": i, "name": n, "entries": loads(e)} for i, n, e in lists]}
+                "ip_lists": [{"id": i, "name": n, "entries": e} for i, n, e in lists]}
         b = t['bundles']
         bundle = conn.execute(sa.select(b.c.version, b.c.body).where(b.c.org_id == org_id)).first()
         policy = {}
