@@ -266,3 +266,69 @@ def test_bad_bodies_name_the_field(server):
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "baseline"
     r = c.get(f"{server.api}/policy/diff", params={"from": "x", "to": 1}, auth=auth)
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "from"
+
+
+def test_an_org_from_before_versions_keeps_its_policy_in_force(tmp_path):
+    """0006 on a store at 0005 whose org has rules, an IP list and a
+    published bundle: the tables become version 1 of its history (numbered
+    as the bundle), the bundle is unchanged, and nothing is pending."""
+    import json
+
+    from alembic import command
+    from alembic.config import Config
+    from fastapi.testclient import TestClient
+    from sqlalchemy import create_engine
+
+    import aus.server.db as db
+    from aus.server.app import create_app
+    from aus.server.auth import create_key
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.Path(db.__file__).parent / "migrations"))
+    policy = {"user_groups": [{"name": "DEV"}], "ip_lists": {"db": ["10.1.0.0/16"]}, "services": {},
+              "rules": [{"name": "dev-db", "sources": ["DEV"], "destinations": ["db"],
+                         "services": ["5432/tcp"]}]}
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0005")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('1', '2026-01-01', 4)")
+        conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('2', '2026-01-01', 0)")
+        conn.exec_driver_sql(
+            "INSERT INTO groups (id, org_id, display_name, display_name_key, source, doc, created_at,"
+            " modified_at, version) VALUES ('g1', '1', 'DEV', 'dev', 'scim', '{}', '2026-01-01',"
+            " '2026-01-01', 1)")
+        conn.exec_driver_sql(
+            "INSERT INTO ip_lists (id, org_id, name, entries, modified_at) VALUES"
+            " ('l1', '1', 'db', '[\"10.1.0.0/16\"]', '2026-01-01')")
+        conn.exec_driver_sql(
+            "INSERT INTO rules (id, org_id, name, name_key, description, destinations, services,"
+            " position, created_at, modified_at) VALUES ('r1', '1', 'dev-db', 'dev-db', 'the db',"
+            " '[\"db\"]', '[\"5432/tcp\"]', 1, '2026-01-01', '2026-01-01')")
+        conn.exec_driver_sql("INSERT INTO rule_sources (rule_id, group_id, position) VALUES ('r1', 'g1', 0)")
+        body = json.dumps({"format": 1, "org": "1", "version": 7, "generated_at": "2026-01-01T00:00:00Z",
+                           "policy": policy, "members": {"DEV": []}}, separators=(",", ":"))
+        conn.exec_driver_sql("INSERT INTO bundles (org_id, version, generation, digest, body, built_at,"
+                             " build_attempts, build_failures_total) VALUES ('1', 7, 4, 'd', ?,"
+                             " '2026-01-01', 0, 0)", (body,))
+    engine.dispose()
+
+    _engine, sessions = db.open_database(url)   # upgrades to head
+    token = create_key(sessions, "1")
+    _engine.dispose()
+    with TestClient(create_app(url, bundle_interval=0.05)) as c:
+        auth = tuple(token.split(":", 1))
+        versions = c.get("/api/orgs/1/policy/versions", auth=auth).json()
+        assert versions["active_version"] == 7 and versions["total"] == 1
+        v = c.get("/api/orgs/1/policy/versions/7", auth=auth).json()
+        assert v["key_id"] is None and "history began" in v["note"]
+        assert v["policy"] == policy
+        assert v["spec"] == {"rules": [{"id": "r1", "name": "dev-db", "description": "the db",
+                                        "sources": [{"id": "g1", "name": "DEV"}],
+                                        "destinations": ["db"], "services": ["5432/tcp"]}],
+                             "ip_lists": [{"id": "l1", "name": "db", "entries": ["10.1.0.0/16"]}]}
+        assert c.get("/api/orgs/1/draft", auth=auth).json()["pending"] is False
+        bundle = c.get("/api/orgs/1/bundle", auth=auth).json()
+        assert bundle["policy"] == policy and bundle["version"] == 7
