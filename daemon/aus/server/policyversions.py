@@ -22,9 +22,8 @@ from sqlalchemy.orm import Session
 from ..core.bundle import BUNDLE_FORMAT, document_from_data
 from ..core.errors import PolicyError
 from ..core.policy import Policy
-from . import policycheck
 from .bundle import active_spec, content_from_spec, rebuild
-from .db import Bundle, Group, IpList, PolicyVersion, Rule, RuleSource, utcnow
+from .db import Bundle, Group, IpList, Org, PolicyVersion, Rule, RuleSource, utcnow
 
 EMPTY_SPEC: dict = {"rules": [], "ip_lists": []}
 RULE_FIELDS = ("name", "description", "sources", "destinations", "services")
@@ -207,8 +206,16 @@ def _note(note: str) -> str:
     return note.strip()
 
 
+def _lock(s: Session, org_id: str) -> None:
+    """The org row FOR UPDATE, first: the bundle rebuild this transaction
+    ends with takes that lock, and upgrading to it from the write-time
+    checks' weaker lock would deadlock with writers holding key-share
+    locks on the org (any insert of a row that references it)."""
+    s.execute(select(Org.id).where(Org.id == org_id).with_for_update())
+
+
 def provision(s: Session, org_id: str, key_id: str | None, note: str) -> PolicyVersion:
-    policycheck.lock_org(s, org_id)
+    _lock(s, org_id)
     note = _note(note)
     cur = active_version(s, org_id)
     spec = draft_spec(s, org_id)
@@ -218,13 +225,13 @@ def provision(s: Session, org_id: str, key_id: str | None, note: str) -> PolicyV
 
 
 def discard(s: Session, org_id: str) -> None:
-    policycheck.lock_org(s, org_id)
+    _lock(s, org_id)
     restore_draft(s, org_id, active_spec(s, org_id))
 
 
 def rollback(s: Session, org_id: str, version: int, key_id: str | None,
              note: str) -> PolicyVersion:
-    policycheck.lock_org(s, org_id)
+    _lock(s, org_id)
     note = _note(note)
     old = get_version(s, org_id, version)
     if old is None:
