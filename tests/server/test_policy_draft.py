@@ -332,3 +332,32 @@ def test_an_org_from_before_versions_keeps_its_policy_in_force(tmp_path):
         assert c.get("/api/orgs/1/draft", auth=auth).json()["pending"] is False
         bundle = c.get("/api/orgs/1/bundle", auth=auth).json()
         assert bundle["policy"] == policy and bundle["version"] == 7
+
+
+def test_concurrent_edits_and_provisions_neither_deadlock_nor_lose_a_rule(server):
+    """Writers racing with provisions and SCIM group creates: every
+    provision publishes or finds nothing pending, versions never repeat,
+    and the last provision carries every rule."""
+    import concurrent.futures
+
+    ids = seed(server.db_url, "1", groups={"DEV": ["alice"]})
+    c, auth = server.client, server.basic()
+
+    def edit_and_provision(i):
+        r = c.post(f"{server.api}/rules", json=_rule([ids["DEV"]], name=f"r{i}"), auth=auth)
+        assert r.status_code == 201, r.text
+        g = c.post(f"{server.scim}/Groups", headers=server.bearer(), json={
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": f"g{i}"})
+        assert g.status_code == 201, g.text
+        p = c.post(f"{server.api}/provision", json={"note": f"n{i}"}, auth=auth)
+        assert p.status_code in (200, 409), p.text
+        return p.json().get("policy_version")
+
+    with concurrent.futures.ThreadPoolExecutor(6) as ex:
+        versions = [v for v in ex.map(edit_and_provision, range(12)) if v is not None]
+    assert versions and len(set(versions)) == len(versions)
+    listed = c.get(f"{server.api}/policy/versions", auth=auth).json()
+    assert sorted(i["version"] for i in listed["items"]) == sorted(versions)
+    assert c.get(f"{server.api}/draft", auth=auth).json()["pending"] is False
+    rules = {r["name"] for r in _bundle(server)["policy"]["rules"]}
+    assert rules == {f"r{i}" for i in range(12)}
