@@ -66,8 +66,8 @@ def preview_draft(request: Request, body: PreviewIn | None = None,
     except ValueError as exc:
         raise ApiError(422, "the request is not valid",
                        [{"field": "baseline", "message": str(exc)}]) from None
-    with _session(request).begin() as s:
-        s.connection(execution_options={"read_only": True})
+    with _session(request)() as s:
+        s.connection(execution_options={"read_only": True})   # no SQLite write lock
         try:
             out = preview(s, org_id, body.days, baseline)
         except PolicyError as exc:

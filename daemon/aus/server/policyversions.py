@@ -16,6 +16,8 @@ edit is lost silently.
 
 from __future__ import annotations
 
+import copy
+
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
@@ -123,8 +125,6 @@ def spec_group_ids(*specs: dict) -> set[str]:
 
 def draft_view(s: Session, org_id: str) -> dict:
     """The pending changes: the draft against the version in force."""
-    import copy
-
     cur = active_version(s, org_id)
     before = copy.deepcopy(cur.spec) if cur is not None else EMPTY_SPEC
     after = draft_spec(s, org_id)
@@ -242,8 +242,8 @@ def rollback(s: Session, org_id: str, version: int, key_id: str | None,
                                   "before rolling back")
     if cur is not None and cur.version == version:
         raise PolicyConflict(409, f"version {version} is the version in force")
-    restore_draft(s, org_id, old.spec)
-    return _publish(s, org_id, old.spec, note or f"rollback to version {version}", key_id,
+    restore_draft(s, org_id, copy.deepcopy(old.spec))
+    return _publish(s, org_id, copy.deepcopy(old.spec), note or f"rollback to version {version}", key_id,
                     rolled_back_from=version)
 
 
