@@ -1,6 +1,7 @@
 """The management API under ``/api/orgs/{org_id}/``: user groups (as the
-directory pushed them, plus manual ones), IP lists, rules, the policy
-version, the bundle long-poll for ``ausd``, and the workloads that fetched it.
+directory pushed them, plus manual ones), IP lists and rules (the org's
+draft, published by a provision: ``policyapi``), the policy version, the
+bundle long-poll for ``ausd``, and the workloads that fetched it.
 
 Authentication: the org's API key, as HTTP Basic (key as user, secret as
 password) or as ``Bearer <key>:<secret>``. Errors are JSON::
