@@ -117,3 +117,17 @@ def test_agrees_with_the_compiler_lookup_on_random_policies():
             allowed += want is not None
     # the sample exercises both outcomes
     assert checked == 4800 and 0.1 * checked < allowed < 0.9 * checked
+
+
+def test_equal_grants_mean_equal_verdicts_and_a_change_shows():
+    same = policy_from_data({**POLICY.model_dump(mode="json", exclude_none=True),
+                             "rules": list(reversed(POLICY.model_dump(mode="json")["rules"]))}, "reordered")
+    a, b = Evaluator(POLICY), Evaluator(same)
+    for groups in (["DEV"], ["OPS"], ["DEV", "OPS"], [], ["ADMINS"]):
+        assert a.grants(groups) == b.grants(groups)   # rule ids differ, grants do not
+    data = POLICY.model_dump(mode="json", exclude_none=True)
+    data["rules"][1]["services"] = ["5432/tcp"]      # dev-db loses 8000-8099
+    narrowed = Evaluator(policy_from_data(data, "narrowed"))
+    assert narrowed.grants(["DEV"]) != a.grants(["DEV"])
+    assert narrowed.grants(["OPS"]) == a.grants(["OPS"])
+    assert narrowed.decide(["DEV"], "10.1.0.1", "tcp", 8000) == Verdict(False, "")

@@ -60,6 +60,21 @@ class Evaluator:
         self.compiled: CompiledPolicy = compile_policy(policy, baseline)
         self._names = self.compiled.rule_names
         self._lpm: dict[frozenset[int], _Lpm] = {}
+        self._grants: dict[frozenset[int], frozenset] = {}
+
+    def grants(self, groups: Iterable[str], sids: Iterable[str] = ()) -> frozenset:
+        """What the user's rules grant, without rule ids: two policies that
+        grant a user the same give every flow of that user the same
+        allowed/denied (with the same baseline), so a comparison can skip
+        compiling either. Memoized per rule set."""
+        ids = self.compiled.matching_rules(tuple(groups), tuple(sids))
+        sig = self._grants.get(ids)
+        if sig is None:
+            by_id = {r.id: r for r in self.compiled.rules}
+            sig = self._grants[ids] = frozenset(
+                (net, tuple(sorted((e.proto, e.port, e.plen) for e in entries)))
+                for rid in ids for net, entries in by_id[rid].grants)
+        return sig
 
     def rule_id(self, groups: Iterable[str], dst: str, proto: str | int, port: int,
                 sids: Iterable[str] = ()) -> int | None:

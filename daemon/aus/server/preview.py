@@ -7,7 +7,9 @@ one the current bundle carries, the draft's is built as a provision would
 build it. Flows are read from the ``flows`` table grouped by (groups,
 destination, protocol, port, user, rule), and each distinct (groups,
 destination, protocol, port) is decided once; past ``MAX_KEYS`` distinct
-keys or ``MAX_ROWS`` groups the answer says it is truncated.
+keys or ``MAX_ROWS`` groups the answer says it is truncated. A key whose
+groups get the same grants from both policies is unchanged without
+compiling either (most keys, for a draft that changes a few rules).
 
 A user's groups are those the flow recorded plus, for the groups either
 policy names, the user's current memberships in the store: a provisioned
@@ -43,6 +45,7 @@ MAX_DAYS = 90
 MAX_KEYS = 20_000      # distinct (groups, destination, protocol, port) decided
 MAX_ROWS = 200_000     # grouped flow rows read
 TOP = 50               # entries per breakdown
+_SAME = Verdict(False, "")   # stands for both sides of a flow whose grants did not change
 
 
 def _policy_in_force(s: Session, org_id: str):
@@ -157,8 +160,11 @@ def preview(s: Session, org_id: str, days: int, baseline: list[Network] | None =
                 continue
             try:
                 ipaddress.ip_address(dst)
-                pair = decided[key] = (before_ev.decide(groups, dst, proto, port),
-                                       after_ev.decide(groups, dst, proto, port))
+                if before_ev.grants(groups) == after_ev.grants(groups):
+                    pair = decided[key] = (_SAME, _SAME)   # same grants: same verdict
+                else:
+                    pair = decided[key] = (before_ev.decide(groups, dst, proto, port),
+                                           after_ev.decide(groups, dst, proto, port))
             except (ValueError, KeyError):   # not an address or protocol the kernel sees
                 skipped += n
                 continue
