@@ -16,6 +16,7 @@ import pytest
 
 from tests.support import lab
 from tests.support.names import free_port
+from tests.support.provision import provision
 from tests.support.server_process import CLI, serving, wait_port
 
 pytestmark = pytest.mark.kernel
@@ -55,6 +56,7 @@ def _alice_may_reach_port_80(c, token, peer, alice) -> None:
         "name": "dev-web", "sources": [dev], "destinations": [f"{peer.v4}/32"],
         "services": ["80/tcp"]})
     assert r.status_code == 201, r.text
+    provision(c, "/api/orgs/1", "dev-web")
 
 
 def _set(c, path, mode):

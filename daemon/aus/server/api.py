@@ -1,6 +1,7 @@
 """The management API under ``/api/orgs/{org_id}/``: user groups (as the
-directory pushed them, plus manual ones), IP lists, rules, the policy
-version, the bundle long-poll for ``ausd``, and the workloads that fetched it.
+directory pushed them, plus manual ones), IP lists and rules (the org's
+draft, published by a provision: ``policyapi``), the policy version, the
+bundle long-poll for ``ausd``, and the workloads that fetched it.
 
 Authentication: the org's API key, as HTTP Basic (key as user, secret as
 password) or as ``Bearer <key>:<secret>``. Errors are JSON::
@@ -31,7 +32,7 @@ from ..core.policy import (
     parse_network,
     parse_service,
 )
-from . import enforcement, policycheck
+from . import enforcement, policycheck, policyversions
 from .auth import AuthError, client_address, token_from_header
 from .bundle import build_status, parse_if_none_match, touch
 from .db import (
@@ -70,6 +71,12 @@ def org_auth(org_id: str, request: Request) -> str:
     token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
     request.app.state.verifier.for_org(token, org_id, source=client_address(request))
     return org_id
+
+
+def org_key(org_id: str, request: Request) -> tuple[str, str]:
+    """The org and the API key acting on it (a change records who made it)."""
+    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
+    return org_id, request.app.state.verifier.for_org(token, org_id, source=client_address(request))
 
 
 def _session(request: Request) -> Session:
@@ -416,7 +423,7 @@ def _save_ip_list(request: Request, org_id: str, body: IpListIn, list_id: str | 
     except IntegrityError:
         raise ApiError(409, "the IP list is not valid", [
             {"field": "name", "message": f"an IP list named {body.name!r} exists already"}]) from None
-    out["policy_version"] = request.app.state.bundles.rebuild_now(org_id)
+    out.update(_draft_reply(request, org_id))
     return out
 
 
@@ -424,6 +431,13 @@ def _rename_destination(s: Session, org_id: str, old: str, new: str) -> None:
     for rule in s.scalars(select(Rule).where(Rule.org_id == org_id)):
         if old in rule.destinations:
             rule.destinations = [new if d == old else d for d in rule.destinations]
+
+
+def _draft_reply(request: Request, org_id: str) -> dict:
+    """What a rule or IP-list write answers besides the row: the change is
+    in the draft; ``policy_version`` is still the version in force."""
+    cur = request.app.state.bundles.current(org_id)
+    return {"draft": True, "policy_version": cur.version if cur else 0}
 
 
 @router.post("/ip-lists", status_code=201)
@@ -451,7 +465,6 @@ def delete_ip_list(list_id: str, request: Request, org_id: str = Depends(org_aut
                                 "change those first")
         s.delete(row)
         touch(s, org_id)
-    request.app.state.bundles.rebuild_now(org_id)
     return Response(status_code=204)
 
 
@@ -507,7 +520,7 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
     except IntegrityError:
         raise ApiError(409, "the rule is not valid", [
             {"field": "name", "message": f"a rule named {body.name!r} exists already"}]) from None
-    view["policy_version"] = request.app.state.bundles.rebuild_now(org_id)
+    view.update(_draft_reply(request, org_id))
     return view
 
 
@@ -530,7 +543,7 @@ def delete_rule(rule_id: str, request: Request, org_id: str = Depends(org_auth))
             raise ApiError(404, f"no rule with id {rule_id!r} in this org")
         s.delete(rule)
         touch(s, org_id)
-    return {"deleted": rule_id, "policy_version": request.app.state.bundles.rebuild_now(org_id)}
+    return {"deleted": rule_id, **_draft_reply(request, org_id)}
 
 
 @router.get("/policy")
@@ -540,9 +553,10 @@ def policy_version(request: Request, org_id: str = Depends(org_auth)) -> dict:
     cur = request.app.state.bundles.current(org_id)
     with _session(request)() as s:
         build = build_status(s, org_id)
+        draft = {"pending": policyversions.pending(s, org_id)}
     if cur is None:
-        return {"version": 0, "etag": None, "build": build}
-    return {"version": cur.version, "etag": cur.etag, "build": build}
+        return {"version": 0, "etag": None, "build": build, "draft": draft}
+    return {"version": cur.version, "etag": cur.etag, "build": build, "draft": draft}
 
 
 @router.get("/workloads")

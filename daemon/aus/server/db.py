@@ -294,6 +294,25 @@ class EnforcementMode(Base):
     changed_by: Mapped[str] = mapped_column(String(64), default="")   # the API key's id
 
 
+class PolicyVersion(Base):
+    """A provisioned policy: immutable. The org's newest version is the one
+    in force; the rules and ip_lists tables are its draft. ``spec`` is the
+    draft as it was (rules with source group ids, IP lists), ``policy`` the
+    policy document as the bundle carried it when provisioned. ``key_id``
+    is the API key that provisioned it (None: snapshotted by migration)."""
+
+    __tablename__ = "policy_versions"
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spec: Mapped[dict] = mapped_column(JSON)
+    policy: Mapped[dict] = mapped_column(JSON)
+    note: Mapped[str] = mapped_column(Text, default="")
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rolled_back_from: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 # --------------------------------------------------------------------------
 # Engine
 
