@@ -325,11 +325,13 @@ async def _fanout(base: str, token: str, daemons: int, group_id: str) -> dict:
     tasks = [asyncio.create_task(daemon(i)) for i in range(daemons)]
     await all_waiting.wait()
     await asyncio.sleep(1.0 + daemons / 500)   # every poll has reached the server
-    t0 = time.perf_counter()
     r = await admin.request("POST", "/api/orgs/1/rules", json={
         "name": f"fanout-{uuid.uuid4().hex[:6]}", "sources": [group_id],
         "destinations": ["10.0.0.0/8"], "services": ["80/tcp"]})
     assert r.status == 201, r.text
+    t0 = time.perf_counter()     # the rule is in the draft: provisioning publishes it
+    r = await admin.request("POST", "/api/orgs/1/provision", json={"note": "fan-out"})
+    assert r.status == 200, r.text
     await asyncio.gather(*tasks)
     await admin.close()
     delays = [g - t0 for g in got]

@@ -143,6 +143,12 @@ class Org:
     def policy_version(self) -> int:
         return self.get("/policy")["version"]
 
+    def provision(self, note: str = "") -> int:
+        """Publish the org's draft; the new policy version."""
+        from tests.support.provision import provision
+
+        return provision(self.http, "", note)
+
     def seed(self, **kw) -> dict[str, str]:
         from tests.support.server_seed import seed
 

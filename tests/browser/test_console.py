@@ -174,9 +174,10 @@ def test_find_a_synced_group_open_it_and_make_it_a_rule_source(console, org):
     console.type(bad, "10.30.0.0/16")
     console.d.find_element(By.XPATH, "//button[normalize-space()='Create rule']").click()
     console.wait_heading("Rules")
-    console.wait_policy_version(v0 + 1)
-    assert org.policy_version() == v0 + 1
-    assert f"Saved rule “dev-web”. Policy version {v0 + 1}." in console.status()
+    assert f"Saved rule “dev-web” to the draft; provision it to apply (version {v0} stays in force)." \
+        in console.status()
+    assert org.policy_version() == v0
+    console.wait(lambda: console.find("#draft-pending").is_displayed(), "the draft-pending indicator")
     row = console.find("#rules-table tbody tr[data-rule-name='dev-web']")
     assert "Contoso-Developers" in row.text and "10.30.0.0/16" in row.text and "443/tcp" in row.text
     console.screenshot("console-rules")
@@ -235,7 +236,7 @@ def test_groups_pushed_over_scim_show_their_last_sync(console, org):
 def test_edit_and_delete_a_rule(console, org):
     ids = org.seed(**DIRECTORY)
     rule = org.post("/rules", _rule_body(ids["Contoso-Ops"], name="ops-ssh", dest=["192.0.2.0/24"], services=["22/tcp"]))
-    v1 = rule["policy_version"]
+    v1 = org.provision()
     console.sign_in()
     console.click_nav("Rules")
     console.wait_heading("Rules")
@@ -278,7 +279,7 @@ def test_edit_and_delete_a_rule(console, org):
     assert [i.get_attribute("value") for i in console.entry_inputs("services")] == ["22/tcp", "8000-8100/tcp", "icmp"]
     console.field("Name").send_keys(Keys.ENTER)
     console.wait_heading("Rules")
-    console.wait_policy_version(v1 + 1)
+    assert "Saved rule “ops-ssh” to the draft" in console.status()
     saved = org.get(f"/rules/{rule['id']}")
     assert saved["services"] == ["22/tcp", "8000-8100/tcp", "icmp"]
     assert [s["display_name"] for s in saved["sources"]] == ["Contoso-Ops", "Contoso-Engineering"]
@@ -286,10 +287,9 @@ def test_edit_and_delete_a_rule(console, org):
     # Delete, confirmed in a dialog; cancelling keeps it.
     console.d.find_element(By.CSS_SELECTOR, "button[aria-label='Delete ops-ssh']").click()
     console.confirm_dialog("Cancel")
-    assert console.policy_version() == v1 + 1 and org.get("/rules")["items"]
+    assert console.policy_version() == v1 and org.get("/rules")["items"]
     console.d.find_element(By.CSS_SELECTOR, "button[aria-label='Delete ops-ssh']").click()
     console.confirm_dialog("Delete")
-    console.wait_policy_version(v1 + 2)
     console.wait(lambda: "No rules yet" in console.find("main").text, "the empty list")
     assert "Deleted rule “ops-ssh”" in console.status()
     assert org.get("/rules")["items"] == []
@@ -361,7 +361,8 @@ def test_ip_list_used_as_a_rule_destination(console, org):
     console.entry_inputs("destinations")[0].send_keys("build-farm")
     console.entry_inputs("services")[0].send_keys("any" + Keys.ENTER)
     console.wait_heading("Rules")
-    console.wait_policy_version(v + 1)
+    assert console.policy_version() == v
+    org.provision()
     bundle = org.get("/bundle")
     assert bundle["policy"]["ip_lists"] == {"build-farm": ["192.0.2.0/24", "2001:db8:100::/48"]}
     console.click_nav("IP lists")
@@ -376,8 +377,8 @@ def test_ip_list_used_as_a_rule_destination(console, org):
 
 def test_workloads_show_whether_a_change_reached_the_fleet(console, org):
     ids = org.seed(**DIRECTORY)
-    rule = org.post("/rules", _rule_body(ids["Contoso-Developers"]))
-    v = rule["policy_version"]
+    org.post("/rules", _rule_body(ids["Contoso-Developers"]))
+    v = org.provision()
 
     def fetch(name: str, enforcing: int) -> None:
         r = org.http.get("/bundle", headers={"X-Aus-Workload": name, "X-Aus-Enforcing": str(enforcing)})
@@ -528,6 +529,7 @@ def test_a_policy_that_cannot_be_built_shows_a_banner_until_it_is_fixed(console,
     bad = next(r for r in org.get("/rules")["items"] if r["name"] == "DEV-WEB")
     r = org.http.delete(f"/rules/{bad['id']}")
     assert r.status_code == 200, r.text
+    org.provision()
     assert org.get("/policy")["build"]["ok"] is True
     console.click_nav("Rules")
     console.wait_heading("Rules")

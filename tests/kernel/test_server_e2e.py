@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import lab
 from tests.support.names import free_port
+from tests.support.provision import provision
 from tests.support.server_process import CLI, serving, wait_port
 from tests.support.server_seed import insert_rule_past_api
 
@@ -76,10 +77,10 @@ def test_scim_push_rule_bundle_kernel(cg, peer, people, aus_server):
         "name": "dev-web", "sources": [dev], "destinations": [f"{peer.v4}/32", f"{peer.v6}/128"],
         "services": ["80/tcp"]})
     assert r.status_code == 201, r.text
-    version = r.json()["policy_version"]
+    version = provision(c, "/api/orgs/1", "dev-web", auth=basic)
 
     with lab.ausd(cg, {}, policy_url=f"{base}/api/orgs/1/bundle", credentials=token,
-                  bundle_wait=30) as d:
+                  bundle_wait=30, mode="enforce") as d:   # a new org's default: visibility
         d.start()
         st = d.ctl_json("status")["policy"]
         assert st["source"] == "server" and st["version"] == version, st
@@ -124,6 +125,7 @@ def test_scim_push_rule_bundle_kernel(cg, peer, people, aus_server):
             # Deleting the rule in the API takes her access away.
             rule_id = c.get("/api/orgs/1/rules", auth=basic).json()["items"][0]["id"]
             assert c.delete(f"/api/orgs/1/rules/{rule_id}", auth=basic).status_code == 200
+            provision(c, "/api/orgs/1", "without dev-web", auth=basic)
             lab.wait_until(lambda: not d.check(alice.uid, peer.v4, "tcp", 80)["allowed"],
                            timeout=5, interval=0.02, what="the rule deletion")
             assert tcp(cg, alice, peer.v4, 80)["errno"] == "EPERM"
@@ -156,10 +158,11 @@ def test_after_the_freeze_attempts_removals_and_disables_reach_the_kernel(
     push("POST", "/Groups", {"schemas": GROUP, "displayName": "DEV2", "externalId": "GRP-DEV"},
          want=(409,))
     assert [r["name"] for r in c.get("/api/orgs/1/rules", auth=basic).json()["items"]] == ["dev-web"]
+    provision(c, "/api/orgs/1", auth=basic)
     assert c.get("/api/orgs/1/policy", auth=basic).json()["build"]["ok"] is True
 
     with lab.ausd(cg, {}, policy_url=f"{base}/api/orgs/1/bundle", credentials=token,
-                  bundle_wait=30) as d:
+                  bundle_wait=30, mode="enforce") as d:   # a new org's default: visibility
         d.start()
         with lab.session(d, alice.uid), lab.session(d, bob.uid):
             assert tcp(cg, alice, peer.v4, 80)["ok"] and tcp(cg, bob, peer.v4, 80)["ok"]

@@ -9,7 +9,8 @@ import uuid
 from aus.core.bundle import bundle_from_bytes, document_from_data
 from aus.server.bundle import rebuild, touch
 from aus.server.db import Bundle, Rule, RuleSource, open_database
-from tests.support.server_seed import seed
+from tests.support.provision import provision
+from tests.support.server_seed import provision_past_api, seed
 
 
 def test_published_bundle_round_trips_through_the_agent(server):
@@ -28,6 +29,7 @@ def test_published_bundle_round_trips_through_the_agent(server):
                   "services": ["443/tcp", "8000-8100/udp", "icmp"]}):
         r = c.post(f"{server.api}/rules", json=rule, auth=auth)
         assert r.status_code == 201, r.text
+    provision(c, server.api, auth=auth)
     resp = c.get(f"{server.api}/bundle", auth=auth)
     assert resp.status_code == 200
     body = resp.content
@@ -64,6 +66,7 @@ def test_the_server_publishes_nothing_the_agent_would_refuse(server):
         "name": "dev-web", "sources": [ids["DEV"]], "destinations": ["10.0.0.0/8"],
         "services": ["80/tcp"]})
     assert r.status_code == 201, r.text
+    provision(c, server.api, auth=auth)
     in_force = json.loads(c.get(f"{server.api}/bundle", auth=auth).content)
     engine, sessions = open_database(server.db_url)
     try:
@@ -72,6 +75,8 @@ def test_the_server_publishes_nothing_the_agent_would_refuse(server):
             s.add(Rule(id=rid, org_id="1", name="bad-port", destinations=["10.0.0.0/8"],
                        services=["80/tcpp"], position=9))
             s.add(RuleSource(rule_id=rid, group_id=ids["DEV"], position=0))
+            s.flush()
+            provision_past_api(s, "1")
             touch(s, "1")
         with sessions.begin() as s:
             rebuild(s, "1")
@@ -82,3 +87,22 @@ def test_the_server_publishes_nothing_the_agent_would_refuse(server):
             assert json.loads(row.body)["policy"] == in_force["policy"]
     finally:
         engine.dispose()
+
+
+def test_the_enforcement_modes_round_trip_through_the_agent(server):
+    """The modes set through the API reach the agent's model as set, and
+    the body is what that model writes out, byte for byte."""
+    c, auth = server.client, server.basic()
+    assert c.put(f"{server.api}/mode", auth=auth, json={"mode": "enforce"}).status_code == 200
+    for name, mode in (("web-1", "visibility"), ("db.example.com", "enforce")):
+        r = c.put(f"{server.api}/workloads/{name}/mode", auth=auth, json={"mode": mode})
+        assert r.status_code == 200, r.text
+    body = c.get(f"{server.api}/bundle", auth=auth).content
+    assert json.loads(body)["enforcement"] == {
+        "default": "enforce", "workloads": {"db.example.com": "enforce", "web-1": "visibility"}}
+    b = bundle_from_bytes(body, "bundle of org 1")
+    assert b.enforcement.mode_for("web-1") == ("visibility", "server:workload")
+    assert b.enforcement.mode_for("web-2") == ("enforce", "server:org")
+    doc = document_from_data(json.loads(body), "bundle of org 1")
+    again = json.dumps(doc.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
+    assert again.encode() == body

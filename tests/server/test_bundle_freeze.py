@@ -18,7 +18,8 @@ from aus.core.bundle import bundle_from_bytes
 from aus.server.bundle import RETRY_MAX, retry_delay, touch
 from aus.server.db import open_database
 from tests.support.polling import wait_until
-from tests.support.server_seed import insert_rule_past_api
+from tests.support.provision import provision
+from tests.support.server_seed import insert_rule_past_api, provision_past_api
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -52,7 +53,12 @@ class Org:
         return self.scim("POST", "/Groups", body)
 
     def api(self, method, path, body=None):
-        return self.c.request(method, f"{self.s.api}{path}", json=body, auth=self.auth)
+        """A management request; a rule or IP-list write that succeeds is
+        provisioned at once, so the bundle carries it."""
+        r = self.c.request(method, f"{self.s.api}{path}", json=body, auth=self.auth)
+        if method != "GET" and path.startswith(("/rules", "/ip-lists")) and r.status_code < 300:
+            provision(self.c, self.s.api, auth=self.auth)
+        return r
 
     def rule(self, name, sources, dest=("10.0.0.0/8",)):
         return self.api("POST", "/rules", {"name": name, "sources": list(sources),
@@ -270,7 +276,19 @@ def test_an_old_clash_does_not_block_member_writes(server):
             touch(s, "1")
     finally:
         engine.dispose()
-    assert o.rule("ops-web", [ops]).status_code == 201
+    r = o.c.post(f"{o.s.api}/rules", auth=o.auth, json={
+        "name": "ops-web", "sources": [ops], "destinations": ["10.0.0.0/8"], "services": ["80/tcp"]})
+    assert r.status_code == 201, r.text
+    # Provisioning refuses the clash; written past the API, it is in force.
+    r = o.c.post(f"{o.s.api}/provision", json={}, auth=o.auth)
+    assert r.status_code == 422 and "duplicate external_id 'EXT-1'" in r.text, r.text
+    engine, sessions = open_database(server.db_url)
+    try:
+        with sessions.begin() as s:
+            provision_past_api(s, "1")
+            touch(s, "1")
+    finally:
+        engine.dispose()
     p = _wait("the failed build", lambda: (p := o.policy())["build"]["ok"] is False and p)
     assert "duplicate external_id 'EXT-1'" in p["build"]["error"]
     r = o.scim("PATCH", f"/Groups/{dev}", {"schemas": [PATCH], "Operations": [
@@ -294,8 +312,9 @@ def test_the_write_time_checks_cost_an_index_probe_at_20000_groups(server, capsy
 
     from aus.core.policy import external_id_key
     from aus.server import policycheck
-    from aus.server.bundle import _document, build_content
+    from aus.server.bundle import _document, content_from_spec
     from aus.server.db import Group, Rule, RuleSource, fold
+    from aus.server.policyversions import draft_spec
 
     n = 20_000
     engine, sessions = open_database(server.db_url)
@@ -328,8 +347,9 @@ def test_the_write_time_checks_cost_an_index_probe_at_20000_groups(server, capsy
                                             .where(Group.org_id == "1"))
                     if e and external_id_key(e) == key and g != "g00001"]
 
-        def full_build(s):
-            _document("1", 1, dt.datetime.now(dt.timezone.utc), build_content(s, "1"))
+        def full_build(s):   # as a provision of the draft builds it
+            _document("1", 1, dt.datetime.now(dt.timezone.utc),
+                      content_from_spec(s, "1", draft_spec(s, "1")))
 
         probe = timed(lambda s: (policycheck.group_ids(s, "1", "g00001", external_id="ext-77777"),
                                  policycheck.rule_name(s, "1", "new", "other")))

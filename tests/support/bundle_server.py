@@ -121,6 +121,9 @@ class BundleServer:
             def do_GET(self):
                 server._handle(self)
 
+            def do_POST(self):
+                server._post(self)
+
         class Httpd(ThreadingHTTPServer):
             daemon_threads = True
             address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -175,6 +178,12 @@ class BundleServer:
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         h.wfile.write(body)
+
+    def _post(self, h: BaseHTTPRequestHandler) -> None:
+        """The bundle endpoint takes no POST (see flow_receiver.FlowReceiver)."""
+        h.send_response(405)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
 
     def _answer(self, h, path: str, wait: int | None) -> tuple[int, bytes, str | None]:
         if self.fail is not None:

@@ -275,7 +275,8 @@ def ausd(cg: Path, policy: dict | str, *, policy_url: str | None = None,
     d.write_policy(policy)
     cfg = {"policy": policy_url or str(d.policy_path), "cgroup": str(cg),
            "pin_dir": str(pin_dir), "socket": str(d.socket), "scan_interval": 0.2,
-           "log_level": "debug", "policy_cache": str(workdir / "bundle.json"), **config}
+           "log_level": "debug", "policy_cache": str(workdir / "bundle.json"),
+           "flow_spool_dir": str(workdir / "flows"), **config}
     if credentials is not None:
         path = workdir / "credentials"
         path.touch(mode=0o600)

@@ -58,6 +58,21 @@ def insert_rule_past_api(db_url: str, org: str, name: str, group_id: str) -> Non
                       {"id": rid, "org": org, "name": name, "now": "2026-12-01 00:00:00"})
             s.execute(text("INSERT INTO rule_sources (rule_id, group_id, position) "
                            "VALUES (:r, :g, 0)"), {"r": rid, "g": group_id})
+            provision_past_api(s, org)
             touch(s, org)
     finally:
         engine.dispose()
+
+
+def provision_past_api(s, org: str) -> None:
+    """Make the org's draft (its rules and IP lists as they are in the
+    store) the policy in force without the provision's checks, as a hand
+    edit of the store would; in the caller's transaction."""
+    from sqlalchemy import func, select
+
+    from aus.server.db import PolicyVersion
+    from aus.server.policyversions import draft_spec
+
+    last = s.scalar(select(func.max(PolicyVersion.version)).where(PolicyVersion.org_id == org))
+    s.add(PolicyVersion(org_id=org, version=(last or 0) + 1, spec=draft_spec(s, org), policy={},
+                        note="written past the API", key_id=None, created_at=utcnow()))

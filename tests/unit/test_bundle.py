@@ -84,7 +84,7 @@ def test_top_level_problems():
     doc["extra"] = True
     assert refusal(doc) == [
         "extra: unknown key 'extra' (allowed keys: format, org, version, generated_at, "
-        "policy, members)",
+        "policy, members, enforcement)",
         "org: expected a non-empty string, got the integer 1",
         "version: expected a positive integer, got the integer 0",
         "generated_at: expected an ISO 8601 time, got the string 'yesterday'",

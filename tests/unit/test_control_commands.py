@@ -20,9 +20,11 @@ def req(obj) -> bytes:
 
 def test_valid_requests_get_every_field_with_defaults():
     r = parse(b'{"cmd":"flows"}')
-    assert (r.cmd, r.args) == ("flows", {"limit": 100, "follow": False})
+    unfiltered = {"user": None, "verdict": None, "to": None, "port": None, "since": None,
+                  "records": False}
+    assert (r.cmd, r.args) == ("flows", {"limit": 100, "follow": False, **unfiltered})
     r = parse(b'{"cmd":"flows","limit":0,"follow":true}')
-    assert r.args == {"limit": 0, "follow": True}
+    assert r.args == {"limit": 0, "follow": True, **unfiltered}
     assert parse(b'{"cmd":"flows","limit":10000}').args["limit"] == 10000
     assert parse(b'{"cmd":"rules"}').args == {"login_uid": None}
     assert parse(b'{"cmd":"rules","login_uid":0}').args == {"login_uid": 0}
@@ -66,7 +68,8 @@ def test_valid_requests_get_every_field_with_defaults():
     (b'{"cmd":"shutdown"}', "unknown command 'shutdown'"),
     (b'{"cmd":"' + b"x" * 5000 + b'"}', "unknown command"),
     (b'{"cmd":"status","verbose":true}', "status: unknown field 'verbose' (it takes none)"),
-    (b'{"cmd":"flows","limt":5}', "flows: unknown field 'limt' (known: limit, follow)"),
+    (b'{"cmd":"flows","limt":5}', "flows: unknown field 'limt' (known: limit, follow, user, verdict, to, port, "
+     "since, records)"),
     (b'{"cmd":"status","x":[[[[]]]]}', "unknown field 'x'"),
     # bytes that are not JSON, or not text
     (b"", "not JSON"),

@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
@@ -33,10 +34,17 @@ from ..core import compiler
 from ..core import contract as C
 from ..core.bundle import Bundle
 from ..core.errors import AusError, ConfigError, PolicyError
+from ..core.flowrecord import FlowRecord
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
 from . import commands, control, flows, loader, mapsync, pins, report
 from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
+from .enforcement import mode_in_force
+from .flowlog import sink_of as flow_log_sink
+from .flowrecords import Aggregator as FlowAggregator
+from .flowrecords import Filter as FlowFilter
+from .flowrecords import policy_groups
+from .flowupload import uploader_for
 from .follower import BundleFollower, Delivery
 from .identity import Directory, UserInfo
 from .policysource import Fetched, Refused
@@ -75,6 +83,19 @@ class Daemon:
         self.unmanaged = set(cfg.unmanaged_login_uids)
         self.started = time.time()
         self.flow_history: collections.deque = collections.deque(maxlen=FLOW_HISTORY)
+        # Flow records: events folded per window; at each close every sink
+        # gets (records, dropped by the cap) and must return at once.
+        self.flow_records = FlowAggregator(cfg.flow_window, cfg.flow_window_records,
+                                           self._who, time.monotonic)
+        self.flow_sinks: list[Callable[[list[FlowRecord], int], None]] = []
+        self.flow_log = flow_log_sink(cfg.flow_log)
+        if self.flow_log is not None:
+            self.flow_sinks.append(self.flow_log)
+        # The latest closed records, for ausctl flows --records.
+        self.flow_recent: collections.deque[FlowRecord] = collections.deque(
+            maxlen=cfg.flow_window_records)
+        self._policy_groups: dict[tuple, tuple[str, ...]] = {}
+        self._policy_groups_of: Policy | None = None
         self.ring: RingBuffer | None = None
         self._scanned: dict[int, int] | None = None   # handed over by the scanner
         self._stopping = threading.Event()
@@ -90,7 +111,12 @@ class Daemon:
         # whose memberships count, and deliveries waiting for the main loop.
         self.follower = BundleFollower(cfg, self._deliver) if cfg.policy_url else None
         self.bundle: Bundle | None = None
+        # The mode in the kernel and where it came from (see enforcement.py).
+        self.mode = mode_in_force(cfg, None, None)
         self._inbox: collections.deque[Delivery] = collections.deque()
+        self.uploader = uploader_for(cfg)
+        if self.uploader is not None:
+            self.flow_sinks.append(self.uploader.submit)
         # The handler of each command of commands.COMMANDS (which says what
         # a request may hold and who may send it). A handler gets the
         # validated fields, the peer, and the login UID the peer may see
@@ -138,9 +164,20 @@ class Daemon:
         self.policy, self.policy_digest, self.compiled = policy, digest, compiled
         self.bundle = bundle
         self.policy_error = None
+        self._follow_mode()
         self.rebuild_want()
-        self.sync(why)
+        self.sync(why)   # the new mode goes into the config map with the users
         return compiled
+
+    def _follow_mode(self) -> None:
+        """Take the mode the bundle in force sets, unless ausd.yaml sets one."""
+        new = mode_in_force(self.cfg, self.bundle,
+                            self.follower.workload if self.follower is not None else None)
+        if new.mode != self.mode.mode:
+            log.warning("mode %s -> %s (from %s)", self.mode.mode, new.mode, new.source)
+        self.mode = new
+        if self.follower is not None:
+            self.follower.report_mode(new.mode)
 
     def reload(self) -> dict:
         """Re-read the policy; a bad one is refused and the old stays.
@@ -246,7 +283,7 @@ class Daemon:
         assert self.compiled is not None
         return Desired(users=self.want, baseline=self.compiled.baseline_ruleset(),
                        rules=self.compiled.rule_names,
-                       mode=C.MODES[self.cfg.mode],
+                       mode=C.MODES[self.mode.mode],
                        events_per_sec=self.cfg.events_per_second,
                        events_burst=self.cfg.events_burst,
                        policy_version=self.compiled.version)
@@ -340,6 +377,7 @@ class Daemon:
             policy, digest = empty_policy(), ""
             self.compiled = self._compile(policy, 0)
         self.policy, self.policy_digest, self.bundle = policy, digest, bundle
+        self._follow_mode()
         self.sessions.update_scan(scan_loginuids())
         stage("adopt maps and scan /proc")
         self.rebuild_want()
@@ -358,14 +396,18 @@ class Daemon:
         self.notifier.ready(f"enforcing policy version {self.compiled.version}"
                             if self.compiled.version or not self.cfg.policy_url else
                             "no policy bundle yet: enforcing the baseline only")
-        log.info("ausd %s ready: mode %s, cgroup %s, %d active users, pins %s",
-                 __version__, self.cfg.mode, self.cfg.cgroup_path,
+        log.info("ausd %s ready: mode %s (from %s), cgroup %s, %d active users, pins %s",
+                 __version__, self.mode.mode, self.mode.source, self.cfg.cgroup_path,
                  len(self.sessions.active(self.unmanaged)), self.cfg.pin_dir)
+        if self.uploader is not None:
+            self.uploader.start()
 
     def _start_events(self) -> None:
         self.ring = RingBuffer(str(self.loaded.layout.map(C.MAP_EVENTS)))
 
     def close(self) -> None:
+        if self.uploader is not None:
+            self.uploader.stop()
         if self.follower is not None:
             self.follower.stop()
         if self.server:
@@ -378,6 +420,8 @@ class Daemon:
                 pass
         if self.ring:
             self.ring.close()
+        if self.flow_log is not None:
+            self.flow_log.close()
         if self.loaded:
             self.loaded.close()
         self.lock.release()
@@ -402,7 +446,9 @@ class Daemon:
         if self.follower is not None:
             self.follower.run()
         while True:
-            for key, _ in sel.select(self.server.timeout()):
+            deadline = self.server.timeout()
+            wait = self.flow_records.timeout()
+            for key, _ in sel.select(wait if deadline is None else min(deadline, wait)):
                 if key.data == "control":
                     pass   # served below, with the deadlines
                 elif key.data == "events":
@@ -410,6 +456,9 @@ class Daemon:
                 else:
                     os.read(self._wake_r, 4096)
             self.server.service()
+            closed = self.flow_records.step()
+            if closed is not None:
+                self.hand_over_flows(*closed)
             while self._signals:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
@@ -423,6 +472,7 @@ class Daemon:
                              signal.Signals(signum).name)
                     self.notifier.stopping()
                     self._stopping.set()
+                    self.hand_over_flows(*self.flow_records.close())
                     return 0
             while self._inbox:
                 self.apply_fetched(self._inbox.popleft())
@@ -452,8 +502,44 @@ class Daemon:
 
     def _on_event(self, raw: bytes) -> None:
         ev = flows.decode(raw, self.kstate.rules)
+        ident = self.identities.get(ev["login_uid"])
+        ev["user"] = ident.info.name if ident is not None else None
         self.flow_history.append(ev)
+        self.flow_records.add(ev)
         self.server.broadcast({"ok": True, "flow": ev}, ev["login_uid"])
+
+    # ---- flow records --------------------------------------------------------
+    def _who(self, uid: int) -> tuple[str, tuple[str, ...]]:
+        """A login UID's name and policy groups, from what the rules were
+        computed with (never a directory lookup on the event path)."""
+        ident = self.identities.get(uid)
+        if ident is None or self.policy is None:
+            return "", ()
+        if self._policy_groups_of is not self.policy or len(self._policy_groups) > 4096:
+            self._policy_groups, self._policy_groups_of = {}, self.policy
+        info, extra = ident.info, ident.bundle_groups
+        key = (info.groups + extra, info.sids)
+        groups = self._policy_groups.get(key)
+        if groups is None:
+            declared = [(g.name, g.sid) for g in self.policy.user_groups]
+            groups = self._policy_groups[key] = policy_groups(declared, *key)
+        return info.name or "", groups
+
+    def hand_over_flows(self, records: list[FlowRecord], dropped: int) -> None:
+        """A closed window to every flow sink."""
+        self.flow_recent.extend(records)
+        if not records and not dropped:
+            return
+        for sink in self.flow_sinks:
+            try:
+                sink(records, dropped)
+            except Exception:   # a sink's bug must not cost the loop
+                log.exception("flow sink %r failed", sink)
+
+    def flow_status(self) -> dict:
+        st = self.flow_records.status()
+        st["export"] = self.flow_log.status() if self.flow_log is not None else None
+        return st
 
     # ---- control requests --------------------------------------------------
     def handle(self, line: bytes, peer: control.Peer) -> dict:
@@ -476,16 +562,17 @@ class Daemon:
             policy=self.policy, compiled=self.compiled, policy_error=self.policy_error,
             kstate=self.kstate, unmanaged=frozenset(self.unmanaged),
             identities=dict(self.identities), processes=dict(self.sessions.processes),
-            bundle=self.bundle,
+            bundle=self.bundle, mode=self.mode,
             server=self.follower.status() if self.follower is not None else None,
             last_sync=self.last_sync, start_stages=self.start_stages,
+            upload=self.uploader.status() if self.uploader is not None else None,
             layout=self.loaded.layout, maps=self.loaded.maps)
 
     # Read commands report from a snapshot and never ask the directory:
     # a read must not change what is enforced (a refresh that is not
     # followed by a recompute would hide a group removal from due()).
     def cmd_status(self, args, peer, viewer) -> dict:
-        return {"ok": True, **report.status(self.snapshot())}
+        return {"ok": True, **report.status(self.snapshot()), "flow_records": self.flow_status()}
 
     def cmd_users(self, args, peer, viewer) -> dict:
         return {"ok": True, "users": report.users(self.snapshot(), viewer)}
@@ -503,11 +590,18 @@ class Daemon:
         return self.reload()
 
     def cmd_flows(self, args, peer, viewer) -> dict:
-        limit = args["limit"]
-        seen = [f for f in self.flow_history if viewer is None or f["login_uid"] == viewer]
+        limit, want = args["limit"], FlowFilter.of(args)
+        if args["records"]:
+            pick = [r for r in [*self.flow_recent, *self.flow_records.current()]
+                    if (viewer is None or r.login_uid == viewer) and want.record(r)]
+            return {"ok": True,
+                    "records": [r.wire() for r in pick[len(pick) - limit:]] if limit else []}
+        seen = [f for f in self.flow_history
+                if (viewer is None or f["login_uid"] == viewer) and want.event(f)]
         reply = {"ok": True, "flows": seen[len(seen) - limit:] if limit else []}
         if args["follow"]:
             reply[control.FOLLOW] = control.FOLLOW_ALL if viewer is None else viewer
+            reply[control.FOLLOW_MATCH] = lambda msg: want.event(msg["flow"])
         return reply
 
     def _peer_uid(self, peer) -> int:

@@ -21,6 +21,8 @@ from typing import Any
 
 from ..core import contract as C
 from ..core.errors import AusError
+from ..core.flowrecord import VERDICTS
+from .flowrecords import parse_network
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class Field:
     low: int | None = None     # ints: inclusive bounds
     high: int | None = None
     max_len: int = 256         # strings: at most this many characters
+    choices: tuple[str, ...] = ()                  # strings: one of these, if given
+    valid: Callable[[str], Any] | None = None      # strings: raises ValueError if bad
 
     def check(self, cmd: str, name: str, value: Any) -> Any:
         where = f"{cmd}: field {name!r}"
@@ -58,6 +62,14 @@ class Field:
             raise RequestError(f"{where} must be a string, not {_shown(value)}")
         if len(value) > self.max_len:
             raise RequestError(f"{where} is longer than {self.max_len} characters")
+        if self.choices and value not in self.choices:
+            raise RequestError(f"{where} must be one of {', '.join(self.choices)}, "
+                               f"not {_shown(value)}")
+        if self.valid is not None:
+            try:
+                self.valid(value)
+            except ValueError as exc:
+                raise RequestError(f"{where}: {exc}") from None
         return value
 
 
@@ -75,7 +87,15 @@ COMMANDS: dict[str, Spec] = {
     "users": Spec(),
     "rules": Spec({"login_uid": Field(int, low=0, high=C.LOGINUID_UNSET - 1)}),
     "flows": Spec({"limit": Field(int, default=100, low=0, high=MAX_FLOWS),
-                   "follow": Field(bool, default=False)}),
+                   "follow": Field(bool, default=False),
+                   # filters (flowrecords.Filter); "since" is a Unix time
+                   "user": Field(str, max_len=256),
+                   "verdict": Field(str, choices=VERDICTS),
+                   "to": Field(str, max_len=64, valid=parse_network),
+                   "port": Field(int, low=0, high=65535),
+                   "since": Field(int, low=0, high=1 << 40),
+                   # the aggregated records instead of the events
+                   "records": Field(bool, default=False)}),
     "reload": Spec(root_only=True),
     "session_open": Spec(root_only=True),
     "session_close": Spec(root_only=True),

@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from ..core.contract import LOGINUID_UNSET
@@ -38,6 +39,7 @@ from ..core.yamlsource import (
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/aus/ausd.yaml")
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 
 MAP_SIZE_MIN = 16
 MAP_SIZE_MAX = 16_777_216
@@ -218,6 +220,38 @@ MapSize = Annotated[
 ]
 
 
+class FlowLog(BaseModel):
+    """``flow_log``: flow records exported for SIEMs, to the journal or to a
+    size-rotated JSON-lines file (see aus.agent.flowlog)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    journal: AbsPath | None = None      # the journal's native socket
+    path: AbsPath | None = None
+    max_bytes: Annotated[int, Field(strict=True), _between(4096, 1 << 40, " bytes")] = 10 << 20
+    keep: Annotated[int, Field(strict=True), _between(0, 100, " files")] = 5
+
+    @model_validator(mode="after")
+    def _one(self) -> FlowLog:
+        if (self.journal is None) == (self.path is None):
+            raise ValueError("give either path (a JSON-lines file) or journal (the "
+                             "journal's socket), not both or neither")
+        return self
+
+
+def _flow_log(value: Any) -> Any:
+    """``off`` (YAML reads it as false) or null: none; ``journal``: the
+    system journal; a mapping: see FlowLog."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "journal":
+        return {"journal": str(JOURNAL_SOCKET)}
+    if isinstance(value, dict):
+        return value
+    raise ValueError(f"expected off, journal, or a mapping with path (and max_bytes, keep) "
+                     f"or journal, got {describe_value(value)}")
+
+
 class DaemonConfig(BaseModel):
     """ausd's settings. Every field has a default; paths are absolute (a
     relative ``policy`` or ``bpf_dir`` in a file is taken relative to the
@@ -251,6 +285,18 @@ class DaemonConfig(BaseModel):
     policy_ca: Annotated[Path | None, PathIn] = None
     bundle_user_match: Literal["exact", "local-part"] = "exact"
     bundle_wait: Annotated[int, Field(strict=True), _between(1, 60, " seconds")] = 30
+    # Flow upload, with a policy URL (see docs/flow-upload.md):
+    flow_upload: Annotated[bool, Field(strict=True, validate_default=True)] = True
+    flow_spool_records: Annotated[int, Field(strict=True),
+                                  _between(1000, 10_000_000, " records")] = 100_000
+    flow_spool_dir: Annotated[Path | None, PathIn, AfterValidator(_absolute)] = \
+        Path("/var/lib/aus/flows")
+    flow_spool_bytes: Annotated[int, Field(strict=True),
+                                _between(1 << 20, 1 << 40, " bytes")] = 64 << 20
+    # Flow records (see docs/flow-records.md):
+    flow_window: Annotated[float, StrictNumber, _between(1.0, 3600.0, " seconds")] = 10.0
+    flow_window_records: Annotated[int, Field(strict=True), _between(1, 1_000_000)] = 10000
+    flow_log: Annotated[FlowLog | None, BeforeValidator(_flow_log)] = None
 
     @field_validator("mode", "log_level", "bundle_user_match", mode="before")
     @classmethod
@@ -274,6 +320,23 @@ class DaemonConfig(BaseModel):
                 "required when policy is a URL: the path of a file holding one "
                 "line <api_key>:<secret>, readable by root only")
         return value
+
+    @field_validator("flow_upload")
+    @classmethod
+    def _upload_next_to_bundle(cls, value: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("policy")
+        if value and isinstance(url, str) and \
+                urlsplit(url).path.rstrip("/").rpartition("/")[2] != "bundle":
+            raise ValueError(
+                f"flow records go to the flows endpoint next to the bundle, but the "
+                f"policy URL {url!r} does not end in /bundle; set flow_upload: false "
+                "to upload nothing")
+        return value
+
+    @property
+    def mode_explicit(self) -> bool:
+        """Whether ``mode`` was set (it then wins over the policy server's)."""
+        return "mode" in self.model_fields_set
 
     @property
     def policy_url(self) -> str | None:

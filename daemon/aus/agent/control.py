@@ -71,6 +71,9 @@ def send(conn: socket.socket, obj: dict) -> None:
 # UID it names, or of all events with FOLLOW_ALL.
 FOLLOW = "_follow"
 FOLLOW_ALL = -1
+# With FOLLOW, a reply may name a predicate on the broadcast objects: the
+# follower gets only those it accepts.
+FOLLOW_MATCH = "_match"
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class _Conn:
     inbuf: bytearray = field(default_factory=bytearray)
     out: bytearray = field(default_factory=bytearray)
     follow: int | None = None      # the login UID followed, or FOLLOW_ALL
+    match: Callable[[dict], bool] | None = None   # FOLLOW_MATCH
     events: int = 0                # what the selector waits for
 
 
@@ -162,7 +166,8 @@ class Server:
     def broadcast(self, obj: dict, login_uid: int) -> None:
         """``obj`` to every follower of ``login_uid`` and of all events."""
         followers = [c for c in self.conns.values() if c.state == _FOLLOWING
-                     and c.follow in (FOLLOW_ALL, login_uid)]
+                     and c.follow in (FOLLOW_ALL, login_uid)
+                     and (c.match is None or c.match(obj))]
         if not followers:
             return
         line = encode(obj)
@@ -272,6 +277,7 @@ class Server:
         c.inbuf.clear()
         reply = commands.run(lambda: self.handle(line, c.peer), "control request")
         follow = reply.pop(FOLLOW, None)
+        match = reply.pop(FOLLOW_MATCH, None)
         if follow is not None and c.peer.uid != 0:
             why = None
             if self.open_count(c.peer.uid, followers=True) >= self.limits.followers_per_uid:
@@ -284,7 +290,7 @@ class Server:
                 follow = None
         c.out += encode(reply)
         if follow is not None:
-            c.state, c.follow, c.deadline = _FOLLOWING, follow, None
+            c.state, c.follow, c.match, c.deadline = _FOLLOWING, follow, match, None
         else:
             c.state, c.deadline = _WRITING, self.clock() + self.limits.reply_deadline
         self._flush(c)

@@ -13,6 +13,23 @@ def _mono_to_wall(ts_ns: int) -> float:
     return time.time() - (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - ts_ns) / 1e9
 
 
+# Names looked up once: decode runs for every event (thousands a second).
+_HOOKS = {int(h): h.name.lower() for h in C.Hook if h < C.HOOK_MAX}
+_VERDICTS = {int(v): v.name.lower() for v in C.EventVerdict}
+_REASONS = {int(r): r.name.lower() for r in C.Reason if r < C.REASON_MAX}
+_ADDRS: dict[bytes, str] = {}
+_ADDRS_MAX = 4096
+
+
+def _addr(raw: bytes) -> str:
+    text = _ADDRS.get(raw)
+    if text is None:
+        if len(_ADDRS) >= _ADDRS_MAX:
+            _ADDRS.clear()
+        text = _ADDRS[raw] = str(C.addr_from16(raw))
+    return text
+
+
 def decode(raw: bytes, rule_names: dict[int, str]) -> dict:
     ev = C.Event.from_buffer_copy(raw[:ctypes.sizeof(C.Event)])
     proto = C.PROTO_NAMES.get(ev.proto, str(ev.proto))
@@ -22,16 +39,16 @@ def decode(raw: bytes, rule_names: dict[int, str]) -> dict:
         "uid": ev.uid,
         "pid": ev.pid,
         "comm": ev.comm.decode(errors="replace"),
-        "hook": C.Hook(ev.hook).name.lower() if ev.hook < C.HOOK_MAX else str(ev.hook),
-        "verdict": C.EventVerdict(ev.verdict).name.lower(),
-        "reason": C.Reason(ev.reason).name.lower() if ev.reason < C.REASON_MAX else str(ev.reason),
+        "hook": _HOOKS.get(ev.hook) or str(ev.hook),
+        "verdict": _VERDICTS.get(ev.verdict) or str(ev.verdict),
+        "reason": _REASONS.get(ev.reason) or str(ev.reason),
         "rule_id": ev.rule,
         "rule": rule_names.get(ev.rule) if ev.rule else None,
         "family": ev.family,
         "proto": proto,
-        "src": str(C.addr_from16(bytes(ev.saddr))),
+        "src": _addr(bytes(ev.saddr)),
         "sport": ev.sport,
-        "dst": str(C.addr_from16(bytes(ev.daddr))),
+        "dst": _addr(bytes(ev.daddr)),
         "dport": ev.dport,
         "bytes": ev.bytes,
     }
@@ -42,6 +59,7 @@ def format_line(f: dict) -> str:
     dst = f"[{f['dst']}]" if ":" in f["dst"] else f["dst"]
     port = f":{f['dport']}" if f["proto"] in ("tcp", "udp") else ""
     rule = f" rule={f['rule']}" if f["rule"] else ""
-    return (f"{when} {f['verdict'].upper():5} login_uid={f['login_uid']} uid={f['uid']} "
+    user = f" user={f['user']}" if f.get("user") else ""
+    return (f"{when} {f['verdict'].upper():5} login_uid={f['login_uid']}{user} uid={f['uid']} "
             f"pid={f['pid']} comm={f['comm']} {f['proto']} -> {dst}{port} "
             f"({f['hook']}, {f['reason']}){rule}")

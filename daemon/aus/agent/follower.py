@@ -103,6 +103,16 @@ class BundleFollower:
             self.cache_error = str(exc)
             log.error("%s", exc)
 
+    @property
+    def workload(self) -> str | None:
+        """The name this workload goes by on the server (X-Aus-Workload)."""
+        return self.poller.client.workload if self.poller is not None else None
+
+    def report_mode(self, mode: str) -> None:
+        """The mode now in force, told to the server with the next request."""
+        if self.poller is not None:
+            self.poller.client.mode = mode
+
     def acknowledge(self) -> None:
         """The main loop is done with a delivery; the next request tells
         the server the version now in force."""
@@ -127,6 +137,7 @@ class BundleFollower:
         b = self.bundle
         poll = self.poller.status() if self.poller is not None else {}
         return {"url": self.url,
+                "workload": self.workload,
                 "bundle_version": b.version if b else None,
                 "org": b.org if b else None,
                 "generated_at": b.generated_at if b else None,

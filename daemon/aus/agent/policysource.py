@@ -8,6 +8,7 @@ Protocol (aus-server)::
     If-None-Match: <etag last received>       (left out on the first fetch)
     X-Aus-Workload: <hostname>
     X-Aus-Enforcing: <bundle version in force, 0 if none>
+    X-Aus-Mode: <enforce | visibility: the mode in force>
     Accept: application/json
 
     200 + ETag: the bundle (now if the ETag differs, or as soon as it
@@ -149,6 +150,15 @@ class Reply:
     body: bytes = b""
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A server's reply as it came: status, headers (lower-case names), body."""
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes
+
+
 _STATUS_TEXT = {
     401: ("auth", "the policy server refused the credentials (HTTP 401): check the "
                   "API key and secret in policy_credentials"),
@@ -172,6 +182,7 @@ class Client:
         self.port = parts.port or (443 if self.https else 80)
         self.target = (parts.path or "/") + (f"?{parts.query}&" if parts.query else "?")
         self.workload = workload or socket.gethostname()
+        self.mode: str | None = None    # the mode in force, set by the daemon
         self.set_credentials(credentials)
         self.context: ssl.SSLContext | None = None
         if self.https:
@@ -223,17 +234,25 @@ class Client:
             self._conn = conn
             return conn, False
 
-    def fetch(self, etag: str | None, enforcing: int, wait: int,
-              cancel: threading.Event | None = None,
-              connect_timeout: float = CONNECT_TIMEOUT) -> Reply:
-        """One GET. Returns a Reply for 200 and 304; raises
-        PolicySourceError for everything else. Setting ``cancel`` and
-        calling ``interrupt`` ends it early."""
+    def exchange(self, method: str, target: str, headers: dict[str, str],
+                 body: bytes | None = None, *, read_timeout: float, limit: int,
+                 cancel: threading.Event | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 retry_stale: bool = True) -> Answer:
+        """One request on the kept-alive connection, with the credentials,
+        the workload name and the user agent added. Returns the server's
+        answer whatever its status; raises PolicySourceError for network
+        and TLS failures and for a reply larger than ``limit``. Setting
+        ``cancel`` and calling ``interrupt`` ends it early. ``retry_stale``:
+        send again once when a reused connection turns out closed (only for
+        requests that may safely be repeated)."""
         self._cancel = cancel or threading.Event()
+        headers = {"Authorization": self._auth, "X-Aus-Workload": self.workload,
+                   "User-Agent": f"ausd/{__version__}", **headers}
         for attempt in (0, 1):
             conn, reused = self._connection(connect_timeout)
             try:
-                return self._once(conn, etag, enforcing, wait)
+                return self._once(conn, method, target, headers, body, read_timeout, limit)
             except PolicySourceError:
                 self.close()
                 raise
@@ -242,7 +261,7 @@ class Client:
                 self.close()
                 if self._cancel.is_set():
                     raise self._interrupted() from exc
-                if reused and attempt == 0:
+                if reused and attempt == 0 and retry_stale:
                     continue   # the server closed an idle kept-alive connection
                 raise self._network_error(exc) from exc
             except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -252,45 +271,49 @@ class Client:
                 raise self._network_error(exc) from exc
         raise AssertionError("unreachable")
 
-    def _once(self, conn: http.client.HTTPConnection, etag: str | None,
-              enforcing: int, wait: int) -> Reply:
+    def _once(self, conn: http.client.HTTPConnection, method: str, target: str,
+              headers: dict[str, str], body: bytes | None, read_timeout: float,
+              limit: int) -> Answer:
         if conn.sock is None:
             conn.connect()
         with self._lock:
             if self._cancel.is_set():
                 raise self._interrupted()
-        conn.sock.settimeout(wait + READ_GRACE)
-        headers = {"Authorization": self._auth, "Accept": "application/json",
-                   "X-Aus-Workload": self.workload, "X-Aus-Enforcing": str(enforcing),
-                   "User-Agent": f"ausd/{__version__}"}
-        if etag is not None:
-            headers["If-None-Match"] = etag
-        conn.request("GET", f"{self.target}wait={wait}", headers=headers)
+        conn.sock.settimeout(read_timeout)
+        conn.request(method, target, body=body, headers=headers)
         resp = conn.getresponse()
-        body = resp.read(MAX_BUNDLE_BYTES + 1)
-        if len(body) > MAX_BUNDLE_BYTES or not resp.isclosed():
+        data = resp.read(limit + 1)
+        if len(data) > limit or not resp.isclosed():
             raise PolicySourceError("protocol", f"{self.url}: the reply is larger than "
-                                    f"{MAX_BUNDLE_BYTES} bytes", resp.status)
+                                    f"{limit} bytes", resp.status)
         if resp.will_close:
             self.close()
-        new_etag = resp.getheader("ETag")
-        if resp.status == 200:
+        return Answer(resp.status, resp.reason, {k.lower(): v for k, v in resp.getheaders()},
+                      data)
+
+    def fetch(self, etag: str | None, enforcing: int, wait: int,
+              cancel: threading.Event | None = None,
+              connect_timeout: float = CONNECT_TIMEOUT) -> Reply:
+        """One long-poll GET. Returns a Reply for 200 and 304; raises
+        PolicySourceError for everything else. Setting ``cancel`` and
+        calling ``interrupt`` ends it early."""
+        headers = {"Accept": "application/json", "X-Aus-Enforcing": str(enforcing)}
+        if etag is not None:
+            headers["If-None-Match"] = etag
+        if self.mode is not None:
+            headers["X-Aus-Mode"] = self.mode
+        ans = self.exchange("GET", f"{self.target}wait={wait}", headers,
+                            read_timeout=wait + READ_GRACE, limit=MAX_BUNDLE_BYTES,
+                            cancel=cancel, connect_timeout=connect_timeout)
+        new_etag = ans.headers.get("etag")
+        if ans.status == 200:
             if not new_etag:
                 raise PolicySourceError("protocol", f"{self.url}: the server's 200 reply "
                                         "has no ETag header", 200)
-            return Reply(200, new_etag, body)
-        if resp.status == 304:
+            return Reply(200, new_etag, ans.body)
+        if ans.status == 304:
             return Reply(304, new_etag or etag)
-        detail = _detail(body)
-        if resp.status in _STATUS_TEXT:
-            kind, text = _STATUS_TEXT[resp.status]
-        elif 500 <= resp.status < 600:
-            kind, text = "server", (f"the policy server failed (HTTP {resp.status} "
-                                    f"{resp.reason})")
-        else:
-            kind, text = "protocol", (f"unexpected reply from the policy server "
-                                      f"(HTTP {resp.status} {resp.reason})")
-        raise PolicySourceError(kind, text + (f": {detail}" if detail else ""), resp.status)
+        raise http_error(ans, "the policy server")
 
     def _interrupted(self) -> PolicySourceError:
         return PolicySourceError("interrupted", f"{self.url}: request interrupted")
@@ -314,7 +337,20 @@ class Client:
         return PolicySourceError("network", f"cannot reach {where}: {text}")
 
 
-def _detail(body: bytes) -> str:
+def http_error(ans: Answer, who: str) -> PolicySourceError:
+    """The PolicySourceError for a reply that is not a success: its kind
+    from the status, the server's own reason appended."""
+    detail = server_reason(ans.body)
+    if ans.status in _STATUS_TEXT:
+        kind, text = _STATUS_TEXT[ans.status]
+    elif 500 <= ans.status < 600:
+        kind, text = "server", f"{who} failed (HTTP {ans.status} {ans.reason})"
+    else:
+        kind, text = "protocol", f"unexpected reply from {who} (HTTP {ans.status} {ans.reason})"
+    return PolicySourceError(kind, text + (f": {detail}" if detail else ""), ans.status)
+
+
+def server_reason(body: bytes) -> str:
     """The server's short reason: {"error": {"message": ...}} (aus-server),
     {"error"|"detail"|"message": "..."}, or the text itself."""
     text = body[:2000].decode("utf-8", "replace").strip()

@@ -23,6 +23,7 @@ from ..core.state import KernelState
 from . import mapview, pins
 from .bpfsys import Map
 from .config import DaemonConfig
+from .enforcement import ModeInForce
 from .identity import UserInfo
 
 
@@ -47,18 +48,22 @@ class Snapshot:
     identities: Mapping[int, Identity]
     processes: Mapping[int, int]
     bundle: Bundle | None
+    mode: ModeInForce                  # what the config map holds, and why
     server: dict[str, Any] | None      # the follower's status, with a policy URL
     last_sync: dict[str, Any]
     start_stages: dict[str, float]
     layout: pins.PinLayout
     maps: dict[str, Map]
+    upload: dict[str, Any] | None = None   # the flow uploader's status
 
 
 def status(s: Snapshot) -> dict:
     return {
         "daemon": {"running": True, "version": __version__, "pid": os.getpid(),
                    "uptime": round(time.time() - s.started, 1)},
-        "mode": s.cfg.mode,
+        "mode": s.mode.mode,
+        "mode_source": s.mode.source,
+        "workload": s.server.get("workload") if s.server is not None else None,
         "cgroup": str(s.cfg.cgroup_path),
         "pin_dir": str(s.cfg.pin_dir),
         "policy": {"path": s.policy_source, "version": s.compiled.version,
@@ -75,6 +80,7 @@ def status(s: Snapshot) -> dict:
         "events": mapview.event_stats(s.maps),
         "last_sync": s.last_sync,
         "start_stages": s.start_stages,
+        "upload": s.upload,
     }
 
 

@@ -12,8 +12,10 @@ visibility mode).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import ipaddress
 import json
+import re
 import sys
 import time
 
@@ -21,8 +23,10 @@ from .. import __version__
 from ..agent import control, flows, mapview, pins
 from ..agent.commands import MAX_FLOWS
 from ..agent.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
+from ..agent.flowrecords import parse_network
 from ..core import contract as C
 from ..core.errors import AusError, ControlError
+from ..core.flowrecord import VERDICTS
 
 DEFAULT_CONFIG = str(DEFAULT_CONFIG_PATH)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
@@ -69,6 +73,29 @@ def _server_lines(srv: dict) -> list[str]:
     return lines
 
 
+def _upload_lines(up: dict) -> list[str]:
+    """The flow upload part of ``status``: what waits, what went, what was lost."""
+    pad = " " * 11
+    sp, dr = up["spooled"], up["dropped"]
+    disk = (f"{sp['disk']} on disk ({sp['disk_bytes']} of {sp['disk_max_bytes']} bytes)"
+            if sp["dir"] else "no disk spool")
+    lines = [f"upload:    {up['state']} to {up['url']}, last success {_ago(up['last_success'])}",
+             f"{pad}{up['batches_sent']} batches ({up['records_sent']} records) sent; spooled "
+             f"{sp['memory']} in memory (of {sp['memory_max']}; {sp['queued']} queued), {disk}",
+             f"{pad}dropped: {dr['spool']} spool full, {dr['refused']} refused, "
+             f"{dr['corrupt']} corrupt files, {dr['window']} window cap; "
+             f"{dr['unreported']} not yet reported"]
+    if up["last_error"]:
+        nxt = up["next_retry"]
+        lines.append(f"{pad}last error: {up['last_error']} ({up['failures']} failures in a "
+                     f"row; next retry {'in %d s' % max(0, round(nxt - time.time())) if nxt else 'now'})")
+    if up["last_refusal"]:
+        lines.append(f"{pad}last refusal: {up['last_refusal']} ({up['batches_refused']} batches)")
+    if sp["disk_error"]:
+        lines.append(f"{pad}spool: {sp['disk_error']}")
+    return lines
+
+
 def _counts(c: dict) -> str:
     return (f"{c['allowed_packets']}/{c['allowed_bytes']}B "
             f"{c['denied_packets']}/{c['denied_bytes']}B")
@@ -94,13 +121,19 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
         lines = [f"ausd:      {'running, pid ' + str(d['pid']) if d['running'] else 'not running (' + d['error'] + ')'}"]
         if d["running"]:
             p = s["policy"]
-            lines += [f"mode:      {s['mode']}", f"cgroup:    {s['cgroup']}",
+            source = s.get("mode_source")
+            if source and s.get("workload"):
+                source += f", workload {s['workload']}"
+            lines += [f"mode:      {s['mode']}" + (f" (from {source})" if source else ""),
+                      f"cgroup:    {s['cgroup']}",
                       f"policy:    {p['path']} version {p['version']}, {p['rules']} rules"]
             if p.get("server"):
                 lines += _server_lines(p["server"])
             if p["error"]:
                 lines.append(f"           last {'bundle' if p.get('server') else 'reload'} "
                              f"refused: {p['error']}")
+            if s.get("upload"):
+                lines += _upload_lines(s["upload"])
             lines += [f"users:     {s['users']['active']} active",
                       f"kernel:    {s['kernel']['rulesets']} rulesets, "
                       f"{s['kernel']['destinations']} destinations, {s['kernel']['services']} services",
@@ -113,10 +146,25 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
         denied = sum(v for row in s["decisions"].values() for r, v in row.items()
                      if r in ("no_rule", "pending"))
         lines.append(f"decisions: {denied} denials counted; events {s['events']}")
+        if s.get("flow_records"):
+            lines.append(_records_line(s["flow_records"]))
         return "\n".join(lines)
 
     _out(args, st, human)
     return EXIT_OK
+
+
+def _records_line(r: dict) -> str:
+    line = (f"records:   {r['records_open']} in the current window (of {r['cap']}, "
+            f"{r['window_seconds']:g} s), {r['windows_closed']} windows closed, "
+            f"{r['records_closed']} records, {r['dropped']} dropped by the cap")
+    ex = r.get("export")
+    if ex:
+        where = ex.get("path") or ex.get("socket")
+        line += f"; export to {ex['kind']} {where}: {ex['failures']} failures"
+        if ex["last_error"]:
+            line += f" (last: {ex['last_error']})"
+    return line
 
 
 def _groups_cell(u: dict) -> str:
@@ -190,9 +238,27 @@ def cmd_check(args, cfg) -> int:
     return EXIT_OK if res["allowed"] else EXIT_DENIED
 
 
+def _record_rows(records: list[dict]) -> str:
+    return _table([[r["user"] or r["login_uid"], ",".join(r["groups"]), r["process"],
+                    r["dst"], r["proto"], r["port"] or "", r["verdict"], r["rule"] or "-",
+                    r["count"], r["first_seen"], r["last_seen"]] for r in records],
+                  ["USER", "GROUPS", "PROCESS", "DST", "PROTO", "PORT", "VERDICT", "RULE",
+                   "COUNT", "FIRST_SEEN", "LAST_SEEN"])
+
+
 def cmd_flows(args, cfg) -> int:
+    if args.records and args.follow:
+        raise AusError("--records and --follow do not go together "
+                       "(records are shown per window)")
+    filters = {k: v for k, v in (("user", args.user), ("verdict", args.verdict),
+                                 ("to", args.to), ("port", args.port),
+                                 ("since", args.since)) if v is not None}
+    if args.records:
+        reply = control.request(cfg.socket, "flows", records=True, limit=args.limit, **filters)
+        _out(args, {"records": reply["records"]}, lambda o: _record_rows(o["records"]))
+        return EXIT_OK
     with control.Client(cfg.socket, timeout=None if args.follow else 10) as c:
-        reply = c.request("flows", follow=args.follow, limit=args.limit)
+        reply = c.request("flows", follow=args.follow, limit=args.limit, **filters)
         for f in reply["flows"]:
             print(json.dumps(f, sort_keys=True) if args.json else flows.format_line(f), flush=True)
         while args.follow:
@@ -254,6 +320,40 @@ def _ip(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+_AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since(text: str, now: float | None = None) -> int:
+    """``10m``, ``1h``, ``90s``, ``2d`` ago, or an ISO 8601 time (a time
+    without a zone is local): a Unix time in whole seconds."""
+    m = _AGO.fullmatch(text.strip())
+    if m:
+        t = (time.time() if now is None else now) - float(m[1]) * _UNITS[m[2]]
+        return max(0, int(t))
+    try:
+        at = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a duration such as 10m, 1h, 30s, 2d or an ISO 8601 "
+            "time such as 2026-12-06T03:00:00Z") from None
+    return max(0, int(at.timestamp()))
+
+
+def _cidr(text: str) -> str:
+    try:
+        return str(parse_network(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError("a port is 0..65535")
+    return v
+
+
 def parser() -> argparse.ArgumentParser:
     def common_options(p, default):
         p.add_argument("--config", default=DEFAULT_CONFIG if default else argparse.SUPPRESS,
@@ -286,10 +386,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--proto", choices=["tcp", "udp", "icmp"], required=True)
     p.set_defaults(fn=cmd_check)
-    p = sub.add_parser("flows", parents=[common], help="recent flow events")
+    p = sub.add_parser("flows", parents=[common], help="recent flow events, or the "
+                       "aggregated flow records (not root: your own)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument("--limit", type=_limit, default=100,
-                   help=f"the last N events (0..{MAX_FLOWS}, default 100)")
+                   help=f"the last N events or records (0..{MAX_FLOWS}, default 100)")
+    p.add_argument("--records", action="store_true",
+                   help="the latest flow records (closed windows, then the open one)")
+    p.add_argument("--user", help="only this user (name)")
+    p.add_argument("--verdict", choices=VERDICTS, help="only this verdict")
+    p.add_argument("--to", type=_cidr, help="only destinations in this CIDR (or address)")
+    p.add_argument("--port", type=_port, help="only this destination port")
+    p.add_argument("--since", type=since,
+                   help="only since then: 10m, 1h, 30s, 2d ago or an ISO 8601 time")
     p.set_defaults(fn=cmd_flows)
     sub.add_parser("reload", parents=[common],
                    help="re-read the policy file (a policy URL: fetch the bundle now)").set_defaults(fn=cmd_reload)

@@ -12,4 +12,6 @@ and the server import it; it imports neither.
 - :mod:`~aus.core.bundle`: the bundle document the server publishes and
   the agent follows.
 - :mod:`~aus.core.flowrecord`: the flow records a workload uploads.
+- :mod:`~aus.core.verdict`: what a policy decides for one flow, as the
+  kernel's lookups decide it.
 """

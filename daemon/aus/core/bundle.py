@@ -5,10 +5,14 @@ cannot drift apart::
 
     {"format": 1, "org": "1", "version": 42, "generated_at": "2026-11-28T15:00:00Z",
      "policy": {...the policy document, validated like the policy file...},
-     "members": {"DEV": ["alice@contoso.com", "bob"]}}
+     "members": {"DEV": ["alice@contoso.com", "bob"]},
+     "enforcement": {"default": "visibility", "workloads": {"web-1": "enforce"}}}
 
 ``members`` maps a user group of ``policy.user_groups`` to the userNames
-of its immediate members. A bad document is refused as a whole with every
+of its immediate members. ``enforcement`` (optional) is the mode the
+server sets: the org's default and the workloads set one by one, by the
+name each ausd sends as ``X-Aus-Workload``; a bundle without it leaves
+every workload on its own configuration. A bad document is refused as a whole with every
 problem listed by path, as a :class:`~aus.core.errors.PolicyError`. See
 docs/policy-server-client.md.
 """
@@ -25,6 +29,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -61,6 +66,50 @@ def _user_names(value: Any) -> Any:
 UserName = Annotated[str, BeforeValidator(_user_name)]
 Members = Annotated[list[UserName], BeforeValidator(_user_names)]
 
+MODES = ("enforce", "visibility")
+MAX_WORKLOAD_NAME = 255     # the server's column; longer names are cut there
+
+
+def _mode(value: Any) -> Any:
+    if value not in MODES:
+        raise ValueError(f"expected 'enforce' or 'visibility', got {describe_value(value)}")
+    return value
+
+
+def _workload_modes(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of workload names to modes, got "
+                         f"{describe_value(value)}")
+    for name in value:
+        if not name.strip() or len(name) > MAX_WORKLOAD_NAME:
+            raise ValueError(f"{name!r} is not a workload name (1 to {MAX_WORKLOAD_NAME} "
+                             "characters, not only spaces)")
+    return value
+
+
+Mode = Annotated[Literal["enforce", "visibility"], BeforeValidator(_mode)]
+
+
+class Enforcement(BaseModel):
+    """The modes the server sets: ``workloads`` by name, else ``default``
+    (absent: the server says nothing and ausd keeps its own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: Mode | None = None
+    workloads: Annotated[dict[str, Mode], BeforeValidator(_workload_modes)] = Field(
+        default_factory=dict)
+
+    def mode_for(self, workload: str) -> tuple[str, str] | None:
+        """The mode the server sets for ``workload`` and where it came
+        from (``server:workload`` or ``server:org``); None when it sets none.
+        Names compare exactly, as the server stores them."""
+        if workload in self.workloads:
+            return self.workloads[workload], "server:workload"
+        if self.default is not None:
+            return self.default, "server:org"
+        return None
+
 
 class BundleDocument(BaseModel):
     """The bundle as published: frozen, unknown keys refused."""
@@ -73,6 +122,7 @@ class BundleDocument(BaseModel):
     generated_at: str
     policy: Policy
     members: dict[str, Members]
+    enforcement: Enforcement | None = None
 
     @field_validator("org", mode="before")
     @classmethod
@@ -113,6 +163,14 @@ class BundleDocument(BaseModel):
         if not isinstance(v, dict):
             raise ValueError("expected a mapping of user group names to lists of "
                              f"userNames, got {describe_value(v)}")
+        return v
+
+    @field_validator("enforcement", mode="before")
+    @classmethod
+    def _enforcement(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, (dict, Enforcement)):
+            raise ValueError("expected a mapping with the keys default and workloads, "
+                             f"not {describe_value(v)}")
         return v
 
     @model_validator(mode="after")
@@ -193,6 +251,7 @@ class Bundle:
     members: dict[str, tuple[str, ...]]   # declared group name -> userNames
     data: dict = field(repr=False, compare=False)   # the document, for the cache
     digest: str = ""                      # sha256 of the canonical document
+    enforcement: Enforcement | None = None   # the modes the server sets
     # casefolded userName -> groups; casefolded part before '@' -> groups
     _by_name: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False,
                                                  compare=False)
@@ -291,6 +350,7 @@ def bundle_from_data(data: Any, source: str) -> Bundle:
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     by_name, by_local = _index(doc.policy, members)
     return Bundle(org=doc.org, version=doc.version, generated_at=doc.generated_at,
-                  policy=doc.policy, members=members, data=data,
+                  policy=doc.policy, members=members, enforcement=doc.enforcement,
+                  data=data,
                   digest=hashlib.sha256(canonical).hexdigest(),
                   _by_name=by_name, _by_local=by_local)

@@ -12,7 +12,8 @@ own exceptions; they are translated into these at one point each, with
     |   +-- BpfError       one bpf(2) or bcc operation failed (object, errno)
     +-- LockError          another ausd already owns these pins
     +-- ControlError       the control socket: unreachable, refused, bad reply
-    +-- PolicySourceError  the policy server or the bundle cache: unreachable,
+    +-- PolicySourceError  the policy server (bundles, flow uploads) or the bundle
+                           cache or flow spool: unreachable,
                            refused (HTTP status), bad reply, unwritable
 """
 

@@ -1,6 +1,7 @@
 """The management API under ``/api/orgs/{org_id}/``: user groups (as the
-directory pushed them, plus manual ones), IP lists, rules, the policy
-version, the bundle long-poll for ``ausd``, and the workloads that fetched it.
+directory pushed them, plus manual ones), IP lists and rules (the org's
+draft, published by a provision: ``policyapi``), the policy version, the
+bundle long-poll for ``ausd``, and the workloads that fetched it.
 
 Authentication: the org's API key, as HTTP Basic (key as user, secret as
 password) or as ``Bearer <key>:<secret>``. Errors are JSON::
@@ -15,7 +16,7 @@ import contextlib
 import uuid
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,7 +32,7 @@ from ..core.policy import (
     parse_network,
     parse_service,
 )
-from . import policycheck
+from . import enforcement, policycheck, policyversions
 from .auth import AuthError, client_address, token_from_header
 from .bundle import build_status, parse_if_none_match, touch
 from .db import (
@@ -41,7 +42,6 @@ from .db import (
     Rule,
     RuleSource,
     User,
-    Workload,
     fold,
     utcnow,
 )
@@ -71,6 +71,12 @@ def org_auth(org_id: str, request: Request) -> str:
     token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
     request.app.state.verifier.for_org(token, org_id, source=client_address(request))
     return org_id
+
+
+def org_key(org_id: str, request: Request) -> tuple[str, str]:
+    """The org and the API key acting on it (a change records who made it)."""
+    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
+    return org_id, request.app.state.verifier.for_org(token, org_id, source=client_address(request))
 
 
 def _session(request: Request) -> Session:
@@ -417,7 +423,7 @@ def _save_ip_list(request: Request, org_id: str, body: IpListIn, list_id: str | 
     except IntegrityError:
         raise ApiError(409, "the IP list is not valid", [
             {"field": "name", "message": f"an IP list named {body.name!r} exists already"}]) from None
-    out["policy_version"] = request.app.state.bundles.rebuild_now(org_id)
+    out.update(_draft_reply(request, org_id))
     return out
 
 
@@ -425,6 +431,13 @@ def _rename_destination(s: Session, org_id: str, old: str, new: str) -> None:
     for rule in s.scalars(select(Rule).where(Rule.org_id == org_id)):
         if old in rule.destinations:
             rule.destinations = [new if d == old else d for d in rule.destinations]
+
+
+def _draft_reply(request: Request, org_id: str) -> dict:
+    """What a rule or IP-list write answers besides the row: the change is
+    in the draft; ``policy_version`` is still the version in force."""
+    cur = request.app.state.bundles.current(org_id)
+    return {"draft": True, "policy_version": cur.version if cur else 0}
 
 
 @router.post("/ip-lists", status_code=201)
@@ -452,7 +465,6 @@ def delete_ip_list(list_id: str, request: Request, org_id: str = Depends(org_aut
                                 "change those first")
         s.delete(row)
         touch(s, org_id)
-    request.app.state.bundles.rebuild_now(org_id)
     return Response(status_code=204)
 
 
@@ -508,7 +520,7 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
     except IntegrityError:
         raise ApiError(409, "the rule is not valid", [
             {"field": "name", "message": f"a rule named {body.name!r} exists already"}]) from None
-    view["policy_version"] = request.app.state.bundles.rebuild_now(org_id)
+    view.update(_draft_reply(request, org_id))
     return view
 
 
@@ -531,7 +543,7 @@ def delete_rule(rule_id: str, request: Request, org_id: str = Depends(org_auth))
             raise ApiError(404, f"no rule with id {rule_id!r} in this org")
         s.delete(rule)
         touch(s, org_id)
-    return {"deleted": rule_id, "policy_version": request.app.state.bundles.rebuild_now(org_id)}
+    return {"deleted": rule_id, **_draft_reply(request, org_id)}
 
 
 @router.get("/policy")
@@ -541,44 +553,104 @@ def policy_version(request: Request, org_id: str = Depends(org_auth)) -> dict:
     cur = request.app.state.bundles.current(org_id)
     with _session(request)() as s:
         build = build_status(s, org_id)
+        draft = {"pending": policyversions.pending(s, org_id)}
     if cur is None:
-        return {"version": 0, "etag": None, "build": build}
-    return {"version": cur.version, "etag": cur.etag, "build": build}
+        return {"version": 0, "etag": None, "build": build, "draft": draft}
+    return {"version": cur.version, "etag": cur.etag, "build": build, "draft": draft}
 
 
 @router.get("/workloads")
 def list_workloads(request: Request, org_id: str = Depends(org_auth)) -> dict:
+    """Each workload with its mode (``mode_source``: ``workload`` or
+    ``org``), the mode it says it applies, and its denials of the last hour."""
     cur = request.app.state.bundles.current(org_id)
     with _session(request)() as s:
-        rows = s.scalars(select(Workload).where(Workload.org_id == org_id)
-                         .order_by(Workload.name)).all()
-        items = [{"name": w.name, "address": w.address, "enforcing_version": w.enforcing_version,
-                  "current": cur is not None and w.enforcing_version == cur.version,
-                  "last_seen": _iso(w.last_seen)} for w in rows]
-    return {"policy_version": cur.version if cur else 0, "items": items}
+        items = enforcement.workload_views(s, org_id, cur.version if cur else None)
+        default = enforcement.org_default(s, org_id)
+    return {"policy_version": cur.version if cur else 0, "default_mode": default["mode"],
+            "items": items}
+
+
+# -- the enforcement mode ------------------------------------------------------
+
+
+def _key_of(org_id: str, request: Request) -> str:
+    """The id of the org's key making the request (recorded with a change)."""
+    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
+    return request.app.state.verifier.for_org(token, org_id, source=client_address(request))
+
+
+def _set_mode(request: Request, org_id: str, key_id: str, workload: str, body) -> bool:
+    try:
+        if workload != enforcement.ORG:
+            enforcement.check_workload_name(workload)
+        mode = enforcement.parse_mode_body(body, allow_null=workload != enforcement.ORG)
+    except enforcement.ModeRefused as exc:
+        raise ApiError(400, "the mode is not valid",
+                       [{"field": exc.field, "message": exc.message}]) from None
+    with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # concurrent first settings of one name queue here
+        changed = enforcement.set_mode(s, org_id, workload, mode, key_id)
+        if changed:
+            touch(s, org_id)
+    return changed
+
+
+@router.get("/mode")
+def get_org_mode(request: Request, org_id: str = Depends(org_auth)) -> dict:
+    """The org's default mode (null: none set; workloads keep their own)."""
+    with _session(request)() as s:
+        return enforcement.org_default(s, org_id)
+
+
+@router.put("/mode")
+def put_org_mode(request: Request, org_id: str, body=Body(None),
+                 key_id: str = Depends(_key_of)) -> dict:
+    changed = _set_mode(request, org_id, key_id, enforcement.ORG, body)
+    version = request.app.state.bundles.rebuild_now(org_id)
+    with _session(request)() as s:
+        return {**enforcement.org_default(s, org_id), "changed": changed,
+                "policy_version": version}
+
+
+@router.put("/workloads/{name}/mode")
+def put_workload_mode(name: str, request: Request, org_id: str, body=Body(None),
+                      key_id: str = Depends(_key_of)) -> dict:
+    changed = _set_mode(request, org_id, key_id, name, body)
+    version = request.app.state.bundles.rebuild_now(org_id)
+    with _session(request)() as s:
+        views = {w["name"]: w for w in enforcement.workload_views(s, org_id, version)}
+        # a workload never seen, returned to the default, is listed nowhere
+        default = enforcement.org_default(s, org_id)["mode"]
+        view = views.get(name) or {"name": name, "mode": default,
+                                   "mode_source": "org" if default else None}
+    return {**view, "changed": changed, "policy_version": version}
 
 
 # -- the bundle --------------------------------------------------------------
 
 
-def _note_workload(request: Request, org_id: str, name: str, version: int, address: str) -> None:
+def _note_workload(request: Request, org_id: str, name: str, version: int, address: str,
+                   mode: str | None) -> None:
     """Queue the workload's check-in; the bundle service writes them in
     batches, so a thousand polls never wait on a thousand writes."""
-    request.app.state.bundles.note_workload(org_id, name, version, address)
+    request.app.state.bundles.note_workload(org_id, name, version, address, mode)
 
 
 @router.get("/bundle", responses={304: {"description": "unchanged during the wait"}})
 async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0, le=3600),
                      if_none_match: str | None = Header(None),
                      x_aus_workload: str | None = Header(None),
-                     x_aus_enforcing: int | None = Header(None, ge=0, le=INT32_MAX)) -> Response:
+                     x_aus_enforcing: int | None = Header(None, ge=0, le=INT32_MAX),
+                     x_aus_mode: str | None = Header(None)) -> Response:
     token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
     if request.app.state.verifier.for_org(token, org_id, cached_only=True) is None:
         await asyncio.to_thread(request.app.state.verifier.for_org, token, org_id,
                                 source=client_address(request))
     if x_aus_workload:
         address = request.client.host if request.client else ""
-        _note_workload(request, org_id, x_aus_workload[:255], x_aus_enforcing or 0, address)
+        mode = x_aus_mode if x_aus_mode in enforcement.MODES else None   # an older ausd: none
+        _note_workload(request, org_id, x_aus_workload[:255], x_aus_enforcing or 0, address, mode)
     bundles = request.app.state.bundles
     etag = parse_if_none_match(if_none_match)
     cur = await bundles.wait_change(org_id, etag, wait)

@@ -50,12 +50,13 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     app.state.bundles = bundles
     app.state.flows = flows
 
-    from . import api, apidocs, console
+    from . import api, apidocs, console, policyapi
     from . import flows as flow_routes
     from .scim import routes as scim_routes
 
     scim_routes.install(app)
     api.install(app)
+    policyapi.install(app)
     flow_routes.install(app)
     console.install(app)
     apidocs.install(app)

@@ -30,6 +30,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..core.errors import AusError
+from . import enforcement
 from .db import ApiKey, AuthState, Org
 from .ratelimit import FailureLimiter
 
@@ -72,6 +73,7 @@ def ensure_org(session: Session, org_id: str) -> Org:
         org = Org(id=org_id, generation=0)
         session.add(org)
         session.flush()
+        enforcement.new_org(session, org_id)
     return org
 
 

@@ -1,8 +1,9 @@
 """The policy bundle every ``ausd`` long-polls.
 
-A bundle is the org's rules, the user groups they name and each group's
-active immediate members: an ``aus.core.bundle.BundleDocument``, the model
-the daemon validates it with. Every write bumps the org's
+A bundle is the org's provisioned policy (its newest policy version, see
+``policyversions``; rule edits wait in the draft until provisioned), the
+user groups it names and each group's active immediate members: an
+``aus.core.bundle.BundleDocument``, the model the daemon validates it with. Every write bumps the org's
 ``generation``; :class:`BundleService` rebuilds the bundle when the
 generation moved (at most every ``interval`` seconds, so a burst of SCIM
 requests costs one build), and only a bundle whose content changed gets a
@@ -38,14 +39,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..core.bundle import BUNDLE_FORMAT, document_from_data
 from ..core.errors import PolicyError
 from ..core.policy import parse_network
+from . import enforcement
 from .db import (
     Bundle,
     Group,
-    IpList,
     Membership,
     Org,
-    Rule,
-    RuleSource,
+    PolicyVersion,
     User,
     Workload,
     fold,
@@ -82,36 +82,44 @@ def _is_literal(dest: str) -> bool:
 
 
 def build_content(session: Session, org_id: str) -> dict:
-    """The bundle's policy and members, without version (pure read)."""
-    rules = session.scalars(select(Rule).where(Rule.org_id == org_id)
-                            .order_by(Rule.position, Rule.name)).all()
-    sources = session.execute(
-        select(RuleSource.rule_id, RuleSource.group_id)
-        .join(Rule, Rule.id == RuleSource.rule_id)
-        .where(Rule.org_id == org_id).order_by(RuleSource.position)).all()
-    by_rule: dict[str, list[str]] = {}
-    for rule_id, group_id in sources:
-        by_rule.setdefault(rule_id, []).append(group_id)
+    """The bundle's policy and members, without version (pure read): the
+    org's provisioned policy in force with the current members of its
+    groups (the draft is not published until provisioned)."""
+    return content_from_spec(session, org_id, active_spec(session, org_id))
+
+
+def active_spec(session: Session, org_id: str) -> dict:
+    """The spec of the org's newest provisioned version (empty if none)."""
+    spec = session.scalar(select(PolicyVersion.spec).where(PolicyVersion.org_id == org_id)
+                          .order_by(PolicyVersion.version.desc()).limit(1))
+    return spec if spec is not None else {"rules": [], "ip_lists": []}
+
+
+def content_from_spec(session: Session, org_id: str, spec: dict) -> dict:
+    """A spec (rules naming source groups by id, IP lists) as the bundle's
+    policy and members. Groups are resolved now, so a group renamed or
+    deleted by the directory takes effect without a new policy version."""
+    rules = spec["rules"]
+    by_rule = {r["id"]: [src["id"] for src in r["sources"]] for r in rules}
     wanted = {g for ids in by_rule.values() for g in ids}
     groups = {g.id: g for g in session.scalars(
         select(Group).where(Group.org_id == org_id, Group.id.in_(wanted)))} if wanted else {}
-    lists = {l.name: l.entries for l in session.scalars(
-        select(IpList).where(IpList.org_id == org_id))}
+    lists = {l["name"]: l["entries"] for l in spec["ip_lists"]}
 
     out_rules, used_lists, used_groups = [], {}, {}
     for rule in rules:
-        names = [groups[g].display_name for g in by_rule.get(rule.id, []) if g in groups]
+        names = [groups[g].display_name for g in by_rule[rule["id"]] if g in groups]
         if not names:
             continue   # every source group is gone: the rule grants nothing
-        for d in rule.destinations:
+        for d in rule["destinations"]:
             if not _is_literal(d) and d in lists:
                 used_lists[d] = lists[d]
-        for g in by_rule[rule.id]:
+        for g in by_rule[rule["id"]]:
             if g in groups:
                 used_groups[g] = groups[g]
-        out_rules.append({"name": rule.name, "sources": names,
-                          "destinations": list(rule.destinations),
-                          "services": list(rule.services)})
+        out_rules.append({"name": rule["name"], "sources": names,
+                          "destinations": list(rule["destinations"]),
+                          "services": list(rule["services"])})
 
     user_groups = []
     for g in sorted(used_groups.values(), key=lambda g: g.display_name):
@@ -164,9 +172,12 @@ def _digest(content: dict) -> str:
                           .encode()).hexdigest()
 
 
-def rebuild(session: Session, org_id: str, now: dt.datetime | None = None) -> Bundle:
+def rebuild(session: Session, org_id: str, now: dt.datetime | None = None, *,
+            force_version: int | None = None) -> Bundle:
     """Bring the org's bundle up to its generation, in the caller's
-    transaction; the version moves only when the content changed. A build
+    transaction; the version moves only when the content changed (a
+    provision passes ``force_version``: a provisioned policy is published
+    as that version, above the current one, even if it builds the same). A build
     the daemon's model refuses publishes the last good policy with the
     current members instead, and is noted on the row (``build_*``)."""
     now = now or utcnow()
@@ -180,15 +191,18 @@ def rebuild(session: Session, org_id: str, now: dt.datetime | None = None) -> Bu
         session.add(row)
     retry_due = row.build_error is not None and (row.build_retry_at is None
                                                  or _aware(row.build_retry_at) <= now)
-    if row.generation == org.generation and row.body and not retry_due:
+    if row.generation == org.generation and row.body and not retry_due \
+            and force_version is None:
         return row
     try:
         content = build_content(session, org_id)
+        content.update(enforcement.bundle_key(session, org_id))
         digest = _digest(content)
-        if digest != row.digest or not row.body:
+        if digest != row.digest or not row.body or force_version is not None:
             # Validated as the daemon will: data the API let through but a
             # daemon would refuse is a PolicyError here.
-            _publish(row, _document(org_id, row.version + 1, now, content), digest, now)
+            _publish(row, _document(org_id, force_version or row.version + 1, now, content),
+                     digest, now)
     except SQLAlchemyError:
         raise
     except Exception as exc:   # PolicyError, or a build that broke on odd data
@@ -235,7 +249,8 @@ def _build_failed(session: Session, row: Bundle, org_id: str, exc: Exception,
         return
     policy = json.loads(row.body)["policy"]
     members = current_members(session, org_id, [g["name"] for g in policy["user_groups"]])
-    content = {"policy": policy, "members": members}
+    content = {"policy": policy, "members": members,
+               **enforcement.bundle_key(session, org_id)}
     digest = _digest(content)
     if digest != row.digest:
         try:
@@ -289,7 +304,7 @@ class BundleService:
         self._poke: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
-        self._checkins: dict[tuple[str, str], tuple[int, str, dt.datetime]] = {}
+        self._checkins: dict[tuple[str, str], tuple[int, str, dt.datetime, str | None]] = {}
         self._checkin_lock = threading.Lock()
         self._held: dict[str, float] = {}          # org -> monotonic time of its next try
         self._held_attempts: dict[str, int] = {}
@@ -334,9 +349,10 @@ class BundleService:
                     self._cond.notify_all()
             await asyncio.sleep(self.interval)   # bounds rebuilds under a write burst
 
-    def note_workload(self, org_id: str, name: str, version: int, address: str) -> None:
+    def note_workload(self, org_id: str, name: str, version: int, address: str,
+                      mode: str | None = None) -> None:
         with self._checkin_lock:
-            self._checkins[(org_id, name)] = (version, address, utcnow())
+            self._checkins[(org_id, name)] = (version, address, utcnow(), mode)
 
     def _flush_checkins(self) -> None:
         with self._checkin_lock:
@@ -352,13 +368,14 @@ class BundleService:
         with self.sessions.begin() as s:
             known = {(w.org_id, w.name): w for w in s.scalars(select(Workload).where(
                 Workload.org_id.in_({o for o, _ in batch}), Workload.name.in_({n for _, n in batch})))}
-            for key, (version, address, seen) in batch.items():
+            for key, (version, address, seen, mode) in batch.items():
                 row = known.get(key)
                 if row is None:
                     s.add(Workload(org_id=key[0], name=key[1], enforcing_version=version,
-                                   address=address, last_seen=seen))
+                                   address=address, last_seen=seen, applied_mode=mode))
                 else:
                     row.enforcing_version, row.address, row.last_seen = version, address, seen
+                    row.applied_mode = mode
 
     def _tick(self) -> bool:
         """Rebuild stale bundles; load bundles other replicas built; write

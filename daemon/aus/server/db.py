@@ -243,6 +243,8 @@ class Workload(Base):
     address: Mapped[str] = mapped_column(String(64), default="")
     enforcing_version: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The mode the daemon said it applies (X-Aus-Mode); None: it did not say.
+    applied_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class Flow(Base):
@@ -280,6 +282,40 @@ class Flow(Base):
         # What SQLite's retention deletes by; PostgreSQL drops partitions.
         Index("ix_flows_hour", "hour").ddl_if(dialect="sqlite"),
     )
+
+
+class EnforcementMode(Base):
+    """A mode the server sets: a workload's (``workload`` its name, which
+    may not have checked in yet), or the org's default (``workload`` "":
+    no workload is called that). An org without a default row sets none,
+    and its workloads keep the mode of their own configuration."""
+
+    __tablename__ = "enforcement_modes"
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    workload: Mapped[str] = mapped_column(String(255), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16))        # "enforce" | "visibility"
+    changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    changed_by: Mapped[str] = mapped_column(String(64), default="")   # the API key's id
+
+
+class PolicyVersion(Base):
+    """A provisioned policy: immutable. The org's newest version is the one
+    in force; the rules and ip_lists tables are its draft. ``spec`` is the
+    draft as it was (rules with source group ids, IP lists), ``policy`` the
+    policy document as the bundle carried it when provisioned. ``key_id``
+    is the API key that provisioned it (None: snapshotted by migration)."""
+
+    __tablename__ = "policy_versions"
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spec: Mapped[dict] = mapped_column(JSON)
+    policy: Mapped[dict] = mapped_column(JSON)
+    note: Mapped[str] = mapped_column(Text, default="")
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rolled_back_from: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 # --------------------------------------------------------------------------

@@ -31,7 +31,7 @@ function authHeader(token) {
   return "Basic " + base64(token);
 }
 
-const listeners = { signedOut: [], policyVersion: [], policyBuild: [] };
+const listeners = { signedOut: [], policyVersion: [], policyBuild: [], policyDraft: [] };
 export function on(event, fn) {
   listeners[event].push(fn);
 }
@@ -101,6 +101,7 @@ export async function api(path, { method = "GET", query, body, signal } = {}) {
   try {
     const data = await request(url, { method, body, token: cred.token, signal });
     if (data && typeof data.policy_version === "number") emit("policyVersion", data.policy_version);
+    if (data && data.draft === true) emit("policyDraft", { pending: true });
     return data;
   } catch (err) {
     // Several requests may fail with one key: the first one signs out, and
@@ -116,5 +117,6 @@ export async function refreshPolicyVersion() {
   const p = await api("/policy");
   emit("policyVersion", p.version);
   if (p.build) emit("policyBuild", p.build, p.version);
+  if (p.draft) emit("policyDraft", p.draft);
   return p.version;
 }

@@ -1,11 +1,13 @@
 // The console: sign-in, the header, and a router over location.hash
-// (#/groups, #/groups/<id>, #/rules, #/rules/<id>, #/ip-lists, #/workloads).
+// (#/groups, #/groups/<id>, #/rules, #/rules/<id>, #/ip-lists, #/workloads,
+// #/draft, #/history).
 
 import { ApiError, credentials, on, refreshPolicyVersion, signIn, signOut } from "./api.js";
 import { h, num, replace } from "./dom.js";
 import { field, FieldErrors } from "./forms.js";
 import * as groups from "./groups.js";
 import * as iplists from "./iplists.js";
+import * as policy from "./policy.js";
 import * as rules from "./rules.js";
 import * as workloads from "./workloads.js";
 
@@ -16,6 +18,7 @@ const statusEl = document.getElementById("status");
 const versionEl = document.getElementById("policy-version");
 const orgEl = document.getElementById("org");
 const buildEl = document.getElementById("build-alert");
+const draftEl = document.getElementById("draft-pending");
 const BUILD_POLL_MS = 15000;
 
 const ROUTES = [
@@ -28,6 +31,8 @@ const ROUTES = [
   [/^\/ip-lists\/new$/, iplists.edit, "ip-lists"],
   [/^\/ip-lists\/([^/]+)$/, iplists.edit, "ip-lists"],
   [/^\/workloads$/, workloads.view, "workloads"],
+  [/^\/draft$/, policy.draft, "draft"],
+  [/^\/history$/, policy.history, "history"],
 ];
 
 let generation = 0;
@@ -86,6 +91,10 @@ function setBuild(build, version) {
 
 on("policyVersion", setVersion);
 on("policyBuild", setBuild);
+// Rule and IP-list edits wait in the draft: say so in the header.
+on("policyDraft", (draft) => {
+  draftEl.hidden = !draft.pending;
+});
 setInterval(() => {
   if (credentials()) refreshPolicyVersion().catch(() => {});
 }, BUILD_POLL_MS);
@@ -154,6 +163,7 @@ function renderSignIn() {
   session.hidden = true;
   versionEl.hidden = true;
   buildEl.hidden = true;
+  draftEl.hidden = true;
   document.title = "Sign in · aus";
   const token = field({
     name: "token", label: "API key", type: "password",

@@ -10,7 +10,7 @@ async function remove(ctx, l) {
   if (!ok) return;
   try {
     await api(`/ip-lists/${encodeURIComponent(l.id)}`, { method: "DELETE" });
-    ctx.navigate("#/ip-lists", { status: `Deleted IP list “${l.name}”.` });
+    ctx.navigate("#/ip-lists", { status: `Deleted IP list “${l.name}” in the draft.` });
   } catch (err) {
     ctx.setStatus(err.message, "error");
   }
@@ -71,7 +71,7 @@ export async function edit(ctx) {
         try {
           const saved = await api(id ? `/ip-lists/${encodeURIComponent(id)}` : "/ip-lists", {
             method: id ? "PUT" : "POST", body: { name: name.value().trim(), entries: entries.values() } });
-          ctx.navigate("#/ip-lists", { status: `Saved IP list “${saved.name}”. Policy version ${num(saved.policy_version)}.` });
+          ctx.navigate("#/ip-lists", { status: `Saved IP list “${saved.name}” to the draft; provision it to apply (version ${num(saved.policy_version)} stays in force).` });
         } catch (err) {
           (errors.show(err) || summary).focus();
         } finally {

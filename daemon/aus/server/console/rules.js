@@ -22,12 +22,12 @@ function sourceLinks(rule) {
 async function deleteRule(ctx, rule) {
   const ok = await confirmDialog({
     title: `Delete rule “${rule.name}”?`,
-    body: "Its users lose this access as soon as their workloads fetch the next policy version.",
+    body: "The deletion goes into the draft: its users lose this access once the draft is provisioned.",
   });
   if (!ok) return false;
   try {
     const r = await api(`/rules/${encodeURIComponent(rule.id)}`, { method: "DELETE" });
-    ctx.navigate("#/rules", { status: `Deleted rule “${rule.name}”. Policy version ${num(r.policy_version)}.` });
+    ctx.navigate("#/rules", { status: `Deleted rule “${rule.name}” in the draft; provision it to apply (version ${num(r.policy_version)} stays in force).` });
     return true;
   } catch (err) {
     ctx.setStatus(err.message, "error");
@@ -104,7 +104,7 @@ export async function edit(ctx) {
         const saved = await api(id ? `/rules/${encodeURIComponent(id)}` : "/rules",
                                 { method: id ? "PUT" : "POST", body });
         ctx.navigate("#/rules", {
-          status: `Saved rule “${saved.name}”. Policy version ${num(saved.policy_version)}.` });
+          status: `Saved rule “${saved.name}” to the draft; provision it to apply (version ${num(saved.policy_version)} stays in force).` });
       } catch (err) {
         const first = errors.show(err);
         (first || summary).focus();
