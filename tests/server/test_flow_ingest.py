@@ -456,3 +456,47 @@ def test_the_ingest_benchmark_runs_tiny():
                        text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "records/s" in p.stdout and "refused batches               0" in p.stdout
+
+
+def test_the_agents_uploader_lands_records_in_a_real_server(tmp_path):
+    """ausd's uploader (gzip, its credentials file) against a real
+    aus-server process: the records arrive, merged, under the workload's name."""
+    import os
+
+    from aus.agent.flowupload import FlowUploader, flows_url
+    from aus.server.auth import create_key
+    from tests.support.names import free_port
+    from tests.support.server_process import serving, wait_port
+
+    url = f"sqlite:///{tmp_path}/aus-server.db"
+    engine, sessions = open_database(url)
+    creds = tmp_path / "credentials"
+    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, create_key(sessions, "1").encode() + b"\n")
+    os.close(fd)
+    port = free_port()
+    with serving("--listen", f"127.0.0.1:{port}", "--db", url) as proc:
+        wait_port(port, proc)
+        up = FlowUploader(flows_url(f"http://127.0.0.1:{port}/api/orgs/1/bundle"), creds, None,
+                          spool_records=1000, spool_dir=None, spool_bytes=0)
+        up.start()
+        try:
+            first = [FlowRecord.model_validate(record(count=2)),
+                     FlowRecord.model_validate(record(dst="198.51.100.7", verdict="denied"))]
+            up.submit(first, 0)
+            wait_until(lambda: up.records_sent == 2, timeout=30, what="the first window sent")
+            up.submit([FlowRecord.model_validate(record(count=5, process="wget",
+                                                        last=HOUR + dt.timedelta(minutes=9)))], 0)
+            wait_until(lambda: up.records_sent == 3, timeout=30, what="the second window sent")
+            assert up.batches_refused == 0
+        finally:
+            up.stop()
+    try:
+        with sessions() as s:
+            got = {f.dst: f for f in s.scalars(select(Flow))}
+    finally:
+        engine.dispose()
+    assert set(got) == {"192.0.2.10", "198.51.100.7"}
+    assert got["192.0.2.10"].count == 7 and got["192.0.2.10"].process == "wget"
+    assert got["198.51.100.7"].verdict == "denied"
+    assert {f.workload for f in got.values()} == {up.client.workload}
