@@ -5,28 +5,40 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 from fastapi import FastAPI
 
 from .auth import Verifier
 from .bundle import BundleService
 from .db import open_database
+from .flowstore import (
+    DEFAULT_RETENTION_DAYS,
+    RETENTION_INTERVAL,
+    FlowStore,
+    RetentionService,
+)
 from .intake import InputGate
 
 log = logging.getLogger("aus.server")
 
 
 def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
-               max_wait: float = 60.0) -> FastAPI:
+               max_wait: float = 60.0, flow_retention_days: int = DEFAULT_RETENTION_DAYS,
+               retention_interval: float = RETENTION_INTERVAL) -> FastAPI:
     engine, sessions = open_database(db_url)
     bundles = BundleService(sessions, interval=bundle_interval, max_wait=max_wait)
+    flows = FlowStore(engine, flow_retention_days)
+    retention = RetentionService(flows, interval=retention_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         await bundles.start()
+        await retention.start()
         try:
             yield
         finally:
+            await retention.stop()
             await bundles.stop()
             engine.dispose()
 
@@ -36,13 +48,16 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     app.state.sessions = sessions
     app.state.verifier = Verifier(sessions)
     app.state.bundles = bundles
+    app.state.flows = flows
 
     from . import api, apidocs, console, policyapi
+    from . import flows as flow_routes
     from .scim import routes as scim_routes
 
     scim_routes.install(app)
     api.install(app)
     policyapi.install(app)
+    flow_routes.install(app)
     console.install(app)
     apidocs.install(app)
     app.add_middleware(InputGate)       # outermost: before any route reads a byte
@@ -51,7 +66,9 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
 
 def app_from_env() -> FastAPI:
     """Factory for ``aus-server serve``'s workers: the database URL comes
-    from AUS_SERVER_DB (set by the CLI)."""
+    from AUS_SERVER_DB, the flow retention from AUS_FLOW_RETENTION_DAYS
+    (both set by the CLI)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    return create_app(None)
+    days = int(os.environ.get("AUS_FLOW_RETENTION_DAYS") or DEFAULT_RETENTION_DAYS)
+    return create_app(None, flow_retention_days=days)

@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import secrets
 import threading
 import time
@@ -176,7 +177,8 @@ class Verifier:
         wait = self.limiter.take(source)
         if wait:
             raise AuthError(f"too many failed authentication attempts from {source}; "
-                            f"retry in {max(1, round(wait))} s", 429, retry_after=max(1, round(wait)))
+                            f"retry in {max(1, math.ceil(wait))} s", 429,
+                            retry_after=max(1, math.ceil(wait)))   # never too early
         read_at = time.monotonic()
         with self.sessions() as s:
             s.connection(execution_options={"read_only": True})   # no SQLite write lock

@@ -1,6 +1,7 @@
 """``aus-server``: serve, or manage API keys.
 
     aus-server serve [--listen HOST:PORT] [--db URL] [--tls-cert PEM --tls-key PEM]
+                     [--workers N] [--flow-retention-days N]
     aus-server api-key create --org N [--db URL]     prints <key>:<secret> once
     aus-server api-key revoke KEY_ID [--db URL]
     aus-server migrate [--db URL]
@@ -19,6 +20,7 @@ import sys
 
 from ..core.errors import AusError
 from .db import DEFAULT_DB, open_database
+from .flowstore import DEFAULT_RETENTION_DAYS
 
 DEFAULT_LISTEN = "127.0.0.1:8443"
 
@@ -29,6 +31,12 @@ def _listen(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT, e.g. 0.0.0.0:8443")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
+
+
+def _days(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 3650:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of days from 1 to 3650")
+    return int(text)
 
 
 def _is_loopback(host: str) -> bool:
@@ -77,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if args.db:
         os.environ["AUS_SERVER_DB"] = args.db
+    os.environ["AUS_FLOW_RETENTION_DAYS"] = str(args.flow_retention_days)
     # Migrate once here, so worker processes start on an up-to-date schema
     # and a bad URL is reported before anything listens.
     engine, _ = open_database(args.db)
@@ -108,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tls-cert", help="PEM certificate (chain); serve HTTPS")
     s.add_argument("--tls-key", help="PEM private key")
     s.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    s.add_argument("--flow-retention-days", type=_days, default=DEFAULT_RETENTION_DAYS,
+                   help=f"days of flow records kept (default {DEFAULT_RETENTION_DAYS}; "
+                        f"whole UTC days are removed, so up to one more is kept)")
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--access-log", action="store_true", help="log every request")
 

@@ -251,7 +251,10 @@ class Flow(Base):
     """Flow records of the org's workloads, merged by (workload, login UID,
     user, destination, protocol, port, verdict, rule, hour): storage grows
     with distinct flows, not with connections. ``rule`` is "" when no rule
-    decided (a NULL would make every such row distinct to the unique index)."""
+    decided (a NULL would make every such row distinct to the unique index).
+
+    On PostgreSQL the table is partitioned by day of ``hour`` (migration
+    0004, :mod:`.flowstore`) and its primary key is (id, hour)."""
 
     __tablename__ = "flows"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
@@ -276,6 +279,8 @@ class Flow(Base):
                          "port", "verdict", "rule", "hour", name="uq_flows_merge"),
         Index("ix_flows_org_last_seen", "org_id", "last_seen"),
         Index("ix_flows_org_user", "org_id", "user_name", "last_seen"),
+        # What SQLite's retention deletes by; PostgreSQL drops partitions.
+        Index("ix_flows_hour", "hour").ddl_if(dialect="sqlite"),
     )
 
 

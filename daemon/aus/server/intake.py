@@ -12,7 +12,20 @@
 3. Size: the body is capped per route (:data:`LIMITS`): a ``Content-Length``
    above the cap is answered 413 at once; a body without one is counted as
    it streams and refused as soon as it passes the cap.
-4. Content: a JSON body of SCIM or the API is parsed once with bounds
+4. Flow batches (``POST /api/orgs/<org>/flows``) may come with
+   ``Content-Encoding: gzip``: the body (compressed or not) is capped at
+   :data:`MAX_BATCH_BYTES`, then inflated here with the same cap on what
+   it inflates to, reading at most one byte past it, so a zip bomb is
+   refused (413) having cost that much memory and no more. A broken gzip
+   stream is refused (400), any other encoding too (415). The route sees
+   the inflated body without the header. It is not walked by
+   :func:`check_json`: the route parses it and validates it against
+   :class:`~aus.core.flowrecord.FlowBatch`, whose bounds are tighter than
+   the walk's for every value (a fixed shape; each string capped and free
+   of control characters and lone surrogates; each number in range), and
+   parses it only when its turn to be stored comes, so batches waiting
+   their turn hold bytes, not millions of small objects.
+5. Content: a JSON body of SCIM or the API (but a flow batch) is parsed once with bounds
    (:func:`check_json`): nesting, numbers, NaN/Infinity, NUL and unpaired
    surrogates are refused with 400 here; plain malformed JSON is left to the
    handler, which says where it broke. The path and query string may not
@@ -28,11 +41,13 @@ import asyncio
 import json
 import math
 import re
+import zlib
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..core.flowrecord import MAX_BATCH_BYTES
 from .auth import AuthError, token_from_header
 from .scim.discovery import MAX_PAYLOAD
 from .scim.errors import INVALID_SYNTAX, INVALID_VALUE, error_response
@@ -44,6 +59,7 @@ MAX_DEPTH = 32                     # SCIM's deepest document nests 4 levels
 MAX_INT_DIGITS = 18                # |n| < 10**18 fits a 64-bit column
 MAX_STRING = 1024 * 1024           # one JSON string
 
+_FLOWS = re.compile(r"^/api/orgs/[^/]+/flows/?$")
 _SCIM_ORG = re.compile(r"^/scim/orgs/([^/]+)(/|$)")
 _API_ORG = re.compile(r"^/api/orgs/([^/]+)(/|$)")
 _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
@@ -112,7 +128,40 @@ def _check_string(s: str, where: str) -> None:
         raise InputError(f"the string contains {what}", where)
 
 
+class EncodingError(ValueError):
+    """A compressed body that cannot be taken: ``status`` 400, 413 or 415."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+def inflate(body: bytes, encoding: str, limit: int = MAX_BATCH_BYTES) -> bytes:
+    """``body`` decoded per its Content-Encoding (``gzip`` or ``identity``),
+    never more than ``limit`` bytes of it."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise EncodingError(415, f"the Content-Encoding {encoding[:32]!r} is not supported; "
+                                 f"send gzip or identity")
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise EncodingError(400, f"the gzip body is not valid: {exc}") from None
+    if len(out) > limit:
+        raise EncodingError(413, f"the gzip body inflates to more than {limit} bytes")
+    if not d.eof:
+        raise EncodingError(400, "the gzip body is cut short")
+    if d.unused_data:
+        raise EncodingError(400, "the gzip body has data after its end (one gzip member only)")
+    return out
+
+
 def limit_for(path: str) -> int:
+    if _FLOWS.match(path):
+        return MAX_BATCH_BYTES
     if _SCIM_ORG.match(path):
         return SCIM_LIMIT
     if _API_ORG.match(path) or path == "/api/whoami":
@@ -183,7 +232,18 @@ class InputGate:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if org is not None and body.strip():
+        if org is not None and _FLOWS.match(path) and body.strip():
+            encoding = headers.get(b"content-encoding", b"").decode("latin-1")
+            try:
+                body = await asyncio.to_thread(inflate, body, encoding)
+            except EncodingError as exc:
+                await _refuse(scim, exc.status, str(exc))(scope, receive, send)
+                return
+            scope = dict(scope)
+            scope["headers"] = [(k, v) for k, v in scope["headers"]
+                                if k.lower() not in (b"content-encoding", b"content-length")]
+            scope["headers"].append((b"content-length", str(len(body)).encode()))
+        elif org is not None and body.strip():
             try:
                 if len(body) > OTHER_LIMIT:
                     # a SCIM body of megabytes takes a second's fraction to walk:
