@@ -37,11 +37,12 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     app.state.verifier = Verifier(sessions)
     app.state.bundles = bundles
 
-    from . import api, apidocs, console
+    from . import api, apidocs, console, traffic
     from .scim import routes as scim_routes
 
     scim_routes.install(app)
     api.install(app)
+    traffic.install(app)
     console.install(app)
     apidocs.install(app)
     app.add_middleware(InputGate)       # outermost: before any route reads a byte

@@ -13,6 +13,7 @@ Names themselves are stored exactly as sent.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import threading
 from pathlib import Path
@@ -298,7 +299,19 @@ def _private_file(path: Path) -> None:
                     os.chmod(side, 0o600)
 
 
+def ip_key(address: str | None) -> str | None:
+    """An address as text that sorts in address order within its family
+    ("4" + 8 hex digits, "6" + 32): SQLite, which has no address type,
+    matches a CIDR as a range of these (``aus_ip_key``)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except (TypeError, ValueError):
+        return None
+    return f"{ip.version}{int(ip):0{ip.max_prefixlen // 4}x}"
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    dbapi_conn.create_function("aus_ip_key", 1, ip_key, deterministic=True)
     # Transactions are begun by the "begin" listener below, not by pysqlite.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()

@@ -1,5 +1,6 @@
 // The console: sign-in, the header, and a router over location.hash
-// (#/groups, #/groups/<id>, #/rules, #/rules/<id>, #/ip-lists, #/workloads).
+// (#/groups, #/groups/<id>, #/rules, #/rules/<id>, #/ip-lists, #/workloads,
+// #/traffic).
 
 import { ApiError, credentials, on, refreshPolicyVersion, signIn, signOut } from "./api.js";
 import { h, num, replace } from "./dom.js";
@@ -7,6 +8,7 @@ import { field, FieldErrors } from "./forms.js";
 import * as groups from "./groups.js";
 import * as iplists from "./iplists.js";
 import * as rules from "./rules.js";
+import * as traffic from "./traffic.js";
 import * as workloads from "./workloads.js";
 
 const main = document.getElementById("main");
@@ -28,6 +30,7 @@ const ROUTES = [
   [/^\/ip-lists\/new$/, iplists.edit, "ip-lists"],
   [/^\/ip-lists\/([^/]+)$/, iplists.edit, "ip-lists"],
   [/^\/workloads$/, workloads.view, "workloads"],
+  [/^\/traffic$/, traffic.view, "traffic"],
 ];
 
 let generation = 0;
