@@ -3,7 +3,7 @@
 // selected and turned into a rule (the rule form, prefilled).
 
 import { api } from "./api.js";
-import { h, num, plural, replace, time } from "./dom.js";
+import { age, h, num, plural, replace, time } from "./dom.js";
 
 const PAGE = 100;
 const BY = "group,dst,port,proto";
@@ -218,7 +218,8 @@ export async function view(ctx) {
         h("td", { class: "num" }, num(r.users)),
         h("td", { class: "num" }, num(r.workloads)),
         h("td", {}, time(r.first_seen)),
-        h("td", {}, time(r.last_seen, { withAge: true }))));
+        h("td", {}, h("time", { datetime: r.last_seen, title: new Date(r.last_seen).toLocaleString() },
+          age(r.last_seen)))));
     }
   }
 
