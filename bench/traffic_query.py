@@ -70,7 +70,7 @@ FROM (SELECT DISTINCT ON ({KEY}) *
                      ELSE json_build_array('grp-' || (u % {GROUPS}), 'grp-' || ((u * 7 + 3) % {GROUPS}),
                                            'all-staff') END AS groups,
                    (ARRAY['curl','ssh','python3','java','firefox','git'])[1 + (u + i) % 6] AS process,
-                   CASE WHEN d % 10 = 0 THEN '2001:db8:' || to_hex(d % 4096) || '::' || to_hex(d)
+                   CASE WHEN d % 10 = 0 THEN host(CAST('2001:db8:' || to_hex(d % 4096) || '::' || to_hex(d) AS inet))
                         ELSE '10.' || (d / 65536 % 256) || '.' || (d / 256 % 256) || '.' || (d % 256)
                    END AS dst,
                    CASE WHEN r2 < 0.9 THEN 'tcp' ELSE 'udp' END AS proto,
@@ -80,7 +80,8 @@ FROM (SELECT DISTINCT ON ({KEY}) *
                    CASE WHEN r2 < 0.85 THEN 'rule-' || (d % 50) ELSE '' END AS rule,
                    t - interval '5 seconds' AS first_seen, t AS last_seen,
                    1 + (r3 * 40)::int AS count
-            FROM (SELECT i, u, d, r2, r3, CAST(:t0 AS timestamptz) + random() * (CAST(:t1 AS timestamptz) - CAST(:t0 AS timestamptz)) AS t
+            FROM (SELECT i, u, d, r2, r3, CAST(:t0 AS timestamptz) + interval '5 seconds'
+                                              + random() * (CAST(:t1 AS timestamptz) - CAST(:t0 AS timestamptz) - interval '5 seconds') AS t
                   FROM (SELECT i, floor({USERS} * power(random(), 2))::int AS u,
                                random() AS r1, random() AS r2, random() AS r3
                         FROM generate_series(1, :drawn) AS i) a,

@@ -304,3 +304,19 @@ def test_an_org_never_reads_another_orgs_flows(server):
     # Org 2's key sees its own two rows only.
     theirs = server.client.get("/api/orgs/2/traffic", headers=server.bearer(server.other_token)).json()
     assert sorted(r["user"] for r in theirs["items"]) == ["alice", "mallory"]
+
+
+def test_the_schema_has_the_models_indexes(server):
+    """Migration 0005 and the Flow model name the same indexes."""
+    from sqlalchemy import inspect
+
+    from aus.server.db import Flow, open_database
+
+    engine, _ = open_database(server.db_url)
+    try:
+        stored = {ix["name"] for ix in inspect(engine).get_indexes("flows")}
+    finally:
+        engine.dispose()
+    modelled = {ix.name for ix in Flow.__table__.indexes}
+    assert {"ix_flows_org_workload", "ix_flows_org_dst"} <= modelled
+    assert modelled <= stored, modelled - stored

@@ -275,6 +275,9 @@ class Flow(Base):
                          "port", "verdict", "rule", "hour", name="uq_flows_merge"),
         Index("ix_flows_org_last_seen", "org_id", "last_seen"),
         Index("ix_flows_org_user", "org_id", "user_name", "last_seen"),
+        # Migration 0005: the traffic API's filters by workload and by address.
+        Index("ix_flows_org_workload", "org_id", "workload", "last_seen"),
+        Index("ix_flows_org_dst", "org_id", "dst", "last_seen"),
     )
 
 

@@ -58,6 +58,26 @@ NO_GROUP = ""   # the group key of a flow whose user is in no policy group
 
 router = APIRouter(prefix=API_PREFIX, tags=["traffic"])
 
+# The parameters as the OpenAPI document shows them; they are read and
+# checked by hand (parse_filters) so that each problem answers 400 naming
+# the parameter. docs/traffic-api.md has the full contract.
+_DOC = {
+    "user": "user name, exactly", "group": "policy group name, exactly",
+    "workload": "workload name, exactly", "dst": "IPv4/IPv6 address or CIDR",
+    "port": "0-65535", "proto": "tcp, udp, icmp, icmpv6, other",
+    "verdict": "allowed, denied, would_deny; several joined by commas",
+    "since": "ISO 8601 time with a zone; default 24 h before until (or now)",
+    "until": "ISO 8601 time with a zone", "limit": f"1-{MAX_LIMIT}, default {DEFAULT_LIMIT}",
+    "cursor": "the previous page's next",
+    "by": f"comma-separated keys from {', '.join(GROUP_KEYS)}; default {','.join(DEFAULT_GROUP_BY)}",
+}
+
+
+def _openapi(names: tuple[str, ...]) -> dict:
+    return {"parameters": [{"name": n, "in": "query", "required": False, "description": _DOC[n],
+                            "schema": {"type": "string"}} for n in names]}
+
+
 
 # --------------------------------------------------------------------------
 # Parameters
@@ -278,7 +298,7 @@ def _item(r: Flow) -> dict:
     }
 
 
-@router.get("/traffic")
+@router.get("/traffic", openapi_extra=_openapi(FILTERS + ("limit", "cursor")))
 def list_traffic(request: Request, org_id: str = Depends(org_auth)) -> dict:
     """Flow rows newest first; ``next`` continues after the last one."""
     now = dt.datetime.now(dt.timezone.utc)
@@ -324,7 +344,7 @@ def _group_by(params: dict[str, str]) -> tuple[str, ...]:
     return tuple(seen)
 
 
-@router.get("/traffic/grouped")
+@router.get("/traffic/grouped", openapi_extra=_openapi(FILTERS + ("by", "limit", "cursor")))
 def grouped_traffic(request: Request, org_id: str = Depends(org_auth)) -> dict:
     """Flow rows summed by ``by`` (default group, dst, port, proto): one row
     per distinct key, ordered by the keys; a flow whose user has several
@@ -336,46 +356,14 @@ def grouped_traffic(request: Request, org_id: str = Depends(org_auth)) -> dict:
     limit = _limit(params)
     fp = f.fingerprint("grouped:" + ",".join(by))
     cur = _cursor(params, f, fp)
-    dialect = _dialect(request)
-    where = conditions(org_id, f, dialect)
-
-    columns = {
-        "user": Flow.user_name, "workload": Flow.workload, "dst": Flow.dst, "proto": Flow.proto,
-        "port": Flow.port, "verdict": Flow.verdict, "rule": Flow.rule, "process": Flow.process,
-    }
-    if "group" in by:
-        if dialect == "postgresql":
-            elems = func.json_array_elements_text(Flow.groups).table_valued("value").lateral("g")
-        else:
-            elems = func.json_each(Flow.groups).table_valued("value").alias("g")
-        group_col = func.coalesce(elems.c.value, NO_GROUP)
-        if f.group is not None:   # only the asked-for group's rows, not its members' other groups
-            where.append(elems.c.value == f.group)
-        columns["group"] = group_col
-    keys = [columns[k].label(k) for k in by]
-
-    def verdict_sum(v: str):
-        return func.sum(case((Flow.verdict == v, Flow.count), else_=0)).label(v)
-
-    aggregate = select(*keys, func.sum(Flow.count).label("count"), func.count().label("rows"),
-                       func.min(Flow.first_seen).label("first_seen"),
-                       func.max(Flow.last_seen).label("last_seen"),
-                       *[verdict_sum(v) for v in VERDICTS],
-                       func.count(func.distinct(Flow.user_name)).label("users"),
-                       func.count(func.distinct(Flow.workload)).label("workloads"))
-    aggregate = aggregate.select_from(Flow)
-    if "group" in by:
-        aggregate = aggregate.outerjoin(elems, true())
-    grouped = aggregate.where(*where).group_by(*[columns[k] for k in by]).subquery("grouped")
-    outer = select(grouped)
-    order = [grouped.c[k] for k in by]
+    after = None
     if cur is not None:
         after = cur.get("k")
         if not isinstance(after, list) or len(after) != len(by):
             raise _bad("cursor", "not a cursor this API returned")
-        outer = outer.where(tuple_(*order) > tuple_(*[literal(v) for v in after]))
+    stmt = grouped_statement(org_id, f, by, _dialect(request), after, limit + 1)
     with request.app.state.sessions() as s:
-        rows = s.execute(outer.order_by(*order).limit(limit + 1)).mappings().all()
+        rows = s.execute(stmt).mappings().all()
     more = len(rows) > limit
     rows = rows[:limit]
     items = []
@@ -392,6 +380,49 @@ def grouped_traffic(request: Request, org_id: str = Depends(org_auth)) -> dict:
     nxt = (_encode_cursor({"k": [rows[-1][k] for k in by], "f": fp, "s": f.since.isoformat()})
            if more else None)
     return {"by": list(by), "items": items, "next": nxt}
+
+
+def grouped_statement(org_id: str, f: Filters, by: tuple[str, ...], dialect: str,
+                      after: list | None, limit: int):
+    """The grouped form's query: the filtered rows summed by ``by``, the
+    groups after ``after`` (the last keys of the previous page) in key
+    order."""
+    where = conditions(org_id, f, dialect)
+    columns = {
+        "user": Flow.user_name, "workload": Flow.workload, "dst": Flow.dst, "proto": Flow.proto,
+        "port": Flow.port, "verdict": Flow.verdict, "rule": Flow.rule, "process": Flow.process,
+    }
+    if "group" in by:
+        if dialect == "postgresql":
+            elems = func.json_array_elements_text(Flow.groups).table_valued("value").lateral("g")
+        else:
+            elems = func.json_each(Flow.groups).table_valued("value").alias("g")
+        if f.group is not None:   # only the asked-for group's rows, not its members' other groups
+            where.append(elems.c.value == f.group)
+        columns["group"] = func.coalesce(elems.c.value, NO_GROUP)
+    if after is not None:
+        # The first key alone already skips the groups of earlier pages
+        # before they are summed; the outer query places the rest.
+        where.append(columns[by[0]] >= after[0])
+
+    def verdict_sum(v: str):
+        return func.sum(case((Flow.verdict == v, Flow.count), else_=0)).label(v)
+
+    aggregate = select(*[columns[k].label(k) for k in by],
+                       func.sum(Flow.count).label("count"), func.count().label("rows"),
+                       func.min(Flow.first_seen).label("first_seen"),
+                       func.max(Flow.last_seen).label("last_seen"),
+                       *[verdict_sum(v) for v in VERDICTS],
+                       func.count(func.distinct(Flow.user_name)).label("users"),
+                       func.count(func.distinct(Flow.workload)).label("workloads")).select_from(Flow)
+    if "group" in by:
+        aggregate = aggregate.outerjoin(elems, true())
+    grouped = aggregate.where(*where).group_by(*[columns[k] for k in by]).subquery("grouped")
+    order = [grouped.c[k] for k in by]
+    outer = select(grouped)
+    if after is not None:
+        outer = outer.where(tuple_(*order) > tuple_(*[literal(v) for v in after]))
+    return outer.order_by(*order).limit(limit)
 
 
 def _as_time(value) -> dt.datetime:
