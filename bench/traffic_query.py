@@ -9,12 +9,13 @@ one org, 30 days, ~10,000 users with a skewed activity, ~200 groups, ~1,000
 workloads, ~5,000 destinations; 85 % allowed, 10 % would_deny, 5 % denied),
 then times a real ``aus-server serve`` process over loopback:
 
-- the console's default view: ``GET traffic`` (last 24 h, 100 rows);
-- the grouped view: ``GET traffic/grouped`` (by group, dst, port, proto;
-  last 24 h, 100 rows);
-- a user filter: ``GET traffic?user=...`` (last 24 h, 100 rows), a different
-  user per request;
-- a second page of the default view (with the cursor).
+- the API's default view: ``GET traffic`` (last 24 h, 100 rows), and its
+  second page (with the cursor);
+- a user filter: ``GET traffic?user=...`` (last 24 h), a different user per
+  request, drawn with the same skew as the data; a workload filter;
+- the console's default view: ``GET traffic/grouped`` (by group, dst, port,
+  proto; the last hour, 100 rows), the same with a user filter over 24 h,
+  and the grouped form over the whole default 24 h.
 
 Target (BENCHMARKS.md): p95 <= 300 ms for the default view and a user filter.
 """
@@ -175,10 +176,26 @@ def timed(client: httpx.Client, requests: int, make) -> tuple[list[float], int]:
     return times, items
 
 
+def explain(url: str) -> None:
+    """The grouped view's plan, as the server would run it."""
+    from aus.server.traffic import DEFAULT_GROUP_BY, grouped_statement, parse_filters
+
+    engine, sessions = open_database(url)
+    f = parse_filters({}, dt.datetime.now(dt.timezone.utc))
+    stmt = grouped_statement("1", f, DEFAULT_GROUP_BY, "postgresql", None, 101)
+    sql = str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
+    with sessions() as s:
+        for (line,) in s.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql)):
+            print("  " + line)
+    engine.dispose()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--requests", type=int, default=50)
+    ap.add_argument("--explain", action="store_true",
+                    help="also print PostgreSQL's plan of the grouped view's query")
     args = ap.parse_args()
 
     pg = PostgresServer().start()
@@ -194,23 +211,36 @@ def main() -> int:
         with sessions() as s:
             total = s.scalar(text("SELECT count(*) FROM flows"))
             day = s.scalar(text("SELECT count(*) FROM flows WHERE last_seen >= now() - interval '24 hours'"))
+            last_hour = s.scalar(text("SELECT count(*) FROM flows WHERE last_seen >= now() - interval '1 hour'"))
             size = s.scalar(text("SELECT pg_size_pretty(pg_total_relation_size('flows'))"))
         engine.dispose()
         print(f"load: {total:,} rows in {seconds:.0f} s ({total / seconds:,.0f} rows/s); "
-              f"{day:,} rows in the last 24 h; table with indexes {size}")
+              f"{day:,} rows in the last 24 h, {last_hour:,} in the last hour; table with indexes {size}")
 
+        if args.explain:
+            explain(url)
         proc, base = serve(url)
         key, _, secret = token.partition(":")
         rnd = random.Random(7)
         with httpx.Client(base_url=f"{base}/api/orgs/1", auth=(key, secret), timeout=60) as c:
             first = c.get("/traffic").json()
             cursor = first["next"]
+            hour_ago = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+            def some_user(_i):
+                return f"user{int(USERS * rnd.random() ** 2)}"
+
             views = {
                 "default view (traffic, 24 h, 100 rows)": lambda i: ("/traffic", {}),
                 "second page (cursor)": lambda i: ("/traffic", {"cursor": cursor}),
-                "user filter (traffic?user=)": lambda i: (
-                    "/traffic", {"user": f"user{int(USERS * rnd.random() ** 2)}"}),
-                "grouped view (group,dst,port,proto)": lambda i: ("/traffic/grouped", {}),
+                "user filter (traffic?user=, 24 h)": lambda i: ("/traffic", {"user": some_user(i)}),
+                "workload filter (traffic?workload=, 24 h)": lambda i: (
+                    "/traffic", {"workload": f"wl-{rnd.randrange(WORKLOADS)}"}),
+                "console default: grouped, last hour": lambda i: (
+                    "/traffic/grouped", {"since": hour_ago}),
+                "console: grouped, user filter, 24 h": lambda i: (
+                    "/traffic/grouped", {"user": some_user(i)}),
+                "grouped, 24 h (group,dst,port,proto)": lambda i: ("/traffic/grouped", {}),
             }
             print(f"\n{'view':44} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  requests  items")
             for label, make in views.items():

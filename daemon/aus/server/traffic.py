@@ -400,6 +400,10 @@ def grouped_statement(org_id: str, f: Filters, by: tuple[str, ...], dialect: str
         if f.group is not None:   # only the asked-for group's rows, not its members' other groups
             where.append(elems.c.value == f.group)
         columns["group"] = func.coalesce(elems.c.value, NO_GROUP)
+    if dialect == "postgresql":
+        # Sort and group text by its bytes, as SQLite does: the same order
+        # on both engines, and several times cheaper than a locale's rules.
+        columns = {k: (c if k == "port" else c.collate("C")) for k, c in columns.items()}
     if after is not None:
         # The first key alone already skips the groups of earlier pages
         # before they are summed; the outer query places the rest.

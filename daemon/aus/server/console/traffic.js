@@ -125,7 +125,9 @@ function badges(v) {
 
 export async function view(ctx) {
   const q = ctx.query;
-  const period = PERIODS.find(([k]) => k === q.get("period")) || PERIODS[1];
+  // The last hour by default: what is happening now, and a summary that
+  // stays quick however much history the server keeps.
+  const period = PERIODS.find(([k]) => k === q.get("period")) || PERIODS[0];
   const texts = TEXT_FILTERS.map(([name, label, ph]) => input(name, label, ph, q.get(name)));
   const proto = select("proto", "Protocol", PROTO_CHOICES, q.get("proto") || "");
   const verdict = select("verdict", "Verdict", VERDICT_CHOICES, q.get("verdict") || "");
@@ -149,7 +151,7 @@ export async function view(ctx) {
       const qs = new URLSearchParams();
       for (const t of texts) if (t.control.value.trim()) qs.set(t.control.name, t.control.value.trim());
       for (const s of [proto, verdict]) if (s.control.value) qs.set(s.control.name, s.control.value);
-      if (when.control.value !== "24h") qs.set("period", when.control.value);
+      if (when.control.value !== PERIODS[0][0]) qs.set("period", when.control.value);
       const s = qs.toString();
       ctx.navigate(`#/traffic${s ? `?${s}` : ""}`);
     },
