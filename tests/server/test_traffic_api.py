@@ -240,13 +240,15 @@ def test_grouped_paging_while_rows_arrive(server):
 
 
 BAD = [
-    ({"port": "70000"}, "port"), ({"port": "x"}, "port"), ({"port": "-1"}, "port"),
+    ({"port": "70000"}, "port"), ({"port": "x"}, "port"), ({"port": "-1"}, "port"), ({"port": "\u00b2"}, "port"),
     ({"proto": "sctp"}, "proto"), ({"verdict": "blocked"}, "verdict"), ({"verdict": ","}, "verdict"),
     ({"dst": "10.0.0.300"}, "dst"), ({"dst": "10.0.0.0/33"}, "dst"), ({"dst": "example.com"}, "dst"),
     ({"since": "yesterday"}, "since"), ({"since": "2026-12-06T03:00:00"}, "since"),
-    ({"until": "2026-13-01T00:00:00Z"}, "until"),
+    ({"until": "2026-13-01T00:00:00Z"}, "until"), ({"since": "0001-01-01T00:00:00+14:00"}, "since"),
+    ({"until": "9999-12-31T23:59:59Z"}, "until"),
     ({"since": "2026-12-06T03:00:00Z", "until": "2026-12-06T02:00:00Z"}, "until"),
     ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"), ({"limit": "ten"}, "limit"),
+    ({"limit": "\u0661"}, "limit"),
     ({"cursor": "not-a-cursor"}, "cursor"), ({"cursor": "W10"}, "cursor"),
     ({"user": "a" * 300}, "user"), ({"group": "x\ny"}, "group"),
     ({"usr": "alice"}, "usr"),

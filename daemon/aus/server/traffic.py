@@ -78,7 +78,6 @@ def _openapi(names: tuple[str, ...]) -> dict:
                             "schema": {"type": "string"}} for n in names]}
 
 
-
 # --------------------------------------------------------------------------
 # Parameters
 
@@ -97,6 +96,9 @@ def _time(name: str, value: str) -> dt.datetime:
         raise _bad(name, f"{value!r} is not an ISO 8601 time such as 2026-12-06T03:00:00Z") from None
     if t.tzinfo is None:
         raise _bad(name, f"{value!r} has no time zone (add Z for UTC)")
+    # Far enough from the calendar's ends that the window's slack fits.
+    if not 1970 <= t.year <= 9000:
+        raise _bad(name, f"{value!r} is outside the years 1970-9000")
     return t.astimezone(dt.timezone.utc)
 
 
@@ -161,7 +163,7 @@ def parse_filters(params: dict[str, str], now: dt.datetime) -> Filters:
         f.dst = _network(params["dst"].strip())
     if "port" in params:
         raw = params["port"].strip()
-        if not raw.isdigit() or int(raw) > 65535:
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > 65535:
             raise _bad("port", f"{params['port']!r} is not a port number 0-65535")
         f.port = int(raw)
     if "proto" in params:
@@ -192,7 +194,7 @@ def _limit(params: dict[str, str]) -> int:
     if "limit" not in params:
         return DEFAULT_LIMIT
     raw = params["limit"].strip()
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         raise _bad("limit", f"{params['limit']!r} is not a number from 1 to {MAX_LIMIT}")
     return int(raw)
 
