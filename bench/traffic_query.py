@@ -37,6 +37,7 @@ from sqlalchemy import text
 
 from aus.server.auth import create_key
 from aus.server.db import open_database
+from tests.support.flow_seed import day_partitions
 from tests.support.names import free_port
 from tests.support.postgres import PostgresServer
 
@@ -94,20 +95,6 @@ LIMIT :n
 """
 
 
-def _day_partitions(s, start: dt.datetime, end: dt.datetime) -> None:
-    """Where ``flows`` is partitioned by hour (one partition per UTC day,
-    ``flows_pYYYYMMDD``), the days the load fills."""
-    if not s.scalar(text("SELECT count(*) FROM pg_partitioned_table "
-                         "WHERE partrelid = 'flows'::regclass")):
-        return
-    day = start.astimezone(dt.timezone.utc).date()
-    while day <= end.date():
-        nxt = day + dt.timedelta(days=1)
-        s.execute(text(f"CREATE TABLE IF NOT EXISTS flows_p{day:%Y%m%d} PARTITION OF flows "
-                       f"FOR VALUES FROM ('{day}T00:00:00Z') TO ('{nxt}T00:00:00Z')"))
-        day = nxt
-
-
 def load(engine, sessions, rows: int) -> float:
     """Fill the table with ``rows`` rows over the last 30 days; seconds
     taken. Indexes are dropped for the load and built again after it, as a
@@ -129,7 +116,8 @@ def load(engine, sessions, rows: int) -> float:
         s.commit()
         # Whole hours, so chunks never share a merge key.
         end = s.scalar(text("SELECT date_trunc('hour', now()) + interval '1 hour'"))
-        _day_partitions(s, end - dt.timedelta(days=DAYS + 1), end)
+        first = (end - dt.timedelta(days=DAYS + 1)).date()
+        day_partitions(s, [first + dt.timedelta(days=d) for d in range(DAYS + 3)])
         hours = DAYS * 24
         per = hours // CHUNKS
         for k in range(CHUNKS):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 
+from sqlalchemy import text
+
 from aus.core.flowrecord import hour_of
 from aus.server.db import Flow, open_database
 
@@ -26,11 +28,25 @@ def flow(org: str, *, user: str = "alice", uid: int = 1000, groups: list[str] | 
                 first_seen=first, last_seen=last_seen, count=count)
 
 
+def day_partitions(s, days) -> None:
+    """Where ``flows`` is partitioned by hour (PostgreSQL: one partition
+    per UTC day, ``flows_pYYYYMMDD``, as the server makes them), the
+    partitions of ``days``; nothing elsewhere."""
+    if s.get_bind().dialect.name != "postgresql" or not s.scalar(text(
+            "SELECT count(*) FROM pg_partitioned_table WHERE partrelid = 'flows'::regclass")):
+        return
+    for day in sorted(set(days)):
+        nxt = day + dt.timedelta(days=1)
+        s.execute(text(f"CREATE TABLE IF NOT EXISTS flows_p{day:%Y%m%d} PARTITION OF flows "
+                       f"FOR VALUES FROM ('{day}T00:00:00Z') TO ('{nxt}T00:00:00Z')"))
+
+
 def insert(db_url: str, rows: list[Flow]) -> list[int]:
     """Store the rows in one transaction; their ids, in order."""
     engine, sessions = open_database(db_url)
     try:
         with sessions.begin() as s:
+            day_partitions(s, {r.hour.astimezone(UTC).date() for r in rows})
             s.add_all(rows)
             s.flush()
             return [r.id for r in rows]
