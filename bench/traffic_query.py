@@ -190,6 +190,7 @@ def explain(url: str) -> None:
     stmt = grouped_statement("1", f, DEFAULT_GROUP_BY, "postgresql", None, 101)
     sql = str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
     with sessions() as s:
+        s.execute(text("SET LOCAL jit = off"))     # as the server runs it
         for (line,) in s.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql)):
             print("  " + line)
     engine.dispose()
@@ -217,7 +218,10 @@ def main() -> int:
             total = s.scalar(text("SELECT count(*) FROM flows"))
             day = s.scalar(text("SELECT count(*) FROM flows WHERE last_seen >= now() - interval '24 hours'"))
             last_hour = s.scalar(text("SELECT count(*) FROM flows WHERE last_seen >= now() - interval '1 hour'"))
-            size = s.scalar(text("SELECT pg_size_pretty(pg_total_relation_size('flows'))"))
+            size = s.scalar(text(  # with its partitions, where it has some
+                "SELECT pg_size_pretty(pg_total_relation_size('flows') + coalesce((SELECT "
+                "sum(pg_total_relation_size(inhrelid)) FROM pg_inherits "
+                "WHERE inhparent = 'flows'::regclass), 0))"))
         engine.dispose()
         print(f"load: {total:,} rows in {seconds:.0f} s ({total / seconds:,.0f} rows/s); "
               f"{day:,} rows in the last 24 h, {last_hour:,} in the last hour; table with indexes {size}")
