@@ -141,3 +141,9 @@ def test_traffic_grouped_with_badges_filters_and_a_rule_from_selected_rows(conso
     assert [i.get_attribute("value") for i in console.entry_inputs("destinations")] == [
         "2001:db8:5:6::/64", "192.0.2.0/24"]
     assert [i.get_attribute("value") for i in console.entry_inputs("services")] == ["22/tcp", "53/udp"]
+
+    # A group the flows name that the server does not know: said, not guessed.
+    console.go("#/rules/new?group=Contoso-Gone&group=Contoso-Ops&dest=10.20.1.5&service=443/tcp", "New rule")
+    warning = console.wait(lambda: console.find("#rule-missing-groups"), "the unknown group")
+    assert "“Contoso-Gone”" in warning.text
+    console.wait(lambda: [c.text for c in console.finds(".chip-name")] == ["Contoso-Ops"], "the known one")

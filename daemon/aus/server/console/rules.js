@@ -144,7 +144,7 @@ export async function edit(ctx) {
       h("a", { href: "#/rules" }, "Rules"), " / ", h("span", { "aria-current": "page" }, rule ? rule.name : "New rule")),
     h("h1", {}, rule ? `Edit rule “${rule.name}”` : "New rule"),
     named.missing.length ? h("p", { class: "alert warning", id: "rule-missing-groups" },
-      `No user group is named ${named.missing.map((n) => `“${n}”`).join(", ")} any more; pick the sources again.`) : null,
+      `No user group in this org is named ${named.missing.map((n) => `“${n}”`).join(", ")}; pick those sources by hand.`) : null,
     rule && rule.missing_sources.length ? h("p", { class: "alert warning" },
       "Some source groups of this rule no longer exist (deleted in the directory). Remove them, or pick others.") : null,
     form);
