@@ -50,7 +50,7 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     app.state.bundles = bundles
     app.state.flows = flows
 
-    from . import api, apidocs, console, policyapi
+    from . import api, apidocs, console, policyapi, traffic
     from . import flows as flow_routes
     from .scim import routes as scim_routes
 
@@ -58,6 +58,7 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     api.install(app)
     policyapi.install(app)
     flow_routes.install(app)
+    traffic.install(app)
     console.install(app)
     apidocs.install(app)
     app.add_middleware(InputGate)       # outermost: before any route reads a byte

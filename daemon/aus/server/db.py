@@ -13,6 +13,7 @@ Names themselves are stored exactly as sent.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import threading
 from pathlib import Path
@@ -279,6 +280,9 @@ class Flow(Base):
                          "port", "verdict", "rule", "hour", name="uq_flows_merge"),
         Index("ix_flows_org_last_seen", "org_id", "last_seen"),
         Index("ix_flows_org_user", "org_id", "user_name", "last_seen"),
+        # Migration 0005: the traffic API's filters by workload and by address.
+        Index("ix_flows_org_workload", "org_id", "workload", "last_seen"),
+        Index("ix_flows_org_dst", "org_id", "dst", "last_seen"),
         # What SQLite's retention deletes by; PostgreSQL drops partitions.
         Index("ix_flows_hour", "hour").ddl_if(dialect="sqlite"),
     )
@@ -339,7 +343,19 @@ def _private_file(path: Path) -> None:
                     os.chmod(side, 0o600)
 
 
+def ip_key(address: str | None) -> str | None:
+    """An address as text that sorts in address order within its family
+    ("4" + 8 hex digits, "6" + 32): SQLite, which has no address type,
+    matches a CIDR as a range of these (``aus_ip_key``)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except (TypeError, ValueError):
+        return None
+    return f"{ip.version}{int(ip):0{ip.max_prefixlen // 4}x}"
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    dbapi_conn.create_function("aus_ip_key", 1, ip_key, deterministic=True)
     # Transactions are begun by the "begin" listener below, not by pysqlite.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()

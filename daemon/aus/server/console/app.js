@@ -1,6 +1,6 @@
 // The console: sign-in, the header, and a router over location.hash
 // (#/groups, #/groups/<id>, #/rules, #/rules/<id>, #/ip-lists, #/workloads,
-// #/draft, #/history).
+// #/traffic, #/draft, #/history).
 
 import { ApiError, credentials, on, refreshPolicyVersion, signIn, signOut } from "./api.js";
 import { h, num, replace } from "./dom.js";
@@ -9,6 +9,7 @@ import * as groups from "./groups.js";
 import * as iplists from "./iplists.js";
 import * as policy from "./policy.js";
 import * as rules from "./rules.js";
+import * as traffic from "./traffic.js";
 import * as workloads from "./workloads.js";
 
 const main = document.getElementById("main");
@@ -31,6 +32,7 @@ const ROUTES = [
   [/^\/ip-lists\/new$/, iplists.edit, "ip-lists"],
   [/^\/ip-lists\/([^/]+)$/, iplists.edit, "ip-lists"],
   [/^\/workloads$/, workloads.view, "workloads"],
+  [/^\/traffic$/, traffic.view, "traffic"],
   [/^\/draft$/, policy.draft, "draft"],
   [/^\/history$/, policy.history, "history"],
 ];

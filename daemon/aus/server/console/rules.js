@@ -64,18 +64,36 @@ export async function list(ctx) {
     table);
 }
 
+// User groups by display name (as flows name them), exactly, ignoring case.
+async function groupsNamed(names) {
+  const found = [];
+  const missing = [];
+  for (const name of [...new Set(names)]) {
+    const page = await api("/groups", { query: { q: name, limit: 50 } });
+    const g = page.items.find((x) => x.display_name.toLowerCase() === name.toLowerCase());
+    if (g) found.push({ id: g.id, display_name: g.display_name, source: g.source });
+    else missing.push(name);
+  }
+  return { found, missing };
+}
+
 export async function edit(ctx) {
   const id = ctx.params[0] || null;
-  const [rule, lists, preset] = await Promise.all([
+  const [rule, lists, preset, named] = await Promise.all([
     id ? api(`/rules/${encodeURIComponent(id)}`) : null,
     api("/ip-lists"),
     !id && ctx.query.get("source") ? api(`/groups/${encodeURIComponent(ctx.query.get("source"))}`, { query: { limit: 1 } }) : null,
+    id ? { found: [], missing: [] } : groupsNamed(ctx.query.getAll("group")),
   ]);
   if (!ctx.current()) return;
 
   const chosen = rule
     ? rule.sources.map((s) => ({ id: s.id, display_name: s.display_name }))
-    : preset ? [{ id: preset.id, display_name: preset.display_name, source: preset.source }] : [];
+    : [...(preset ? [{ id: preset.id, display_name: preset.display_name, source: preset.source }] : []),
+       ...named.found];
+  // Prefilled from the Traffic page: ?group=NAME&dest=CIDR&service=443/tcp
+  const presetDest = id ? [] : ctx.query.getAll("dest");
+  const presetSvc = id ? [] : ctx.query.getAll("service");
   const datalistId = uid("ip-list-names");
   const name = field({ name: "name", label: "Name", value: rule ? rule.name : "",
     hint: "Letters, digits and _ . : @ - ; at most 63 characters. Workloads report flows by this name." });
@@ -83,9 +101,9 @@ export async function edit(ctx) {
     value: rule ? rule.description : "", multiline: true });
   const sources = groupPicker({ legend: "Sources: user groups", chosen });
   const destinations = entryList({ key: "destinations", legend: "Destinations", noun: "destination",
-    hint: DEST_HINT, values: rule ? rule.destinations : [], datalist: datalistId, placeholder: "10.20.0.0/16" });
+    hint: DEST_HINT, values: rule ? rule.destinations : presetDest, datalist: datalistId, placeholder: "10.20.0.0/16" });
   const services = entryList({ key: "services", legend: "Services", noun: "service",
-    hint: SERVICE_HINT, values: rule ? rule.services : [], placeholder: "443/tcp" });
+    hint: SERVICE_HINT, values: rule ? rule.services : presetSvc, placeholder: "443/tcp" });
   const summary = h("div", { class: "alert error", role: "alert", hidden: true, id: "rule-errors" });
   const errors = new FieldErrors(summary, [name, description, sources, destinations, services]);
   const save = h("button", { type: "submit" }, rule ? "Save rule" : "Create rule");
@@ -125,6 +143,8 @@ export async function edit(ctx) {
     h("nav", { class: "breadcrumb", "aria-label": "Breadcrumb" },
       h("a", { href: "#/rules" }, "Rules"), " / ", h("span", { "aria-current": "page" }, rule ? rule.name : "New rule")),
     h("h1", {}, rule ? `Edit rule “${rule.name}”` : "New rule"),
+    named.missing.length ? h("p", { class: "alert warning", id: "rule-missing-groups" },
+      `No user group in this org is named ${named.missing.map((n) => `“${n}”`).join(", ")}; pick those sources by hand.`) : null,
     rule && rule.missing_sources.length ? h("p", { class: "alert warning" },
       "Some source groups of this rule no longer exist (deleted in the directory). Remove them, or pick others.") : null,
     form);
