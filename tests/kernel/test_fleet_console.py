@@ -107,7 +107,8 @@ def _visibility_to_rule(c, org, d, cg, alice, dev, a, v1):
     # Visibility: nothing blocks, the kernel reports what enforce would deny.
     for _ in range(3):
         assert tcp(cg, alice, a, PORT)["ok"]
-    assert [f["verdict"] for f in kernel_flows(d, a, PORT)] == ["audit"] * 3
+    wait_until(lambda: [f["verdict"] for f in kernel_flows(d, a, PORT)] == ["audit"] * 3,
+               what="the kernel's three would-be denials")
     seen = wait_until(lambda: traffic(org, user=alice.name, port=PORT), timeout=SLOW,
                       what="alice's flow uploaded to the server")
     # (one record per hour: a run across the hour's end has two)
@@ -185,6 +186,8 @@ def _enforce_from_the_workloads_page(c, org, d, cg, alice, a, b):
     c.wait(lambda: "Visibility" in c.find(f"{row} td.mode").text, "the workload in visibility")
     c.wait(lambda: c.find(f"{row} td.would-deny").text == "3", "its would-be denials of the hour")
     Select(c.find(f"select[data-workload='{WORKLOAD}']")).select_by_visible_text("Enforce")
+    dialog = c.wait(lambda: c.find("dialog[open]"), "the confirmation")
+    assert "3 connections were reported as would be blocked" in dialog.text
     c.confirm_dialog("Switch to enforce")
     c.wait(lambda: "Enforce" in c.find(f"{row} td.mode").text, "the workload in enforce on the page")
     assert {w["name"]: (w["mode"], w["mode_source"]) for w in org.get("/workloads")["items"]} == \
@@ -197,7 +200,8 @@ def _enforce_from_the_workloads_page(c, org, d, cg, alice, a, b):
     # Enforce: the rule still lets alice reach A; B, which no rule names, is refused.
     assert tcp(cg, alice, a, PORT)["ok"]
     assert tcp(cg, alice, b, PORT)["errno"] == "EPERM"
-    assert [f["verdict"] for f in kernel_flows(d, b, PORT)] == ["deny"]
+    wait_until(lambda: [f["verdict"] for f in kernel_flows(d, b, PORT)] == ["deny"],
+               what="the kernel's denial")
     denied = wait_until(lambda: traffic(org, user=alice.name, verdict="denied"), timeout=SLOW,
                         what="the denial uploaded")
     assert [(f["dst"], f["port"], f["proto"], f["groups"], f["rule"], f["count"]) for f in denied] == \
@@ -205,6 +209,7 @@ def _enforce_from_the_workloads_page(c, org, d, cg, alice, a, b):
     show_traffic(c, alice.name)
     c.wait(lambda: ("DEV", b, f"{PORT}/tcp", "blocked") in c.traffic_rows(), "the blocked row")
     assert "badge danger" in c.find(f"#traffic-table tr[data-dst='{b}'] .badge").get_attribute("class")
+    c.screenshot("traffic-after-enforce")     # beside the test's tmp files
     c.click_nav("Workloads")
     c.wait_heading("Workloads")
     c.wait(lambda: c.find(f"{row} td.denied").text == "1", "the workload's denial of the hour")
