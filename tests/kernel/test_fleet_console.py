@@ -217,3 +217,5 @@ def _enforce_from_the_workloads_page(c, org, d, cg, alice, a, b):
     c.click_nav("Workloads")
     c.wait_heading("Workloads")
     c.wait(lambda: c.find(f"{row} td.denied").text == "1", "the workload's denial of the hour")
+    # what the workload says it applies, as its check-ins report it (the page refreshes itself)
+    c.wait(lambda: c.find(f"{row} td.applied").text == "Enforce", "the applied mode", timeout=SLOW)
