@@ -288,6 +288,19 @@ class Flow(Base):
     )
 
 
+# A row's hour is the start of the hour its first record began in, and a
+# record spans at most one agent window (at most an hour): a row last seen
+# after ``since`` has its hour at most two hours before it. Bounding ``hour``
+# too lets PostgreSQL skip the day partitions the window cannot touch.
+FLOW_HOUR_SLACK = dt.timedelta(hours=2)
+
+
+def flows_seen_since(since: dt.datetime) -> list:
+    """The WHERE terms for flow rows last seen at or after ``since``."""
+    return [Flow.last_seen >= since,
+            Flow.hour >= since.astimezone(dt.timezone.utc).replace(
+                minute=0, second=0, microsecond=0) - FLOW_HOUR_SLACK]
+
 class EnforcementMode(Base):
     """A mode the server sets: a workload's (``workload`` its name, which
     may not have checked in yet), or the org's default (``workload`` "":

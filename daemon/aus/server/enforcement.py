@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..core.bundle import MAX_WORKLOAD_NAME, MODES
-from .db import EnforcementMode, Flow, Workload, utcnow
+from .db import EnforcementMode, Flow, Workload, flows_seen_since, utcnow
 
 NEW_ORG_DEFAULT = "visibility"
 ORG = ""                        # the workload column of the org's default row
@@ -122,7 +122,7 @@ def denial_counts(session: Session, org_id: str,
     out: dict[str, dict[str, int]] = {}
     for workload, verdict, n in session.execute(
             select(Flow.workload, Flow.verdict, func.sum(Flow.count))
-            .where(Flow.org_id == org_id, Flow.last_seen >= since,
+            .where(Flow.org_id == org_id, *flows_seen_since(since),
                    Flow.verdict.in_(("denied", "would_deny")))
             .group_by(Flow.workload, Flow.verdict)):
         out.setdefault(workload, {"denied": 0, "would_deny": 0})[verdict] = int(n or 0)
