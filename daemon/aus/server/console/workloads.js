@@ -5,7 +5,7 @@
 // dropped (its traffic is incomplete). Switching to enforce asks first.
 
 import { api } from "./api.js";
-import { h, num, plural, replace, time } from "./dom.js";
+import { age, h, num, plural, replace, time } from "./dom.js";
 import { confirmDialog } from "./forms.js";
 
 const REFRESH_MS = 10000;
@@ -81,7 +81,9 @@ export async function view(ctx) {
     return h("span", {},
       h("span", { class: "badge warn", title: "flow records this workload could not report: its traffic is incomplete" },
         num(w.flows_dropped)),
-      " last ", time(w.flows_dropped_at, { withAge: true }));
+      " ", w.flows_dropped_at
+        ? h("time", { datetime: w.flows_dropped_at, title: `last reported ${w.flows_dropped_at}` }, `last ${age(w.flows_dropped_at)}`)
+        : null);
   }
 
   function renderOrgMode(mode) {
