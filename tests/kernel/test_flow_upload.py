@@ -128,6 +128,15 @@ def server(tmp_path, peer, people):
         srv.close()
 
 
+def clear_of_the_hour(need: float = 120) -> None:
+    """Wait past the top of the hour if it comes within ``need`` seconds:
+    the server stores a flow per hour, and a test counting one row per port
+    must not straddle two."""
+    left = 3600 - time.time() % 3600
+    if left < need:
+        time.sleep(left + 1)
+
+
 def carols_ports(srv, user, first, count) -> dict[int, dict]:
     """The stored rows of ``user`` to ports first..first+count-1, by port;
     fails if a port has more than one row."""
@@ -146,6 +155,7 @@ def check_row(row, user, peer, count) -> None:
 
 def test_spool_stays_within_bounds_with_the_server_down(cg, peer, people, server):
     users, _ = people
+    clear_of_the_hour()
     carol = users["carol"]
     with lab.ausd(cg, {}, policy_url=server.bundle_url, credentials=server.token, mode="enforce",
                   flow_spool_records=1000, flow_spool_dir=None, **FAST_EVENTS) as d:
@@ -159,13 +169,19 @@ def test_spool_stays_within_bounds_with_the_server_down(cg, peer, people, server
                            timeout=60, what="the first records stored")
             server.stop()                                 # the server goes down
             highest = 0
+
+            def watch() -> dict:                          # the bound, while it fills
+                nonlocal highest
+                st = upload_status(d)
+                highest = max(highest, st["spooled"]["memory"], st["spooled"]["queued"])
+                return st
+
             p = load(cg, carol, "ports", peer.v4, 20000, 5000)
-            while p.poll() is None:                       # watch the bound while it fills
-                sp = upload_status(d)["spooled"]
-                highest = max(highest, sp["memory"], sp["queued"])
+            while p.poll() is None:
+                watch()
             out, _ = p.communicate()
             assert json.loads(out) == {"denied": 5000}
-            lab.wait_until(lambda: upload_status(d)["dropped"]["spool"] >= 3000,
+            lab.wait_until(lambda: watch()["dropped"]["spool"] >= 3000,
                            what="records dropped past the bound")
             time.sleep(0.5)
             st = upload_status(d)
@@ -173,7 +189,7 @@ def test_spool_stays_within_bounds_with_the_server_down(cg, peer, people, server
             print(f"\nspool with the server down: {sp['memory']} records in memory "
                   f"(bound 1000; highest seen in memory or queued {highest}), "
                   f"{st['dropped']['spool']} dropped and counted, {st['failures']} failed attempts")
-            assert sp["memory"] <= 1000 and highest <= 1000
+            assert sp["memory"] <= 1000 and 0 < highest <= 1000
             assert sp["disk"] == 0
             assert st["state"] == "error" and "cannot reach" in st["last_error"]
             assert "upload:    error to" in d.ctl("status").stdout
@@ -205,6 +221,7 @@ def test_spool_stays_within_bounds_with_the_server_down(cg, peer, people, server
 
 def test_spooled_records_are_uploaded_after_a_restart(cg, peer, people, server):
     users, _ = people
+    clear_of_the_hour()
     carol = users["carol"]
     with lab.ausd(cg, {}, policy_url=server.bundle_url, credentials=server.token, mode="enforce",
                   flow_spool_records=1000, **FAST_EVENTS) as d:
@@ -260,6 +277,9 @@ def _session_latency(cg, d, user, addr, n=200) -> tuple[float, float]:
 
 
 def test_session_open_is_not_delayed_while_uploads_fail(cg, peer, people):
+    """Against the stand-in endpoint, not a real aus-server: the black-hole
+    arm needs a port that stops accepting connections (connect() hangs),
+    which a real server never does on demand."""
     users, _ = people
     carol = users["carol"]
     figures, spooled = {}, {}
