@@ -7,12 +7,12 @@ from __future__ import annotations
 import datetime as dt
 
 from aus.server.db import open_database
-from tests.server.test_flow_ingest import batch, post, record, rows
+from tests.support.flow_posts import batch, post, record, stored
 from tests.support.polling import wait_until
 
 
 def dropped_batch(records: list[dict], dropped: int, workload: str = "web-1") -> dict:
-    return {**batch(records, workload), "dropped": dropped}
+    return batch(records, workload, dropped)
 
 
 def workloads(server, token: str | None = None, org: str | None = None) -> dict[str, dict]:
@@ -39,7 +39,7 @@ def test_dropped_counts_are_summed_per_workload(server):
     # a workload that never dropped anything reports 0 and no time, and a
     # batch without drops made no row for it
     assert "web-2" not in got
-    assert len(rows(server)) == 2
+    assert len(stored(server.db_url)) == 2
 
 
 def test_the_count_joins_the_workloads_check_in_row(server):

@@ -16,7 +16,7 @@ from aus.agent.policysource import server_fields, server_reason
 from aus.core.flowrecord import FlowRecord
 from aus.server.auth import create_key
 from aus.server.db import Flow, Workload, open_database
-from tests.server.test_flow_ingest import HOUR, batch, post, record, rows
+from tests.support.flow_posts import HOUR, batch, post, record, stored
 from tests.support.names import free_port
 from tests.support.polling import wait_until
 from tests.support.server_process import serving, wait_port
@@ -37,7 +37,7 @@ def test_the_servers_400_is_read_for_message_and_fields(server):
     assert server_fields(r.content) == (
         "dropped, records[0].proto, records[1].proto, records[2].proto, records[3].proto "
         "(and 3 more)")
-    assert rows(server) == []
+    assert stored(server.db_url) == []
 
 
 def test_fields_in_other_shapes_and_none():
