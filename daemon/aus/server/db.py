@@ -246,6 +246,11 @@ class Workload(Base):
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # The mode the daemon said it applies (X-Aus-Mode); None: it did not say.
     applied_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Flow records the workload reported dropped (the sum of its batches'
+    # ``dropped``), and when it last reported any (migration 0008).
+    flows_dropped: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    flows_dropped_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
+                                                                 nullable=True)
 
 
 class Flow(Base):

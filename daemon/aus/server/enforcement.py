@@ -132,7 +132,8 @@ def denial_counts(session: Session, org_id: str,
 def workload_views(session: Session, org_id: str, current_version: int | None) -> list[dict]:
     """Every workload that checked in or has a mode of its own, with the
     mode the server sets for it, where that comes from, what it last said
-    it applies, and its denials of the last hour."""
+    it applies, its denials of the last hour, and the flow records it
+    reported dropped."""
     modes = _modes(session, org_id)
     default = modes.get(ORG)
     seen = {w.name: w for w in session.scalars(
@@ -157,6 +158,8 @@ def workload_views(session: Session, org_id: str, current_version: int | None) -
             "applied_mode": w.applied_mode if w else None,
             "denied_last_hour": c.get("denied", 0),
             "would_deny_last_hour": c.get("would_deny", 0),
+            "flows_dropped": w.flows_dropped if w else 0,
+            "flows_dropped_at": _iso(w.flows_dropped_at) if w else None,
         })
     return out
 
