@@ -8,6 +8,7 @@ import datetime as dt
 
 from aus.server.db import open_database
 from tests.support.flow_posts import batch, post, record, stored
+from tests.support.migrations import migrate, store_at
 from tests.support.polling import wait_until
 
 
@@ -98,19 +99,8 @@ def test_a_huge_claim_is_held_below_the_columns_top(server):
 def test_the_upgrade_keeps_workloads_and_starts_them_at_zero(tmp_path):
     """0008 on a store at 0007: existing workloads get a count of 0 and no
     time; and back down."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine
-
-    import aus.server.db as db
-
     url = f"sqlite:///{tmp_path}/old.db"
-    engine = create_engine(url)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(db.Path(db.__file__).parent / "migrations"))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0007")
+    engine = store_at(url, "0007")
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('1', '2026-01-01', 0)")
         conn.exec_driver_sql("INSERT INTO workloads (org_id, name, address, enforcing_version, last_seen)"
@@ -121,9 +111,7 @@ def test_the_upgrade_keeps_workloads_and_starts_them_at_zero(tmp_path):
         with engine.connect() as conn:
             assert list(conn.exec_driver_sql(
                 "SELECT name, flows_dropped, flows_dropped_at FROM workloads")) == [("web-1", 0, None)]
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0007")
+        migrate(engine, "0007", down=True)
         with engine.connect() as conn:
             cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(workloads)")]
             names = [r[0] for r in conn.exec_driver_sql("SELECT name FROM workloads")]
