@@ -386,6 +386,10 @@ def test_workloads_show_whether_a_change_reached_the_fleet(console, org):
 
     fetch("host-a.contoso.com", v)
     fetch("build-07", v - 1)
+    # build-07 lost flow records before it could upload them: it says so
+    r = org.http.post("/flows", json={"format": 1, "workload": "build-07", "dropped": 1234,
+                                      "records": []})
+    assert r.status_code == 200, r.text
     console.sign_in()
     console.click_nav("Workloads")
     console.wait_heading("Workloads")
@@ -393,6 +397,10 @@ def test_workloads_show_whether_a_change_reached_the_fleet(console, org):
     rows = {r.get_attribute("data-workload"): r.text for r in console.table_rows("workloads-table")}
     assert "current" in rows["host-a.contoso.com"] and "127.0.0.1" in rows["host-a.contoso.com"]
     assert "behind by 1 version" in rows["build-07"]
+    dropped = {r.get_attribute("data-workload"): r.find_element(By.CSS_SELECTOR, "td.dropped").text
+               for r in console.table_rows("workloads-table")}
+    assert dropped["host-a.contoso.com"] == "none"
+    assert dropped["build-07"].startswith("1,234 last ") and dropped["build-07"].endswith(" ago"), dropped
     assert console.find("#workloads-summary").text == f"Policy version {v} is enforced by 1 of 2 workloads."
     console.screenshot("console-workloads")
 

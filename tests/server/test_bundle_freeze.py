@@ -17,6 +17,7 @@ from sqlalchemy import text
 from aus.core.bundle import bundle_from_bytes
 from aus.server.bundle import RETRY_MAX, retry_delay, touch
 from aus.server.db import open_database
+from tests.support.migrations import store_at
 from tests.support.polling import wait_until
 from tests.support.provision import provision
 from tests.support.server_seed import insert_rule_past_api, provision_past_api
@@ -396,19 +397,8 @@ def test_the_migration_fills_the_keys_of_rows_already_there(tmp_path):
     """0002 on a store at 0001 holding a clash: the keys are filled as the
     application computes them, the clash is kept (the build reports it),
     and nothing is refused by the upgrade itself."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine
-
-    import aus.server.db as db
-
     url = f"sqlite:///{tmp_path}/old.db"
-    engine = create_engine(url)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(db.Path(db.__file__).parent / "migrations"))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0001")
+    engine = store_at(url, "0001")
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('1', '2026-01-01', 0)")
         conn.exec_driver_sql("INSERT INTO bundles (org_id, version, generation, digest, body, built_at)"

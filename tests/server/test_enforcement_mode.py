@@ -14,6 +14,7 @@ from sqlalchemy import delete, text
 
 from aus.core.bundle import bundle_from_bytes
 from aus.server.db import EnforcementMode, Flow, Org, open_database
+from tests.support.migrations import migrate, store_at
 from tests.support.polling import wait_until
 
 
@@ -273,20 +274,10 @@ def test_the_upgrade_gives_existing_orgs_no_default(tmp_path):
     """0007 on a store at 0006: the org and its workloads stay as they
     were, no mode is set, and the bundle built afterwards has no
     enforcement key, so no running workload changes mode."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine
-
-    import aus.server.db as db
     from aus.server.bundle import rebuild
 
     url = f"sqlite:///{tmp_path}/old.db"
-    engine = create_engine(url)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(db.Path(db.__file__).parent / "migrations"))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0006")
+    engine = store_at(url, "0006")
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('1', '2026-01-01', 0)")
         conn.exec_driver_sql("INSERT INTO workloads (org_id, name, address, enforcing_version, last_seen)"
@@ -301,8 +292,6 @@ def test_the_upgrade_gives_existing_orgs_no_default(tmp_path):
             assert list(conn.exec_driver_sql("SELECT count(*) FROM enforcement_modes")) == [(0,)]
             assert list(conn.exec_driver_sql(
                 "SELECT name, enforcing_version, applied_mode FROM workloads")) == [("web-1", 3, None)]
-        with engine.begin() as conn:    # and back down
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0006")
+        migrate(engine, "0006", down=True)    # and back down
     finally:
         engine.dispose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from tests.support.migrations import store_at
 from tests.support.provision import provision
 from tests.support.server_seed import seed
 
@@ -274,25 +275,17 @@ def test_an_org_from_before_versions_keeps_its_policy_in_force(tmp_path):
     as the bundle), the bundle is unchanged, and nothing is pending."""
     import json
 
-    from alembic import command
-    from alembic.config import Config
     from fastapi.testclient import TestClient
-    from sqlalchemy import create_engine
 
     import aus.server.db as db
     from aus.server.app import create_app
     from aus.server.auth import create_key
 
     url = f"sqlite:///{tmp_path}/old.db"
-    engine = create_engine(url)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(db.Path(db.__file__).parent / "migrations"))
     policy = {"user_groups": [{"name": "DEV"}], "ip_lists": {"db": ["10.1.0.0/16"]}, "services": {},
               "rules": [{"name": "dev-db", "sources": ["DEV"], "destinations": ["db"],
                          "services": ["5432/tcp"]}]}
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0005")
+    engine = store_at(url, "0005")
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('1', '2026-01-01', 4)")
         conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('2', '2026-01-01', 0)")

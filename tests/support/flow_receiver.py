@@ -5,7 +5,8 @@ server of bundle_server.py that also takes ``POST <org>/flows``.
                             (or identity) FlowBatch, validated with the real
                             model (aus.core.flowrecord)
     200 {"accepted": N, "rows": N}
-    400 {"error": ..., "fields": [...]}   a batch that does not validate
+    400 {"error": {"status", "message", "fields": [{"field", "message"}]}}
+                            a batch that does not validate (aus-server's form)
     ``answer``: force 400, 413, 429 (with ``retry_after``), 503, or "hang"
     (read the request, never answer until released or stopped)
 
@@ -31,6 +32,12 @@ from aus.core.flowrecord import FlowBatch
 from tests.support.bundle_server import BundleServer
 
 FLOWS_PATH = "/v1/orgs/1/flows"
+
+
+def _error(status, message: str, fields: list[dict] | None = None) -> bytes:
+    """An error body as aus-server writes it."""
+    return json.dumps({"error": {"status": status, "message": message,
+                                 "fields": fields or []}}).encode()
 
 
 @dataclass
@@ -119,21 +126,21 @@ class FlowReceiver(BundleServer):
     def _judge(self, h, path, headers, raw) -> tuple[int | str, bytes, dict | None]:
         token = base64.b64encode(":".join(self.credentials).encode()).decode()
         if headers.get("authorization") != f"Basic {token}":
-            return 401, b'{"error": "bad API key or secret"}', None
+            return 401, _error(401, "bad API key or secret"), None
         if path != FLOWS_PATH:
-            return 404, b'{"error": "unknown org"}', None
+            return 404, _error(404, "unknown org"), None
         try:
             text = gzip.decompress(raw) if headers.get("content-encoding") == "gzip" else raw
             doc = json.loads(text)
         except (OSError, EOFError, ValueError):
-            return 400, b'{"error": "not gzip JSON", "fields": []}', None
+            return 400, _error(400, "not gzip JSON"), None
         if self.answer != 200:
-            forced = self.answer
-            return forced, json.dumps({"error": f"forced {forced}", "fields": []}).encode(), doc
+            return self.answer, _error(self.answer, f"forced {self.answer}"), doc
         try:
             batch = FlowBatch.model_validate(doc)
         except ValidationError as exc:
-            fields = [".".join(map(str, e["loc"])) for e in exc.errors()]
-            return 400, json.dumps({"error": "malformed batch", "fields": fields}).encode(), doc
+            fields = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]}
+                      for e in exc.errors()]
+            return 400, _error(400, "malformed batch", fields), doc
         n = len(batch.records)
         return 200, json.dumps({"accepted": n, "rows": n}).encode(), doc

@@ -7,6 +7,7 @@ import datetime as dt
 import itertools
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from aus.core.flowrecord import hour_of
 from aus.server.db import Flow, open_database
@@ -37,8 +38,15 @@ def day_partitions(s, days) -> None:
         return
     for day in sorted(set(days)):
         nxt = day + dt.timedelta(days=1)
-        s.execute(text(f"CREATE TABLE IF NOT EXISTS flows_p{day:%Y%m%d} PARTITION OF flows "
-                       f"FOR VALUES FROM ('{day}T00:00:00Z') TO ('{nxt}T00:00:00Z')"))
+        # The server makes today's partition too; CREATE ... IF NOT EXISTS
+        # is not atomic against it, and the loser sees a duplicate.
+        try:
+            with s.begin_nested():
+                s.execute(text(f"CREATE TABLE IF NOT EXISTS flows_p{day:%Y%m%d} PARTITION OF "
+                               f"flows FOR VALUES FROM ('{day}T00:00:00Z') TO ('{nxt}T00:00:00Z')"))
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in ("42P07", "23505"):
+                raise
 
 
 def insert(db_url: str, rows: list[Flow]) -> list[int]:

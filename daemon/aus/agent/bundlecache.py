@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..core.bundle import Bundle, bundle_from_data, loads_strict
 from ..core.errors import PolicyError, PolicySourceError
+from .privatefile import write_atomic
 
 CACHE_FORMAT = 1
 
@@ -42,26 +43,8 @@ def write_cache(path: Path, url: str, etag: str | None, bundle: Bundle,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(fd, 0o600)   # O_CREAT's mode does not apply to a leftover
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(path, body, tmp)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise PolicySourceError(
             "cache", f"cannot write the bundle cache {path}: {exc.strerror or exc}") from exc
 

@@ -46,6 +46,7 @@ from ..core.flowrecord import (
     FlowBatch,
     FlowRecord,
 )
+from .privatefile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -186,20 +187,8 @@ class FlowSpool:
         tmp = self.dir / f".tmp-{seq:012d}"
         body = gzip.compress(batch_json(self.workload, dropped, records), 6)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(body)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
+            write_atomic(path, body, tmp, sync_dir=False)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             self._disk_failed(f"cannot write {path}: {exc.strerror or exc}")
             return False
         self._segments.append(Segment(path, seq, len(records), len(body)))

@@ -42,6 +42,7 @@ from .policysource import (
     Client,
     http_error,
     read_credentials,
+    server_fields,
     server_reason,
 )
 
@@ -299,6 +300,9 @@ class FlowUploader:
         self.spool.refused(batch)
         self.batches_refused += 1
         reason = f"HTTP {ans.status}: {server_reason(ans.body) or ans.reason}"
+        fields = server_fields(ans.body)
+        if fields:
+            reason += f" [fields: {fields}]"
         if reason != self.last_refusal:   # once per reason, not per batch
             log.error("flow upload: the policy server refused a batch of %d records (%s); "
                       "they are dropped and counted", len(batch.records), reason)

@@ -369,6 +369,31 @@ def server_reason(body: bytes) -> str:
     return text[:200]
 
 
+def server_fields(body: bytes, limit: int = 5) -> str:
+    """The fields the server named as bad, joined: ``records[3].port,
+    dropped (and 2 more)``; "" when it named none. aus-server answers
+    {"error": {"message": ..., "fields": [{"field": ..., "message": ...}]}};
+    a top-level "fields" list and plain strings in it are read too."""
+    try:
+        doc = json.loads(body[:64 << 10].decode("utf-8", "replace"))
+    except ValueError:
+        return ""
+    if not isinstance(doc, dict):
+        return ""
+    fields = doc["error"].get("fields") if isinstance(doc.get("error"), dict) else None
+    if not isinstance(fields, list):
+        fields = doc.get("fields")
+    if not isinstance(fields, list):
+        return ""
+    names = []
+    for f in fields:
+        name = f.get("field") if isinstance(f, dict) else f
+        if isinstance(name, str) and name:
+            names.append(" ".join(name.split())[:100])
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 # --------------------------------------------------------------------------
 # The long-poll loop
 

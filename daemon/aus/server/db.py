@@ -246,6 +246,11 @@ class Workload(Base):
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # The mode the daemon said it applies (X-Aus-Mode); None: it did not say.
     applied_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Flow records the workload reported dropped (the sum of its batches'
+    # ``dropped``), and when it last reported any (migration 0008).
+    flows_dropped: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    flows_dropped_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
+                                                                 nullable=True)
 
 
 class Flow(Base):
@@ -287,6 +292,19 @@ class Flow(Base):
         Index("ix_flows_hour", "hour").ddl_if(dialect="sqlite"),
     )
 
+
+# A row's hour is the start of the hour its first record began in, and a
+# record spans at most one agent window (at most an hour): a row last seen
+# after ``since`` has its hour at most two hours before it. Bounding ``hour``
+# too lets PostgreSQL skip the day partitions the window cannot touch.
+FLOW_HOUR_SLACK = dt.timedelta(hours=2)
+
+
+def flows_seen_since(since: dt.datetime) -> list:
+    """The WHERE terms for flow rows last seen at or after ``since``."""
+    return [Flow.last_seen >= since,
+            Flow.hour >= since.astimezone(dt.timezone.utc).replace(
+                minute=0, second=0, microsecond=0) - FLOW_HOUR_SLACK]
 
 class EnforcementMode(Base):
     """A mode the server sets: a workload's (``workload`` its name, which

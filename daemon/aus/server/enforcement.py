@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..core.bundle import MAX_WORKLOAD_NAME, MODES
-from .db import EnforcementMode, Flow, Workload, utcnow
+from .db import EnforcementMode, Flow, Workload, flows_seen_since, utcnow
 
 NEW_ORG_DEFAULT = "visibility"
 ORG = ""                        # the workload column of the org's default row
@@ -122,7 +122,7 @@ def denial_counts(session: Session, org_id: str,
     out: dict[str, dict[str, int]] = {}
     for workload, verdict, n in session.execute(
             select(Flow.workload, Flow.verdict, func.sum(Flow.count))
-            .where(Flow.org_id == org_id, Flow.last_seen >= since,
+            .where(Flow.org_id == org_id, *flows_seen_since(since),
                    Flow.verdict.in_(("denied", "would_deny")))
             .group_by(Flow.workload, Flow.verdict)):
         out.setdefault(workload, {"denied": 0, "would_deny": 0})[verdict] = int(n or 0)
@@ -132,7 +132,8 @@ def denial_counts(session: Session, org_id: str,
 def workload_views(session: Session, org_id: str, current_version: int | None) -> list[dict]:
     """Every workload that checked in or has a mode of its own, with the
     mode the server sets for it, where that comes from, what it last said
-    it applies, and its denials of the last hour."""
+    it applies, its denials of the last hour, and the flow records it
+    reported dropped."""
     modes = _modes(session, org_id)
     default = modes.get(ORG)
     seen = {w.name: w for w in session.scalars(
@@ -157,6 +158,8 @@ def workload_views(session: Session, org_id: str, current_version: int | None) -
             "applied_mode": w.applied_mode if w else None,
             "denied_last_hour": c.get("denied", 0),
             "would_deny_last_hour": c.get("would_deny", 0),
+            "flows_dropped": w.flows_dropped if w else 0,
+            "flows_dropped_at": _iso(w.flows_dropped_at) if w else None,
         })
     return out
 

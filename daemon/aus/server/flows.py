@@ -11,7 +11,9 @@ and stores nothing.
 
 Answers: ``200 {"accepted": n, "rows": m, "expired": k}``: n records
 stored as m rows (inserted or merged), k records skipped because their
-hour is already past the retention.
+hour is already past the retention. The batch's ``dropped`` (records the
+workload lost before sending) is added to the workload's
+``flows_dropped``.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def ingest(store: FlowStore, org_id: str, doc) -> dict:
     # the cutoff would land in a day retention removes.
     kept = [r for r in batch.records if r.first_seen >= cutoff]
     rows = merge_records(org_id, batch.workload, kept)
-    store.write(rows)
+    store.write(rows, (org_id, batch.workload, batch.dropped))
     return {"accepted": len(kept), "rows": len(rows), "expired": len(batch.records) - len(kept)}
 
 

@@ -54,7 +54,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from ..core.flowrecord import FlowRecord
-from .db import Flow, utcnow
+from .db import Flow, Workload, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,21 @@ def _json_rows(rows: list[dict]) -> list[dict]:
 
 _SQLITE_UPSERT = _sqlite_statement()
 _POSTGRES_UPSERT = _postgres_statement()
+_W = Workload.__table__
+DROPPED_MAX = (1 << 62)
+
+
+def _dropped_statement(insert, org_id: str, workload: str, n: int, at: dt.datetime):
+    """Add ``n`` to the workload's dropped count (its row made if it has
+    not checked in yet)."""
+    stmt = insert(_W).values(org_id=org_id, name=workload, flows_dropped=n, flows_dropped_at=at)
+    return stmt.on_conflict_do_update(
+        index_elements=["org_id", "name"],
+        # held below BIGINT's top however much a workload claims
+        set_={"flows_dropped": case(
+                  (_W.c.flows_dropped > DROPPED_MAX - stmt.excluded.flows_dropped, DROPPED_MAX),
+                  else_=_W.c.flows_dropped + stmt.excluded.flows_dropped),
+              "flows_dropped_at": stmt.excluded.flows_dropped_at})
 
 
 class FlowStore:
@@ -159,20 +174,33 @@ class FlowStore:
     # ------------------------------------------------------------------
     # Writing
 
-    def write(self, rows: list[dict]) -> None:
-        """Upsert merged rows (from :func:`merge_records`) in one transaction."""
-        if not rows:
+    def write(self, rows: list[dict], dropped: tuple[str, str, int] | None = None) -> None:
+        """Upsert merged rows (from :func:`merge_records`) in one transaction,
+        with ``dropped`` (org, workload, records the batch reported dropped)
+        added to the workload's count in the same one: a batch retried after
+        a failure is counted once."""
+        bump = None
+        if dropped is not None and dropped[2] > 0:
+            bump = _dropped_statement(pg_insert if self.postgres else sqlite_insert,
+                                      *dropped, utcnow())
+        if not rows and bump is None:
             return
         if not self.postgres:
             with self.engine.begin() as conn:
-                conn.execute(_SQLITE_UPSERT, rows)
+                if rows:
+                    conn.execute(_SQLITE_UPSERT, rows)
+                if bump is not None:
+                    conn.execute(bump)
             return
         params = {"rows": _json_rows(rows)}
         self.ensure_partitions({r["hour"].date() for r in rows})
         for attempt in range(3):
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(_POSTGRES_UPSERT, params)
+                    if rows:
+                        conn.execute(_POSTGRES_UPSERT, params)
+                    if bump is not None:
+                        conn.execute(bump)
                 return
             except DBAPIError as exc:
                 state = getattr(exc.orig, "sqlstate", None)

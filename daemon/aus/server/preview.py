@@ -38,7 +38,7 @@ from ..core.compiler import Network
 from ..core.policy import policy_from_data
 from ..core.verdict import Evaluator, Verdict
 from .bundle import active_spec
-from .db import Bundle, Flow, Group, Membership, User, fold, utcnow
+from .db import Bundle, Flow, Group, Membership, User, flows_seen_since, fold, utcnow
 from .policyversions import draft_spec, spec_policy
 
 MAX_DAYS = 90
@@ -134,7 +134,7 @@ def preview(s: Session, org_id: str, days: int, baseline: list[Network] | None =
     total = func.sum(Flow.count)
     rows = s.execute(
         select(groups_text, Flow.dst, Flow.proto, Flow.port, Flow.user_name, Flow.rule, total)
-        .where(Flow.org_id == org_id, Flow.last_seen >= since)
+        .where(Flow.org_id == org_id, *flows_seen_since(since))
         .group_by(groups_text, Flow.dst, Flow.proto, Flow.port, Flow.user_name, Flow.rule)
         .order_by(total.desc()).limit(MAX_ROWS + 1)).all()
     truncated = len(rows) > MAX_ROWS

@@ -41,15 +41,12 @@ from sqlalchemy.dialects.postgresql import CIDR, INET
 
 from ..core.flowrecord import PROTOS, VERDICTS, hour_of, iso
 from .api import API_PREFIX, ApiError, org_auth
-from .db import Flow, ip_key
+from .db import Flow, flows_seen_since, ip_key
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 DEFAULT_WINDOW = dt.timedelta(hours=24)
-# Slack on the ``hour`` bound: a row's hour is the start of an hour its
-# record began or ended in, and a record spans at most one agent window
-# (well under an hour); merged rows extend last_seen within that hour.
-HOUR_SLACK_BEFORE = dt.timedelta(hours=2)
+# Slack on the upper ``hour`` bound (the lower one: db.flows_seen_since).
 HOUR_SLACK_AFTER = dt.timedelta(hours=1)
 MAX_TEXT = 256
 GROUP_KEYS = ("group", "user", "workload", "dst", "proto", "port", "verdict", "rule", "process")
@@ -262,8 +259,7 @@ def _dst_in(dialect: str, net) -> ColumnElement[bool]:
 def conditions(org_id: str, f: Filters, dialect: str) -> list[ColumnElement[bool]]:
     # A row overlaps the window when it was last seen after `since` and
     # first seen before `until`.
-    where = [Flow.org_id == org_id, Flow.last_seen >= f.since,
-             Flow.hour >= hour_of(f.since) - HOUR_SLACK_BEFORE]
+    where = [Flow.org_id == org_id, *flows_seen_since(f.since)]
     if f.until is not None:
         where += [Flow.first_seen <= f.until, Flow.hour <= hour_of(f.until) + HOUR_SLACK_AFTER]
     if f.user is not None:

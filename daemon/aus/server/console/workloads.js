@@ -1,10 +1,11 @@
 // Workloads: the daemons that fetched the policy bundle, the version each
 // enforces, when each last checked in, and the enforcement mode: the org's
 // default, each workload's own, what the workload says it applies, and its
-// denials of the last hour. Switching to enforce asks first.
+// denials of the last hour; and the flow records a workload reported it
+// dropped (its traffic is incomplete). Switching to enforce asks first.
 
 import { api } from "./api.js";
-import { h, num, plural, replace, time } from "./dom.js";
+import { age, h, num, plural, replace, time } from "./dom.js";
 import { confirmDialog } from "./forms.js";
 
 const REFRESH_MS = 10000;
@@ -73,6 +74,18 @@ export async function view(ctx) {
         : h("span", { class: "badge", title: "the workload has not taken the newest policy version yet" }, "changing"));
   }
 
+  // Records the workload lost before they reached the server (window cap,
+  // full spool, refused batches): its traffic here is incomplete.
+  function droppedCell(w) {
+    if (!w.flows_dropped) return h("span", { class: "muted" }, "none");
+    return h("span", {},
+      h("span", { class: "badge warn", title: "flow records this workload could not report: its traffic is incomplete" },
+        num(w.flows_dropped)),
+      " ", w.flows_dropped_at
+        ? h("time", { datetime: w.flows_dropped_at, title: `last reported ${w.flows_dropped_at}` }, `last ${age(w.flows_dropped_at)}`)
+        : null);
+  }
+
   function renderOrgMode(mode) {
     const select = h("select", { id: "org-mode-select", name: "org-mode" },
       h("option", { value: "visibility" }, "Visibility"),
@@ -108,7 +121,7 @@ export async function view(ctx) {
     replace(table, data.items.length ? h("table", { class: "data", id: "workloads-table" },
       h("caption", { class: "visually-hidden" }, "Workloads"),
       h("thead", {}, h("tr", {}, ["Name", "Address", "Mode", "Applies", "Denied, 1 h", "Would deny, 1 h",
-        "Policy version", "Last seen", "Set mode"].map((c, i) =>
+        "Records dropped", "Policy version", "Last seen", "Set mode"].map((c, i) =>
         h("th", { scope: "col", class: [4, 5].includes(i) ? "num" : null }, c)))),
       h("tbody", {}, data.items.map((w) => h("tr", { "data-workload": w.name },
         h("th", { scope: "row" }, w.name),
@@ -118,6 +131,7 @@ export async function view(ctx) {
         h("td", { class: "applied" }, appliedCell(w)),
         h("td", { class: "num denied" }, num(w.denied_last_hour)),
         h("td", { class: "num would-deny" }, num(w.would_deny_last_hour)),
+        h("td", { class: "dropped" }, droppedCell(w)),
         h("td", {}, !w.last_seen ? h("span", { class: "muted" }, "–") : [num(w.enforcing_version), " ", w.current
           ? h("span", { class: "badge ok" }, "current")
           : h("span", { class: "badge warn" }, w.enforcing_version < data.policy_version
