@@ -41,11 +41,7 @@ def _seed(org) -> dict[str, str]:
 
 def _rows(console) -> list[tuple[str, str, str, str]]:
     """(group, destination, service, verdict badges) of each row shown."""
-    out = []
-    for tr in console.finds("#traffic-table tbody tr[data-dst]"):
-        cells = tr.find_elements(By.CSS_SELECTOR, "th, td")
-        out.append((tr.get_attribute("data-group"), cells[1].text, cells[2].text, cells[3].text))
-    return out
+    return console.traffic_rows()
 
 
 def _wait_rows(console, expected, what):

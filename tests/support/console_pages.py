@@ -99,6 +99,11 @@ class Console:
         assert near and invalid == "true", (text, near, invalid)
         return text.strip()
 
+    def script_errors(self) -> list[str]:
+        """Uncaught script errors the page logged since the last call."""
+        return [e["message"] for e in self.d.get_log("browser")
+                if e["level"] == "SEVERE" and e.get("source") == "javascript"]
+
     def status(self) -> str:
         return self.d.find_element(By.ID, "status").text
 
@@ -110,6 +115,16 @@ class Console:
 
     def table_rows(self, table_id: str) -> list[WebElement]:
         return self.finds(f"#{table_id} tbody tr")
+
+    def traffic_rows(self) -> list[tuple[str, str, str, str]]:
+        """(user group, destination, service, verdict badges) of each row
+        the Traffic page shows; several badges joined by ", "."""
+        out = []
+        for tr in self.finds("#traffic-table tbody tr[data-dst]"):
+            cells = tr.find_elements(By.CSS_SELECTOR, "th, td")
+            badges = ", ".join(b.text for b in cells[3].find_elements(By.CSS_SELECTOR, ".badge"))
+            out.append((tr.get_attribute("data-group"), cells[1].text, cells[2].text, badges))
+        return out
 
     def focused(self) -> WebElement:
         return self.d.switch_to.active_element
