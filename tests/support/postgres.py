@@ -49,11 +49,16 @@ class PostgresServer:
                 "-c", "max_connections=300", "-c", "shared_buffers=128MB"]
         if os.geteuid() == 0:
             argv = ["runuser", "-u", self.user, "--"] + argv
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The server's log goes to a file: a pipe nobody reads fills up with
+        # the errors tests provoke, and then every backend blocks writing it.
+        self.log = os.path.join(self.root, "postgres.log")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("postgres exited: " + self.proc.stderr.read().decode()[-2000:])
+                with open(self.log, "rb") as log:
+                    raise RuntimeError("postgres exited: " + log.read().decode()[-2000:])
             # Listening comes before accepting queries (recovery, start-up):
             # wait for an answer, not just a connection.
             with contextlib.suppress(OSError, subprocess.CalledProcessError):

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 CLI = [sys.executable, "-m", "aus.server.cli"]
@@ -18,11 +19,16 @@ CLI = [sys.executable, "-m", "aus.server.cli"]
 def serving(*args: str):
     """`aus-server serve ARGS` in a session of its own; stopped with its
     workers (SIGTERM, then SIGKILL after 15 s)."""
-    proc = subprocess.Popen(CLI + ["serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    # Its output goes to a file: a pipe nobody reads would fill up with the
+    # server's log and then stop the server mid-test.
+    output = tempfile.TemporaryFile()
+    proc = subprocess.Popen(CLI + ["serve", *args], stdout=output, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    proc.output = output
     try:
         yield proc
     finally:
+        output.close()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)   # the server and its workers, which we started
             try:
@@ -32,12 +38,18 @@ def serving(*args: str):
                 proc.wait()
 
 
+def output_of(proc: subprocess.Popen) -> str:
+    """What a server started by :func:`serving` has written so far."""
+    proc.output.seek(0)
+    return proc.output.read().decode(errors="replace")[-4000:]
+
+
 def wait_port(port: int, proc: subprocess.Popen) -> None:
     """Until the server started as ``proc`` accepts on 127.0.0.1:``port``;
     its output if it exits first."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, output_of(proc)
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.1)
