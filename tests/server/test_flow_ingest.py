@@ -15,41 +15,11 @@ from aus.core.flowrecord import (
     MAX_BATCH_BYTES,
     MAX_BATCH_RECORDS,
     FlowRecord,
-    hour_of,
-    iso,
 )
-from aus.server.db import Flow, open_database, utcnow
+from aus.server.db import Flow, open_database
 from aus.server.flowstore import FlowStore, merge_records
+from tests.support.flow_posts import HOUR, NOW, batch, credentials_file, post, record
 from tests.support.polling import wait_until
-
-NOW = utcnow()
-HOUR = hour_of(NOW)
-
-
-def record(**over) -> dict:
-    first = over.pop("first", HOUR + dt.timedelta(seconds=10))
-    last = over.pop("last", first + dt.timedelta(seconds=5))
-    r = {"login_uid": 1000, "user": "alice", "groups": ["DEV"], "process": "curl",
-         "dst": "192.0.2.10", "proto": "tcp", "port": 443, "verdict": "would_deny", "rule": "",
-         "first_seen": iso(first), "last_seen": iso(last), "count": 1}
-    r.update(over)
-    return r
-
-
-def batch(records: list[dict], workload: str = "web-1") -> dict:
-    return {"format": 1, "workload": workload, "dropped": 0, "records": records}
-
-
-def post(server, doc, *, gz: bool = True, token: str | None = None, org: str | None = None,
-         raw: bytes | None = None, encoding: str | None = None):
-    body = raw if raw is not None else json.dumps(doc).encode()
-    headers = {"Content-Type": "application/json", **server.bearer(token)}
-    if gz and raw is None:
-        body = gzip.compress(body)
-        headers["Content-Encoding"] = "gzip"
-    if encoding:
-        headers["Content-Encoding"] = encoding
-    return server.client.post(f"/api/orgs/{org or server.org}/flows", content=body, headers=headers)
 
 
 def rows(server, org: str | None = None) -> list[Flow]:
@@ -461,19 +431,14 @@ def test_the_ingest_benchmark_runs_tiny():
 def test_the_agents_uploader_lands_records_in_a_real_server(tmp_path):
     """ausd's uploader (gzip, its credentials file) against a real
     aus-server process: the records arrive, merged, under the workload's name."""
-    import os
 
     from aus.agent.flowupload import FlowUploader, flows_url
-    from aus.server.auth import create_key
     from tests.support.names import free_port
     from tests.support.server_process import serving, wait_port
 
     url = f"sqlite:///{tmp_path}/aus-server.db"
     engine, sessions = open_database(url)
-    creds = tmp_path / "credentials"
-    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.write(fd, create_key(sessions, "1").encode() + b"\n")
-    os.close(fd)
+    creds = credentials_file(tmp_path / "credentials", sessions)
     port = free_port()
     with serving("--listen", f"127.0.0.1:{port}", "--db", url) as proc:
         wait_port(port, proc)

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 
 from sqlalchemy import select
 
 from aus.agent.flowupload import FlowUploader, flows_url
 from aus.agent.policysource import server_fields, server_reason
 from aus.core.flowrecord import FlowRecord
-from aus.server.auth import create_key
 from aus.server.db import Flow, Workload, open_database
-from tests.support.flow_posts import HOUR, batch, post, record, stored
+from tests.support.flow_posts import HOUR, batch, credentials_file, post, record, stored
 from tests.support.names import free_port
 from tests.support.polling import wait_until
 from tests.support.server_process import serving, wait_port
@@ -53,10 +51,7 @@ def test_the_uploader_logs_a_real_refusal_with_its_fields(tmp_path, caplog):
     the log and status say what the server said and which field."""
     url = f"sqlite:///{tmp_path}/aus-server.db"
     engine, sessions = open_database(url)
-    creds = tmp_path / "credentials"
-    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.write(fd, create_key(sessions, "1").encode() + b"\n")
-    os.close(fd)
+    creds = credentials_file(tmp_path / "credentials", sessions)
     engine.dispose()
     port = free_port()
     with serving("--listen", f"127.0.0.1:{port}", "--db", url) as proc:
