@@ -42,8 +42,10 @@ def netns(addr: str):
     destination is on this machine, in a namespace of our own."""
     with namespaces.namespace("ausb") as name:
         namespaces.up("lo", [f"{addr}/32"], ns=name)
-        run("sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535",
-            preexec_fn=enter(ns=name))
+        # nsenter, not a preexec_fn: nothing of this process runs between
+        # fork and exec for a one-off command
+        run("nsenter", f"--net={namespaces.NETNS_RUN_DIR}/{name}", "sysctl", "-q", "-w",
+            "net.ipv4.ip_local_port_range=1024 65535")
         yield name
 
 

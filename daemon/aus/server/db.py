@@ -82,6 +82,12 @@ class ApiKey(Base):
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Migration 0009. ``scopes``: space-separated names from aus.server.scopes
+    # (keys made before scopes existed are "admin", what they could do).
+    scopes: Mapped[str] = mapped_column(String(64), default="admin", server_default="admin")
+    label: Mapped[str] = mapped_column(Text, default="", server_default="")
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
+                                                           nullable=True)
 
 
 class AuthState(Base):
@@ -338,6 +344,26 @@ class PolicyVersion(Base):
     key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     rolled_back_from: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """One change to an org's configuration: who (the API key's id and its
+    label then; ``cli`` for the local aus-server command), when, what
+    (``action`` such as "rule.update", ``target`` the object's id or name)
+    and the object before and after (None where it did not exist)."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(String(64))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    key_id: Mapped[str] = mapped_column(String(64), default="")
+    key_label: Mapped[str] = mapped_column(Text, default="")
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(Text, default="")
+    before: Mapped[dict | list | None] = mapped_column(JSON, nullable=True)
+    after: Mapped[dict | list | None] = mapped_column(JSON, nullable=True)
+    __table_args__ = (Index("ix_audit_org_id", "org_id", "id"),)
 
 
 # --------------------------------------------------------------------------
