@@ -66,17 +66,24 @@ def _error_response(status: int, message: str, fields: list[dict] | None = None,
                         status_code=status, headers=headers)
 
 
+def _verified_key(org_id: str, request: Request) -> str:
+    """The id of the org's key making the request, also left in
+    ``request.state.key_id`` (a change records who made it)."""
+    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
+    key_id = request.app.state.verifier.for_org(token, org_id, source=client_address(request))
+    request.state.key_id = key_id
+    return key_id
+
+
 def org_auth(org_id: str, request: Request) -> str:
     """The org the request may act on; AuthError otherwise."""
-    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    request.app.state.verifier.for_org(token, org_id, source=client_address(request))
+    _verified_key(org_id, request)
     return org_id
 
 
 def org_key(org_id: str, request: Request) -> tuple[str, str]:
     """The org and the API key acting on it (a change records who made it)."""
-    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    return org_id, request.app.state.verifier.for_org(token, org_id, source=client_address(request))
+    return org_id, _verified_key(org_id, request)
 
 
 def _session(request: Request) -> Session:
@@ -576,8 +583,7 @@ def list_workloads(request: Request, org_id: str = Depends(org_auth)) -> dict:
 
 def _key_of(org_id: str, request: Request) -> str:
     """The id of the org's key making the request (recorded with a change)."""
-    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    return request.app.state.verifier.for_org(token, org_id, source=client_address(request))
+    return _verified_key(org_id, request)
 
 
 def _set_mode(request: Request, org_id: str, key_id: str, workload: str, body) -> bool:
