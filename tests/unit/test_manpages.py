@@ -208,6 +208,15 @@ def test_bash_completes_every_subcommand_and_option(command, bash_scripts):
         assert set(options) <= set(offered), (c.path, set(options) - set(offered))
 
 
+def test_bash_completes_a_new_undocumented_option_and_nested_command(tmp_path):
+    path = tmp_path / "ausctl"
+    path.write_text(script(extended_ausctl(), "bash"))
+    assert bash_complete(path, ["ausctl", "frob"]) == ["frobnicate"]
+    assert bash_complete(path, ["ausctl", "frobnicate", ""]) == ["twice"]
+    assert "--very-undocumented" in bash_complete(path, ["ausctl", "frobnicate", "twice", "--"])
+    assert "--brand-new-filter" in bash_complete(path, ["ausctl", "flows", "--br"])
+
+
 def test_bash_completes_choices_and_file_names(bash_scripts, tmp_path):
     ausctl = bash_scripts["ausctl"]
     by_path = {c.path: c.parser for c in roff.commands(PAGES["ausctl"].load_parser())}
@@ -221,6 +230,19 @@ def test_bash_completes_choices_and_file_names(bash_scripts, tmp_path):
         str(tmp_path / "ausd-test.yaml")]
     # No file names where the argument is not a path.
     assert bash_complete(ausctl, ["ausctl", "flows", "--user", str(tmp_path / "ausd-t")]) == []
+
+
+def test_bash_completes_file_names_for_an_argument_shown_as_a_file(tmp_path):
+    parser = argparse.ArgumentParser(prog="ausctl")
+    check = parser.add_subparsers(dest="command").add_parser("lint")
+    check.add_argument("source", metavar="FILE")
+    check.add_argument("--name")
+    path = tmp_path / "ausctl"
+    path.write_text(script(parser, "bash"))
+    (tmp_path / "policy.yaml").write_text("{}\n")
+    assert bash_complete(path, ["ausctl", "lint", str(tmp_path / "pol")]) == [
+        str(tmp_path / "policy.yaml")]
+    assert bash_complete(path, ["ausctl", "lint", "--name", str(tmp_path / "pol")]) == []
 
 
 @pytest.mark.parametrize("command", COMMANDS)
