@@ -43,6 +43,6 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,server]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,server,build]'
 .venv/bin/python -c "import bcc, aus" 
 echo "setup: ready (.venv/bin/ausd, .venv/bin/ausctl)"

@@ -14,4 +14,5 @@ bash scripts/setup.sh
 bash scripts/identity-packages.sh
 bash scripts/server-packages.sh
 bash scripts/service-packages.sh
+bash scripts/manual-packages.sh
 exec .venv/bin/python -m pytest -ra "$@"

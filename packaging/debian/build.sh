@@ -121,6 +121,21 @@ install -m 644 README.md docs/server.md docs/scim.md docs/console.md "$SROOT/usr
 sed "s/@VERSION@/$VERSION/" packaging/debian/aus-server.control.in > "$SROOT/DEBIAN/control"
 install -m 755 packaging/debian/aus-server.prerm "$SROOT/DEBIAN/prerm"
 
+# ---- man pages and bash/zsh completions, both packages ----------------------
+# Made from each command's own parser (python3 -m aus.manual, in neither
+# package) on the package's vendored dependencies, so every subcommand and
+# option is in them. shtab writes the completions here only: what it
+# writes is plain shell, and neither package depends on it. The modules
+# Debian provides at run time come from PyPI here, so the build host needs
+# none of them. Pages are dated by the last commit, for reproducible builds.
+TOOLS=$WORK/tools
+vendor "$TOOLS" shtab PyYAML prometheus-client
+MANUAL_DATE=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+SOURCE_DATE_EPOCH=$MANUAL_DATE PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=daemon:$ROOT/usr/lib/aus/vendor:$TOOLS \
+    /usr/bin/python3 -m aus.manual "$ROOT" ausd ausctl
+SOURCE_DATE_EPOCH=$MANUAL_DATE PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=daemon:$SROOT/usr/lib/aus-server/vendor:$TOOLS \
+    /usr/bin/python3 -m aus.manual "$SROOT" aus-server
+
 mkdir -p "$OUT"
 dpkg-deb --root-owner-group --build "$SROOT" "$OUT/aus-server_${VERSION}_amd64.deb" >/dev/null
 dpkg-deb --root-owner-group --build "$ROOT" "$OUT/aus_${VERSION}_amd64.deb" >/dev/null

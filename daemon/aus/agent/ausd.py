@@ -637,12 +637,16 @@ class Daemon:
                 "processes": self.sessions.processes.get(uid, 0)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ausd", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=DEFAULT_CONFIG,
                     help=f"daemon configuration (default {DEFAULT_CONFIG})")
     ap.add_argument("--version", action="version", version=f"ausd {__version__}")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         cfg = load_config(args.config, required=args.config != DEFAULT_CONFIG)
     except AusError as exc:

@@ -105,7 +105,7 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aus-server", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     db_help = f"database URL (sqlite:///PATH or postgresql://...; default $AUS_SERVER_DB or {DEFAULT_DB})"
@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("migrate", help="bring the database schema up to date")
     m.add_argument("--db", help=db_help)
 
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
