@@ -18,7 +18,7 @@ from aus.manual.__main__ import installed_paths
 from aus.manual.pages import PAGES
 from tests.unit.test_manpages import bash_complete, groff_warnings, listed
 
-from .test_debian_package import debs, files  # noqa: F401 - debs is a fixture
+from .test_debian_package import files
 
 pytestmark = pytest.mark.kernel
 SHIPPED = {"aus": ("ausd", "ausctl"), "aus-server": ("aus-server",)}
@@ -29,7 +29,7 @@ def manual_files(command: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def extracted(debs):  # noqa: F811 - the fixture imported above
+def extracted(debs):
     roots = {name: Path(tempfile.mkdtemp(prefix=f"{name}-manual-")) for name in SHIPPED}
     try:
         for name, root in roots.items():
@@ -41,7 +41,7 @@ def extracted(debs):  # noqa: F811 - the fixture imported above
 
 
 @pytest.mark.parametrize("package", sorted(SHIPPED))
-def test_each_package_ships_its_own_commands_pages_and_completions(debs, package):  # noqa: F811
+def test_each_package_ships_its_own_commands_pages_and_completions(debs, package):
     listing = files(debs[package])
     for command in PAGES:
         for path in manual_files(command):

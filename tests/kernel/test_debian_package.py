@@ -104,21 +104,6 @@ def packaged_tree(deb: Path, python_dir: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def debs() -> dict[str, Path]:
-    """Both packages, built by the one command, by package name."""
-    build = subprocess.run([str(REPO / "packaging/debian/build.sh")], capture_output=True,
-                           text=True, timeout=900)
-    assert build.returncode == 0, build.stderr[-2000:]
-    out = {}
-    for line in build.stdout.split():
-        deb = REPO / line
-        assert deb.exists(), line
-        out[deb.name.split("_")[0]] = deb
-    assert set(out) == {"aus", "aus-server"}, build.stdout
-    return out
-
-
-@pytest.fixture(scope="module")
 def extracted_server(debs):
     root = Path(tempfile.mkdtemp(prefix="aus-server-deb-"))
     try:
