@@ -8,6 +8,7 @@ writes are directory sync, not recorded (docs/audit.md)."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 from sqlalchemy import update
@@ -273,6 +274,33 @@ def test_the_record_names_the_key_that_was_used(server):
     assert [(e["after"]["name"], e["key_id"], e["key_label"]) for e in items] == [
         ("two", _key_id(b), "key b"), ("one", _key_id(a), "key a")]
     assert _events(server, key_id=_key_id(a))["items"] == [items[1]]
+
+
+def test_concurrent_changes_of_one_rule_chain_their_records(server):
+    """Each record's ``before`` is the previous record's ``after``: a write
+    reads the object only once the writes before it have committed."""
+    ids = seed(server.db_url, "1", groups={"DEV": ["alice"]})
+    c, auth = server.client, server.basic()
+    rid = c.post(f"{server.api}/rules", json=_rule([ids["DEV"]]), auth=auth).json()["id"]
+    results: list[int] = []
+
+    def put(port: int) -> None:
+        r = c.put(f"{server.api}/rules/{rid}", json=_rule([ids["DEV"]], services=[f"{port}/tcp"]),
+                  auth=auth)
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=put, args=(8000 + i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [200] * 8
+    chain = list(reversed(_events(server, target=rid)["items"]))
+    assert [e["action"] for e in chain] == ["rule.create"] + ["rule.update"] * 8
+    for prev, e in zip(chain, chain[1:]):
+        assert e["before"] == prev["after"], (prev["id"], e["id"])
+    final = c.get(f"{server.api}/rules/{rid}", auth=auth).json()
+    assert chain[-1]["after"]["services"] == final["services"]
 
 
 def test_a_refused_change_leaves_no_record_and_no_log_line(server, log):

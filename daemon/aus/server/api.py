@@ -391,6 +391,7 @@ def create_manual_group(body: ManualGroupIn, request: Request,
 @router.delete("/groups/{group_id}", status_code=204)
 def delete_manual_group(group_id: str, request: Request, org_id: str = Depends(org_auth)) -> Response:
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
         g = s.scalar(select(Group).where(Group.org_id == org_id, Group.id == group_id))
         if g is None:
             raise ApiError(404, f"no user group with id {group_id!r} in this org")
@@ -418,6 +419,7 @@ def _save_ip_list(request: Request, org_id: str, body: IpListIn, list_id: str | 
         raise ApiError(422, "the IP list is not valid", problems)
     try:
         with _session(request).begin() as s:
+            policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
             key_id = request.state.key_id
             before = None
             if list_id is None:
@@ -477,10 +479,10 @@ def update_ip_list(list_id: str, body: IpListIn, request: Request,
 @router.delete("/ip-lists/{list_id}", status_code=204)
 def delete_ip_list(list_id: str, request: Request, org_id: str = Depends(org_auth)) -> Response:
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # no rule may start using it meanwhile
         row = s.scalar(select(IpList).where(IpList.org_id == org_id, IpList.id == list_id))
         if row is None:
             raise ApiError(404, f"no IP list with id {list_id!r} in this org")
-        policycheck.lock_org(s, org_id)   # no rule may start using it meanwhile
         users = [r.name for r in s.scalars(select(Rule).where(Rule.org_id == org_id))
                  if row.name in r.destinations]
         if users:
@@ -516,6 +518,7 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
     now = utcnow()
     try:
         with _refused_as("rule"), _session(request).begin() as s:
+            policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
             problems = _validate_rule(s, org_id, body)
             if problems:
                 raise ApiError(422, "the rule is not valid", problems)
@@ -570,6 +573,7 @@ def update_rule(rule_id: str, body: RuleIn, request: Request,
 @router.delete("/rules/{rule_id}")
 def delete_rule(rule_id: str, request: Request, org_id: str = Depends(org_auth)) -> dict:
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
         rule = s.scalar(select(Rule).where(Rule.org_id == org_id, Rule.id == rule_id))
         if rule is None:
             raise ApiError(404, f"no rule with id {rule_id!r} in this org")
