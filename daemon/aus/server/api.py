@@ -32,7 +32,7 @@ from ..core.policy import (
     parse_network,
     parse_service,
 )
-from . import enforcement, policycheck, policyversions
+from . import audit, enforcement, policycheck, policyversions, snapshots
 from .auth import AuthError, client_address, token_from_header
 from .bundle import build_status, parse_if_none_match, touch
 from .db import (
@@ -377,6 +377,8 @@ def create_manual_group(body: ManualGroupIn, request: Request,
             s.flush()
             touch(s, org_id)
             policycheck.group_ids(s, org_id, g.id, sid=sid)
+            audit.record(s, org_id, request.state.key_id, "group.create", g.id,
+                         after=snapshots.group(s, g))
             view = _group_view(g, 0, {"member_groups": 0, "member_of": []}, [])
     except IntegrityError:
         raise ApiError(409, "the user group is not valid", [{
@@ -389,12 +391,15 @@ def create_manual_group(body: ManualGroupIn, request: Request,
 @router.delete("/groups/{group_id}", status_code=204)
 def delete_manual_group(group_id: str, request: Request, org_id: str = Depends(org_auth)) -> Response:
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
         g = s.scalar(select(Group).where(Group.org_id == org_id, Group.id == group_id))
         if g is None:
             raise ApiError(404, f"no user group with id {group_id!r} in this org")
         if g.source != "manual":
             raise ApiError(409, "this group is provisioned by the directory over SCIM; "
                                 "remove it there (or unassign it from the provisioning app)")
+        audit.record(s, org_id, request.state.key_id, "group.delete", g.id,
+                     before=snapshots.group(s, g))
         s.delete(g)
         touch(s, org_id)
     request.app.state.bundles.rebuild_now(org_id)
@@ -414,6 +419,9 @@ def _save_ip_list(request: Request, org_id: str, body: IpListIn, list_id: str | 
         raise ApiError(422, "the IP list is not valid", problems)
     try:
         with _session(request).begin() as s:
+            policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
+            key_id = request.state.key_id
+            before = None
             if list_id is None:
                 row = IpList(id=str(uuid.uuid4()), org_id=org_id)
                 s.add(row)
@@ -421,11 +429,16 @@ def _save_ip_list(request: Request, org_id: str, body: IpListIn, list_id: str | 
                 row = s.scalar(select(IpList).where(IpList.org_id == org_id, IpList.id == list_id))
                 if row is None:
                     raise ApiError(404, f"no IP list with id {list_id!r} in this org")
+                before = snapshots.ip_list(row)
                 if row.name != body.name:
-                    _rename_destination(s, org_id, row.name, body.name)
+                    _rename_destination(s, org_id, row.name, body.name, key_id)
             row.name, row.entries, row.modified_at = body.name, list(body.entries), utcnow()
             s.flush()
             touch(s, org_id)
+            after = snapshots.ip_list(row)
+            if after != before:   # an unchanged PUT is no change
+                audit.record(s, org_id, key_id, "ip_list.update" if before else "ip_list.create",
+                             row.id, before=before, after=after)
             out = {"id": row.id, "name": row.name, "entries": row.entries}
     except IntegrityError:
         raise ApiError(409, "the IP list is not valid", [
@@ -434,10 +447,15 @@ def _save_ip_list(request: Request, org_id: str, body: IpListIn, list_id: str | 
     return out
 
 
-def _rename_destination(s: Session, org_id: str, old: str, new: str) -> None:
-    for rule in s.scalars(select(Rule).where(Rule.org_id == org_id)):
+def _rename_destination(s: Session, org_id: str, old: str, new: str, key_id: str) -> None:
+    """Rules naming IP list ``old`` name ``new`` instead (each one a change
+    of its own in the audit trail)."""
+    for rule in s.scalars(select(Rule).where(Rule.org_id == org_id)).all():
         if old in rule.destinations:
+            before = snapshots.rule(s, org_id, rule)
             rule.destinations = [new if d == old else d for d in rule.destinations]
+            audit.record(s, org_id, key_id, "rule.update", rule.id, before=before,
+                         after=snapshots.rule(s, org_id, rule))
 
 
 def _draft_reply(request: Request, org_id: str) -> dict:
@@ -461,15 +479,17 @@ def update_ip_list(list_id: str, body: IpListIn, request: Request,
 @router.delete("/ip-lists/{list_id}", status_code=204)
 def delete_ip_list(list_id: str, request: Request, org_id: str = Depends(org_auth)) -> Response:
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # no rule may start using it meanwhile
         row = s.scalar(select(IpList).where(IpList.org_id == org_id, IpList.id == list_id))
         if row is None:
             raise ApiError(404, f"no IP list with id {list_id!r} in this org")
-        policycheck.lock_org(s, org_id)   # no rule may start using it meanwhile
         users = [r.name for r in s.scalars(select(Rule).where(Rule.org_id == org_id))
                  if row.name in r.destinations]
         if users:
             raise ApiError(409, f"IP list {row.name!r} is used by rules {', '.join(sorted(users))}; "
                                 "change those first")
+        audit.record(s, org_id, request.state.key_id, "ip_list.delete", row.id,
+                     before=snapshots.ip_list(row))
         s.delete(row)
         touch(s, org_id)
     return Response(status_code=204)
@@ -498,9 +518,11 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
     now = utcnow()
     try:
         with _refused_as("rule"), _session(request).begin() as s:
+            policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
             problems = _validate_rule(s, org_id, body)
             if problems:
                 raise ApiError(422, "the rule is not valid", problems)
+            before = None
             if rule_id is None:
                 last = s.scalar(select(func.max(Rule.position)).where(Rule.org_id == org_id))
                 rule = Rule(id=str(uuid.uuid4()), org_id=org_id, created_at=now,
@@ -510,6 +532,7 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
                 rule = s.scalar(select(Rule).where(Rule.org_id == org_id, Rule.id == rule_id))
                 if rule is None:
                     raise ApiError(404, f"no rule with id {rule_id!r} in this org")
+                before = snapshots.rule(s, org_id, rule)
                 s.execute(delete(RuleSource).where(RuleSource.rule_id == rule.id))
             renamed = rule.name_key != name_key(body.name)
             rule.name, rule.description = body.name, body.description
@@ -523,6 +546,11 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
                 policycheck.rule_name(s, org_id, rule.id, body.name)
             policycheck.rule_destinations(s, org_id, body.destinations)
             s.flush()
+            after = snapshots.rule(s, org_id, rule)
+            if after != before:   # an unchanged PUT is no change
+                audit.record(s, org_id, request.state.key_id,
+                             "rule.update" if before else "rule.create", rule.id,
+                             before=before, after=after)
             view = _rules_view(s, org_id, [rule])[0]
     except IntegrityError:
         raise ApiError(409, "the rule is not valid", [
@@ -545,9 +573,12 @@ def update_rule(rule_id: str, body: RuleIn, request: Request,
 @router.delete("/rules/{rule_id}")
 def delete_rule(rule_id: str, request: Request, org_id: str = Depends(org_auth)) -> dict:
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
         rule = s.scalar(select(Rule).where(Rule.org_id == org_id, Rule.id == rule_id))
         if rule is None:
             raise ApiError(404, f"no rule with id {rule_id!r} in this org")
+        audit.record(s, org_id, request.state.key_id, "rule.delete", rule.id,
+                     before=snapshots.rule(s, org_id, rule))
         s.delete(rule)
         touch(s, org_id)
     return {"deleted": rule_id, **_draft_reply(request, org_id)}

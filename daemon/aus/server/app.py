@@ -50,7 +50,7 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     app.state.bundles = bundles
     app.state.flows = flows
 
-    from . import api, apidocs, console, policyapi, traffic
+    from . import api, apidocs, auditapi, console, policyapi, traffic
     from . import flows as flow_routes
     from .scim import routes as scim_routes
 
@@ -59,6 +59,7 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     policyapi.install(app)
     flow_routes.install(app)
     traffic.install(app)
+    auditapi.install(app)
     console.install(app)
     apidocs.install(app)
     app.add_middleware(InputGate)       # outermost: before any route reads a byte
