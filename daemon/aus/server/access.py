@@ -129,7 +129,7 @@ def log_refusal(request: Request, token: str | None, exc: AuthError) -> None:
 
 
 def _check(request: Request, org_id: str | None, scim: bool, cached_only: bool,
-           template: str | None) -> Key | None:
+           needed: str) -> Key | None:
     token = None
     try:
         token = token_from_header(request.headers.get("authorization"), basic=not scim,
@@ -138,7 +138,6 @@ def _check(request: Request, org_id: str | None, scim: bool, cached_only: bool,
                                                  source=client_address(request))
         if key is None:
             return None
-        needed = needs(request.method, template or "")
         if not allows(key.scopes, needed):
             raise ScopeError(key.scopes, needed)
     except AuthError as exc:
@@ -154,7 +153,8 @@ def authorize(request: Request, org_id: str | None, *, scim: bool = False,
     ``request.state.key_id``. AuthError (ScopeError for the scope)
     otherwise. SCIM takes Bearer only; the API Basic too. With
     ``cached_only``, None when the cache cannot tell (no I/O)."""
-    key = _check(request, org_id, scim, cached_only, _route_path(request))
+    key = _check(request, org_id, scim, cached_only,
+                 needs(request.method, _route_path(request) or ""))
     if key is not None:
         request.state.key_id = key.id
     return key
@@ -163,8 +163,12 @@ def authorize(request: Request, org_id: str | None, *, scim: bool = False,
 def authorize_before_routing(request: Request, org_id: str | None, *, scim: bool) -> Key:
     """:func:`authorize` for a request not yet routed (the input gate
     checks a body's sender before reading the body): the route is found by
-    matching the path against :data:`ROUTES`."""
-    return _check(request, org_id, scim, False, template_of(request.method, request.url.path))
+    matching the path against :data:`ROUTES`. A path that matches none is
+    left to its route (the router's 404 or redirect, or the route's own
+    :func:`authorize`), which every authenticated route calls anyway."""
+    template = template_of(request.method, request.url.path)
+    needed = ANY if template is None else needs(request.method, template)
+    return _check(request, org_id, scim, False, needed)
 
 
 def _compiled() -> list[tuple[re.Pattern, str]]:

@@ -4,7 +4,8 @@ draft, published by a provision: ``policyapi``), the policy version, the
 bundle long-poll for ``ausd``, and the workloads that fetched it.
 
 Authentication: the org's API key, as HTTP Basic (key as user, secret as
-password) or as ``Bearer <key>:<secret>``. Errors are JSON::
+password) or as ``Bearer <key>:<secret>``, held to the scope each route
+needs (:mod:`.access`). Errors are JSON::
 
     {"error": {"status": 422, "message": "...", "fields": [{"field": "destinations[1]", "message": "..."}]}}
 """
