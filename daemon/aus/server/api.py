@@ -4,14 +4,14 @@ draft, published by a provision: ``policyapi``), the policy version, the
 bundle long-poll for ``ausd``, and the workloads that fetched it.
 
 Authentication: the org's API key, as HTTP Basic (key as user, secret as
-password) or as ``Bearer <key>:<secret>``. Errors are JSON::
+password) or as ``Bearer <key>:<secret>``, held to the scope each route
+needs (:mod:`.access`). Errors are JSON::
 
     {"error": {"status": 422, "message": "...", "fields": [{"field": "destinations[1]", "message": "..."}]}}
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import Iterator
@@ -32,8 +32,8 @@ from ..core.policy import (
     parse_network,
     parse_service,
 )
-from . import audit, enforcement, policycheck, policyversions, snapshots
-from .auth import AuthError, client_address, token_from_header
+from . import access, audit, enforcement, policycheck, policyversions, snapshots
+from .auth import AuthError
 from .bundle import build_status, parse_if_none_match, touch
 from .db import (
     Group,
@@ -61,18 +61,18 @@ class ApiError(Exception):
 
 
 def _error_response(status: int, message: str, fields: list[dict] | None = None,
-                    headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "message": message, "fields": fields or []}},
-                        status_code=status, headers=headers)
+                    headers: dict | None = None, detail: str | None = None) -> JSONResponse:
+    body: dict = {"error": {"status": status, "message": message, "fields": fields or []}}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _verified_key(org_id: str, request: Request) -> str:
-    """The id of the org's key making the request, also left in
-    ``request.state.key_id`` (a change records who made it)."""
-    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    key_id = request.app.state.verifier.for_org(token, org_id, source=client_address(request))
-    request.state.key_id = key_id
-    return key_id
+    """The id of the org's key making the request, held to the route's
+    scope (:mod:`.access`), also left in ``request.state.key_id`` (a change
+    records who made it)."""
+    return access.authorize(request, org_id).id
 
 
 def org_auth(org_id: str, request: Request) -> str:
@@ -680,10 +680,7 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
                      x_aus_workload: str | None = Header(None),
                      x_aus_enforcing: int | None = Header(None, ge=0, le=INT32_MAX),
                      x_aus_mode: str | None = Header(None)) -> Response:
-    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    if request.app.state.verifier.for_org(token, org_id, cached_only=True) is None:
-        await asyncio.to_thread(request.app.state.verifier.for_org, token, org_id,
-                                source=client_address(request))
+    await access.authorize_async(request, org_id)
     if x_aus_workload:
         address = request.client.host if request.client else ""
         mode = x_aus_mode if x_aus_mode in enforcement.MODES else None   # an older ausd: none
@@ -702,10 +699,10 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
 
 
 def whoami_any(request: Request) -> dict:
-    """The org a key belongs to: the console signs in with the key alone."""
-    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    key_id, org_id = request.app.state.verifier.verify(token, client_address(request))
-    return {"org": org_id, "key": key_id}
+    """The org a key belongs to, and its scopes: the console signs in with
+    the key alone."""
+    key = access.authorize(request, None)
+    return {"org": key.org_id, "key": key.id, "scopes": list(key.scopes)}
 
 
 def install(app: FastAPI) -> None:
@@ -727,7 +724,8 @@ def install(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": 'Basic realm="aus-server"'} if exc.status == 401 else None
         if exc.retry_after is not None:
             headers = {"Retry-After": str(exc.retry_after)}
-        return _error_response(exc.status, str(exc), headers=headers)
+        return _error_response(exc.status, str(exc), headers=headers,
+                               detail=getattr(exc, "detail", None))
 
     previous_validation = app.exception_handlers.get(RequestValidationError)
 

@@ -2,8 +2,10 @@
 
     aus-server serve [--listen HOST:PORT] [--db URL] [--tls-cert PEM --tls-key PEM]
                      [--workers N] [--flow-retention-days N]
-    aus-server api-key create --org N [--db URL]     prints <key>:<secret> once
-    aus-server api-key revoke KEY_ID [--db URL]
+    aus-server api-key create --org N [--scope S]... [--label TEXT] [--db URL]
+                                                   prints <key>:<secret> once
+    aus-server api-key list --org N [--json] [--db URL]
+    aus-server api-key revoke [--org N] KEY_ID [--db URL]
     aus-server migrate [--db URL]
 
 The database URL defaults to $AUS_SERVER_DB, else SQLite in /var/lib/aus/.
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import socket
 import sys
 
 from ..core.errors import AusError
+from . import scopes
 from .db import DEFAULT_DB, open_database
 from .flowstore import DEFAULT_RETENTION_DAYS
 
@@ -37,6 +41,20 @@ def _days(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 3650:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number of days from 1 to 3650")
     return int(text)
+
+
+def _label(text: str) -> str:
+    if len(text) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: a label is at most 200 characters, "
+                                         f"without control characters")
+    return text.strip()
+
+
+def _org(text: str) -> str:
+    org = text.strip()
+    if not org or "/" in org:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an org id")
+    return org
 
 
 def _is_loopback(host: str) -> bool:
@@ -123,12 +141,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--access-log", action="store_true", help="log every request")
 
-    k = sub.add_parser("api-key", help="create or revoke API keys")
+    k = sub.add_parser("api-key", help="create, list or revoke API keys")
     ksub = k.add_subparsers(dest="keycmd", required=True)
     kc = ksub.add_parser("create", help="create a key for an org; prints <key>:<secret> once")
-    kc.add_argument("--org", required=True)
+    kc.add_argument("--org", required=True, type=_org)
+    kc.add_argument("--scope", action="append", choices=scopes.ALL, dest="scopes",
+                    help="what the key may do (repeat for several; default admin): scim for "
+                         "Entra ID, workload for ausd, read for read-only use, admin for all")
+    kc.add_argument("--label", type=_label, default="", help="what the key is for (listed, audited)")
     kc.add_argument("--db", help=db_help)
-    kr = ksub.add_parser("revoke", help="revoke a key")
+    kl = ksub.add_parser("list", help="list an org's keys (never their secrets)")
+    kl.add_argument("--org", required=True, type=_org)
+    kl.add_argument("--json", action="store_true", help="one JSON document")
+    kl.add_argument("--db", help=db_help)
+    kr = ksub.add_parser("revoke", help="revoke a key; refused from then on")
+    kr.add_argument("--org", type=_org, help="the org the key must belong to")
     kr.add_argument("key_id")
     kr.add_argument("--db", help=db_help)
 
@@ -146,21 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "serve":
             return serve(args)
-        from .auth import create_key, revoke_key
+        from .auth import create_key, list_keys, revoke_key
 
         engine, sessions = open_database(args.db)
         try:
             if args.cmd == "migrate":
                 print("aus-server: schema up to date")
             elif args.keycmd == "create":
-                org = args.org.strip()
-                if not org or "/" in org:
-                    print(f"aus-server: {args.org!r} is not an org id", file=sys.stderr)
-                    return 2
-                print(create_key(sessions, org))
+                print(create_key(sessions, args.org, args.scopes or scopes.DEFAULT, args.label))
+            elif args.keycmd == "list":
+                _print_keys(list_keys(sessions, args.org), args.json)
             else:
-                if not revoke_key(sessions, args.key_id):
-                    print(f"aus-server: no API key {args.key_id!r}", file=sys.stderr)
+                if not revoke_key(sessions, args.key_id, args.org):
+                    where = f" in org {args.org!r}" if args.org else ""
+                    print(f"aus-server: no API key {args.key_id!r}{where}", file=sys.stderr)
                     return 1
                 print(f"revoked {args.key_id}")
         finally:
@@ -169,6 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     except AusError as exc:
         print(f"aus-server: {exc}", file=sys.stderr)
         return 1
+
+
+def _print_keys(keys: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"items": keys}, indent=2))
+        return
+    rows = [("ID", "LABEL", "SCOPES", "CREATED", "REVOKED")]
+    for k in keys:
+        rows.append((k["id"], k["label"] or "-", ",".join(k["scopes"]),
+                     k["created_at"] or "-", k["revoked_at"] or ("yes" if k["revoked"] else "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ const KINDS = [
   ["policy.*", "Provisions and rollbacks"],
   ["draft.*", "Discarded drafts"],
   ["mode.*", "Enforcement modes"],
-  ["key.*", "API keys"],
+  ["api_key.*", "API keys"],
 ];
 const VERBS = {
   "rule.create": "Rule created", "rule.update": "Rule changed", "rule.delete": "Rule deleted",
@@ -22,7 +22,7 @@ const VERBS = {
   "group.create": "User group created", "group.delete": "User group deleted",
   "policy.provision": "Draft provisioned", "policy.rollback": "Rolled back",
   "draft.discard": "Draft discarded", "mode.set": "Mode set",
-  "key.create": "API key created", "key.revoke": "API key revoked",
+  "api_key.create": "API key created", "api_key.revoke": "API key revoked",
 };
 
 // The object's name as the record shows it; the target (an id) beside it.
