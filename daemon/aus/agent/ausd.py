@@ -551,7 +551,7 @@ class Daemon:
             log.debug("control request of uid %d refused: %s", peer.uid, exc)
             return commands.error(str(exc))
         if req.spec.root_only and peer.uid != 0:
-            return commands.error(f"{req.cmd}: only root may change ausd")
+            return commands.error(f"{req.cmd}: only root may {req.spec.root_because}")
         handler = self.handlers[req.cmd]
         return commands.run(lambda: handler(req.args, peer, viewer_of(peer)), req.cmd)
 
