@@ -283,7 +283,7 @@ def test_reload_rereads_the_policy_in_the_same_process(box):
                            == before["version"] + 1 and p, 15, interval=0.2, what="the new policy version")
         assert after["rules"] == 2 and after["error"] is None
         assert state(m)["MainPID"] == pid
-        wait_log(m, since, "SIGHUP: reloading the policy")
+        wait_log(m, since, "policy /etc/aus/policy.yaml loaded: version")   # ausctl reload
     finally:
         m.write("/etc/aus/policy.yaml", yaml.safe_dump(POLICY, sort_keys=False))
         m.systemctl("reload", "ausd")

@@ -30,14 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..core import compiler
+from ..core import compiler, explain
 from ..core import contract as C
 from ..core.bundle import Bundle
 from ..core.errors import AusError, ConfigError, PolicyError
 from ..core.flowrecord import FlowRecord
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
-from . import commands, control, flows, loader, mapsync, pins, report
+from . import commands, control, flows, loader, mapsync, pins, report, subjects
 from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
 from .enforcement import mode_in_force
 from .flowlog import sink_of as flow_log_sink
@@ -125,7 +125,7 @@ class Daemon:
             "status": self.cmd_status, "users": self.cmd_users,
             "rules": self.cmd_rules, "flows": self.cmd_flows,
             "reload": self.cmd_reload, "session_open": self.cmd_session_open,
-            "session_close": self.cmd_session_close,
+            "session_close": self.cmd_session_close, "explain": self.cmd_explain,
         }
         assert self.handlers.keys() == commands.COMMANDS.keys()
 
@@ -551,7 +551,7 @@ class Daemon:
             log.debug("control request of uid %d refused: %s", peer.uid, exc)
             return commands.error(str(exc))
         if req.spec.root_only and peer.uid != 0:
-            return commands.error(f"{req.cmd}: only root may change ausd")
+            return commands.error(f"{req.cmd}: only root may {req.spec.root_because}")
         handler = self.handlers[req.cmd]
         return commands.run(lambda: handler(req.args, peer, viewer_of(peer)), req.cmd)
 
@@ -588,6 +588,17 @@ class Daemon:
 
     def cmd_reload(self, args, peer, viewer) -> dict:
         return self.reload()
+
+    def cmd_explain(self, args, peer, viewer) -> dict:
+        if (args["user"] is None) == (args["groups"] is None) or None in (args["to"], args["proto"]):
+            raise commands.RequestError("explain: give user or groups, and to and proto")
+        subject = subjects.of_groups(args["groups"]) if args["user"] is None else \
+            subjects.of_user(args["user"], bundle=self.bundle, match=self.cfg.bundle_user_match,
+                             identities=self.identities)
+        res = explain.explain(self.compiled, subject, args["to"], args["proto"], args["port"],
+                              mode=self.mode.mode, unmanaged=self.unmanaged)
+        return {"ok": True, **res, "policy": {"source": self.policy_source,
+                                              "version": self.compiled.version}}
 
     def cmd_flows(self, args, peer, viewer) -> dict:
         limit, want = args["limit"], FlowFilter.of(args)
