@@ -16,9 +16,8 @@ import pytest
 
 from aus.manual.__main__ import installed_paths
 from aus.manual.pages import PAGES
-from tests.unit.test_manpages import bash_complete, groff_warnings, listed
-
-from .test_debian_package import files
+from tests.support.debpkg import files
+from tests.support.manual import bash_complete, groff_warnings, listed
 
 pytestmark = pytest.mark.kernel
 SHIPPED = {"aus": ("ausd", "ausctl"), "aus-server": ("aus-server",)}

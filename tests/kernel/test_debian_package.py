@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import lab
+from tests.support.debpkg import files
 
 from .conftest import lab_policy
 
@@ -52,17 +53,6 @@ def server_requirements() -> set[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     return ({requirement_name(r) for r in project["optional-dependencies"]["server"]}
             | {"pydantic", "pyyaml"})
-
-
-def files(deb: Path) -> dict[str, str]:
-    """``dpkg -c``: path (without the leading '.') -> its mode string."""
-    out = subprocess.run(["dpkg", "-c", str(deb)], capture_output=True, text=True,
-                         check=True).stdout
-    listing = {}
-    for line in out.splitlines():
-        mode, _owner, _size, _date, _time, path = line.split(maxsplit=5)
-        listing[path.split(" -> ")[0].removeprefix(".")] = mode
-    return listing
 
 
 def regular_files(deb: Path) -> set[str]:

@@ -10,8 +10,8 @@ import yaml
 
 from tests.support.polling import wait_until
 
+from .ausd_unit import cursor, ensure_running, state, wait_log
 from .conftest import POLICY
-from .test_systemd_unit import cursor, ensure_running, state, wait_log
 
 
 def write_policy(m, policy: dict) -> None:
