@@ -661,12 +661,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=DEFAULT_CONFIG,
                     help=f"daemon configuration (default {DEFAULT_CONFIG})")
     ap.add_argument("--version", action="version", version=f"ausd {__version__}")
+    ap.add_argument("--start-condition", action="store_true",
+                    help="exit 1 if the configured policy file does not exist, else 0, "
+                         "and start nothing (the unit's ExecCondition=)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, required=args.config != DEFAULT_CONFIG)
     except AusError as exc:
         print(f"ausd: {exc}", file=sys.stderr)
-        return 2
+        # A bad configuration is not a reason to skip the start: the start
+        # itself fails and says why.
+        return 0 if args.start_condition else 2
+    if args.start_condition:
+        if cfg.policy_missing is not None:
+            print(f"ausd: not starting: no policy at {cfg.policy_missing} (an example: "
+                  "/usr/share/doc/aus/policy.example.yaml); put one there, then run: "
+                  "systemctl start ausd", file=sys.stderr)
+            return 1
+        return 0
     setup_logging(cfg.log_level)
     daemon = Daemon(cfg, Notifier.from_env())
     try:
