@@ -20,6 +20,14 @@ NEEDS="  the eBPF compiler, for Python (bcc):      python3-bpfcc
   users, groups and processes:             passwd procps
   SSSD's group SIDs (Active Directory):    python3-libsss-nss-idmap"
 
+# Installing, linking headers and mounting bpffs need root; checking does not.
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup.sh: needs root; run it as root (or prefix it with sudo)" >&2
+        exit 2
+    fi
+}
+
 if ! command -v apt-get >/dev/null || ! command -v dpkg-query >/dev/null; then
     # Check what aus uses, not package names: another distribution may
     # provide it under its own.
@@ -45,6 +53,7 @@ if ! command -v apt-get >/dev/null || ! command -v dpkg-query >/dev/null; then
     fi
     echo "setup: no apt-get; everything aus needs is present, installing nothing"
 else
+    need_root
     missing=()
     for p in "${APT_PACKAGES[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -85,6 +94,7 @@ else
     fi
 fi
 
+need_root
 # bcc compiles against /lib/modules/$(uname -r)/build. When the running
 # kernel ships no headers, link the newest installed header tree.
 sh packaging/debian/link-kernel-headers | sed 's/^aus:/setup:/'
