@@ -21,7 +21,7 @@ mkdir -p /etc/aus
 # The mode ausd would apply must be visibility, set in the file: a file
 # without `mode:` enforces (or takes the policy server's mode), and enforcing
 # on the cgroup2 root limits the operator's own login UID too (sudo keeps it).
-if ! .venv/bin/python - "$CONFIG" <<'PY'
+if ! cgroup=$(.venv/bin/python - "$CONFIG" <<'PY'
 import sys
 from aus.agent.config import load_config
 from aus.core.errors import AusError
@@ -34,8 +34,9 @@ if not (cfg.mode_explicit and cfg.mode == "visibility"):
     sys.exit(f"run-example: {sys.argv[1]} has {said}; run-example runs in visibility mode "
              f"only. Put `mode: visibility` in it, or to enforce, run ausd yourself:\n"
              f"  .venv/bin/ausd --config {sys.argv[1]}")
+print(cfg.cgroup_path)   # where ausd attaches
 PY
-then
+); then
     exit 1
 fi
 
@@ -48,7 +49,7 @@ fi
 cat <<EOF
 run-example: VISIBILITY mode: nothing is blocked; traffic the policy would deny
   passes and is reported (.venv/bin/ausctl flows, .venv/bin/ausctl users).
-  policy $(realpath /etc/aus/policy.yaml), config $CONFIG, cgroup: the whole machine;
+  config $CONFIG, cgroup $cgroup (every process in it and below);
   $who.
 To switch to enforce: check with .venv/bin/ausctl users that every login UID
   gets what it needs (your own too: sudo keeps it), stop this with Ctrl-C, set
