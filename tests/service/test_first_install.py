@@ -56,7 +56,7 @@ def test_without_a_policy_ausd_is_enabled_but_waits_without_restarting(fresh):
     m, install = fresh
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     assert ("aus: ausd is enabled and starts once a policy exists: put one in "
-            "/etc/aus/policy.yaml") in install.stderr
+            "/etc/aus/policy.yaml") in install.stdout + install.stderr
     s = state(m)
     assert s["UnitFileState"] == "enabled", s
     assert (s["ActiveState"], s["NRestarts"]) == ("inactive", "0"), s
@@ -88,6 +88,9 @@ def test_with_a_policy_it_starts_in_visibility_mode_and_reports_login_uids(fresh
         for uid, unit in units.items():
             m.run("systemd-run", f"--unit={unit}", "--quiet", "/bin/sh", "-c",
                   f"echo {uid} > /proc/self/loginuid && exec sleep 600")
+        # A reload reports what the last /proc scan saw: wait for the scan.
+        wait_until(lambda: m.ausctl_json("status")["users"]["active"] == 1, 15, interval=0.2,
+                   what="ausd to see the sessions")
         expected = ["login UID 0 (root): not managed (unmanaged_login_uids): never filtered",
                     "login UID 4242 (unknown to NSS): managed, no policy group, baseline only"]
         m.systemctl("reload", "ausd")
@@ -96,8 +99,11 @@ def test_with_a_policy_it_starts_in_visibility_mode_and_reports_login_uids(fresh
             j = journal(m)
             tail = j[j.rfind("SIGHUP: reloading the policy"):]
             return tail if all(e in tail for e in expected) else ""
-        tail = wait_until(reported, timeout=30, interval=0.2,
-                          what="the login report after the reload")
+        try:
+            tail = wait_until(reported, timeout=30, interval=0.2,
+                              what="the login report after the reload")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; ausd's journal:\n{journal(m)[-3000:]}") from None
         assert re.search(r"login UIDs with processes now: \d+ \(mode visibility: nothing "
                          r"is blocked", tail), tail[-3000:]
     finally:
