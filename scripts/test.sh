@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
-    echo "test.sh: the kernel tests need root; run: sudo $0" >&2
+    echo "test.sh: the kernel tests need root; run it as root (or prefix it with sudo)" >&2
     exit 2
 fi
 bash scripts/setup.sh

@@ -17,11 +17,15 @@
 #   server  Debian: PyYAML, psycopg 3.1       vendored: pydantic 2 (1.10),
 #           fastapi >= 0.110 (0.92), uvicorn >= 0.29 (0.17), SQLAlchemy 2
 #           (1.4), alembic >= 1.13 (1.8), scim2-models (absent), and what
-#           they need. Vendored wheels are built for CPython 3.11 (pydantic-core,
-#           MarkupSafe), hence python3 (<< 3.12) in both controls.
+#           they need. Vendored wheels are built for the CPython that runs
+#           this script (pydantic-core and MarkupSafe are compiled per minor
+#           version), so both controls depend on exactly that minor version:
+#           build on the release you install on (Debian 12: 3.11, Ubuntu
+#           24.04: 3.12, Debian 13: 3.13; docs/first-run.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VERSION=$(/usr/bin/python3 -c "import re; print(re.search(r'^version = \"(.+)\"', open('pyproject.toml').read(), re.M).group(1))")
+PYTHON_DEPENDS=$(/usr/bin/python3 -c 'import sys; M, m = sys.version_info[:2]; print(f"python3 (>= {M}.{m}), python3 (<< {M}.{m + 1})")')
 OUT=dist
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -95,13 +99,14 @@ wrapper "$ROOT/usr/bin/ausd" aus.agent.ausd /usr/lib/aus/python:/usr/lib/aus/ven
 wrapper "$ROOT/usr/bin/ausctl" aus.cli.ausctl /usr/lib/aus/python:/usr/lib/aus/vendor
 install -m 644 packaging/ausd.yaml "$ROOT/etc/aus/ausd.yaml"
 install -m 644 packaging/policy.example.yaml "$ROOT/usr/share/doc/aus/policy.example.yaml"
-install -m 644 README.md docs/policy-format.md docs/policy-server-client.md "$ROOT/usr/share/doc/aus/"
+install -m 644 README.md docs/first-run.md docs/policy-format.md docs/policy-server-client.md \
+    "$ROOT/usr/share/doc/aus/"
 install -m 644 packaging/pam/README.md "$ROOT/usr/share/doc/aus/PAM.md"
 install -m 755 packaging/pam/aus-pam-hook "$ROOT/usr/lib/aus/aus-pam-hook"
 install -m 755 packaging/debian/link-kernel-headers "$ROOT/usr/lib/aus/link-kernel-headers"
 install -m 644 packaging/systemd/ausd.service "$ROOT/lib/systemd/system/ausd.service"
 install -m 644 packaging/systemd/aus.tmpfiles.conf "$ROOT/usr/lib/tmpfiles.d/aus.conf"
-sed "s/@VERSION@/$VERSION/" packaging/debian/control.in > "$ROOT/DEBIAN/control"
+sed "s/@VERSION@/$VERSION/; s/@PYTHON_DEPENDS@/$PYTHON_DEPENDS/" packaging/debian/control.in > "$ROOT/DEBIAN/control"
 install -m 755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm "$ROOT/DEBIAN/"
 echo /etc/aus/ausd.yaml > "$ROOT/DEBIAN/conffiles"
 
@@ -118,7 +123,7 @@ copy_modules "$SROOT/usr/lib/aus-server/python" core server
 vendor "$SROOT/usr/lib/aus-server/vendor" pydantic fastapi uvicorn SQLAlchemy alembic scim2-models
 wrapper "$SROOT/usr/bin/aus-server" aus.server.cli /usr/lib/aus-server/python:/usr/lib/aus-server/vendor
 install -m 644 README.md docs/server.md docs/scim.md docs/console.md "$SROOT/usr/share/doc/aus-server/"
-sed "s/@VERSION@/$VERSION/" packaging/debian/aus-server.control.in > "$SROOT/DEBIAN/control"
+sed "s/@VERSION@/$VERSION/; s/@PYTHON_DEPENDS@/$PYTHON_DEPENDS/" packaging/debian/aus-server.control.in > "$SROOT/DEBIAN/control"
 install -m 755 packaging/debian/aus-server.prerm "$SROOT/DEBIAN/prerm"
 
 # ---- man pages and bash/zsh completions, both packages ----------------------

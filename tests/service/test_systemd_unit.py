@@ -36,7 +36,7 @@ HARDENING = {"CapabilityBoundingSet", "NoNewPrivileges", "ProtectHome", "Private
              "ProtectClock", "ProtectHostname", "RestrictRealtime", "RestrictSUIDSGID",
              "LockPersonality", "RestrictAddressFamilies", "SystemCallArchitectures",
              "ProtectKernelLogs", "UMask", "LimitNOFILE"}
-NOT_HARDENING = {"Type", "NotifyAccess", "ExecStartPre", "ExecStart", "ExecReload", "Restart",
+NOT_HARDENING = {"Type", "NotifyAccess", "ExecCondition", "ExecStartPre", "ExecStart", "ExecReload", "Restart",
                  "RestartSec", "WatchdogSec", "TimeoutStartSec", "KillMode", "RuntimeDirectory",
                  "RuntimeDirectoryPreserve"}
 # linux/capability.h, by number.

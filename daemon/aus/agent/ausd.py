@@ -20,6 +20,7 @@ import collections
 import hashlib
 import logging
 import os
+import pwd
 import selectors
 import signal
 import socket
@@ -37,7 +38,17 @@ from ..core.errors import AusError, ConfigError, PolicyError
 from ..core.flowrecord import FlowRecord
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
-from . import commands, control, flows, loader, mapsync, pins, report, subjects
+from . import (
+    commands,
+    control,
+    flows,
+    loader,
+    loginreport,
+    mapsync,
+    pins,
+    report,
+    subjects,
+)
 from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
 from .enforcement import mode_in_force
 from .flowlog import sink_of as flow_log_sink
@@ -196,6 +207,7 @@ class Daemon:
             return {"ok": False, "error": str(exc)}
         log.info("policy %s loaded: version %d, %d rules", self.cfg.policy,
                  compiled.version, len(compiled.rules))
+        self.log_logins()
         return {"ok": True, "version": compiled.version, "rules": len(compiled.rules)}
 
     # ---- policy bundles (policy: a URL) --------------------------------------
@@ -240,6 +252,7 @@ class Daemon:
                 log.error("%s (the policy in force stays)", exc)
                 return
             self._bundle_in_force(item)
+            self.log_logins()
         finally:
             self.follower.acknowledge()
 
@@ -333,6 +346,21 @@ class Daemon:
         if changed:
             self.sync("scan", changed)
 
+    def log_logins(self) -> None:
+        """Log what every login UID with processes gets (loginreport.py)."""
+        names = {}
+        for uid in self.unmanaged:
+            if self.sessions.processes.get(uid):
+                try:
+                    names[uid] = pwd.getpwuid(uid).pw_name
+                except KeyError:
+                    names[uid] = None
+        for line in loginreport.lines(
+                self.sessions.processes, self.unmanaged, self.identities, names,
+                [(g.name, g.sid) for g in self.policy.user_groups],
+                self.compiled.rule_names, self.mode.mode):
+            log.info("%s", line)
+
     # ---- start / stop ----------------------------------------------------
     def start(self) -> None:
         stages = self.start_stages = {}
@@ -399,6 +427,7 @@ class Daemon:
         log.info("ausd %s ready: mode %s (from %s), cgroup %s, %d active users, pins %s",
                  __version__, self.mode.mode, self.mode.source, self.cfg.cgroup_path,
                  len(self.sessions.active(self.unmanaged)), self.cfg.pin_dir)
+        self.log_logins()
         if self.uploader is not None:
             self.uploader.start()
 
@@ -653,6 +682,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", default=DEFAULT_CONFIG,
                     help=f"daemon configuration (default {DEFAULT_CONFIG})")
     ap.add_argument("--version", action="version", version=f"ausd {__version__}")
+    ap.add_argument("--start-condition", action="store_true",
+                    help="exit 1 if the configured policy file does not exist, else 0, "
+                         "and start nothing (the unit's ExecCondition=)")
     return ap
 
 
@@ -662,7 +694,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, required=args.config != DEFAULT_CONFIG)
     except AusError as exc:
         print(f"ausd: {exc}", file=sys.stderr)
-        return 2
+        # A bad configuration is not a reason to skip the start: the start
+        # itself fails and says why.
+        return 0 if args.start_condition else 2
+    if args.start_condition:
+        if cfg.policy_missing is not None:
+            print(f"ausd: not starting: no policy at {cfg.policy_missing} (an example: "
+                  "/usr/share/doc/aus/policy.example.yaml); put one there, then run: "
+                  "systemctl start ausd", file=sys.stderr)
+            return 1
+        return 0
     setup_logging(cfg.log_level)
     daemon = Daemon(cfg, Notifier.from_env())
     try:

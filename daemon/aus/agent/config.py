@@ -344,6 +344,14 @@ class DaemonConfig(BaseModel):
         return self.policy if isinstance(self.policy, str) else None
 
     @property
+    def policy_missing(self) -> Path | None:
+        """The policy file when it does not exist (never with a URL): a
+        host installed but not given a policy yet."""
+        if self.policy_url is None and not Path(self.policy).exists():
+            return Path(self.policy)
+        return None
+
+    @property
     def cgroup_path(self) -> Path:
         """The cgroup the programs attach to: ``cgroup``, or the cgroup v2
         mount root when unset (raises ConfigError if there is none)."""
