@@ -24,6 +24,7 @@ import http.server
 import logging
 import os
 import socket
+import socketserver
 import threading
 import time
 from pathlib import Path
@@ -281,6 +282,11 @@ class _Server(http.server.HTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.registry = registry
         super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer's would look up the address's FQDN (DNS) at start.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
 
 def write_textfile(path: Path, registry: CollectorRegistry) -> None:
