@@ -2,8 +2,9 @@
 user's allowed and denied connections move the decision counters of the
 right hook and reason and the per-rule counters; active users, map fill,
 policy version and age, flow events and the login-latency histogram are
-what the maps and the daemon hold; the textfile is written atomically and
-parses; a port already taken costs the listener, never the daemon."""
+what the maps and the daemon hold; a stalled scraper holds up no login;
+the textfile is written atomically and parses; a port already taken
+costs the listener, never the daemon."""
 
 from __future__ import annotations
 
@@ -179,3 +180,27 @@ def test_textfile_and_a_taken_port(cg, peer, people):
                        timeout=10, what="no temporary file left")
         assert parse(prom.read_text())
         assert d.proc.poll() is None
+
+
+def test_a_stalled_scraper_holds_up_no_login(cg, peer, people):
+    users, groups = people
+    alice = users["alice"]
+    port = free_port()
+    with lab.ausd(cg, lab_policy(peer, groups), metrics_listen=f"127.0.0.1:{port}") as d:
+        d.start()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stall:
+            stall.sendall(b"GET /metrics HTTP/1.1\r\n")    # and never the rest
+            with lab.session(d, alice.uid) as s:
+                assert s["managed"] and s["rules"] == ["dev-web"]
+                assert lab.act(cg, "tcp", peer.v4, 80, loginuid=alice.uid, uid=alice.uid,
+                               gid=alice.gid)["ok"]
+            assert d.ctl_json("status")["policy"]["version"] >= 1
+            # All of that while the listener still waited for the stalled request.
+            stall.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                stall.recv(1)
+            # The listener drops the client after its timeout and serves again.
+            stall.settimeout(30)
+            assert stall.recv(4096) == b""
+        m = scrape(port)
+        assert val(m, "ausd_login_latency_seconds_count") == 1
