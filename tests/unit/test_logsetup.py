@@ -123,3 +123,29 @@ def test_plain_lines_off_the_journal():
                 assert "ERROR aus.test: it failed" in lines
                 assert not any(line.startswith("<") for line in lines)
             assert receive(rx) == []
+
+
+def test_ausd_configuration_error_is_an_error_entry():
+    """A bad ausd.yaml stops ausd before its logging setup (the file holds
+    the level); under systemd each line of the error still has priority 3."""
+    with tempfile.TemporaryDirectory(prefix="aus-test-log-") as d:
+        tmp = Path(d)
+        cfg = tmp / "ausd.yaml"
+        cfg.write_text("log_level: info\nmetrics_listen: 10.1.2.3:9477\n")
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        env["PYTHONPATH"] = f"{ROOT / 'daemon'}:{ROOT}"
+        for journal_stream in (True, False):
+            err = tmp / f"stderr-{journal_stream}"
+            with open(err, "wb") as f:
+                st = os.fstat(f.fileno())
+                if journal_stream:
+                    env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+                p = subprocess.run([sys.executable, "-m", "aus.agent.ausd", "--config",
+                                    str(cfg)], stderr=f, env=env, timeout=60)
+            assert p.returncode == 2
+            lines = err.read_text().splitlines()
+            prefix = "<3>" if journal_stream else ""
+            assert lines[0] == f"{prefix}ausd: {cfg}: invalid configuration:"
+            assert lines[1].startswith(f"{prefix}  line 2: metrics_listen: 10.1.2.3 is not a "
+                                       "loopback address")
+            env.pop("JOURNAL_STREAM", None)

@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, required=args.config != DEFAULT_CONFIG)
     except AusError as exc:
-        print(f"ausd: {exc}", file=sys.stderr)
+        logsetup.early_error("ausd", str(exc))
         return 2
     setup_logging(cfg.log_level)
     daemon = Daemon(cfg, Notifier.from_env())

@@ -115,6 +115,16 @@ class JournalHandler(logging.Handler):
         super().close()
 
 
+def early_error(program: str, text: str) -> None:
+    """An error before the logging setup (a bad configuration, which holds
+    the log level): "program: text" on stderr, each line at priority 3
+    when stderr is the journal's stream, so ``journalctl -p err`` shows it."""
+    prefix = f"<{priority(logging.ERROR)}>" if stderr_is_journal() else ""
+    lines = f"{program}: {text}".splitlines()
+    sys.stderr.write("".join(f"{prefix}{line}\n" for line in lines))
+    sys.stderr.flush()
+
+
 def setup(level: str | int, identifier: str, *, plain_format: str = PLAIN_FORMAT,
           journal_socket: Path = journal.SOCKET) -> logging.Handler:
     """Configure the root logger (replacing its handlers) for the journal
