@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..core import compiler, explain
+from ..core import compiler, explain, logsetup
 from ..core import contract as C
 from ..core.bundle import Bundle
 from ..core.errors import AusError, ConfigError, PolicyError
@@ -58,6 +58,8 @@ from .flowrecords import policy_groups
 from .flowupload import uploader_for
 from .follower import BundleFollower, Delivery
 from .identity import Directory, UserInfo
+from .metrics import Exporter as MetricsExporter
+from .metrics import LoginLatency
 from .policysource import Fetched, Refused
 from .report import Identity, Snapshot
 from .ringbuf import RingBuffer
@@ -72,9 +74,8 @@ REFRESHES_PER_SCAN = 500   # directory lookups at most per scan
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=getattr(logging, level.upper()),
-        format="%(levelname)s %(name)s: %(message)s")
+    """Journal entries under systemd, plain stderr lines otherwise."""
+    logsetup.setup(level, "ausd")
 
 
 class Daemon:
@@ -93,6 +94,10 @@ class Daemon:
         self.sessions = Sessions()
         self.unmanaged = set(cfg.unmanaged_login_uids)
         self.started = time.time()
+        self.policy_applied_at: float | None = None   # when the version in force went in
+        self.login_latency = LoginLatency()
+        metrics = MetricsExporter(self)
+        self.metrics = metrics if metrics.enabled else None
         self.flow_history: collections.deque = collections.deque(maxlen=FLOW_HISTORY)
         # Flow records: events folded per window; at each close every sink
         # gets (records, dropped by the cap) and must return at once.
@@ -172,6 +177,8 @@ class Daemon:
         rules (a bundle also changes memberships) and bring the maps there,
         atomically per user. A policy that does not compile changes nothing."""
         compiled = self._compile(policy, version, source)
+        if self.compiled is None or compiled.version != self.compiled.version:
+            self.policy_applied_at = time.time()
         self.policy, self.policy_digest, self.compiled = policy, digest, compiled
         self.bundle = bundle
         self.policy_error = None
@@ -411,6 +418,7 @@ class Daemon:
         self.rebuild_want()
         stage("directory lookups")
         self.sync("start")
+        self.policy_applied_at = time.time()
         stage("write maps")
         loader.attach(self.loaded, self.cfg.cgroup_path)
         stage("attach")
@@ -421,6 +429,8 @@ class Daemon:
         self._start_events()
         self.listener = control.listen(self.cfg.socket)
         self.server = control.Server(self.listener, self.handle)
+        if self.metrics is not None:   # before READY: a scrape after it finds the listener
+            self.metrics.start()
         self.notifier.ready(f"enforcing policy version {self.compiled.version}"
                             if self.compiled.version or not self.cfg.policy_url else
                             "no policy bundle yet: enforcing the baseline only")
@@ -435,6 +445,8 @@ class Daemon:
         self.ring = RingBuffer(str(self.loaded.layout.map(C.MAP_EVENTS)))
 
     def close(self) -> None:
+        if self.metrics is not None:   # first: a scrape reads the maps closed below
+            self.metrics.stop()
         if self.uploader is not None:
             self.uploader.stop()
         if self.follower is not None:
@@ -652,17 +664,20 @@ class Daemon:
         return uid
 
     def cmd_session_open(self, args, peer, viewer) -> dict:
+        t0 = time.perf_counter()
         uid = self._peer_uid(peer)
         if uid in self.unmanaged:
             return {"ok": True, "login_uid": uid, "managed": False}
         self.sessions.open(uid)
         self.want[uid] = self._content(uid, refresh=True)
         self.sync("session open", {uid})
+        self.login_latency.observe(time.perf_counter() - t0)
         entry = self.kstate.users.get(uid)
         info, extra, rule_ids = self.identities[uid]
         rules = sorted(self.compiled.rule_names[r] for r in rule_ids)
         log.info("session opened: login UID %d (%s), groups %s, bundle groups %s, rules %s",
-                 uid, info.name, list(info.groups), list(extra), rules)
+                 uid, info.name, list(info.groups), list(extra), rules,
+                 extra=logsetup.fields(login_uid=uid, user=info.name))
         return {"ok": True, "login_uid": uid, "managed": True, "user": info.name,
                 "groups": list(dict.fromkeys(info.groups + extra)),
                 "bundle_groups": list(extra), "rules": rules,
@@ -693,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, required=args.config != DEFAULT_CONFIG)
     except AusError as exc:
-        print(f"ausd: {exc}", file=sys.stderr)
+        logsetup.early_error("ausd", str(exc))
         # A bad configuration is not a reason to skip the start: the start
         # itself fails and says why.
         return 0 if args.start_condition else 2

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 
+from ..core import logsetup
 from ..core.errors import AusError
 from . import scopes
 from .db import DEFAULT_DB, open_database
@@ -113,7 +114,8 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config("aus.server.app:app_from_env", factory=True, host=host, port=port,
                             workers=args.workers, ssl_certfile=args.tls_cert,
                             ssl_keyfile=args.tls_key, log_level=args.log_level.lower(),
-                            access_log=args.access_log, timeout_keep_alive=75, backlog=4096)
+                            access_log=args.access_log, timeout_keep_alive=75, backlog=4096,
+                            log_config=None)   # uvicorn's loggers go through logsetup's
     if config.workers > 1:
         from uvicorn.supervisors import Multiprocess
 
@@ -167,8 +169,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsetup.setup(getattr(args, "log_level", "INFO"), "aus-server",
+                   plain_format=logsetup.TIMED_FORMAT)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if args.cmd == "serve":
