@@ -6,8 +6,8 @@
 #   dist/aus_<version>_amd64.deb          the agent: ausd, ausctl, PAM hook, unit
 #
 # Each package has its own prefix and shares no file with the other, so
-# both install on one host. The agent holds aus.core, aus.agent and aus.cli
-# (no server code, no server dependency); aus-server holds aus.core and
+# both install on one host. The agent holds aus.core, aus.logs, aus.agent and aus.cli
+# (no server code, no server dependency); aus-server holds aus.core, aus.logs and
 # aus.server (never the agent: the server does not touch the kernel).
 #
 # Python dependencies come from Debian 12 where bookworm has the version
@@ -92,7 +92,7 @@ ROOT=$WORK/aus
 install -d "$ROOT/DEBIAN" "$ROOT/usr/bin" "$ROOT/usr/lib/aus/python" "$ROOT/usr/lib/aus/vendor" \
     "$ROOT/usr/share/aus/bpf" "$ROOT/etc/aus" "$ROOT/lib/systemd/system" \
     "$ROOT/usr/lib/tmpfiles.d" "$ROOT/usr/share/doc/aus"
-copy_modules "$ROOT/usr/lib/aus/python" core agent cli
+copy_modules "$ROOT/usr/lib/aus/python" core logs agent cli
 cp bpf/aus.h bpf/aus.bpf.c "$ROOT/usr/share/aus/bpf/"
 vendor "$ROOT/usr/lib/aus/vendor" pydantic
 wrapper "$ROOT/usr/bin/ausd" aus.agent.ausd /usr/lib/aus/python:/usr/lib/aus/vendor
@@ -119,7 +119,7 @@ echo /etc/aus/ausd.yaml > "$ROOT/DEBIAN/conffiles"
 SROOT=$WORK/aus-server
 install -d "$SROOT/DEBIAN" "$SROOT/usr/bin" "$SROOT/usr/lib/aus-server/python" \
     "$SROOT/usr/lib/aus-server/vendor" "$SROOT/usr/share/doc/aus-server"
-copy_modules "$SROOT/usr/lib/aus-server/python" core server
+copy_modules "$SROOT/usr/lib/aus-server/python" core logs server
 vendor "$SROOT/usr/lib/aus-server/vendor" pydantic fastapi uvicorn SQLAlchemy alembic scim2-models
 wrapper "$SROOT/usr/bin/aus-server" aus.server.cli /usr/lib/aus-server/python:/usr/lib/aus-server/vendor
 install -m 644 README.md docs/server.md docs/scim.md docs/console.md "$SROOT/usr/share/doc/aus-server/"

@@ -27,8 +27,8 @@ from .conftest import lab_policy
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
-AGENT_MODULES = ("core", "agent", "cli")
-SERVER_MODULES = ("core", "server")
+AGENT_MODULES = ("core", "logs", "agent", "cli")
+SERVER_MODULES = ("core", "logs", "server")
 # Python distributions by their Debian 12 package, where it is not python3-<name>.
 DEBIAN_NAMES = {"pyyaml": "python3-yaml"}
 KERNEL_DEPENDS = {"python3-bpfcc", "linux-headers-amd64", "bpftool", "iproute2"}

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.polling import wait_until
 
-from .test_systemd_unit import cursor, ensure_running
+from .ausd_unit import cursor, ensure_running
 
 CREDENTIALS = "/etc/aus/credentials"
 METRICS = "127.0.0.1:9477"

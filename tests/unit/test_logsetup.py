@@ -1,4 +1,4 @@
-"""The one logging setup (aus.core.logsetup) in a real process: native
+"""The one logging setup (aus.logs.setup) in a real process: native
 journal entries with priorities and fields when stderr is the stream
 JOURNAL_STREAM names (received here on a socket the setup is pointed
 at), ``<N>``-prefixed stderr lines when that socket takes nothing, and
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PROGRAM = """\
 import logging, sys
-from aus.core import logsetup
+from aus.logs import setup as logsetup
 logsetup.setup(sys.argv[1], "aus-test", journal_socket=sys.argv[2])
 log = logging.getLogger("aus.test")
 log.debug("debug line")

@@ -31,13 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..core import compiler, explain, logsetup
+from ..core import compiler, explain
 from ..core import contract as C
 from ..core.bundle import Bundle
 from ..core.errors import AusError, ConfigError, PolicyError
 from ..core.flowrecord import FlowRecord
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
+from ..logs import setup as logsetup
 from . import (
     commands,
     control,

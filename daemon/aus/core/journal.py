@@ -1,6 +1,6 @@
 """The systemd journal's native protocol: one datagram per entry, made of
 ``KEY=value`` lines (a value holding a newline goes in the binary form),
-sent to the journal's socket. Used by the log setup (logsetup.py) and the
+sent to the journal's socket. Used by the log setup (aus.logs.setup) and the
 flow-record export (agent/flowlog.py)."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import os
 
 from fastapi import FastAPI
 
-from ..core import logsetup
+from ..logs import setup as logsetup
 from .auth import Verifier
 from .bundle import BundleService
 from .db import open_database

@@ -21,8 +21,8 @@ import os
 import socket
 import sys
 
-from ..core import logsetup
 from ..core.errors import AusError
+from ..logs import setup as logsetup
 from . import scopes
 from .db import DEFAULT_DB, open_database
 from .flowstore import DEFAULT_RETENTION_DAYS

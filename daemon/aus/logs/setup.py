@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import journal
+from ..core import journal
 
 PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
               (logging.INFO, 6))
