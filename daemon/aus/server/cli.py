@@ -67,6 +67,10 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from . import serving
+
+    serving.hold_sighup()
+
     host, port = args.listen
     if bool(args.tls_cert) != bool(args.tls_key):
         print("aus-server: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -103,8 +107,6 @@ def serve(args: argparse.Namespace) -> int:
                             workers=args.workers, ssl_certfile=args.tls_cert,
                             ssl_keyfile=args.tls_key, log_level=args.log_level.lower(),
                             access_log=args.access_log, timeout_keep_alive=75, backlog=4096)
-    from . import serving
-
     sockets = [_listening_socket(host, port)] if config.workers > 1 else None
     serving.run(config, files, sockets)   # SIGHUP re-reads the TLS certificate and key
     return 0

@@ -74,13 +74,17 @@ class _Supervisor(Multiprocess):
         super().handle_hup()
 
 
+def hold_sighup() -> None:
+    """Until the server's loop (or the supervisor) handles it, SIGHUP is
+    ignored, not fatal: a reload while the server starts (imports, schema
+    migration) changes nothing. Ignored signals stay ignored in workers."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def run(config: uvicorn.Config, files: tls.TlsFiles | None,
         sockets: list[socket.socket] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; ``sockets`` (shared listening
-    sockets) when ``config.workers`` > 1."""
-    # Until the loop (or the supervisor) handles it, a SIGHUP is ignored,
-    # not fatal: a reload that comes while the server starts changes nothing.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sockets) when ``config.workers`` > 1. Call :func:`hold_sighup` first."""
     if config.workers > 1:
         _Supervisor(config, sockets or [], files).run()
     else:
