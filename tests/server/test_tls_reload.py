@@ -131,3 +131,34 @@ def test_a_pair_that_does_not_load_is_named_before_anything_listens(tmp_path, pa
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode == 1
     assert f"the TLS key {encrypted} is encrypted" in p.stderr, p.stderr
+
+
+def test_several_workers_are_replaced_only_for_a_pair_that_loads(tmp_path, pairs, postgres):
+    a, b, c = pairs
+    live = (str(tmp_path / "server.crt"), str(tmp_path / "server.key"))
+    install(a, live)
+    port = free_port()
+    db = postgres.new_database()
+    try:
+        with serving("--listen", f"127.0.0.1:{port}", "--db", postgres.url(db), "--workers", "2",
+                     "--tls-cert", live[0], "--tls-key", live[1]) as proc:
+            wait_port(port, proc)
+            wait_until(lambda: served(port) == der(a[0]), timeout=30, what="certificate A")
+
+            # A mismatched pair: refused by the supervisor, no worker replaced.
+            shutil.copyfile(c[0], live[0])
+            os.kill(proc.pid, signal.SIGHUP)
+            wait_until(lambda: "not replaced" in output_of(proc), timeout=10, what="the refusal")
+            assert "replacing the workers" not in output_of(proc)
+            assert {served(port) for _ in range(8)} == {der(a[0])}
+
+            install(b, live)
+            os.kill(proc.pid, signal.SIGHUP)
+            wait_until(lambda: "replacing the workers" in output_of(proc), timeout=10,
+                       what="the reload logged")
+            # Every worker replaced: several new connections in a row all get B.
+            wait_until(lambda: {served(port) for _ in range(8)} == {der(b[0])}, timeout=90,
+                       interval=0.5, what="certificate B from every worker")
+            assert proc.poll() is None
+    finally:
+        postgres.drop_database(db)

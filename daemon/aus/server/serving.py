@@ -24,6 +24,7 @@ from uvicorn.supervisors import Multiprocess
 from . import tls
 
 log = logging.getLogger("aus.server.tls")
+REPLACEMENT_SECONDS = 60     # for a new worker to be serving before the old one stops
 
 
 def _refused(exc: tls.TlsError) -> None:
@@ -71,7 +72,15 @@ class _Supervisor(Multiprocess):
             return
         log.info("SIGHUP: TLS certificate %s (SHA-256 %s) loads; replacing the workers",
                  self.files.cert, pair.fingerprint)
-        super().handle_hup()
+        # uvicorn gives a replacement its liveness timeout (5 s) to be ready,
+        # then abandons the replacement; a worker opens the database and
+        # checks its schema first, which a busy host can take longer for.
+        patience = self.config.timeout_worker_healthcheck
+        self.config.timeout_worker_healthcheck = max(patience, REPLACEMENT_SECONDS)
+        try:
+            super().handle_hup()
+        finally:
+            self.config.timeout_worker_healthcheck = patience
 
 
 def hold_sighup() -> None:
