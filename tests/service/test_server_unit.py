@@ -78,9 +78,16 @@ def certs(tmp_path_factory):
 def unit_box(debs, certs):
     deb = debs["aus-server"]
     with container.machine(deb, certs) as m:
-        install = m.run("apt-get", "install", "-y", "-q", f"{container.GUEST_DIR}/{deb.name}",
-                        check=False, timeout=900)
+        # The apt archive is shared with other test runs' containers, which
+        # may hold its lock for a while.
+        install = wait_until(lambda: unlocked(m.run(
+            "apt-get", "install", "-y", "-q", f"{container.GUEST_DIR}/{deb.name}",
+            check=False, timeout=900)), timeout=600, interval=5, what="the apt archive's lock")
         yield m, install
+
+
+def unlocked(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess | None:
+    return None if "Could not get lock /var/cache/apt/archives/lock" in p.stderr else p
 
 
 def put_certificate(m, name: str) -> None:
