@@ -4,7 +4,8 @@ booted with systemd: enabled by the install but not started until
 system user aus-server, its SQLite database in the state directory (also
 when root made it first, with `aus-server api-key create`);
 `systemctl reload` puts a renewed certificate in service without a
-restart, and keeps the old one when the new one does not load. The
+restart, and keeps the old one when the new one does not load; on
+Debian's PostgreSQL the sandboxed server works through Debian's psycopg. The
 hardening's exposure level, as `systemd-analyze security` rates it, is
 printed and bounded."""
 
@@ -77,13 +78,18 @@ def certs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def unit_box(debs, certs):
     deb = debs["aus-server"]
-    with container.machine(deb, certs) as m:
+    # PostgreSQL is fetched with the package (the container has no network
+    # once booted) and installed by the test that uses it.
+    with container.machine(deb, certs, packages=("postgresql",)) as m:
         # The apt archive is shared with other test runs' containers, which
         # may hold its lock for a while.
-        install = wait_until(lambda: unlocked(m.run(
-            "apt-get", "install", "-y", "-q", f"{container.GUEST_DIR}/{deb.name}",
-            check=False, timeout=900)), timeout=600, interval=5, what="the apt archive's lock")
-        yield m, install
+        yield m, apt_install(m, f"{container.GUEST_DIR}/{deb.name}")
+
+
+def apt_install(m, *packages: str) -> subprocess.CompletedProcess:
+    return wait_until(lambda: unlocked(m.run("apt-get", "install", "-y", "-q", *packages,
+                                             check=False, timeout=900)),
+                      timeout=600, interval=5, what="the apt archive's lock")
 
 
 def unlocked(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess | None:
@@ -171,6 +177,30 @@ def test_reload_serves_the_renewed_certificate_and_keeps_it_over_a_broken_one(un
                what="the refusal in the journal")
     assert served(m) == sha256(certs["b.crt"])
     assert m.show("aus-server", "MainPID", "NRestarts") == before
+    assert m.show("aus-server", "ActiveState")["ActiveState"] == "active"
+
+
+def test_serves_on_postgresql_through_debians_psycopg_in_the_sandbox(unit_box):
+    """psycopg reaches libpq through ctypes: its callbacks must work under
+    MemoryDenyWriteExecute=, and peer authentication sees the service's user."""
+    m, _ = unit_box
+    p = apt_install(m, "postgresql")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    wait_until(lambda: m.run("pg_isready", "-q", check=False).returncode == 0, timeout=60,
+               interval=0.5, what="PostgreSQL ready")
+    m.run("runuser", "-u", "postgres", "--", "createuser", "aus-server")
+    m.run("runuser", "-u", "postgres", "--", "createdb", "-O", "aus-server", "aus")
+    url = "postgresql:///aus?host=/run/postgresql"
+    key = m.run("runuser", "-u", "aus-server", "--", "aus-server", "api-key", "create",
+                "--org", "3", "--db", url).stdout.strip()
+    m.write("/etc/aus/aus-server.env", ENV + f"AUS_SERVER_DB={url}\n")
+    put_certificate(m, "b")     # the last test left a pair that does not load
+    m.systemctl("restart", "aus-server")
+    try:
+        wait_until(lambda: whoami(m, key), timeout=60, interval=0.5, what="aus-server on PostgreSQL")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{journal(m)[-4000:]}") from None
+    assert whoami(m, key) == [200, {"org": "3", "key": key.split(":")[0]}], journal(m)[-3000:]
     assert m.show("aus-server", "ActiveState")["ActiveState"] == "active"
 
 
