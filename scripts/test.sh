@@ -7,11 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
-    echo "test.sh: the kernel tests need root; run: sudo $0" >&2
+    echo "test.sh: the kernel tests need root; run it as root (or prefix it with sudo)" >&2
     exit 2
 fi
 bash scripts/setup.sh
 bash scripts/identity-packages.sh
 bash scripts/server-packages.sh
 bash scripts/service-packages.sh
+bash scripts/manual-packages.sh
 exec .venv/bin/python -m pytest -ra "$@"

@@ -12,6 +12,8 @@ tests/unit/test_layout.py:
 - :mod:`aus.cli`: ``ausctl``.
 - :mod:`aus.server`: ``aus-server``, the policy server (SCIM 2.0, the
   management API, bundles, the web console). It never touches the kernel.
+- :mod:`aus.manual`: the three commands' man pages and shell completions,
+  made from their parsers when the packages are built; in neither package.
 """
 
 __version__ = "0.1.0"

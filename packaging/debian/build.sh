@@ -6,8 +6,8 @@
 #   dist/aus_<version>_amd64.deb          the agent: ausd, ausctl, PAM hook, unit
 #
 # Each package has its own prefix and shares no file with the other, so
-# both install on one host. The agent holds aus.core, aus.agent and aus.cli
-# (no server code, no server dependency); aus-server holds aus.core and
+# both install on one host. The agent holds aus.core, aus.logs, aus.agent and aus.cli
+# (no server code, no server dependency); aus-server holds aus.core, aus.logs and
 # aus.server (never the agent: the server does not touch the kernel).
 #
 # Python dependencies come from Debian 12 where bookworm has the version
@@ -17,11 +17,15 @@
 #   server  Debian: PyYAML, psycopg 3.1       vendored: pydantic 2 (1.10),
 #           fastapi >= 0.110 (0.92), uvicorn >= 0.29 (0.17), SQLAlchemy 2
 #           (1.4), alembic >= 1.13 (1.8), scim2-models (absent), and what
-#           they need. Vendored wheels are built for CPython 3.11 (pydantic-core,
-#           MarkupSafe), hence python3 (<< 3.12) in both controls.
+#           they need. Vendored wheels are built for the CPython that runs
+#           this script (pydantic-core and MarkupSafe are compiled per minor
+#           version), so both controls depend on exactly that minor version:
+#           build on the release you install on (Debian 12: 3.11, Ubuntu
+#           24.04: 3.12, Debian 13: 3.13; docs/first-run.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VERSION=$(/usr/bin/python3 -c "import re; print(re.search(r'^version = \"(.+)\"', open('pyproject.toml').read(), re.M).group(1))")
+PYTHON_DEPENDS=$(/usr/bin/python3 -c 'import sys; M, m = sys.version_info[:2]; print(f"python3 (>= {M}.{m}), python3 (<< {M}.{m + 1})")')
 OUT=dist
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -88,20 +92,21 @@ ROOT=$WORK/aus
 install -d "$ROOT/DEBIAN" "$ROOT/usr/bin" "$ROOT/usr/lib/aus/python" "$ROOT/usr/lib/aus/vendor" \
     "$ROOT/usr/share/aus/bpf" "$ROOT/etc/aus" "$ROOT/lib/systemd/system" \
     "$ROOT/usr/lib/tmpfiles.d" "$ROOT/usr/share/doc/aus"
-copy_modules "$ROOT/usr/lib/aus/python" core agent cli
+copy_modules "$ROOT/usr/lib/aus/python" core logs agent cli
 cp bpf/aus.h bpf/aus.bpf.c "$ROOT/usr/share/aus/bpf/"
 vendor "$ROOT/usr/lib/aus/vendor" pydantic
 wrapper "$ROOT/usr/bin/ausd" aus.agent.ausd /usr/lib/aus/python:/usr/lib/aus/vendor
 wrapper "$ROOT/usr/bin/ausctl" aus.cli.ausctl /usr/lib/aus/python:/usr/lib/aus/vendor
 install -m 644 packaging/ausd.yaml "$ROOT/etc/aus/ausd.yaml"
 install -m 644 packaging/policy.example.yaml "$ROOT/usr/share/doc/aus/policy.example.yaml"
-install -m 644 README.md docs/policy-format.md docs/policy-server-client.md "$ROOT/usr/share/doc/aus/"
+install -m 644 README.md docs/first-run.md docs/policy-format.md docs/policy-server-client.md \
+    "$ROOT/usr/share/doc/aus/"
 install -m 644 packaging/pam/README.md "$ROOT/usr/share/doc/aus/PAM.md"
 install -m 755 packaging/pam/aus-pam-hook "$ROOT/usr/lib/aus/aus-pam-hook"
 install -m 755 packaging/debian/link-kernel-headers "$ROOT/usr/lib/aus/link-kernel-headers"
 install -m 644 packaging/systemd/ausd.service "$ROOT/lib/systemd/system/ausd.service"
 install -m 644 packaging/systemd/aus.tmpfiles.conf "$ROOT/usr/lib/tmpfiles.d/aus.conf"
-sed "s/@VERSION@/$VERSION/" packaging/debian/control.in > "$ROOT/DEBIAN/control"
+sed "s/@VERSION@/$VERSION/; s/@PYTHON_DEPENDS@/$PYTHON_DEPENDS/" packaging/debian/control.in > "$ROOT/DEBIAN/control"
 install -m 755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm "$ROOT/DEBIAN/"
 echo /etc/aus/ausd.yaml > "$ROOT/DEBIAN/conffiles"
 
@@ -114,7 +119,7 @@ SROOT=$WORK/aus-server
 install -d "$SROOT/DEBIAN" "$SROOT/usr/bin" "$SROOT/usr/lib/aus-server/python" \
     "$SROOT/usr/lib/aus-server/vendor" "$SROOT/usr/share/doc/aus-server" \
     "$SROOT/lib/systemd/system" "$SROOT/usr/lib/sysusers.d"
-copy_modules "$SROOT/usr/lib/aus-server/python" core server
+copy_modules "$SROOT/usr/lib/aus-server/python" core logs server
 vendor "$SROOT/usr/lib/aus-server/vendor" pydantic fastapi uvicorn SQLAlchemy alembic scim2-models
 wrapper "$SROOT/usr/bin/aus-server" aus.server.cli /usr/lib/aus-server/python:/usr/lib/aus-server/vendor
 install -m 644 README.md docs/server.md docs/server-deploy.md docs/scim.md docs/console.md \
@@ -122,10 +127,25 @@ install -m 644 README.md docs/server.md docs/server-deploy.md docs/scim.md docs/
 install -m 644 packaging/server/aus-server.env "$SROOT/usr/share/doc/aus-server/aus-server.env.example"
 install -m 644 packaging/systemd/aus-server.service "$SROOT/lib/systemd/system/aus-server.service"
 install -m 644 packaging/systemd/aus-server.sysusers "$SROOT/usr/lib/sysusers.d/aus-server.conf"
-sed "s/@VERSION@/$VERSION/" packaging/debian/aus-server.control.in > "$SROOT/DEBIAN/control"
+sed "s/@VERSION@/$VERSION/; s/@PYTHON_DEPENDS@/$PYTHON_DEPENDS/" packaging/debian/aus-server.control.in > "$SROOT/DEBIAN/control"
 install -m 755 packaging/debian/aus-server.postinst "$SROOT/DEBIAN/postinst"
 install -m 755 packaging/debian/aus-server.prerm "$SROOT/DEBIAN/prerm"
 install -m 755 packaging/debian/aus-server.postrm "$SROOT/DEBIAN/postrm"
+
+# ---- man pages and bash/zsh completions, both packages ----------------------
+# Made from each command's own parser (python3 -m aus.manual, in neither
+# package) on the package's vendored dependencies, so every subcommand and
+# option is in them. shtab writes the completions here only: what it
+# writes is plain shell, and neither package depends on it. The modules
+# Debian provides at run time come from PyPI here, so the build host needs
+# none of them. Pages are dated by the last commit, for reproducible builds.
+TOOLS=$WORK/tools
+vendor "$TOOLS" shtab PyYAML prometheus-client
+MANUAL_DATE=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+SOURCE_DATE_EPOCH=$MANUAL_DATE PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=daemon:$ROOT/usr/lib/aus/vendor:$TOOLS \
+    /usr/bin/python3 -m aus.manual "$ROOT" ausd ausctl
+SOURCE_DATE_EPOCH=$MANUAL_DATE PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=daemon:$SROOT/usr/lib/aus-server/vendor:$TOOLS \
+    /usr/bin/python3 -m aus.manual "$SROOT" aus-server
 
 mkdir -p "$OUT"
 dpkg-deb --root-owner-group --build "$SROOT" "$OUT/aus-server_${VERSION}_amd64.deb" >/dev/null

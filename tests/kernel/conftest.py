@@ -1,5 +1,7 @@
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +64,21 @@ def daemon(cg, peer, people):
     with lab.ausd(cg, lab_policy(peer, groups)) as d:
         d.start()
         yield d
+
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def debs() -> dict[str, Path]:
+    """Both packages, built once per run by the one command, by package name."""
+    build = subprocess.run([str(_REPO / "packaging/debian/build.sh")], capture_output=True,
+                           text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-2000:]
+    out = {}
+    for line in build.stdout.split():
+        deb = _REPO / line
+        assert deb.exists(), line
+        out[deb.name.split("_")[0]] = deb
+    assert set(out) == {"aus", "aus-server"}, build.stdout
+    return out

@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 
 from tests.support import lab
+from tests.support.debpkg import files
 
 from .conftest import lab_policy
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
-AGENT_MODULES = ("core", "agent", "cli")
-SERVER_MODULES = ("core", "server")
+AGENT_MODULES = ("core", "logs", "agent", "cli")
+SERVER_MODULES = ("core", "logs", "server")
 # Python distributions by their Debian 12 package, where it is not python3-<name>.
 DEBIAN_NAMES = {"pyyaml": "python3-yaml"}
 KERNEL_DEPENDS = {"python3-bpfcc", "linux-headers-amd64", "bpftool", "iproute2"}
@@ -52,17 +53,6 @@ def server_requirements() -> set[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     return ({requirement_name(r) for r in project["optional-dependencies"]["server"]}
             | {"pydantic", "pyyaml"})
-
-
-def files(deb: Path) -> dict[str, str]:
-    """``dpkg -c``: path (without the leading '.') -> its mode string."""
-    out = subprocess.run(["dpkg", "-c", str(deb)], capture_output=True, text=True,
-                         check=True).stdout
-    listing = {}
-    for line in out.splitlines():
-        mode, _owner, _size, _date, _time, path = line.split(maxsplit=5)
-        listing[path.split(" -> ")[0].removeprefix(".")] = mode
-    return listing
 
 
 def regular_files(deb: Path) -> set[str]:
@@ -101,21 +91,6 @@ def source_tree(modules) -> set[str]:
 def packaged_tree(deb: Path, python_dir: str) -> set[str]:
     prefix = f"{python_dir}/aus/"
     return {p[len(prefix):] for p in regular_files(deb) if p.startswith(prefix)}
-
-
-@pytest.fixture(scope="module")
-def debs() -> dict[str, Path]:
-    """Both packages, built by the one command, by package name."""
-    build = subprocess.run([str(REPO / "packaging/debian/build.sh")], capture_output=True,
-                           text=True, timeout=900)
-    assert build.returncode == 0, build.stderr[-2000:]
-    out = {}
-    for line in build.stdout.split():
-        deb = REPO / line
-        assert deb.exists(), line
-        out[deb.name.split("_")[0]] = deb
-    assert set(out) == {"aus", "aus-server"}, build.stdout
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +155,9 @@ def test_server_package_holds_the_server_its_migrations_and_console_and_no_agent
     listed = regular_files(deb)
     assert not [p for p in listed if re.search(r"/aus/(agent|cli)/", p)]
     # Only its own prefix: nothing of the agent's (unit, bpf sources, PAM hook, /etc/aus).
+    # Its man page and completions: test_debian_manual.py.
+    listed -= {"/usr/share/man/man8/aus-server.8.gz", "/usr/share/zsh/vendor-completions/_aus-server",
+               "/usr/share/bash-completion/completions/aus-server"}
     assert all(p == "/usr/bin/aus-server" or p.startswith(("/usr/lib/aus-server/",
                                                             "/usr/share/doc/aus-server/"))
                for p in listed), sorted(listed)

@@ -22,6 +22,7 @@ from aus.core.contract import PROGRAMS as HOOKS
 from tests.support.polling import wait_until
 
 from . import container
+from .ausd_unit import cursor, ensure_running, log_since, state, wait_log
 from .conftest import POLICY, REPO
 
 UNIT_FILE = REPO / "packaging/systemd/ausd.service"
@@ -35,7 +36,7 @@ HARDENING = {"CapabilityBoundingSet", "NoNewPrivileges", "ProtectHome", "Private
              "ProtectClock", "ProtectHostname", "RestrictRealtime", "RestrictSUIDSGID",
              "LockPersonality", "RestrictAddressFamilies", "SystemCallArchitectures",
              "ProtectKernelLogs", "UMask", "LimitNOFILE"}
-NOT_HARDENING = {"Type", "NotifyAccess", "ExecStartPre", "ExecStart", "ExecReload", "Restart",
+NOT_HARDENING = {"Type", "NotifyAccess", "ExecCondition", "ExecStartPre", "ExecStart", "ExecReload", "Restart",
                  "RestartSec", "WatchdogSec", "TimeoutStartSec", "KillMode", "RuntimeDirectory",
                  "RuntimeDirectoryPreserve"}
 # linux/capability.h, by number.
@@ -65,22 +66,6 @@ def cap_mask(names) -> int:
     return sum(1 << CAPABILITIES.index(n.lower().removeprefix("cap_")) for n in names)
 
 
-def state(m, *props: str) -> dict[str, str]:
-    return m.show("ausd", "ActiveState", "SubState", "MainPID", "NRestarts", *props)
-
-
-def ensure_running(box) -> dict[str, str]:
-    m = box.m
-    # Also resets the start limit (StartLimitBurst=), which the restarts of
-    # these tests would otherwise use up.
-    m.systemctl("reset-failed", "ausd", check=False)
-    if state(m)["ActiveState"] != "active":
-        m.systemctl("start", "ausd")
-    s = state(m)
-    assert (s["ActiveState"], s["SubState"]) == ("active", "running"), s
-    return s
-
-
 @contextlib.contextmanager
 def dropin(m, name: str, text: str):
     path = f"{DROPINS}/{name}.conf"
@@ -91,23 +76,6 @@ def dropin(m, name: str, text: str):
     finally:
         m.run("rm", "-f", path)
         m.systemctl("daemon-reload")
-
-
-def cursor(m) -> str:
-    out = m.run("journalctl", "--no-pager", "-n", "1", "--show-cursor", "-o", "cat").stdout
-    return [line for line in out.splitlines() if line.startswith("-- cursor: ")][-1][11:]
-
-
-def log_since(m, after: str) -> str:
-    return m.run("journalctl", "--no-pager", "-o", "cat", "-u", "ausd",
-                 f"--after-cursor={after}").stdout
-
-
-def wait_log(m, after: str, text: str, timeout: float = 15) -> str:
-    def found():
-        log = log_since(m, after)
-        return log if text in log else ""
-    return wait_until(found, timeout, interval=0.2, what=f"{text!r} in ausd's journal")
 
 
 def attached(box) -> set[str]:
@@ -283,7 +251,7 @@ def test_reload_rereads_the_policy_in_the_same_process(box):
                            == before["version"] + 1 and p, 15, interval=0.2, what="the new policy version")
         assert after["rules"] == 2 and after["error"] is None
         assert state(m)["MainPID"] == pid
-        wait_log(m, since, "SIGHUP: reloading the policy")
+        wait_log(m, since, "policy /etc/aus/policy.yaml loaded: version")   # ausctl reload
     finally:
         m.write("/etc/aus/policy.yaml", yaml.safe_dump(POLICY, sort_keys=False))
         m.systemctl("reload", "ausd")

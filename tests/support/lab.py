@@ -197,14 +197,15 @@ class Ausd:
         tmp.write_text(text)
         tmp.replace(self.policy_path)
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start ausd and wait for its sd_notify READY."""
+    def start(self, timeout: float = 60.0, env: dict[str, str] | None = None) -> None:
+        """Start ausd and wait for its sd_notify READY; ``env`` adds to
+        the environment."""
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         npath = self.workdir / f"notify-{secrets.token_hex(2)}"
         notify.bind(str(npath))
         notify.settimeout(0.5)
         logf = open(self.workdir / "ausd.log", "ab")
-        env = dict(os.environ, NOTIFY_SOCKET=str(npath))
+        env = dict(os.environ, **(env or {}), NOTIFY_SOCKET=str(npath))
         self.proc = subprocess.Popen([*self.ausd_cmd, "--config", str(self.config_path)],
                                      stdout=logf, stderr=subprocess.STDOUT, env=env)
         logf.close()

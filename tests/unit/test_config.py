@@ -239,9 +239,12 @@ def test_cgroup2_root_reads_proc_mounts():
         assert cgroup2_root() == cgroup2_root(text)
 
 
-def test_packaged_config_is_the_defaults():
+def test_packaged_config_is_the_defaults_in_visibility_mode():
     path = Path(__file__).resolve().parents[2] / "packaging" / "ausd.yaml"
-    assert load_config(path) == DaemonConfig()
+    cfg = load_config(path)
+    # Set, not defaulted: it wins over any server, so a first start blocks nothing.
+    assert cfg.mode == "visibility" and cfg.mode_explicit
+    assert cfg.model_dump() == {**DaemonConfig().model_dump(), "mode": "visibility"}
 
 
 # --------------------------------------------------------------------------

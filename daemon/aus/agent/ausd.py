@@ -20,6 +20,7 @@ import collections
 import hashlib
 import logging
 import os
+import pwd
 import selectors
 import signal
 import socket
@@ -30,14 +31,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..core import compiler
+from ..core import compiler, explain
 from ..core import contract as C
 from ..core.bundle import Bundle
 from ..core.errors import AusError, ConfigError, PolicyError
 from ..core.flowrecord import FlowRecord
 from ..core.policy import Policy, empty_policy, load_policy
 from ..core.state import UNMANAGED, Desired, KernelState, plan
-from . import commands, control, flows, loader, mapsync, pins, report
+from ..logs import setup as logsetup
+from . import (
+    commands,
+    control,
+    flows,
+    loader,
+    loginreport,
+    mapsync,
+    pins,
+    report,
+    subjects,
+)
 from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
 from .enforcement import mode_in_force
 from .flowlog import sink_of as flow_log_sink
@@ -47,6 +59,8 @@ from .flowrecords import policy_groups
 from .flowupload import uploader_for
 from .follower import BundleFollower, Delivery
 from .identity import Directory, UserInfo
+from .metrics import Exporter as MetricsExporter
+from .metrics import LoginLatency
 from .policysource import Fetched, Refused
 from .report import Identity, Snapshot
 from .ringbuf import RingBuffer
@@ -61,9 +75,8 @@ REFRESHES_PER_SCAN = 500   # directory lookups at most per scan
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=getattr(logging, level.upper()),
-        format="%(levelname)s %(name)s: %(message)s")
+    """Journal entries under systemd, plain stderr lines otherwise."""
+    logsetup.setup(level, "ausd")
 
 
 class Daemon:
@@ -82,6 +95,10 @@ class Daemon:
         self.sessions = Sessions()
         self.unmanaged = set(cfg.unmanaged_login_uids)
         self.started = time.time()
+        self.policy_applied_at: float | None = None   # when the version in force went in
+        self.login_latency = LoginLatency()
+        metrics = MetricsExporter(self)
+        self.metrics = metrics if metrics.enabled else None
         self.flow_history: collections.deque = collections.deque(maxlen=FLOW_HISTORY)
         # Flow records: events folded per window; at each close every sink
         # gets (records, dropped by the cap) and must return at once.
@@ -125,7 +142,7 @@ class Daemon:
             "status": self.cmd_status, "users": self.cmd_users,
             "rules": self.cmd_rules, "flows": self.cmd_flows,
             "reload": self.cmd_reload, "session_open": self.cmd_session_open,
-            "session_close": self.cmd_session_close,
+            "session_close": self.cmd_session_close, "explain": self.cmd_explain,
         }
         assert self.handlers.keys() == commands.COMMANDS.keys()
 
@@ -161,6 +178,8 @@ class Daemon:
         rules (a bundle also changes memberships) and bring the maps there,
         atomically per user. A policy that does not compile changes nothing."""
         compiled = self._compile(policy, version, source)
+        if self.compiled is None or compiled.version != self.compiled.version:
+            self.policy_applied_at = time.time()
         self.policy, self.policy_digest, self.compiled = policy, digest, compiled
         self.bundle = bundle
         self.policy_error = None
@@ -196,6 +215,7 @@ class Daemon:
             return {"ok": False, "error": str(exc)}
         log.info("policy %s loaded: version %d, %d rules", self.cfg.policy,
                  compiled.version, len(compiled.rules))
+        self.log_logins()
         return {"ok": True, "version": compiled.version, "rules": len(compiled.rules)}
 
     # ---- policy bundles (policy: a URL) --------------------------------------
@@ -240,6 +260,7 @@ class Daemon:
                 log.error("%s (the policy in force stays)", exc)
                 return
             self._bundle_in_force(item)
+            self.log_logins()
         finally:
             self.follower.acknowledge()
 
@@ -333,6 +354,21 @@ class Daemon:
         if changed:
             self.sync("scan", changed)
 
+    def log_logins(self) -> None:
+        """Log what every login UID with processes gets (loginreport.py)."""
+        names = {}
+        for uid in self.unmanaged:
+            if self.sessions.processes.get(uid):
+                try:
+                    names[uid] = pwd.getpwuid(uid).pw_name
+                except KeyError:
+                    names[uid] = None
+        for line in loginreport.lines(
+                self.sessions.processes, self.unmanaged, self.identities, names,
+                [(g.name, g.sid) for g in self.policy.user_groups],
+                self.compiled.rule_names, self.mode.mode):
+            log.info("%s", line)
+
     # ---- start / stop ----------------------------------------------------
     def start(self) -> None:
         stages = self.start_stages = {}
@@ -383,6 +419,7 @@ class Daemon:
         self.rebuild_want()
         stage("directory lookups")
         self.sync("start")
+        self.policy_applied_at = time.time()
         stage("write maps")
         loader.attach(self.loaded, self.cfg.cgroup_path)
         stage("attach")
@@ -393,12 +430,15 @@ class Daemon:
         self._start_events()
         self.listener = control.listen(self.cfg.socket)
         self.server = control.Server(self.listener, self.handle)
+        if self.metrics is not None:   # before READY: a scrape after it finds the listener
+            self.metrics.start()
         self.notifier.ready(f"enforcing policy version {self.compiled.version}"
                             if self.compiled.version or not self.cfg.policy_url else
                             "no policy bundle yet: enforcing the baseline only")
         log.info("ausd %s ready: mode %s (from %s), cgroup %s, %d active users, pins %s",
                  __version__, self.mode.mode, self.mode.source, self.cfg.cgroup_path,
                  len(self.sessions.active(self.unmanaged)), self.cfg.pin_dir)
+        self.log_logins()
         if self.uploader is not None:
             self.uploader.start()
 
@@ -406,6 +446,8 @@ class Daemon:
         self.ring = RingBuffer(str(self.loaded.layout.map(C.MAP_EVENTS)))
 
     def close(self) -> None:
+        if self.metrics is not None:   # first: a scrape reads the maps closed below
+            self.metrics.stop()
         if self.uploader is not None:
             self.uploader.stop()
         if self.follower is not None:
@@ -551,7 +593,7 @@ class Daemon:
             log.debug("control request of uid %d refused: %s", peer.uid, exc)
             return commands.error(str(exc))
         if req.spec.root_only and peer.uid != 0:
-            return commands.error(f"{req.cmd}: only root may change ausd")
+            return commands.error(f"{req.cmd}: only root may {req.spec.root_because}")
         handler = self.handlers[req.cmd]
         return commands.run(lambda: handler(req.args, peer, viewer_of(peer)), req.cmd)
 
@@ -589,6 +631,17 @@ class Daemon:
     def cmd_reload(self, args, peer, viewer) -> dict:
         return self.reload()
 
+    def cmd_explain(self, args, peer, viewer) -> dict:
+        if (args["user"] is None) == (args["groups"] is None) or None in (args["to"], args["proto"]):
+            raise commands.RequestError("explain: give user or groups, and to and proto")
+        subject = subjects.of_groups(args["groups"]) if args["user"] is None else \
+            subjects.of_user(args["user"], bundle=self.bundle, match=self.cfg.bundle_user_match,
+                             identities=self.identities)
+        res = explain.explain(self.compiled, subject, args["to"], args["proto"], args["port"],
+                              mode=self.mode.mode, unmanaged=self.unmanaged)
+        return {"ok": True, **res, "policy": {"source": self.policy_source,
+                                              "version": self.compiled.version}}
+
     def cmd_flows(self, args, peer, viewer) -> dict:
         limit, want = args["limit"], FlowFilter.of(args)
         if args["records"]:
@@ -612,17 +665,20 @@ class Daemon:
         return uid
 
     def cmd_session_open(self, args, peer, viewer) -> dict:
+        t0 = time.perf_counter()
         uid = self._peer_uid(peer)
         if uid in self.unmanaged:
             return {"ok": True, "login_uid": uid, "managed": False}
         self.sessions.open(uid)
         self.want[uid] = self._content(uid, refresh=True)
         self.sync("session open", {uid})
+        self.login_latency.observe(time.perf_counter() - t0)
         entry = self.kstate.users.get(uid)
         info, extra, rule_ids = self.identities[uid]
         rules = sorted(self.compiled.rule_names[r] for r in rule_ids)
         log.info("session opened: login UID %d (%s), groups %s, bundle groups %s, rules %s",
-                 uid, info.name, list(info.groups), list(extra), rules)
+                 uid, info.name, list(info.groups), list(extra), rules,
+                 extra=logsetup.fields(login_uid=uid, user=info.name))
         return {"ok": True, "login_uid": uid, "managed": True, "user": info.name,
                 "groups": list(dict.fromkeys(info.groups + extra)),
                 "bundle_groups": list(extra), "rules": rules,
@@ -637,17 +693,33 @@ class Daemon:
                 "processes": self.sessions.processes.get(uid, 0)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ausd", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=DEFAULT_CONFIG,
                     help=f"daemon configuration (default {DEFAULT_CONFIG})")
     ap.add_argument("--version", action="version", version=f"ausd {__version__}")
-    args = ap.parse_args(argv)
+    ap.add_argument("--start-condition", action="store_true",
+                    help="exit 1 if the configured policy file does not exist, else 0, "
+                         "and start nothing (the unit's ExecCondition=)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         cfg = load_config(args.config, required=args.config != DEFAULT_CONFIG)
     except AusError as exc:
-        print(f"ausd: {exc}", file=sys.stderr)
-        return 2
+        logsetup.early_error("ausd", str(exc))
+        # A bad configuration is not a reason to skip the start: the start
+        # itself fails and says why.
+        return 0 if args.start_condition else 2
+    if args.start_condition:
+        if cfg.policy_missing is not None:
+            print(f"ausd: not starting: no policy at {cfg.policy_missing} (an example: "
+                  "/usr/share/doc/aus/policy.example.yaml); put one there, then run: "
+                  "systemctl start ausd", file=sys.stderr)
+            return 1
+        return 0
     setup_logging(cfg.log_level)
     daemon = Daemon(cfg, Notifier.from_env())
     try:

@@ -12,13 +12,17 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import platform
 import struct
 from functools import lru_cache
 from typing import Iterator
 
-from ..core.errors import BpfError
+from ..core.errors import BpfError, ProbeError
 
-_NR_BPF = 321  # x86_64; the only architecture the project builds for today
+# bpf(2)'s number in each architecture's syscall table, by platform.machine()
+# (arch/x86/entry/syscalls/syscall_64.tbl; aarch64 uses the generic table,
+# include/uapi/asm-generic/unistd.h).
+BPF_SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280}
 
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
@@ -40,9 +44,27 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
+def bpf_syscall_number(machine: str | None = None) -> int:
+    """bpf(2)'s number on ``machine`` (default: this one's); ProbeError
+    for an architecture not in BPF_SYSCALL_NUMBERS."""
+    machine = platform.machine() if machine is None else machine
+    try:
+        return BPF_SYSCALL_NUMBERS[machine]
+    except KeyError:
+        known = ", ".join(sorted(BPF_SYSCALL_NUMBERS))
+        raise ProbeError(f"the bpf(2) system call number of architecture {machine!r} is "
+                         f"not known to aus (known: {known}); this machine is not "
+                         "supported") from None
+
+
+@lru_cache(maxsize=1)
+def _nr_bpf() -> int:
+    return bpf_syscall_number()
+
+
 def _bpf(cmd: int, attr: ctypes.Array, op: str, obj: str,
          ok_errnos: tuple[int, ...] = ()) -> int:
-    ret = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    ret = _libc.syscall(_nr_bpf(), cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
         if err in ok_errnos:

@@ -12,6 +12,7 @@ error reply and a log line: a request never ends the daemon.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -79,6 +80,7 @@ class Spec:
     is judged by SO_PEERCRED)."""
     fields: Mapping[str, Field] = field(default_factory=dict)
     root_only: bool = False
+    root_because: str = "change ausd"   # "only root may ..." when refused
 
 
 # The one table of what a request may say.
@@ -97,6 +99,13 @@ COMMANDS: dict[str, Spec] = {
                    # the aggregated records instead of the events
                    "records": Field(bool, default=False)}),
     "reload": Spec(root_only=True),
+    # what the policy in force decides for a user (logged in or not) or
+    # for groups; root only: it shows any user's rules
+    "explain": Spec({"user": Field(str, max_len=256), "groups": Field(str, max_len=4096),
+                     "to": Field(str, max_len=64, valid=ipaddress.ip_address),
+                     "proto": Field(str, choices=("tcp", "udp", "icmp")),
+                     "port": Field(int, default=0, low=0, high=65535)},
+                    root_only=True, root_because="see what another user's rules allow"),
     "session_open": Spec(root_only=True),
     "session_close": Spec(root_only=True),
 }

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..core import journal
 from ..core.contract import LOGINUID_UNSET
 from ..core.errors import ConfigError
 from ..core.policy import parse_network
@@ -39,7 +40,7 @@ from ..core.yamlsource import (
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/aus/ausd.yaml")
-JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+JOURNAL_SOCKET = journal.SOCKET
 
 MAP_SIZE_MIN = 16
 MAP_SIZE_MAX = 16_777_216
@@ -252,6 +253,32 @@ def _flow_log(value: Any) -> Any:
                      f"or journal, got {describe_value(value)}")
 
 
+def _metrics_listen(value: Any) -> Any:
+    """``metrics_listen``: off/null, or HOST:PORT with HOST an IP address
+    (IPv6 in brackets) or localhost; kept as (address, port)."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9477, or off, got "
+                         f"{describe_value(value)}")
+    text = value.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r}: expected HOST:PORT such as 127.0.0.1:9477 or [::1]:9477")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        host = "127.0.0.1"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address (nor localhost); "
+                         "ausd does not resolve names to listen on") from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be 1..65535")
+    return (str(addr), int(port))
+
+
 class DaemonConfig(BaseModel):
     """ausd's settings. Every field has a default; paths are absolute (a
     relative ``policy`` or ``bpf_dir`` in a file is taken relative to the
@@ -297,6 +324,13 @@ class DaemonConfig(BaseModel):
     flow_window: Annotated[float, StrictNumber, _between(1.0, 3600.0, " seconds")] = 10.0
     flow_window_records: Annotated[int, Field(strict=True), _between(1, 1_000_000)] = 10000
     flow_log: Annotated[FlowLog | None, BeforeValidator(_flow_log)] = None
+    # Prometheus metrics (see docs/metrics.md): an HTTP listener, loopback
+    # only unless metrics_remote is true, and/or a node-exporter textfile
+    # rewritten every metrics_interval seconds.
+    metrics_remote: Annotated[bool, Field(strict=True)] = False
+    metrics_listen: Annotated[tuple[str, int] | None, BeforeValidator(_metrics_listen)] = None
+    metrics_textfile: Annotated[Path | None, PathIn, AfterValidator(_absolute)] = None
+    metrics_interval: Annotated[float, StrictNumber, _between(1.0, 3600.0, " seconds")] = 15.0
 
     @field_validator("mode", "log_level", "bundle_user_match", mode="before")
     @classmethod
@@ -333,6 +367,18 @@ class DaemonConfig(BaseModel):
                 "to upload nothing")
         return value
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_loopback(cls, value: tuple[str, int] | None,
+                          info: ValidationInfo) -> tuple[str, int] | None:
+        if value is not None and not ipaddress.ip_address(value[0]).is_loopback \
+                and not info.data.get("metrics_remote"):
+            raise ValueError(
+                f"{value[0]} is not a loopback address: the metrics name rules and count "
+                "users, and the listener has no authentication; set metrics_remote: true "
+                "to serve them to the network anyway")
+        return value
+
     @property
     def mode_explicit(self) -> bool:
         """Whether ``mode`` was set (it then wins over the policy server's)."""
@@ -342,6 +388,14 @@ class DaemonConfig(BaseModel):
     def policy_url(self) -> str | None:
         """The policy server URL, or None when the policy is a file."""
         return self.policy if isinstance(self.policy, str) else None
+
+    @property
+    def policy_missing(self) -> Path | None:
+        """The policy file when it does not exist (never with a URL): a
+        host installed but not given a policy yet."""
+        if self.policy_url is None and not Path(self.policy).exists():
+            return Path(self.policy)
+        return None
 
     @property
     def cgroup_path(self) -> Path:

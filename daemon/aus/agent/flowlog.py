@@ -34,6 +34,7 @@ import socket
 import threading
 from pathlib import Path
 
+from ..core import journal
 from ..core.flowrecord import FlowRecord, iso
 from .config import JOURNAL_SOCKET
 
@@ -124,14 +125,6 @@ class _Exporter:
             self._thread.join(timeout)
 
 
-def _field(name: str, value: object) -> bytes:
-    data = str(value).encode("utf-8", "replace")
-    if b"\n" not in data:
-        return name.encode() + b"=" + data + b"\n"
-    # The protocol's binary form: name, newline, 64-bit LE length, data.
-    return name.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
-
-
 def journal_entry(r: FlowRecord) -> bytes:
     """One record as a native-protocol datagram."""
     port = f":{r.port}" if r.proto in ("tcp", "udp") else ""
@@ -146,7 +139,7 @@ def journal_entry(r: FlowRecord) -> bytes:
               ("AUS_VERDICT", r.verdict), ("AUS_RULE", r.rule),
               ("AUS_COUNT", r.count), ("AUS_FIRST_SEEN", iso(r.first_seen)),
               ("AUS_LAST_SEEN", iso(r.last_seen))]
-    return b"".join(_field(k, v) for k, v in fields)
+    return journal.entry(fields)
 
 
 class JournalSink(_Exporter):

@@ -150,6 +150,7 @@ class BundleFollower:
                 "last_error": poll.get("last_error"),
                 "last_error_at": poll.get("last_error_at"),
                 "failures": poll.get("failures", 0),
+                "errors": poll.get("errors", 0),
                 "next_retry": poll.get("next_retry"),
                 "state": poll.get("state"),
                 "user_match": self.cfg.bundle_user_match}

@@ -80,6 +80,7 @@ def probe(cfg: DaemonConfig) -> int:
     if os.geteuid() != 0:
         raise ProbeError("ausd must run as root (it needs CAP_BPF, CAP_NET_ADMIN "
                          "and CAP_SYS_ADMIN to load cgroup programs).")
+    bpfsys.bpf_syscall_number()   # an architecture aus knows
     # Found, not imported: only the build process loads bcc (and LLVM).
     if importlib.util.find_spec("bcc") is None:
         raise ProbeError("the bcc Python module is missing; install it with: "

@@ -442,6 +442,7 @@ class Poller:
         self._last_error_at: float | None = None
         self._error_key: tuple | None = None
         self._retry_at: float | None = None
+        self._errors = 0     # failed fetches since the start (metrics)
 
     # -- control (any thread) -------------------------------------------------
     def start(self) -> None:
@@ -474,6 +475,7 @@ class Poller:
                     "last_fetch": self._last_ok, "last_error": self._last_error,
                     "last_error_at": self._last_error_at,
                     "failures": self.backoff.failures,
+                    "errors": self._errors,
                     "next_retry": self._retry_at,
                     "state": "error" if self._error_key else
                              ("ok" if self._last_ok is not None else "starting")}
@@ -530,6 +532,7 @@ class Poller:
         with self._lock:
             changed = key != self._error_key
             self._error_key = key
+            self._errors += 1
             self._last_error = str(exc)
             self._last_error_at = self.clock()
             self._retry_at = self._last_error_at + delay

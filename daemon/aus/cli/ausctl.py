@@ -4,8 +4,10 @@ Human tables on stdout, errors on stderr, ``--json`` on every command
 with a stable shape. ``maps`` and ``check`` read the pinned maps directly
 and work while ausd is down; ``status`` falls back to them.
 
-Exit codes: 0 success (for ``check``: allowed), 1 error, 2 usage,
-3 ``check``: the connection would be denied (or only reported, in
+Exit codes: 0 success (for ``check`` and ``explain``: allowed), 1 error
+(for ``policy check``: the file is refused; for ``reload``: the policy
+was refused and the one in force stays), 2 usage, 3 ``check`` and
+``explain``: the connection would be denied (or only reported, in
 visibility mode).
 """
 
@@ -20,13 +22,16 @@ import sys
 import time
 
 from .. import __version__
-from ..agent import control, flows, mapview, pins
+from ..agent import control, flows, mapview, pins, subjects
 from ..agent.commands import MAX_FLOWS
 from ..agent.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
 from ..agent.flowrecords import parse_network
 from ..core import contract as C
-from ..core.errors import AusError, ControlError
+from ..core import explain, filecheck
+from ..core.compiler import compile_policy
+from ..core.errors import AusError, ControlError, PolicyError
 from ..core.flowrecord import VERDICTS
+from ..core.policy import load_policy
 
 DEFAULT_CONFIG = str(DEFAULT_CONFIG_PATH)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED = 0, 1, 2, 3
@@ -270,8 +275,50 @@ def cmd_flows(args, cfg) -> int:
     return EXIT_OK
 
 
+def cmd_policy_check(args, cfg) -> int:
+    """Offline: reads the file (and ausd.yaml's limits, if any), never ausd."""
+    report = filecheck.check_file(args.file, baseline=cfg.baseline_networks,
+                                  max_rules=cfg.max_rules)
+    if args.json:
+        print(json.dumps(report.wire(), indent=2, sort_keys=True))
+    elif report.ok:
+        print(f"{report.file}: OK, {report.rules} rules, {len(report.groups)} user groups")
+    for e in report.errors if not args.json else ():
+        print(e.text(), file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def cmd_explain(args, cfg) -> int:
+    if args.policy is None:
+        # The policy in force, whatever its source (a file or the policy
+        # server's bundles, with their memberships): asked of ausd.
+        ask = {k: v for k, v in (("user", args.user), ("groups", args.groups)) if v is not None}
+        try:
+            res = control.request(cfg.socket, "explain", to=args.to, proto=args.proto,
+                                  port=args.port, **ask)
+        except ControlError as exc:
+            raise ControlError(f"{exc} (--policy FILE explains against a file "
+                               "without ausd)") from exc
+        res.pop("ok", None)
+    else:
+        policy = load_policy(args.policy)
+        try:
+            compiled = compile_policy(policy, cfg.baseline_networks, max_rules=cfg.max_rules)
+        except ValueError as exc:
+            raise PolicyError(args.policy, [str(exc)]) from exc
+        subject = subjects.of_groups(args.groups) if args.user is None \
+            else subjects.of_user(args.user)
+        res = explain.explain(compiled, subject, args.to, args.proto, args.port,
+                              mode=cfg.mode, unmanaged=cfg.unmanaged_login_uids)
+        res["policy"] = {"source": args.policy, "version": None}
+    _out(args, res, explain.describe)
+    return EXIT_OK if res["allowed"] else EXIT_DENIED
+
+
 def cmd_reload(args, cfg) -> int:
-    r = control.request(cfg.socket, "reload")
+    # ausd answers once the new policy is in the maps, or refused: a
+    # large policy may take longer than a read.
+    r = control.request(cfg.socket, "reload", timeout=120)
     r.pop("ok", None)
     _out(args, r, lambda r: (
         f"re-fetch of the policy bundle requested from {r['url']}; in force: version "
@@ -400,6 +447,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=since,
                    help="only since then: 10m, 1h, 30s, 2d ago or an ISO 8601 time")
     p.set_defaults(fn=cmd_flows)
+    p = sub.add_parser("policy", help="policy files, without ausd")
+    psub = p.add_subparsers(dest="policy_command", required=True)
+    p = psub.add_parser("check", parents=[common], help="validate a policy file as ausd "
+                        "would (no daemon, no root); errors as FILE:LINE: PATH: MESSAGE")
+    p.add_argument("file", help="the policy file")
+    p.set_defaults(fn=cmd_policy_check)
+    p = sub.add_parser("explain", parents=[common], help="the verdict and the deciding rule "
+                       "for a user (logged in or not) or groups, from the policy in force "
+                       "(ausd; root) or a file")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user name (or UID), groups resolved as ausd does")
+    who.add_argument("--groups", help="comma-separated group names, as they are")
+    p.add_argument("--to", type=_ip, required=True, help="destination address")
+    p.add_argument("--port", type=_port, default=0)
+    p.add_argument("--proto", choices=list(explain.PROTOS), required=True)
+    p.add_argument("--policy", help="explain against this policy file instead of asking ausd")
+    p.set_defaults(fn=cmd_explain)
     sub.add_parser("reload", parents=[common],
                    help="re-read the policy file (a policy URL: fetch the bundle now)").set_defaults(fn=cmd_reload)
     p = sub.add_parser("session", parents=[common], help="tell ausd a login session opened or closed")
@@ -414,8 +478,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "check" and args.proto in ("tcp", "udp") and not 1 <= args.port <= 65535:
-        print("ausctl check: --port 1..65535 is needed for tcp and udp", file=sys.stderr)
+    if args.command in ("check", "explain") and args.proto in ("tcp", "udp") \
+            and not 1 <= args.port <= 65535:
+        print(f"ausctl {args.command}: --port 1..65535 is needed for tcp and udp", file=sys.stderr)
         return EXIT_USAGE
     try:
         cfg = load_config(args.config, required=args.config != DEFAULT_CONFIG)

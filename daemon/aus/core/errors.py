@@ -32,11 +32,16 @@ class ConfigError(AusError):
 
 
 class PolicyError(AusError):
-    """A policy that cannot be enforced. ``problems`` lists each one."""
+    """A policy that cannot be enforced. ``problems`` lists each one as
+    text; ``located`` the same ones as (line or None, path, message), for
+    machine-readable reports (``ausctl policy check --json``)."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str],
+                 located: list[tuple[int | None, str, str]] | None = None):
         self.source = source
         self.problems = list(problems)
+        self.located = list(located) if located is not None else \
+            [(None, "", p) for p in self.problems]
         lines = "\n".join(f"  {p}" for p in self.problems)
         super().__init__(f"{source}: policy refused:\n{lines}")
 

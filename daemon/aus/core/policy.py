@@ -49,8 +49,9 @@ from .yamlsource import (
     describe_validation_errors,
     format_path,
     load_yaml_with_lines,
-    render_problem,
-    sorted_problems,
+    locate,
+    located_problems,
+    render_located,
 )
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -642,7 +643,7 @@ def policy_from_text(text: str, source: str = "<policy>") -> Policy:
     try:
         data, line_of = load_yaml_with_lines(text, source)
     except YamlSourceError as exc:
-        raise PolicyError(source, exc.problems) from exc
+        raise PolicyError(source, exc.problems, [locate(p) for p in exc.problems]) from exc
     return policy_from_data(data, source, line_of=line_of)
 
 
@@ -661,10 +662,10 @@ def policy_from_data(
     if data is None:
         return empty_policy()
     if not isinstance(data, dict):
-        raise PolicyError(source, [render_problem(
-            lines(()), path_prefix,
-            "the policy must be a mapping with the keys user_groups, "
-            f"ip_lists, services and rules, not {_describe_top(data)}")])
+        top = (lines(()), format_path(path_prefix),
+               "the policy must be a mapping with the keys user_groups, "
+               f"ip_lists, services and rules, not {_describe_top(data)}")
+        raise PolicyError(source, [render_located(*top)], [top])
     items: list[tuple[tuple[Any, ...], int | None, str]] = []
     policy: Policy | None = None
     try:
@@ -675,7 +676,8 @@ def policy_from_data(
     for path, reason in cross_problems(data):
         items.append((path_prefix + path, lines(path), reason))
     if items:
-        raise PolicyError(source, sorted_problems(items))
+        located = located_problems(items)
+        raise PolicyError(source, [render_located(*p) for p in located], located)
     assert policy is not None
     return policy
 
@@ -696,7 +698,7 @@ def load_policy(path: str | os.PathLike) -> Policy:
         line = raw[: exc.start].count(b"\n") + 1
         raise PolicyError(source, [
             f"line {line}: not valid UTF-8 (byte {exc.start})"
-        ]) from exc
+        ], [(line, "", f"not valid UTF-8 (byte {exc.start})")]) from exc
     return policy_from_text(text, source)
 
 

@@ -56,8 +56,12 @@ class Evaluator:
     Compiled rulesets and their lookup tables are memoized: flows of users
     with the same groups share them."""
 
-    def __init__(self, policy: Policy, baseline: Iterable[Network] = ()):
-        self.compiled: CompiledPolicy = compile_policy(policy, baseline)
+    def __init__(self, policy: Policy | None, baseline: Iterable[Network] = (), *,
+                 compiled: CompiledPolicy | None = None):
+        # ``compiled``: a policy compiled already (ausd's, with the rule
+        # ids the kernel has), instead of compiling ``policy`` here.
+        self.compiled: CompiledPolicy = compiled if compiled is not None \
+            else compile_policy(policy, baseline)
         self._names = self.compiled.rule_names
         self._lpm: dict[frozenset[int], _Lpm] = {}
         self._grants: dict[frozenset[int], frozenset] = {}

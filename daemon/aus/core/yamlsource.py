@@ -326,15 +326,41 @@ def describe_validation_errors(
     return out
 
 
-def sorted_problems(items: list[tuple[Path_, int | None, str]]) -> list[str]:
-    """Render, de-duplicate and order problems by line (unknown last)."""
+def located_problems(items: list[tuple[Path_, int | None, str]]
+                     ) -> list[tuple[int | None, str, str]]:
+    """``(line, formatted path, reason)``, de-duplicated and ordered by
+    line (unknown last): the problems of :func:`sorted_problems`, not yet
+    rendered."""
     seen: set[str] = set()
-    keyed: list[tuple[int, int, str]] = []
+    keyed: list[tuple[int, int, tuple[int | None, str, str]]] = []
     for index, (path, line, reason) in enumerate(items):
         text = render_problem(line, path, reason)
         if text in seen:
             continue
         seen.add(text)
-        keyed.append((line if line is not None else 1 << 30, index, text))
+        keyed.append((line if line is not None else 1 << 30, index,
+                      (line, format_path(path), reason)))
     keyed.sort()
-    return [text for _, _, text in keyed]
+    return [item for _, _, item in keyed]
+
+
+def sorted_problems(items: list[tuple[Path_, int | None, str]]) -> list[str]:
+    """Render, de-duplicate and order problems by line (unknown last)."""
+    return [render_located(*item) for item in located_problems(items)]
+
+
+def render_located(line: int | None, where: str, reason: str) -> str:
+    """``line N: path: reason`` from an already formatted path."""
+    return (f"line {line}: " if line is not None else "") + (f"{where}: " if where else "") + reason
+
+
+_LINE_PREFIX = re.compile(r"line (\d+)(, column \d+)?: (.*)\Z", re.S)
+
+
+def locate(text: str) -> tuple[int | None, str, str]:
+    """A problem of :class:`YamlSourceError` (``line N, column M: ...``)
+    as ``(N, "", "column M: ...")``: YAML errors have a position, no path."""
+    m = _LINE_PREFIX.match(text)
+    if m is None:
+        return None, "", text
+    return int(m.group(1)), "", (f"{m.group(2)[2:]}: " if m.group(2) else "") + m.group(3)

@@ -4,14 +4,14 @@ draft, published by a provision: ``policyapi``), the policy version, the
 bundle long-poll for ``ausd``, and the workloads that fetched it.
 
 Authentication: the org's API key, as HTTP Basic (key as user, secret as
-password) or as ``Bearer <key>:<secret>``. Errors are JSON::
+password) or as ``Bearer <key>:<secret>``, held to the scope each route
+needs (:mod:`.access`). Errors are JSON::
 
     {"error": {"status": 422, "message": "...", "fields": [{"field": "destinations[1]", "message": "..."}]}}
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import Iterator
@@ -32,8 +32,8 @@ from ..core.policy import (
     parse_network,
     parse_service,
 )
-from . import enforcement, policycheck, policyversions
-from .auth import AuthError, client_address, token_from_header
+from . import access, audit, enforcement, policycheck, policyversions, snapshots
+from .auth import AuthError
 from .bundle import build_status, parse_if_none_match, touch
 from .db import (
     Group,
@@ -61,18 +61,18 @@ class ApiError(Exception):
 
 
 def _error_response(status: int, message: str, fields: list[dict] | None = None,
-                    headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "message": message, "fields": fields or []}},
-                        status_code=status, headers=headers)
+                    headers: dict | None = None, detail: str | None = None) -> JSONResponse:
+    body: dict = {"error": {"status": status, "message": message, "fields": fields or []}}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _verified_key(org_id: str, request: Request) -> str:
-    """The id of the org's key making the request, also left in
-    ``request.state.key_id`` (a change records who made it)."""
-    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    key_id = request.app.state.verifier.for_org(token, org_id, source=client_address(request))
-    request.state.key_id = key_id
-    return key_id
+    """The id of the org's key making the request, held to the route's
+    scope (:mod:`.access`), also left in ``request.state.key_id`` (a change
+    records who made it)."""
+    return access.authorize(request, org_id).id
 
 
 def org_auth(org_id: str, request: Request) -> str:
@@ -377,6 +377,8 @@ def create_manual_group(body: ManualGroupIn, request: Request,
             s.flush()
             touch(s, org_id)
             policycheck.group_ids(s, org_id, g.id, sid=sid)
+            audit.record(s, org_id, request.state.key_id, "group.create", g.id,
+                         after=snapshots.group(s, g))
             view = _group_view(g, 0, {"member_groups": 0, "member_of": []}, [])
     except IntegrityError:
         raise ApiError(409, "the user group is not valid", [{
@@ -389,12 +391,15 @@ def create_manual_group(body: ManualGroupIn, request: Request,
 @router.delete("/groups/{group_id}", status_code=204)
 def delete_manual_group(group_id: str, request: Request, org_id: str = Depends(org_auth)) -> Response:
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
         g = s.scalar(select(Group).where(Group.org_id == org_id, Group.id == group_id))
         if g is None:
             raise ApiError(404, f"no user group with id {group_id!r} in this org")
         if g.source != "manual":
             raise ApiError(409, "this group is provisioned by the directory over SCIM; "
                                 "remove it there (or unassign it from the provisioning app)")
+        audit.record(s, org_id, request.state.key_id, "group.delete", g.id,
+                     before=snapshots.group(s, g))
         s.delete(g)
         touch(s, org_id)
     request.app.state.bundles.rebuild_now(org_id)
@@ -414,6 +419,9 @@ def _save_ip_list(request: Request, org_id: str, body: IpListIn, list_id: str | 
         raise ApiError(422, "the IP list is not valid", problems)
     try:
         with _session(request).begin() as s:
+            policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
+            key_id = request.state.key_id
+            before = None
             if list_id is None:
                 row = IpList(id=str(uuid.uuid4()), org_id=org_id)
                 s.add(row)
@@ -421,11 +429,16 @@ def _save_ip_list(request: Request, org_id: str, body: IpListIn, list_id: str | 
                 row = s.scalar(select(IpList).where(IpList.org_id == org_id, IpList.id == list_id))
                 if row is None:
                     raise ApiError(404, f"no IP list with id {list_id!r} in this org")
+                before = snapshots.ip_list(row)
                 if row.name != body.name:
-                    _rename_destination(s, org_id, row.name, body.name)
+                    _rename_destination(s, org_id, row.name, body.name, key_id)
             row.name, row.entries, row.modified_at = body.name, list(body.entries), utcnow()
             s.flush()
             touch(s, org_id)
+            after = snapshots.ip_list(row)
+            if after != before:   # an unchanged PUT is no change
+                audit.record(s, org_id, key_id, "ip_list.update" if before else "ip_list.create",
+                             row.id, before=before, after=after)
             out = {"id": row.id, "name": row.name, "entries": row.entries}
     except IntegrityError:
         raise ApiError(409, "the IP list is not valid", [
@@ -434,10 +447,15 @@ def _save_ip_list(request: Request, org_id: str, body: IpListIn, list_id: str | 
     return out
 
 
-def _rename_destination(s: Session, org_id: str, old: str, new: str) -> None:
-    for rule in s.scalars(select(Rule).where(Rule.org_id == org_id)):
+def _rename_destination(s: Session, org_id: str, old: str, new: str, key_id: str) -> None:
+    """Rules naming IP list ``old`` name ``new`` instead (each one a change
+    of its own in the audit trail)."""
+    for rule in s.scalars(select(Rule).where(Rule.org_id == org_id)).all():
         if old in rule.destinations:
+            before = snapshots.rule(s, org_id, rule)
             rule.destinations = [new if d == old else d for d in rule.destinations]
+            audit.record(s, org_id, key_id, "rule.update", rule.id, before=before,
+                         after=snapshots.rule(s, org_id, rule))
 
 
 def _draft_reply(request: Request, org_id: str) -> dict:
@@ -461,15 +479,17 @@ def update_ip_list(list_id: str, body: IpListIn, request: Request,
 @router.delete("/ip-lists/{list_id}", status_code=204)
 def delete_ip_list(list_id: str, request: Request, org_id: str = Depends(org_auth)) -> Response:
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # no rule may start using it meanwhile
         row = s.scalar(select(IpList).where(IpList.org_id == org_id, IpList.id == list_id))
         if row is None:
             raise ApiError(404, f"no IP list with id {list_id!r} in this org")
-        policycheck.lock_org(s, org_id)   # no rule may start using it meanwhile
         users = [r.name for r in s.scalars(select(Rule).where(Rule.org_id == org_id))
                  if row.name in r.destinations]
         if users:
             raise ApiError(409, f"IP list {row.name!r} is used by rules {', '.join(sorted(users))}; "
                                 "change those first")
+        audit.record(s, org_id, request.state.key_id, "ip_list.delete", row.id,
+                     before=snapshots.ip_list(row))
         s.delete(row)
         touch(s, org_id)
     return Response(status_code=204)
@@ -498,9 +518,11 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
     now = utcnow()
     try:
         with _refused_as("rule"), _session(request).begin() as s:
+            policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
             problems = _validate_rule(s, org_id, body)
             if problems:
                 raise ApiError(422, "the rule is not valid", problems)
+            before = None
             if rule_id is None:
                 last = s.scalar(select(func.max(Rule.position)).where(Rule.org_id == org_id))
                 rule = Rule(id=str(uuid.uuid4()), org_id=org_id, created_at=now,
@@ -510,6 +532,7 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
                 rule = s.scalar(select(Rule).where(Rule.org_id == org_id, Rule.id == rule_id))
                 if rule is None:
                     raise ApiError(404, f"no rule with id {rule_id!r} in this org")
+                before = snapshots.rule(s, org_id, rule)
                 s.execute(delete(RuleSource).where(RuleSource.rule_id == rule.id))
             renamed = rule.name_key != name_key(body.name)
             rule.name, rule.description = body.name, body.description
@@ -523,6 +546,11 @@ def _save_rule(request: Request, org_id: str, body: RuleIn, rule_id: str | None)
                 policycheck.rule_name(s, org_id, rule.id, body.name)
             policycheck.rule_destinations(s, org_id, body.destinations)
             s.flush()
+            after = snapshots.rule(s, org_id, rule)
+            if after != before:   # an unchanged PUT is no change
+                audit.record(s, org_id, request.state.key_id,
+                             "rule.update" if before else "rule.create", rule.id,
+                             before=before, after=after)
             view = _rules_view(s, org_id, [rule])[0]
     except IntegrityError:
         raise ApiError(409, "the rule is not valid", [
@@ -545,9 +573,12 @@ def update_rule(rule_id: str, body: RuleIn, request: Request,
 @router.delete("/rules/{rule_id}")
 def delete_rule(rule_id: str, request: Request, org_id: str = Depends(org_auth)) -> dict:
     with _session(request).begin() as s:
+        policycheck.lock_org(s, org_id)   # queued: the audit's before is what this write found
         rule = s.scalar(select(Rule).where(Rule.org_id == org_id, Rule.id == rule_id))
         if rule is None:
             raise ApiError(404, f"no rule with id {rule_id!r} in this org")
+        audit.record(s, org_id, request.state.key_id, "rule.delete", rule.id,
+                     before=snapshots.rule(s, org_id, rule))
         s.delete(rule)
         touch(s, org_id)
     return {"deleted": rule_id, **_draft_reply(request, org_id)}
@@ -649,10 +680,7 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
                      x_aus_workload: str | None = Header(None),
                      x_aus_enforcing: int | None = Header(None, ge=0, le=INT32_MAX),
                      x_aus_mode: str | None = Header(None)) -> Response:
-    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    if request.app.state.verifier.for_org(token, org_id, cached_only=True) is None:
-        await asyncio.to_thread(request.app.state.verifier.for_org, token, org_id,
-                                source=client_address(request))
+    await access.authorize_async(request, org_id)
     if x_aus_workload:
         address = request.client.host if request.client else ""
         mode = x_aus_mode if x_aus_mode in enforcement.MODES else None   # an older ausd: none
@@ -671,10 +699,10 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
 
 
 def whoami_any(request: Request) -> dict:
-    """The org a key belongs to: the console signs in with the key alone."""
-    token = token_from_header(request.headers.get("authorization"), basic=True, bearer=True)
-    key_id, org_id = request.app.state.verifier.verify(token, client_address(request))
-    return {"org": org_id, "key": key_id}
+    """The org a key belongs to, and its scopes: the console signs in with
+    the key alone."""
+    key = access.authorize(request, None)
+    return {"org": key.org_id, "key": key.id, "scopes": list(key.scopes)}
 
 
 def install(app: FastAPI) -> None:
@@ -696,7 +724,8 @@ def install(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": 'Basic realm="aus-server"'} if exc.status == 401 else None
         if exc.retry_after is not None:
             headers = {"Retry-After": str(exc.retry_after)}
-        return _error_response(exc.status, str(exc), headers=headers)
+        return _error_response(exc.status, str(exc), headers=headers,
+                               detail=getattr(exc, "detail", None))
 
     previous_validation = app.exception_handlers.get(RequestValidationError)
 

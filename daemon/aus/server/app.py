@@ -9,6 +9,7 @@ import os
 
 from fastapi import FastAPI
 
+from ..logs import setup as logsetup
 from .auth import Verifier
 from .bundle import BundleService
 from .db import open_database
@@ -50,7 +51,7 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     app.state.bundles = bundles
     app.state.flows = flows
 
-    from . import api, apidocs, console, policyapi, traffic
+    from . import api, apidocs, auditapi, console, policyapi, traffic
     from . import flows as flow_routes
     from .scim import routes as scim_routes
 
@@ -59,6 +60,7 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     policyapi.install(app)
     flow_routes.install(app)
     traffic.install(app)
+    auditapi.install(app)
     console.install(app)
     apidocs.install(app)
     app.add_middleware(InputGate)       # outermost: before any route reads a byte
@@ -69,7 +71,8 @@ def app_from_env() -> FastAPI:
     """Factory for ``aus-server serve``'s workers: the database URL comes
     from AUS_SERVER_DB, the flow retention from AUS_FLOW_RETENTION_DAYS
     (both set by the CLI)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers:    # a worker process: the CLI's setup is not here
+        logsetup.setup(logging.INFO, "aus-server", plain_format=logsetup.TIMED_FORMAT)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     days = int(os.environ.get("AUS_FLOW_RETENTION_DAYS") or DEFAULT_RETENTION_DAYS)
     return create_app(None, flow_retention_days=days)

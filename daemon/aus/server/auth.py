@@ -12,7 +12,11 @@ passes without one, from any address.
 
 Revoking a key bumps the revocation generation in the database; every
 process reads it at most :data:`REVOCATION_CHECK_SECONDS` apart and drops
-its cache when it changed.
+its cache when it changed, and the process that revoked the key drops its
+own at once. A revoked key is refused like a wrong secret, cached or not.
+
+A verified key carries its scopes (:mod:`.scopes`); what each route needs
+is decided in :mod:`.access`.
 """
 
 from __future__ import annotations
@@ -25,19 +29,27 @@ import math
 import secrets
 import threading
 import time
+from typing import NamedTuple
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..core.errors import AusError
-from . import enforcement
-from .db import ApiKey, AuthState, Org
+from . import audit, enforcement, scopes
+from .db import ApiKey, AuthState, Org, utcnow
 from .ratelimit import FailureLimiter
 
 CACHE_SECONDS = 60.0
 REVOCATION_CHECK_SECONDS = 2.0
 BAD_CREDENTIALS = "invalid API key: unknown or revoked key id, or wrong secret"
 _SCRYPT = dict(n=2**14, r=8, p=1, dklen=32)
+
+
+class Key(NamedTuple):
+    """A verified API key: its id, its org and what it may do."""
+    id: str
+    org_id: str
+    scopes: tuple[str, ...]
 
 
 class AuthError(AusError):
@@ -77,31 +89,68 @@ def ensure_org(session: Session, org_id: str) -> Org:
     return org
 
 
-def create_key(sessions: sessionmaker, org_id: str) -> str:
-    """Create a key for ``org_id`` (created too if new); return the token,
-    which is shown once and never stored."""
+def key_view(key: ApiKey) -> dict:
+    """A key as listed and audited: never its secret or hash."""
+    def iso(t):  # noqa: ANN001, ANN202 - a datetime or None
+        return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
+    return {"id": key.id, "label": key.label or "", "scopes": list(scopes.parse(key.scopes)),
+            "created_at": iso(key.created_at), "revoked_at": iso(key.revoked_at),
+            "revoked": bool(key.revoked or key.revoked_at)}
+
+
+def create_key(sessions: sessionmaker, org_id: str, scope_names=scopes.DEFAULT,  # noqa: ANN001
+               label: str = "", who: audit.Actor | str | None = audit.CLI) -> str:
+    """Create a key for ``org_id`` (created too if new) with ``scope_names``
+    and ``label``; return the token, which is shown once and never stored.
+    The creation is audited as made by ``who``."""
+    wanted = scopes.parse(" ".join(scope_names))
+    unknown = sorted(set(scope_names) - set(scopes.ALL))
+    if unknown or not wanted:
+        raise AusError(f"unknown scope {', '.join(map(repr, unknown)) or '(none given)'}; "
+                       f"the scopes are {', '.join(scopes.ALL)}")
     key_id = "ak" + secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)
     with sessions.begin() as s:
         ensure_org(s, org_id)
-        s.add(ApiKey(id=key_id, org_id=org_id, salt=salt, secret_hash=_hash(secret, salt)))
+        key = ApiKey(id=key_id, org_id=org_id, salt=salt, secret_hash=_hash(secret, salt),
+                     scopes=scopes.render(wanted), label=label, created_at=utcnow())
+        s.add(key)
+        s.flush()
+        audit.record(s, org_id, who, "api_key.create", key_id, after=key_view(key))
     return f"{key_id}:{secret}"
 
 
-def revoke_key(sessions: sessionmaker, key_id: str) -> bool:
-    """Revoke ``key_id`` and bump the revocation generation, in one
-    transaction; False if there is no such key."""
+def list_keys(sessions: sessionmaker, org_id: str) -> list[dict]:
+    """The org's keys, oldest first, revoked ones included."""
+    with sessions() as s:
+        rows = s.scalars(select(ApiKey).where(ApiKey.org_id == org_id)
+                         .order_by(ApiKey.created_at, ApiKey.id)).all()
+        return [key_view(k) for k in rows]
+
+
+def revoke_key(sessions: sessionmaker, key_id: str, org_id: str | None = None,
+               who: audit.Actor | str | None = audit.CLI) -> bool:
+    """Revoke ``key_id`` (of ``org_id``, when given), bump the revocation
+    generation and audit it, in one transaction; False if there is no such
+    key. Revoking a revoked key changes nothing and is not audited again."""
     with sessions.begin() as s:
         key = s.get(ApiKey, key_id)
-        if key is None:
+        if key is None or (org_id is not None and key.org_id != org_id):
             return False
+        if key.revoked and key.revoked_at is not None:
+            return True
+        before = key_view(key)
         key.revoked = True
+        key.revoked_at = key.revoked_at or utcnow()
         bumped = s.execute(update(AuthState).where(AuthState.id == 1)
                            .values(revocations=AuthState.revocations + 1)).rowcount
         if not bumped:
             s.add(AuthState(id=1, revocations=1))
-    Verifier.forget_everywhere()
+        s.flush()
+        audit.record(s, key.org_id, who, "api_key.revoke", key_id,
+                     before=before, after=key_view(key))
+    Verifier.forget_everywhere()   # this process: at once; others: at their next generation read
     return True
 
 
@@ -118,8 +167,8 @@ class Verifier:
     def __init__(self, sessions: sessionmaker, limiter: FailureLimiter | None = None):
         self.sessions = sessions
         self.limiter = limiter or FailureLimiter()
-        # digest -> (key id, org id, expires, revocation generation)
-        self._cache: dict[bytes, tuple[str, str, float, int]] = {}
+        # digest -> (key, expires, revocation generation)
+        self._cache: dict[bytes, tuple[Key, float, int]] = {}
         self._lock = threading.Lock()
         self._generation = -1
         self._generation_read_at = float("-inf")
@@ -131,14 +180,14 @@ class Verifier:
             with v._lock:
                 v._cache.clear()
 
-    def _lookup(self, digest: bytes) -> tuple[str, str] | None:
+    def _lookup(self, digest: bytes) -> Key | None:
         now = time.monotonic()
         with self._lock:
             if now - self._generation_read_at > REVOCATION_CHECK_SECONDS:
                 return None   # a revocation may have happened: ask the store
             hit = self._cache.get(digest)
-            if hit and hit[2] > now and hit[3] == self._generation:
-                return hit[0], hit[1]
+            if hit and hit[1] > now and hit[2] == self._generation:
+                return hit[0]
         return None
 
     def _note_generation(self, generation: int, read_at: float) -> None:
@@ -157,13 +206,13 @@ class Verifier:
             generation = _read_generation(s)
         self._note_generation(generation, read_at)
 
-    def cached(self, token: str) -> tuple[str, str] | None:
-        """``(key id, org id)`` if this token was verified recently and no
-        revocation check is due; no I/O, so the event loop may call it."""
+    def cached(self, token: str) -> Key | None:
+        """The key if this token was verified recently and no revocation
+        check is due; no I/O, so the event loop may call it."""
         return self._lookup(hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest())
 
-    def verify(self, token: str, source: str | None = None) -> tuple[str, str]:
-        """Return ``(key id, org id)`` for a valid token, else AuthError.
+    def verify(self, token: str, source: str | None = None) -> Key:
+        """Return the key of a valid token, else AuthError.
         ``source`` (the client address) is what failed checks are limited by."""
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         self._refresh_generation()
@@ -184,36 +233,33 @@ class Verifier:
             s.connection(execution_options={"read_only": True})   # no SQLite write lock
             generation = _read_generation(s)
             key = s.get(ApiKey, key_id[:64])
-            found = (key.org_id, key.salt, key.secret_hash, key.revoked) if key else None
+            found = (key.org_id, key.salt, key.secret_hash, key.revoked or key.revoked_at is not None,
+                     scopes.parse(key.scopes)) if key else None
         self._note_generation(generation, read_at)
         if found is None:
             hmac.compare_digest(_hash(secret, _DUMMY_SALT), _dummy())
             raise AuthError(BAD_CREDENTIALS)
-        org_id, salt, want, revoked = found
+        org_id, salt, want, revoked, granted = found
         if not hmac.compare_digest(_hash(secret, salt), want) or revoked:
             raise AuthError(BAD_CREDENTIALS)
         self.limiter.give_back(source)
+        verified = Key(key_id, org_id, granted)
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
             if generation == self._generation:
-                self._cache[digest] = (key_id, org_id, time.monotonic() + CACHE_SECONDS, generation)
-        return key_id, org_id
+                self._cache[digest] = (verified, time.monotonic() + CACHE_SECONDS, generation)
+        return verified
 
-    def for_org(self, token: str, org_id: str, *, cached_only: bool = False,
-                source: str | None = None) -> str | None:
-        """Verify ``token`` and that it belongs to ``org_id``; return the key
-        id. With ``cached_only``, return None when the cache cannot tell."""
-        if cached_only:
-            hit = self.cached(token)
-            if hit is None:
-                return None
-            key_id, key_org = hit
-        else:
-            key_id, key_org = self.verify(token, source)
-        if key_org != org_id:
+    def for_org(self, token: str, org_id: str | None, *, cached_only: bool = False,
+                source: str | None = None) -> Key | None:
+        """Verify ``token`` and that it belongs to ``org_id`` (any org when
+        None); return the key. With ``cached_only``, return None when the
+        cache cannot tell."""
+        key = self.cached(token) if cached_only else self.verify(token, source)
+        if key is not None and org_id is not None and key.org_id != org_id:
             raise AuthError(f"this API key belongs to another org, not org {org_id!r}", 403)
-        return key_id
+        return key
 
 
 def client_address(request) -> str:  # noqa: ANN001 - a Starlette Request

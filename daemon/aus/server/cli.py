@@ -2,8 +2,10 @@
 
     aus-server serve [--listen HOST:PORT] [--db URL] [--tls-cert PEM --tls-key PEM]
                      [--workers N] [--flow-retention-days N]
-    aus-server api-key create --org N [--db URL]     prints <key>:<secret> once
-    aus-server api-key revoke KEY_ID [--db URL]
+    aus-server api-key create --org N [--scope S]... [--label TEXT] [--db URL]
+                                                   prints <key>:<secret> once
+    aus-server api-key list --org N [--json] [--db URL]
+    aus-server api-key revoke [--org N] KEY_ID [--db URL]
     aus-server migrate [--db URL]
 
 The database URL defaults to $AUS_SERVER_DB, else SQLite in /var/lib/aus-server/.
@@ -14,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import socket
 import sys
 
 from ..core.errors import AusError
+from ..logs import setup as logsetup
+from . import scopes
 from .db import DEFAULT_DB, open_database
 from .flowstore import DEFAULT_RETENTION_DAYS
 
@@ -38,6 +43,20 @@ def _days(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 3650:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number of days from 1 to 3650")
     return int(text)
+
+
+def _label(text: str) -> str:
+    if len(text) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: a label is at most 200 characters, "
+                                         f"without control characters")
+    return text.strip()
+
+
+def _org(text: str) -> str:
+    org = text.strip()
+    if not org or "/" in org:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an org id")
+    return org
 
 
 def _is_loopback(host: str) -> bool:
@@ -106,13 +125,14 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config("aus.server.app:app_from_env", factory=True, host=host, port=port,
                             workers=args.workers, ssl_certfile=args.tls_cert,
                             ssl_keyfile=args.tls_key, log_level=args.log_level.lower(),
-                            access_log=args.access_log, timeout_keep_alive=75, backlog=4096)
+                            access_log=args.access_log, timeout_keep_alive=75, backlog=4096,
+                            log_config=None)   # uvicorn's loggers go through logsetup's
     sockets = [_listening_socket(host, port)] if config.workers > 1 else None
     serving.run(config, files, sockets)   # SIGHUP re-reads the TLS certificate and key
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aus-server", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     db_help = f"database URL (sqlite:///PATH or postgresql://...; default $AUS_SERVER_DB or {DEFAULT_DB})"
@@ -130,40 +150,52 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--access-log", action="store_true", help="log every request")
 
-    k = sub.add_parser("api-key", help="create or revoke API keys")
+    k = sub.add_parser("api-key", help="create, list or revoke API keys")
     ksub = k.add_subparsers(dest="keycmd", required=True)
     kc = ksub.add_parser("create", help="create a key for an org; prints <key>:<secret> once")
-    kc.add_argument("--org", required=True)
+    kc.add_argument("--org", required=True, type=_org)
+    kc.add_argument("--scope", action="append", choices=scopes.ALL, dest="scopes",
+                    help="what the key may do (repeat for several; default admin): scim for "
+                         "Entra ID, workload for ausd, read for read-only use, admin for all")
+    kc.add_argument("--label", type=_label, default="", help="what the key is for (listed, audited)")
     kc.add_argument("--db", help=db_help)
-    kr = ksub.add_parser("revoke", help="revoke a key")
+    kl = ksub.add_parser("list", help="list an org's keys (never their secrets)")
+    kl.add_argument("--org", required=True, type=_org)
+    kl.add_argument("--json", action="store_true", help="one JSON document")
+    kl.add_argument("--db", help=db_help)
+    kr = ksub.add_parser("revoke", help="revoke a key; refused from then on")
+    kr.add_argument("--org", type=_org, help="the org the key must belong to")
     kr.add_argument("key_id")
     kr.add_argument("--db", help=db_help)
 
     m = sub.add_parser("migrate", help="bring the database schema up to date")
     m.add_argument("--db", help=db_help)
 
-    args = p.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logsetup.setup(getattr(args, "log_level", "INFO"), "aus-server",
+                   plain_format=logsetup.TIMED_FORMAT)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if args.cmd == "serve":
             return serve(args)
-        from .auth import create_key, revoke_key
+        from .auth import create_key, list_keys, revoke_key
 
         engine, sessions = open_database(args.db)
         try:
             if args.cmd == "migrate":
                 print("aus-server: schema up to date")
             elif args.keycmd == "create":
-                org = args.org.strip()
-                if not org or "/" in org:
-                    print(f"aus-server: {args.org!r} is not an org id", file=sys.stderr)
-                    return 2
-                print(create_key(sessions, org))
+                print(create_key(sessions, args.org, args.scopes or scopes.DEFAULT, args.label))
+            elif args.keycmd == "list":
+                _print_keys(list_keys(sessions, args.org), args.json)
             else:
-                if not revoke_key(sessions, args.key_id):
-                    print(f"aus-server: no API key {args.key_id!r}", file=sys.stderr)
+                if not revoke_key(sessions, args.key_id, args.org):
+                    where = f" in org {args.org!r}" if args.org else ""
+                    print(f"aus-server: no API key {args.key_id!r}{where}", file=sys.stderr)
                     return 1
                 print(f"revoked {args.key_id}")
         finally:
@@ -172,6 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     except AusError as exc:
         print(f"aus-server: {exc}", file=sys.stderr)
         return 1
+
+
+def _print_keys(keys: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"items": keys}, indent=2))
+        return
+    rows = [("ID", "LABEL", "SCOPES", "CREATED", "REVOKED")]
+    for k in keys:
+        rows.append((k["id"], k["label"] or "-", ",".join(k["scopes"]),
+                     k["created_at"] or "-", k["revoked_at"] or ("yes" if k["revoked"] else "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 if __name__ == "__main__":

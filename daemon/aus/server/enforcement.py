@@ -11,7 +11,8 @@ fleet enforces. ausd applies what the bundle says unless its own
 ausd.yaml sets ``mode`` (see docs/enforcement-mode.md).
 
 Every change bumps the org's generation in its transaction, so the
-bundle is rebuilt and long polls wake with it.
+bundle is rebuilt and long polls wake with it, and is recorded in the
+audit trail ("mode.set") in that transaction.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..core.bundle import MAX_WORKLOAD_NAME, MODES
+from . import audit, snapshots
 from .db import EnforcementMode, Flow, Workload, flows_seen_since, utcnow
 
 NEW_ORG_DEFAULT = "visibility"
@@ -78,7 +80,8 @@ def set_mode(session: Session, org_id: str, workload: str, mode: str | None,
     then bumps the org's generation (``bundle.touch``) in the same
     transaction, holding the org's lock (``policycheck.lock_org``)."""
     row = session.get(EnforcementMode, (org_id, workload))
-    if (row.mode if row else None) == mode:
+    before = row.mode if row else None
+    if before == mode:
         return False
     if mode is None:
         session.delete(row)
@@ -87,6 +90,8 @@ def set_mode(session: Session, org_id: str, workload: str, mode: str | None,
                                     changed_at=utcnow(), changed_by=who))
     else:
         row.mode, row.changed_at, row.changed_by = mode, utcnow(), who
+    audit.record(session, org_id, who, "mode.set", snapshots.mode_target(workload),
+                 before=snapshots.mode(workload, before), after=snapshots.mode(workload, mode))
     return True
 
 

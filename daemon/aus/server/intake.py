@@ -7,8 +7,9 @@
    credentials) before a handler sees it.
 2. Credentials first: on the routes that need an API key (``/scim/orgs/
    <org>/...``, ``/api/orgs/<org>/...``, ``/api/whoami``) a request that
-   carries a body is authenticated before one byte of the body is read, so
-   an unauthenticated upload costs the server nothing.
+   carries a body is authenticated, and held to its route's scope
+   (:mod:`.access`), before one byte of the body is read, so an
+   unauthenticated or out-of-scope upload costs the server nothing.
 3. Size: the body is capped per route (:data:`LIMITS`): a ``Content-Length``
    above the cap is answered 413 at once; a body without one is counted as
    it streams and refused as soon as it passes the cap.
@@ -44,11 +45,13 @@ import re
 import zlib
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..core.flowrecord import MAX_BATCH_BYTES
-from .auth import AuthError, token_from_header
+from .access import authorize_before_routing, log_refusal
+from .auth import AuthError
 from .scim.discovery import MAX_PAYLOAD
 from .scim.errors import INVALID_SYNTAX, INVALID_VALUE, error_response
 
@@ -169,17 +172,6 @@ def limit_for(path: str) -> int:
     return OTHER_LIMIT
 
 
-def _check_key(verifier, header: str | None, org: str | None, scim: bool,
-               source: str) -> None:
-    """The credentials of a request, checked as its handler would check them
-    (failed checks count against the client's address, as there)."""
-    token = token_from_header(header, basic=not scim, bearer=True)
-    if org is None:
-        verifier.verify(token, source=source)
-    else:
-        verifier.for_org(token, org, source=source)
-
-
 class InputGate:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -204,11 +196,10 @@ class InputGate:
         org = self._org(path)
         if org is not None:
             try:
-                auth = headers.get(b"authorization")
-                await asyncio.to_thread(_check_key, scope["app"].state.verifier,
-                                        auth.decode("ascii") if auth is not None else None,
-                                        None if org == "" else org, scim,
-                                        scope["client"][0] if scope.get("client") else "-")
+                # checked as the handler will check them (failed checks count
+                # against the client's address, as there)
+                await asyncio.to_thread(authorize_before_routing, Request(scope),
+                                        None if org == "" else org, scim=scim)
             except AuthError as exc:
                 await self._auth_refusal(exc, scim)(scope, receive, send)
                 return
@@ -290,24 +281,28 @@ class InputGate:
                 return _refuse(scim, 400, f"the header {name.decode('latin-1')!r} contains "
                                           f"a control character")
             if name.lower() == b"authorization" and not value.isascii():
-                return InputGate._auth_refusal(
-                    AuthError("the Authorization header is not ASCII"), scim)
+                exc = AuthError("the Authorization header is not ASCII")
+                log_refusal(Request(scope), None, exc)
+                return InputGate._auth_refusal(exc, scim)
         return None
 
     @staticmethod
     def _auth_refusal(exc: AuthError, scim: bool):
         if exc.status != 401:
             retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-            return _refuse(scim, exc.status, str(exc), headers=retry)
+            return _refuse(scim, exc.status, str(exc), headers=retry,
+                           detail=getattr(exc, "detail", None))
         scheme = "Bearer" if scim else "Basic"
         return _refuse(scim, 401, str(exc), headers={"WWW-Authenticate": f'{scheme} realm="aus-server"'})
 
 
 def _refuse(scim: bool, status: int, message: str, scim_type: str | None = None,
-            headers: dict[str, str] | None = None) -> Response:
+            headers: dict[str, str] | None = None, detail: str | None = None) -> Response:
     if scim:
         if status == 400 and scim_type is None:
             scim_type = INVALID_VALUE
         return error_response(status, message, scim_type, headers)
-    return JSONResponse({"error": {"status": status, "message": message, "fields": []}},
-                        status_code=status, headers=headers)
+    body: dict[str, Any] = {"error": {"status": status, "message": message, "fields": []}}
+    if detail is not None:
+        body["detail"] = detail          # as the management API answers (api.py)
+    return JSONResponse(body, status_code=status, headers=headers)

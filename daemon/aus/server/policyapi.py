@@ -51,7 +51,7 @@ def get_draft(request: Request, org_id: str = Depends(org_auth)) -> dict:
 def discard_draft(request: Request, org_id: str = Depends(org_auth)) -> dict:
     """Discard the draft: the rules and IP lists return to the version in force."""
     with _session(request).begin() as s:
-        pv.discard(s, org_id)
+        pv.discard(s, org_id, request.state.key_id)
         view = pv.draft_view(s, org_id)
     return view
 

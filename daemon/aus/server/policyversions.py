@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from ..core.bundle import BUNDLE_FORMAT, document_from_data
 from ..core.errors import PolicyError
 from ..core.policy import Policy
+from . import audit, snapshots
 from .bundle import active_spec, content_from_spec, rebuild
 from .db import Bundle, Group, IpList, Org, PolicyVersion, Rule, RuleSource, utcnow
 
@@ -214,19 +215,35 @@ def _lock(s: Session, org_id: str) -> None:
     s.execute(select(Org.id).where(Org.id == org_id).with_for_update())
 
 
+def _record(s: Session, org_id: str, key_id: str | None, action: str, cur: PolicyVersion | None,
+            row: PolicyVersion, diff: dict) -> None:
+    after = {**snapshots.version(row), "changes": snapshots.changes(diff)}
+    audit.record(s, org_id, key_id, action, f"version {row.version}",
+                 before=snapshots.version(cur), after=after)
+
+
 def provision(s: Session, org_id: str, key_id: str | None, note: str) -> PolicyVersion:
     _lock(s, org_id)
     note = _note(note)
     cur = active_version(s, org_id)
     spec = draft_spec(s, org_id)
-    if diff_specs(cur.spec if cur else EMPTY_SPEC, spec)["changes"] == 0:
+    diff = diff_specs(cur.spec if cur else EMPTY_SPEC, spec)
+    if diff["changes"] == 0:
         raise PolicyConflict(409, "the draft has no pending changes; nothing to provision")
-    return _publish(s, org_id, spec, note, key_id)
+    row = _publish(s, org_id, spec, note, key_id)
+    _record(s, org_id, key_id, "policy.provision", cur, row, diff)
+    return row
 
 
-def discard(s: Session, org_id: str) -> None:
+def discard(s: Session, org_id: str, key_id: str | None) -> None:
+    """Reset the draft to the version in force; the audit record keeps
+    the discarded draft whole (``before``), so nothing discarded is lost."""
     _lock(s, org_id)
+    before = draft_spec(s, org_id)
     restore_draft(s, org_id, active_spec(s, org_id))
+    after = draft_spec(s, org_id)
+    if diff_specs(before, after)["changes"]:
+        audit.record(s, org_id, key_id, "draft.discard", "draft", before=before, after=after)
 
 
 def rollback(s: Session, org_id: str, version: int, key_id: str | None,
@@ -243,8 +260,11 @@ def rollback(s: Session, org_id: str, version: int, key_id: str | None,
     if cur is not None and cur.version == version:
         raise PolicyConflict(409, f"version {version} is the version in force")
     restore_draft(s, org_id, copy.deepcopy(old.spec))
-    return _publish(s, org_id, copy.deepcopy(old.spec), note or f"rollback to version {version}", key_id,
-                    rolled_back_from=version)
+    row = _publish(s, org_id, copy.deepcopy(old.spec), note or f"rollback to version {version}", key_id,
+                   rolled_back_from=version)
+    _record(s, org_id, key_id, "policy.rollback", cur, row,
+            diff_specs(cur.spec if cur else EMPTY_SPEC, old.spec))
+    return row
 
 
 def version_view(v: PolicyVersion, *, full: bool = False) -> dict:

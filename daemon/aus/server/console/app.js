@@ -1,8 +1,9 @@
 // The console: sign-in, the header, and a router over location.hash
 // (#/groups, #/groups/<id>, #/rules, #/rules/<id>, #/ip-lists, #/workloads,
-// #/traffic, #/draft, #/history).
+// #/traffic, #/draft, #/history, #/audit).
 
 import { ApiError, credentials, on, refreshPolicyVersion, signIn, signOut } from "./api.js";
+import * as audit from "./audit.js";
 import { h, num, replace } from "./dom.js";
 import { field, FieldErrors } from "./forms.js";
 import * as groups from "./groups.js";
@@ -35,6 +36,7 @@ const ROUTES = [
   [/^\/traffic$/, traffic.view, "traffic"],
   [/^\/draft$/, policy.draft, "draft"],
   [/^\/history$/, policy.history, "history"],
+  [/^\/audit$/, audit.view, "audit"],
 ];
 
 let generation = 0;

@@ -24,8 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
-from .. import policycheck
-from ..auth import AuthError, client_address, token_from_header
+from .. import access, policycheck
+from ..auth import AuthError
 from ..bundle import touch
 from . import discovery, store
 from .errors import (
@@ -91,8 +91,7 @@ class Ctx:
 
 def _ctx(request: Request, org_id: str) -> Ctx:
     try:
-        token = token_from_header(request.headers.get("authorization"), basic=False, bearer=True)
-        request.app.state.verifier.for_org(token, org_id, source=client_address(request))
+        access.authorize(request, org_id, scim=True)
     except AuthError as exc:
         headers = {"WWW-Authenticate": 'Bearer realm="aus-server"'} if exc.status == 401 else None
         if exc.retry_after is not None:
