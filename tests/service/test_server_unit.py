@@ -111,8 +111,12 @@ def served(m) -> str | None:
 
 
 def whoami(m, key: str):
+    """[status, {"org", "key"}] of GET /api/whoami with ``key``."""
     p = m.run("python3", "-c", WHOAMI, f"https://127.0.0.1:{PORT}/api/whoami", key, check=False)
-    return json.loads(p.stdout) if p.returncode == 0 else None
+    if p.returncode != 0:
+        return None
+    status, body = json.loads(p.stdout)
+    return [status, body and {k: body[k] for k in ("org", "key")}]
 
 
 def journal(m) -> str:
