@@ -20,6 +20,11 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     # The page needs one font; DejaVu is Debian's default.
     apt_install --no-install-recommends chromium chromium-driver fonts-dejavu-core
 fi
+# docker-compose (Debian's) validates packaging/server/compose.yaml
+# (tests/server/test_compose_file.py); it needs no Docker daemon for that.
+if ! command -v docker-compose >/dev/null 2>&1; then
+    apt_install --no-install-recommends docker-compose
+fi
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ] && ! .venv/bin/python -c "import hypothesis, schemathesis" 2>/dev/null; then
     .venv/bin/python -m pip install -q --disable-pip-version-check 'hypothesis>=6.100' 'schemathesis>=4.0'

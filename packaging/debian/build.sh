@@ -111,20 +111,26 @@ install -m 755 packaging/debian/postinst packaging/debian/prerm packaging/debian
 echo /etc/aus/ausd.yaml > "$ROOT/DEBIAN/conffiles"
 
 # ---- aus-server: the policy server ------------------------------------------
-# No systemd unit yet: aus-server runs by hand (README, "The policy
-# server"); its unit and hardening come with the server's operability work.
-# Its default SQLite database is /var/lib/aus/aus-server.db, which it makes
-# itself; the package ships nothing there (the agent's purge removes only
-# its bundle cache from that shared directory).
+# aus-server.service runs it as the system user aus-server (sysusers.d),
+# with its SQLite database in /var/lib/aus-server (StateDirectory); it is
+# enabled by the postinst and starts once /etc/aus/aus-server.env exists
+# (docs/server-deploy.md). The package ships no file in /etc.
 SROOT=$WORK/aus-server
 install -d "$SROOT/DEBIAN" "$SROOT/usr/bin" "$SROOT/usr/lib/aus-server/python" \
-    "$SROOT/usr/lib/aus-server/vendor" "$SROOT/usr/share/doc/aus-server"
+    "$SROOT/usr/lib/aus-server/vendor" "$SROOT/usr/share/doc/aus-server" \
+    "$SROOT/lib/systemd/system" "$SROOT/usr/lib/sysusers.d"
 copy_modules "$SROOT/usr/lib/aus-server/python" core logs server
 vendor "$SROOT/usr/lib/aus-server/vendor" pydantic fastapi uvicorn SQLAlchemy alembic scim2-models
 wrapper "$SROOT/usr/bin/aus-server" aus.server.cli /usr/lib/aus-server/python:/usr/lib/aus-server/vendor
-install -m 644 README.md docs/server.md docs/scim.md docs/console.md "$SROOT/usr/share/doc/aus-server/"
+install -m 644 README.md docs/server.md docs/server-deploy.md docs/scim.md docs/console.md \
+    "$SROOT/usr/share/doc/aus-server/"
+install -m 644 packaging/server/aus-server.env "$SROOT/usr/share/doc/aus-server/aus-server.env.example"
+install -m 644 packaging/systemd/aus-server.service "$SROOT/lib/systemd/system/aus-server.service"
+install -m 644 packaging/systemd/aus-server.sysusers "$SROOT/usr/lib/sysusers.d/aus-server.conf"
 sed "s/@VERSION@/$VERSION/; s/@PYTHON_DEPENDS@/$PYTHON_DEPENDS/" packaging/debian/aus-server.control.in > "$SROOT/DEBIAN/control"
+install -m 755 packaging/debian/aus-server.postinst "$SROOT/DEBIAN/postinst"
 install -m 755 packaging/debian/aus-server.prerm "$SROOT/DEBIAN/prerm"
+install -m 755 packaging/debian/aus-server.postrm "$SROOT/DEBIAN/postrm"
 
 # ---- man pages and bash/zsh completions, both packages ----------------------
 # Made from each command's own parser (python3 -m aus.manual, in neither

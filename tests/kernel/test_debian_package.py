@@ -155,9 +155,11 @@ def test_server_package_holds_the_server_its_migrations_and_console_and_no_agent
     listed = regular_files(deb)
     assert not [p for p in listed if re.search(r"/aus/(agent|cli)/", p)]
     # Only its own prefix: nothing of the agent's (unit, bpf sources, PAM hook, /etc/aus).
-    # Its man page and completions: test_debian_manual.py.
+    # Its man page and completions: test_debian_manual.py; its unit and
+    # user: tests/service/test_server_unit.py.
     listed -= {"/usr/share/man/man8/aus-server.8.gz", "/usr/share/zsh/vendor-completions/_aus-server",
-               "/usr/share/bash-completion/completions/aus-server"}
+               "/usr/share/bash-completion/completions/aus-server",
+               "/lib/systemd/system/aus-server.service", "/usr/lib/sysusers.d/aus-server.conf"}
     assert all(p == "/usr/bin/aus-server" or p.startswith(("/usr/lib/aus-server/",
                                                             "/usr/share/doc/aus-server/"))
                for p in listed), sorted(listed)

@@ -239,11 +239,19 @@ class Machine:
             shutil.copyfile(src, guest / name)
         cmd = (f"apt-get update -q && apt-get install -y -q --download-only "
                f"{GUEST_DIR}/{deb.name} {' '.join(packages)}")
-        p = subprocess.run(self._nspawn(f"--machine={self.name}-apt", "--pipe",
-                                        "--setenv=DEBIAN_FRONTEND=noninteractive",
-                                        "--", "/bin/sh", "-c", cmd),
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=900, preexec_fn=self._join_cgroup())
+        # The archive is shared: a container of another test run may hold
+        # its lock for a while (apt-get install inside it); wait for it.
+        deadline = time.monotonic() + 600
+        while True:
+            p = subprocess.run(self._nspawn(f"--machine={self.name}-apt", "--pipe",
+                                            "--setenv=DEBIAN_FRONTEND=noninteractive",
+                                            "--", "/bin/sh", "-c", cmd),
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=900, preexec_fn=self._join_cgroup())
+            if ("Could not get lock /var/cache/apt/archives/lock" not in p.stderr
+                    or time.monotonic() > deadline):
+                break
+            time.sleep(5)
         assert p.returncode == 0, f"apt download failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
 
     def boot(self, timeout: float = 180) -> None:

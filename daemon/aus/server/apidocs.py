@@ -12,6 +12,8 @@ from html import escape
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
+from .intake import InputGate
+
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; base-uri 'none'; form-action 'none'; "
                                "frame-ancestors 'none'",
@@ -19,6 +21,43 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 METHODS = ("get", "put", "post", "patch", "delete")
+
+# How an API key (``<key id>:<secret>``) is sent: SCIM takes it as a
+# Bearer token only (what Entra ID sends); the management API and the
+# bundle take Bearer or Basic (user: the key id, password: the secret).
+SECURITY_SCHEMES = {
+    "apiKeyBearer": {
+        "type": "http", "scheme": "bearer", "bearerFormat": "<key id>:<secret>",
+        "description": "An API key as `Authorization: Bearer <key id>:<secret>` "
+                       "(made by `aus-server api-key create`).",
+    },
+    "apiKeyBasic": {
+        "type": "http", "scheme": "basic",
+        "description": "An API key as HTTP Basic credentials: the key id as the user name, "
+                       "the secret as the password.",
+    },
+}
+SCIM_SECURITY = [{"apiKeyBearer": []}]
+API_SECURITY = [{"apiKeyBearer": []}, {"apiKeyBasic": []}]
+
+
+def declare_security(doc: dict) -> dict:
+    """Add the security schemes and each operation's requirement to an
+    OpenAPI document. Which paths need a key is what the request gate
+    enforces (:meth:`InputGate._org`), so the document cannot say
+    otherwise; every other operation declares that it needs none."""
+    doc.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for path, item in doc.get("paths", {}).items():
+        if InputGate._org(path) is None:
+            security = []
+        elif path.startswith("/scim/"):
+            security = SCIM_SECURITY
+        else:
+            security = API_SECURITY
+        for method in METHODS:
+            if method in item:
+                item[method]["security"] = security
+    return doc
 
 
 def _schema_name(schema: dict) -> str:
@@ -39,6 +78,8 @@ def _operation(path: str, method: str, op: dict) -> str:
     if op.get("description"):
         out.append(f"<pre>{escape(op['description'])}</pre>")
     params = op.get("parameters", [])
+    schemes = [name for req in op.get("security", []) for name in req]
+    out.append(f"<p>Credentials: {escape(' or '.join(schemes)) if schemes else 'none'}</p>")
     if params:
         out.append("<table><tr><th>parameter</th><th>in</th><th>type</th><th>required</th></tr>")
         for p in params:
@@ -77,6 +118,16 @@ def render(doc: dict) -> str:
 
 def install(app: FastAPI) -> None:
     page: list[str] = []
+    generate = app.openapi
+
+    def openapi() -> dict:
+        # FastAPI builds the document once and keeps it; declared once too.
+        doc = generate()
+        if "securitySchemes" not in doc.get("components", {}):
+            declare_security(doc)
+        return doc
+
+    app.openapi = openapi
 
     @app.get("/api/docs", include_in_schema=False)
     def api_docs() -> HTMLResponse:

@@ -8,7 +8,8 @@
     aus-server api-key revoke [--org N] KEY_ID [--db URL]
     aus-server migrate [--db URL]
 
-The database URL defaults to $AUS_SERVER_DB, else SQLite in /var/lib/aus/.
+The database URL defaults to $AUS_SERVER_DB, else SQLite in /var/lib/aus-server/.
+SIGHUP makes a serving aus-server re-read its TLS certificate and key.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from . import serving
+
+    serving.hold_sighup()
+
     host, port = args.listen
     if bool(args.tls_cert) != bool(args.tls_key):
         print("aus-server: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -94,6 +99,12 @@ def serve(args: argparse.Namespace) -> int:
         print(f"aus-server: plain HTTP is served on loopback only; give --tls-cert and "
               f"--tls-key to listen on {host}", file=sys.stderr)
         return 2
+    files = None
+    if args.tls_cert:
+        from .tls import TlsFiles, check
+
+        files = TlsFiles(args.tls_cert, args.tls_key)
+        check(files)     # a bad pair is named here, before anything listens
     url = args.db or os.environ.get("AUS_SERVER_DB") or DEFAULT_DB
     if args.workers > 1 and url.startswith("sqlite"):
         # SQLite has one writer at a time; across processes its lock is
@@ -116,12 +127,8 @@ def serve(args: argparse.Namespace) -> int:
                             ssl_keyfile=args.tls_key, log_level=args.log_level.lower(),
                             access_log=args.access_log, timeout_keep_alive=75, backlog=4096,
                             log_config=None)   # uvicorn's loggers go through logsetup's
-    if config.workers > 1:
-        from uvicorn.supervisors import Multiprocess
-
-        Multiprocess(config, sockets=[_listening_socket(host, port)]).run()
-    else:
-        uvicorn.Server(config).run()
+    sockets = [_listening_socket(host, port)] if config.workers > 1 else None
+    serving.run(config, files, sockets)   # SIGHUP re-reads the TLS certificate and key
     return 0
 
 

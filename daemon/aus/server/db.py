@@ -45,7 +45,8 @@ from sqlalchemy.orm import (
 from ..core.errors import AusError
 from ..core.policy import external_id_key, name_key
 
-DEFAULT_DB = "sqlite:////var/lib/aus/aus-server.db"
+# The state directory of aus-server.service (StateDirectory=aus-server).
+DEFAULT_DB = "sqlite:////var/lib/aus-server/aus-server.db"
 
 
 class StoreError(AusError):
