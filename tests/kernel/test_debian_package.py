@@ -237,7 +237,7 @@ def test_extracted_server_package_runs_on_the_system_python(extracted_server):
             except OSError:
                 return None     # not listening yet
         assert lab.wait_until(whoami, timeout=60, interval=0.2, what="aus-server answering") == \
-            (200, {"org": "1", "key": key_id})
+            (200, {"org": "1", "key": key_id, "scopes": ["admin"]})
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)     # the server we started
