@@ -1,0 +1,209 @@
+"""/healthz, /readyz and /metrics against the real server: readiness
+follows a real PostgreSQL stopped and started again, and /metrics is read
+with Prometheus's own text parser."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from aus.server.app import create_app
+from aus.server.auth import create_key
+from aus.server.db import open_database
+from tests.support.flow_posts import batch, post, record
+from tests.support.postgres import PostgresServer
+
+REQUESTS = "aus_server_http_requests_total"
+SCIM_OPS = "aus_server_scim_operations_total"
+
+
+def scrape(client: TestClient, **kw) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value."""
+    r = client.get("/metrics", **kw)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(predicate, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_healthz_needs_nothing(server):
+    r = server.client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_readyz_ready(server):
+    r = server.client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ok", "checks": {"database": {"ok": True},
+                                                   "bundle_service": {"ok": True}}}
+
+
+def test_readyz_names_a_stopped_bundle_service(server):
+    server.client.portal.call(server.client.app.state.bundles.stop)
+    r = server.client.get("/readyz")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["database"] == {"ok": True}
+    assert body["checks"]["bundle_service"]["ok"] is False
+    assert "bundle service" in body["checks"]["bundle_service"]["error"]
+    assert server.client.get("/healthz").status_code == 200   # alive, just not ready
+
+
+def test_readyz_follows_the_database():
+    """The test's own PostgreSQL goes away and comes back; /readyz says so."""
+    pg = PostgresServer().start()
+    try:
+        url = pg.url(pg.new_database())
+        app = create_app(url, bundle_interval=0.05, max_wait=5)
+        with TestClient(app) as client:
+            assert client.get("/readyz").status_code == 200
+            pg.halt()
+            r = client.get("/readyz")
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert body["status"] == "unavailable"
+            assert body["checks"]["database"]["ok"] is False
+            assert body["checks"]["database"]["error"]   # the driver's reason
+            assert body["checks"]["bundle_service"] == {"ok": True}
+            assert client.get("/healthz").status_code == 200
+            pg.resume()
+            # The pool's connections died with the server; the first probe
+            # after the restart must not report them as the database.
+            r = client.get("/readyz")
+            assert r.status_code == 200, r.text
+            assert r.json()["checks"]["database"] == {"ok": True}
+    finally:
+        pg.stop()
+
+
+def test_requests_are_counted_by_route_template(server):
+    c = server.client
+    route = "/api/orgs/{org_id}/whoami"
+    before = scrape(c)
+    assert c.get(f"{server.api}/whoami", headers=server.bearer()).status_code == 200
+    assert c.get(f"{server.api}/whoami").status_code == 401
+    after = scrape(c)
+    assert value(after, REQUESTS, method="GET", route=route, status="200") == \
+        value(before, REQUESTS, method="GET", route=route, status="200") + 1
+    assert value(after, REQUESTS, method="GET", route=route, status="401") == \
+        value(before, REQUESTS, method="GET", route=route, status="401") + 1
+    hist = "aus_server_http_request_duration_seconds"
+    assert value(after, hist + "_count", method="GET", route=route) == \
+        value(before, hist + "_count", method="GET", route=route) + 2
+    assert value(after, hist + "_bucket", method="GET", route=route, le="+Inf") == \
+        value(after, hist + "_count", method="GET", route=route)
+    assert value(after, hist + "_sum", method="GET", route=route) > 0
+    # No raw path in any label: an org id or a resource id never becomes a series.
+    routes = {dict(labels)["route"] for (name, labels) in after if name == REQUESTS}
+    assert route in routes
+    assert not [r for r in routes if "/orgs/1" in r or "/orgs/2" in r], routes
+    # A path no route serves is counted, under one label.
+    c.get(f"/nothing/here/{time.time_ns()}")
+    last = scrape(c)
+    assert value(last, REQUESTS, method="GET", route="unmatched", status="404") >= 1
+    assert not [r for (n, ls) in last if n == REQUESTS
+                for r in [dict(ls)["route"]] if r.startswith("/nothing")]
+
+
+def test_scim_operations_are_counted(server):
+    c = server.client
+    user = {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "metrics.alice",
+            "active": True}
+    ok = dict(resource="Users", method="POST", outcome="success")
+    conflict = dict(resource="Users", method="POST", outcome="conflict")
+    before = scrape(c)
+    assert c.post(f"{server.scim}/Users", json=user, headers=server.bearer()).status_code == 201
+    assert c.post(f"{server.scim}/Users", json=user, headers=server.bearer()).status_code == 409
+    after = scrape(c)
+    assert value(after, SCIM_OPS, **ok) == value(before, SCIM_OPS, **ok) + 1
+    assert value(after, SCIM_OPS, **conflict) == value(before, SCIM_OPS, **conflict) + 1
+    route = "/scim/orgs/{org_id}/Users"
+    assert value(after, REQUESTS, method="POST", route=route, status="201") == \
+        value(before, REQUESTS, method="POST", route=route, status="201") + 1
+
+
+def test_bundle_version_is_the_orgs_current_one(server):
+    c = server.client
+    r = c.get(f"{server.api}/bundle", headers=server.bearer())
+    assert r.status_code == 200, r.text
+    version = int(r.headers["X-Aus-Version"])
+    samples = scrape(c)
+    assert value(samples, "aus_server_bundle_version", org="1") == version
+    built = value(samples, "aus_server_bundle_built_timestamp_seconds", org="1")
+    assert time.time() - 600 < built <= time.time() + 1
+    assert value(samples, "aus_server_bundle_build_duration_seconds_count") >= 1
+
+
+def test_long_poll_gauge_follows_held_polls(server):
+    c = server.client
+    gauge = "aus_server_bundle_long_polls"
+    etag = c.get(f"{server.api}/bundle", headers=server.bearer()).headers["ETag"]
+    base = value(scrape(c), gauge)
+    answers = []
+    poll = threading.Thread(target=lambda: answers.append(c.get(
+        f"{server.api}/bundle", params={"wait": 3},
+        headers={**server.bearer(), "If-None-Match": etag})))
+    poll.start()
+    try:
+        wait_for(lambda: value(scrape(c), gauge) == base + 1, "the held poll in the gauge")
+    finally:
+        poll.join(10)
+    assert answers and answers[0].status_code == 304
+    assert value(scrape(c), gauge) == base
+
+
+def test_flow_batches_are_counted(server):
+    c = server.client
+    before = scrape(c)
+    r = post(server, batch([record(port=p) for p in (443, 444, 445)]))
+    assert r.status_code == 200, r.text
+    after = scrape(c)
+    assert value(after, "aus_server_flow_batches_total") == \
+        value(before, "aus_server_flow_batches_total") + 1
+    assert value(after, "aus_server_flow_records_total", outcome="accepted") == \
+        value(before, "aus_server_flow_records_total", outcome="accepted") + r.json()["accepted"]
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    url = f"sqlite:///{tmp_path}/aus-server.db"
+    engine, sessions = open_database(url)
+    create_key(sessions, "1")
+    engine.dispose()
+    return url
+
+
+def test_metrics_token(sqlite_url):
+    app = create_app(sqlite_url, bundle_interval=0.05, max_wait=5, metrics_token="s3cret-token")
+    with TestClient(app) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
+            r = c.get("/metrics", headers=headers)
+            assert r.status_code == 401, headers
+            assert "metrics token" in r.json()["error"]["message"]
+        assert scrape(c, headers={"Authorization": "Bearer s3cret-token"})
+        # The probes stay open: an orchestrator has no token.
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 200
