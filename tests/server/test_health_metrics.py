@@ -4,6 +4,12 @@ with Prometheus's own text parser."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import http.client
+import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -15,7 +21,9 @@ from aus.server.app import create_app
 from aus.server.auth import create_key
 from aus.server.db import open_database
 from tests.support.flow_posts import batch, post, record
+from tests.support.names import free_port
 from tests.support.postgres import PostgresServer
+from tests.support.server_process import CLI, serving, wait_port
 
 REQUESTS = "aus_server_http_requests_total"
 SCIM_OPS = "aus_server_scim_operations_total"
@@ -207,3 +215,101 @@ def test_metrics_token(sqlite_url):
         # The probes stay open: an orchestrator has no token.
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 200
+
+
+def _get(port: int, path: str, headers: dict | None = None,
+         header: str | None = None) -> tuple[int, str]:
+    """One GET on a connection of its own, so whichever worker accepts
+    first answers it: the status and the body (or the ``header``)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        body = r.read().decode()
+        return r.status, r.getheader(header) if header else body
+    finally:
+        conn.close()
+
+
+def _samples(port: int) -> dict:
+    status, body = _get(port, "/metrics")
+    assert status == 200, body
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(body) for s in f.samples}
+
+
+def _workers(proc) -> list[int]:
+    """The worker processes of the ``aus-server serve`` run as ``proc``."""
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    workers = []
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+            workers.append(pid)
+    return workers
+
+
+@contextlib.contextmanager
+def _paused(pid: int):
+    """Stop one worker (of a server this test started), so the other
+    accepts every connection meanwhile. Kept short: the supervisor
+    replaces a worker silent for 5 s."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_workers_share_their_counts(postgres, tmp_path, monkeypatch):
+    """With --workers 2, a scrape answered by either worker counts the
+    requests both served, and a long-poll held by the other one."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))   # where the server makes its metrics directory
+    name = postgres.new_database()
+    try:
+        db = postgres.url(name)
+        token = subprocess.run(CLI + ["api-key", "create", "--org", "1", "--db", db], check=True,
+                               capture_output=True, text=True).stdout.strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        port = free_port()
+        with serving("--listen", f"127.0.0.1:{port}", "--db", db, "--workers", "2",
+                     "--log-level", "WARNING") as proc:
+            wait_port(port, proc)
+            workers = wait_for(lambda: len(_workers(proc)) == 2 and _workers(proc), "two workers")
+            wait_for(lambda: _get(port, "/readyz")[0] == 200, "ready")
+            [metrics_dir] = glob.glob(str(tmp_path / "aus-server-metrics-*"))
+
+            def healthz_count() -> float:
+                return value(_samples(port), REQUESTS, method="GET", route="/healthz",
+                             status="200")
+
+            base = healthz_count()
+            # 20 requests to each worker; then each worker answers a scrape.
+            for one in workers:
+                with _paused(one):
+                    for _ in range(20):
+                        assert _get(port, "/healthz")[0] == 200
+            for one, other in (workers, workers[::-1]):
+                with _paused(other):
+                    assert healthz_count() == base + 40, f"worker {one}"
+
+            gauge = "aus_server_bundle_long_polls"
+            _, etag = _get(port, "/api/orgs/1/bundle", auth, header="ETag")
+            answers = []
+            poll = threading.Thread(target=lambda: answers.append(_get(
+                port, "/api/orgs/1/bundle?wait=4", {**auth, "If-None-Match": etag})))
+            try:
+                with _paused(workers[0]):   # the poll goes to the second worker ...
+                    poll.start()
+                    wait_for(lambda: value(_samples(port), gauge) == 1, "the held poll counted")
+                with _paused(workers[1]):   # ... and the first one counts it too
+                    assert value(_samples(port), gauge) == 1
+            finally:
+                poll.join(15)
+            assert answers and answers[0][0] == 304
+            assert value(_samples(port), gauge) == 0
+        assert not os.path.exists(metrics_dir)   # removed when the server stops
+    finally:
+        postgres.drop_database(name)
