@@ -153,6 +153,21 @@ def test_scim_operations_are_counted(server):
         value(before, REQUESTS, method="POST", route=route, status="201") + 1
 
 
+def test_refusals_before_routing_keep_the_route_template(server):
+    """The input gate answers an unauthenticated upload before any route
+    runs; the request is still counted under its route's template."""
+    c = server.client
+    route = "/scim/orgs/{org_id}/Users"
+    denied = dict(resource="Users", method="POST", outcome="denied")
+    before = scrape(c)
+    r = c.post(f"{server.scim}/Users", json={"userName": "nobody"})
+    assert r.status_code == 401
+    after = scrape(c)
+    assert value(after, REQUESTS, method="POST", route=route, status="401") == \
+        value(before, REQUESTS, method="POST", route=route, status="401") + 1
+    assert value(after, SCIM_OPS, **denied) == value(before, SCIM_OPS, **denied) + 1
+
+
 def test_bundle_version_is_the_orgs_current_one(server):
     c = server.client
     r = c.get(f"{server.api}/bundle", headers=server.bearer())

@@ -104,13 +104,22 @@ def _scim_resource(route: str) -> str:
     return first if first in SCIM_RESOURCES else "other"
 
 
-def _route_of(app: ASGIApp, scope: Scope) -> str:
+def _leaf_routes(routes) -> list:  # noqa: ANN001 - a router's routes
+    """Every route that serves requests, in matching order: FastAPI keeps
+    an included router as one entry holding the router's own routes."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out.extend(_leaf_routes(inner.routes) if inner is not None else [route])
+    return out
+
+
+def _route_of(app: FastAPI, scope: Scope) -> str:
     """The template of the route that took the request. A request refused
-    before routing (the input gate) or routed on a copied scope is matched
-    here, on this error path only."""
+    before routing (the input gate) is matched here, on that path only."""
     route = scope.get("route")
     if route is None:
-        for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        for candidate in _leaf_routes(app.router.routes):
             match, _ = candidate.matches(scope)
             if match is Match.FULL:
                 route = candidate
