@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aus.server.app import create_app
 from aus.server.auth import create_key
 from aus.server.db import open_database
+from aus.server.health import DB_TIMEOUT
 from tests.support.flow_posts import batch, post, record
 from tests.support.names import free_port
 from tests.support.postgres import PostgresServer
@@ -103,8 +104,38 @@ def test_readyz_follows_the_database():
             r = client.get("/readyz")
             assert r.status_code == 200, r.text
             assert r.json()["checks"]["database"] == {"ok": True}
+            # A database that accepts connections and never answers: the
+            # probe answers 503 within its timeout instead of hanging.
+            with _frozen(pg):
+                t0 = time.monotonic()
+                r = client.get("/readyz")
+                assert r.status_code == 503, r.text
+                assert time.monotonic() - t0 < DB_TIMEOUT + 2
+                assert "no answer to SELECT 1" in r.json()["checks"]["database"]["error"]
+            wait_for(lambda: client.get("/readyz").status_code == 200, "ready after the thaw")
     finally:
-        pg.stop()
+        try:
+            pg.halt()   # fast: a smart shutdown would wait for every client to leave
+        finally:
+            pg.stop()
+
+
+@contextlib.contextmanager
+def _frozen(pg: PostgresServer):
+    """SIGSTOP the test's own PostgreSQL: its postmaster and every backend."""
+    with open(f"{pg.data}/postmaster.pid") as f:
+        postmaster = int(f.readline())
+    with open(f"/proc/{postmaster}/task/{postmaster}/children") as f:
+        pids = [postmaster] + [int(p) for p in f.read().split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        # runuser stops itself when its child stops, and waits for a SIGCONT.
+        os.kill(pg.proc.pid, signal.SIGCONT)
 
 
 def test_requests_are_counted_by_route_template(server):

@@ -12,7 +12,7 @@ an org.
       {"status": "unavailable", "checks": {"database": {"ok": false, "error": "..."},
                                            "bundle_service": {"ok": true}}}
 
-Concurrent probes share one database check, so a flood of probes against
+Concurrent probes share one database query, so a flood of probes against
 an unreachable database holds one connection attempt, not one each.
 """
 
@@ -57,7 +57,8 @@ class Readiness:
         self.engine = engine
         self.bundles = bundles
         self.timeout = timeout
-        self._inflight: asyncio.Future | None = None
+        self._query: asyncio.Future | None = None
+        self._query_started = 0.0
         self._was_ready = True
 
     def log_change(self, ok: bool, checks: dict) -> None:
@@ -71,16 +72,21 @@ class Readiness:
         self._was_ready = ok
 
     async def database(self) -> dict:
-        if self._inflight is None or self._inflight.done():
-            self._inflight = asyncio.ensure_future(self._check_database())
-        return await asyncio.shield(self._inflight)
-
-    async def _check_database(self) -> dict:
+        """Whether SELECT 1 answers in time. A query still running (from
+        an earlier probe, or one that hangs on an unreachable host) is
+        waited on, never doubled: probes cannot pile up threads."""
+        loop = asyncio.get_running_loop()
+        if self._query is None or self._query.done():
+            self._query = loop.run_in_executor(None, _select_one, self.engine)
+            # Its error is read here even when every probe stopped waiting.
+            self._query.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._query_started = loop.time()
         try:
             async with asyncio.timeout(self.timeout):
-                await asyncio.to_thread(_select_one, self.engine)
+                await asyncio.shield(self._query)
         except TimeoutError:
-            return {"ok": False, "error": f"no answer to SELECT 1 within {self.timeout:g} s"}
+            waited = loop.time() - self._query_started
+            return {"ok": False, "error": f"no answer to SELECT 1 for {waited:.1f} s"}
         except Exception as exc:   # any driver or pool error is "not ready"
             return {"ok": False, "error": _reason(exc)}
         return {"ok": True}
