@@ -359,3 +359,30 @@ def test_workers_share_their_counts(postgres, tmp_path, monkeypatch):
         assert not os.path.exists(metrics_dir)   # removed when the server stops
     finally:
         postgres.drop_database(name)
+
+
+def test_serve_puts_metrics_behind_the_token_file(tmp_path):
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("t0ken-from-a-file\n")
+    db = f"sqlite:///{tmp_path}/s.db"
+    port = free_port()
+    with serving("--listen", f"127.0.0.1:{port}", "--db", db, "--metrics-token-file",
+                 str(token_file), "--log-level", "WARNING") as proc:
+        wait_port(port, proc)
+        assert _get(port, "/metrics")[0] == 401
+        status, body = _get(port, "/metrics", {"Authorization": "Bearer t0ken-from-a-file"})
+        assert status == 200 and "aus_server_http_requests_total" in body
+        assert _get(port, "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("content", [None, "  \n"])
+def test_serve_refuses_a_missing_or_empty_token_file(tmp_path, content):
+    token_file = tmp_path / "metrics-token"
+    if content is not None:
+        token_file.write_text(content)
+    p = subprocess.run(CLI + ["serve", "--db", f"sqlite:///{tmp_path}/s.db", "--listen",
+                              f"127.0.0.1:{free_port()}", "--metrics-token-file", str(token_file)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert f"metrics token file {token_file}" in p.stderr
+    assert ("empty" if content else "No such file") in p.stderr

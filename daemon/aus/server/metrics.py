@@ -114,12 +114,12 @@ def _leaf_routes(routes) -> list:  # noqa: ANN001 - a router's routes
     return out
 
 
-def _route_of(app: FastAPI, scope: Scope) -> str:
+def _route_of(leaves: list, scope: Scope) -> str:
     """The template of the route that took the request. A request refused
     before routing (the input gate) is matched here, on that path only."""
     route = scope.get("route")
     if route is None:
-        for candidate in _leaf_routes(app.router.routes):
+        for candidate in leaves:
             match, _ = candidate.matches(scope)
             if match is Match.FULL:
                 route = candidate
@@ -133,6 +133,7 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, *, fastapi_app: FastAPI):
         self.app = app
         self.fastapi_app = fastapi_app
+        self._leaves: list | None = None   # the app's routes, once they are all added
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -153,7 +154,9 @@ class RequestMetrics:
             method = scope["method"]
             if method not in _METHODS:
                 method = "other"   # any token is a method: keep the label bounded
-            route = _route_of(self.fastapi_app, scope)
+            if self._leaves is None:
+                self._leaves = _leaf_routes(self.fastapi_app.router.routes)
+            route = _route_of(self._leaves, scope)
             REQUESTS.labels(method, route, str(status)).inc()
             LATENCY.labels(method, route).observe(time.perf_counter() - start)
             if route.startswith(SCIM_PREFIX):
