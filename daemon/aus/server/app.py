@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from . import health, metrics
 from .auth import Verifier
 from .bundle import BundleService
 from .db import open_database
@@ -52,7 +53,7 @@ def create_app(db_url: str | None = None, *, bundle_interval: float = 0.1,
     app.state.bundles = bundles
     app.state.flows = flows
 
-    from . import api, apidocs, console, health, metrics, policyapi, traffic
+    from . import api, apidocs, console, policyapi, traffic
     from . import flows as flow_routes
     from .scim import routes as scim_routes
 
