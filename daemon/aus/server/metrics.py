@@ -141,16 +141,13 @@ class RequestMetrics:
             return
         start = time.perf_counter()
         status = 500   # an exception with no response sent is answered 500
+        counted = False
 
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
+        def count() -> None:
+            nonlocal counted
+            if counted:
+                return
+            counted = True
             method = scope["method"]
             if method not in _METHODS:
                 method = "other"   # any token is a method: keep the label bounded
@@ -161,6 +158,21 @@ class RequestMetrics:
             LATENCY.labels(method, route).observe(time.perf_counter() - start)
             if route.startswith(SCIM_PREFIX):
                 SCIM_OPERATIONS.labels(_scim_resource(route), method, scim_outcome(status)).inc()
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Counted before the last byte leaves: a client that has its
+                # answer finds the request in the next scrape.
+                count()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            count()   # no complete response: an error, or the client left
 
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
