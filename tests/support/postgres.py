@@ -44,6 +44,19 @@ class PostgresServer:
             shutil.chown(self.root, self.user)
         self._as_user([f"{self.bindir}/initdb", "-D", self.data, "-A", "trust", "-U", "aus",
                        "--no-sync", "-E", "UTF8"])
+        return self.resume()
+
+    def halt(self) -> None:
+        """Stop the server and keep its data: :meth:`resume` brings it back.
+        A fast shutdown: it disconnects the clients, as an outage would."""
+        if self.proc is not None and self.proc.poll() is None:
+            # pg_ctl signals postgres itself (runuser passes on SIGTERM only).
+            self._as_user([f"{self.bindir}/pg_ctl", "stop", "-D", self.data, "-m", "fast",
+                           "-w", "-t", "30"])
+            self.proc.wait(30)
+
+    def resume(self) -> "PostgresServer":
+        """Run the server on its data directory and wait until it answers."""
         argv = [f"{self.bindir}/postgres", "-D", self.data, "-p", str(self.port),
                 "-k", self.root, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
                 "-c", "max_connections=300", "-c", "shared_buffers=128MB"]

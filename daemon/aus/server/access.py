@@ -47,6 +47,9 @@ ROUTES: dict[str, dict[str, str]] = {
     "/": {"GET": PUBLIC},
     "/console": {ALL_METHODS: PUBLIC},
     "/api/docs": {"GET": PUBLIC},
+    "/healthz": {"GET": PUBLIC},                         # probes: no key (health.py)
+    "/readyz": {"GET": PUBLIC},
+    "/metrics": {"GET": PUBLIC},                         # its own optional token (metrics.py)
     "/api/openapi.json": {"GET": PUBLIC, "HEAD": PUBLIC},
     "/scim/{rest:path}": {ALL_METHODS: PUBLIC},          # outside any org: a SCIM 404
     # sign-in: which org (and scopes) a key has

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..core.bundle import BUNDLE_FORMAT, document_from_data
 from ..core.errors import PolicyError
 from ..core.policy import parse_network
-from . import enforcement
+from . import enforcement, metrics
 from .db import (
     Bundle,
     Group,
@@ -194,6 +194,7 @@ def rebuild(session: Session, org_id: str, now: dt.datetime | None = None, *,
     if row.generation == org.generation and row.body and not retry_due \
             and force_version is None:
         return row
+    started = time.perf_counter()
     try:
         content = build_content(session, org_id)
         content.update(enforcement.bundle_key(session, org_id))
@@ -214,6 +215,7 @@ def rebuild(session: Session, org_id: str, now: dt.datetime | None = None, *,
         row.build_error = row.build_failing_since = row.build_retry_at = None
         row.build_attempts = 0
     row.generation = org.generation
+    metrics.BUILD_SECONDS.observe(time.perf_counter() - started)
     return row
 
 
@@ -235,6 +237,7 @@ def _build_failed(session: Session, row: Bundle, org_id: str, exc: Exception,
                   now: dt.datetime) -> None:
     """Note the failure, schedule the retry, and publish the last good
     policy with the current members of its groups."""
+    metrics.BUILD_FAILURES.inc()
     reason = "; ".join(exc.problems) if isinstance(exc, PolicyError) else \
         f"internal error ({type(exc).__name__}: {exc})"
     row.build_error = reason[:4000]
@@ -290,6 +293,7 @@ class Current:
     version: int
     etag: str
     body: bytes
+    built_at: float | None = None   # Unix time
 
 
 class BundleService:
@@ -421,7 +425,9 @@ class BundleService:
                 row = s.get(Bundle, org_id)
                 if row is None or not row.body:
                     continue
-                self._current[org_id] = Current(row.version, f'"{row.digest[:32]}"', row.body.encode())
+                built = _aware(row.built_at)
+                self._current[org_id] = Current(row.version, f'"{row.digest[:32]}"', row.body.encode(),
+                                                built.timestamp() if built else None)
                 changed = True
         return changed
 
@@ -443,6 +449,14 @@ class BundleService:
     def current(self, org_id: str) -> Current | None:
         return self._current.get(org_id)
 
+    def served(self) -> dict[str, Current]:
+        """Every org's bundle in force, as this process serves it."""
+        return dict(self._current)
+
+    def running(self) -> bool:
+        """Whether the loop that rebuilds bundles and wakes long-polls runs."""
+        return self._task is not None and not self._task.done() and not self._stopping
+
     async def wait_change(self, org_id: str, etag: str | None, wait: float) -> Current | None:
         """The org's bundle once its ETag differs from ``etag``, or None
         after ``wait`` seconds (capped at ``max_wait``) without a change."""
@@ -451,6 +465,10 @@ class BundleService:
         if cur is not None and cur.etag != etag:
             return cur
         deadline = asyncio.get_running_loop().time() + wait
+        with metrics.LONG_POLLS.track_inprogress():
+            return await self._wait(org_id, etag, deadline)
+
+    async def _wait(self, org_id: str, etag: str | None, deadline: float) -> Current | None:
         async with self._cond:
             while True:
                 cur = self._current.get(org_id)

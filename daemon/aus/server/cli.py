@@ -1,7 +1,7 @@
 """``aus-server``: serve, or manage API keys.
 
     aus-server serve [--listen HOST:PORT] [--db URL] [--tls-cert PEM --tls-key PEM]
-                     [--workers N] [--flow-retention-days N]
+                     [--workers N] [--flow-retention-days N] [--metrics-token-file PATH]
     aus-server api-key create --org N [--scope S]... [--label TEXT] [--db URL]
                                                    prints <key>:<secret> once
     aus-server api-key list --org N [--json] [--db URL]
@@ -87,6 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from . import serving
+    from .metrics import multiprocess_dir
 
     serving.hold_sighup()
 
@@ -116,6 +117,15 @@ def serve(args: argparse.Namespace) -> int:
     if args.db:
         os.environ["AUS_SERVER_DB"] = args.db
     os.environ["AUS_FLOW_RETENTION_DAYS"] = str(args.flow_retention_days)
+    if args.metrics_token_file:
+        try:
+            with open(args.metrics_token_file) as f:
+                empty = not f.read().strip()
+            if empty:
+                raise AusError(f"metrics token file {args.metrics_token_file} is empty")
+        except OSError as exc:
+            raise AusError(f"metrics token file {args.metrics_token_file}: {exc.strerror}") from exc
+        os.environ["AUS_METRICS_TOKEN_FILE"] = os.path.abspath(args.metrics_token_file)
     # Migrate once here, so worker processes start on an up-to-date schema
     # and a bad URL is reported before anything listens.
     engine, _ = open_database(args.db)
@@ -128,7 +138,8 @@ def serve(args: argparse.Namespace) -> int:
                             access_log=args.access_log, timeout_keep_alive=75, backlog=4096,
                             log_config=None)   # uvicorn's loggers go through logsetup's
     sockets = [_listening_socket(host, port)] if config.workers > 1 else None
-    serving.run(config, files, sockets)   # SIGHUP re-reads the TLS certificate and key
+    with multiprocess_dir(config.workers):
+        serving.run(config, files, sockets)   # SIGHUP re-reads the TLS certificate and key
     return 0
 
 
@@ -147,6 +158,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--flow-retention-days", type=_days, default=DEFAULT_RETENTION_DAYS,
                    help=f"days of flow records kept (default {DEFAULT_RETENTION_DAYS}; "
                         f"whole UTC days are removed, so up to one more is kept)")
+    s.add_argument("--metrics-token-file",
+                   help="file holding a token /metrics then requires as 'Authorization: Bearer "
+                        "<token>' (default: /metrics needs none, like /healthz)")
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--access-log", action="store_true", help="log every request")
 

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import ValidationError
 
 from ..core.flowrecord import MAX_BATCH_BYTES, FlowBatch
+from . import metrics
 from .api import ApiError, org_auth
 from .db import utcnow
 from .flowstore import FlowStore, merge_records
@@ -83,6 +84,9 @@ def ingest(store: FlowStore, org_id: str, doc) -> dict:
     kept = [r for r in batch.records if r.first_seen >= cutoff]
     rows = merge_records(org_id, batch.workload, kept)
     store.write(rows, (org_id, batch.workload, batch.dropped))
+    metrics.FLOW_BATCHES.inc()
+    metrics.FLOW_RECORDS.labels("accepted").inc(len(kept))
+    metrics.FLOW_RECORDS.labels("expired").inc(len(batch.records) - len(kept))
     return {"accepted": len(kept), "rows": len(rows), "expired": len(batch.records) - len(kept)}
 
 
