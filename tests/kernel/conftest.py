@@ -1,11 +1,10 @@
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support import lab
+from tests.support import debpkg, lab
 
 PEER_PORTS = [22, 53, 80, 443, 5353, 7999, 8000, 8050, 8100, 8101]
 
@@ -66,19 +65,8 @@ def daemon(cg, peer, people):
         yield d
 
 
-_REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="session")
 def debs() -> dict[str, Path]:
-    """Both packages, built once per run by the one command, by package name."""
-    build = subprocess.run([str(_REPO / "packaging/debian/build.sh")], capture_output=True,
-                           text=True, timeout=900)
-    assert build.returncode == 0, build.stderr[-2000:]
-    out = {}
-    for line in build.stdout.split():
-        deb = _REPO / line
-        assert deb.exists(), line
-        out[deb.name.split("_")[0]] = deb
-    assert set(out) == {"aus", "aus-server"}, build.stdout
-    return out
+    """Both packages, built once per run, by package name."""
+    return debpkg.build()

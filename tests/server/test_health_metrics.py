@@ -23,6 +23,7 @@ from aus.server.db import open_database
 from aus.server.health import DB_TIMEOUT
 from tests.support.flow_posts import batch, post, record
 from tests.support.names import free_port
+from tests.support.polling import wait_until
 from tests.support.postgres import PostgresServer
 from tests.support.server_process import CLI, serving, wait_port
 
@@ -47,14 +48,7 @@ def value(samples: dict, name: str, **labels) -> float:
 
 
 def wait_for(predicate, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return wait_until(predicate, timeout, what=what)
 
 
 def test_healthz_needs_nothing(server):

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support import debpkg
+
 from . import container
 
 HERE = Path(__file__).resolve().parent
@@ -48,15 +50,7 @@ def debs() -> dict[str, Path]:
     missing = [t for t in ("systemd-nspawn", "debootstrap", "nsenter", "bpftool")
                if not shutil.which(t)]
     assert not missing, f"missing tools: {missing} (run scripts/service-packages.sh)"
-    build = subprocess.run([str(REPO / "packaging/debian/build.sh")], capture_output=True,
-                           text=True, timeout=900)
-    assert build.returncode == 0, build.stderr[-2000:]
-    out = {}
-    for line in build.stdout.split():
-        deb = REPO / line
-        out[deb.name.split("_")[0]] = deb
-    assert {"aus", "aus-server"} <= set(out), build.stdout
-    return out
+    return debpkg.build()
 
 
 @pytest.fixture(scope="module")
