@@ -97,7 +97,7 @@ def test_with_a_policy_it_starts_in_visibility_mode_and_reports_login_uids(fresh
 
         def reported():
             j = journal(m)
-            tail = j[j.rfind("SIGHUP: reloading the policy"):]
+            tail = j[j.rfind("Reloading ausd.service"):]
             return tail if all(e in tail for e in expected) else ""
         try:
             tail = wait_until(reported, timeout=30, interval=0.2,
