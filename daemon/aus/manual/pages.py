@@ -101,7 +101,9 @@ AUSCTL = Page(
     description="""\
 ausctl shows what ausd(8) enforces and asks it to act: the daemon's state,
 the users it manages, the rules and their counters, recent flows, and the
-verdict for a given connection.
+verdict for a given connection. Without a daemon or root, policy check
+validates a policy file as ausd would load it, and explain --policy gives
+the verdict and the deciding rule for any user or set of groups.
 
 Tables go to standard output and errors to standard error; --json gives
 every command's output in a stable machine-readable shape. maps and check
@@ -114,16 +116,22 @@ that user's own.""",
         ("/sys/fs/bpf/aus", "the pinned maps read by maps and check"),
     ),
     exit_status=(
-        ("0", "success (for check: the connection is allowed)"),
-        ("1", "an error"),
+        ("0", "success (for check and explain: the connection is allowed)"),
+        ("1", "an error (for policy check: the file is refused; for reload: the policy is "
+              "refused and the one in force stays)"),
         ("2", "a usage error"),
-        ("3", "check: the connection would be denied (or only reported, in visibility mode)"),
+        ("3", "check, explain: the connection would be denied (or only reported, in "
+              "visibility mode)"),
     ),
     examples=(
         ("Who is managed and what they get:", "ausctl users"),
         ("May login UID 1000 reach 10.0.0.5 on TCP port 443?",
          "ausctl check --login-uid 1000 --to 10.0.0.5 --port 443 --proto tcp"),
         ("Denied flows of the last ten minutes:", "ausctl flows --verdict denied --since 10m"),
+        ("Check a policy file before deploying it (no root needed):",
+         "ausctl policy check policy.yaml"),
+        ("What may alice reach on 10.1.2.3, TCP port 443, under the policy in force?",
+         "ausctl explain --user alice --to 10.1.2.3 --port 443 --proto tcp"),
     ),
     see_also=("ausd(8)", "aus-server(8)"),
 )
@@ -146,11 +154,17 @@ Plain HTTP is served only on a loopback address; any other address needs
 --tls-cert and --tls-key. Every request to the API, SCIM and bundles is
 authenticated with an API key made by aus-server api-key create.""",
     files=(
-        ("/var/lib/aus/aus-server.db", "the SQLite database, when no other is given"),
+        ("/var/lib/aus-server/aus-server.db", "the SQLite database, when no other is given"),
+        ("/etc/aus/aus-server.env", "the service's options (AUS_SERVER_OPTS, AUS_SERVER_DB); "
+         "aus-server.service starts once it exists"),
         ("/usr/share/doc/aus-server", "the server's documentation: API, SCIM and console"),
     ),
     environment=(
         ("AUS_SERVER_DB", "the database URL, when --db is not given"),
+    ),
+    signals=(
+        ("SIGHUP", "re-read the TLS certificate and key; a bad pair is refused and the old "
+         "one stays"),
     ),
     exit_status=(
         ("0", "success"),
@@ -159,6 +173,8 @@ authenticated with an API key made by aus-server api-key create.""",
     ),
     examples=(
         ("Make an API key for org 1 (printed once):", "aus-server api-key create --org 1"),
+        ("Make the Secret Token for Entra ID, good for SCIM only:",
+         "aus-server api-key create --org 1 --scope scim --label 'Entra ID'"),
         ("Serve HTTPS on every address:",
          "aus-server serve --listen 0.0.0.0:8443 --tls-cert cert.pem --tls-key key.pem"),
     ),
