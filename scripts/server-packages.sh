@@ -25,6 +25,13 @@ fi
 if ! command -v docker-compose >/dev/null 2>&1; then
     apt_install --no-install-recommends docker-compose
 fi
+# The Debian packages the aus-server package depends on (what it does not
+# vendor): tests/kernel/test_debian_package.py runs the extracted package
+# on the system's python3.
+for p in python3-yaml python3-prometheus-client; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+        apt_install --no-install-recommends "$p"
+done
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ] && ! .venv/bin/python -c "import hypothesis, schemathesis" 2>/dev/null; then
     .venv/bin/python -m pip install -q --disable-pip-version-check 'hypothesis>=6.100' 'schemathesis>=4.0'

@@ -48,11 +48,12 @@ def requirement_name(req: str) -> str:
 
 
 def server_requirements() -> set[str]:
-    """What aus-server needs: the server's extras and what the core needs
-    of the agent's dependencies (pydantic and PyYAML)."""
+    """What aus-server needs: the server's extras, what the core needs of
+    the agent's dependencies (pydantic and PyYAML), and prometheus-client
+    (its /metrics)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     return ({requirement_name(r) for r in project["optional-dependencies"]["server"]}
-            | {"pydantic", "pyyaml"})
+            | {"pydantic", "pyyaml", "prometheus-client"})
 
 
 def regular_files(deb: Path) -> set[str]:
@@ -137,7 +138,7 @@ def test_agent_package_vendors_pydantic_alone_and_depends_on_no_server_package(d
     finally:
         shutil.rmtree(root)
     assert set(vendor) == needed
-    server_only = server_requirements() - {"pydantic", "pyyaml"}
+    server_only = server_requirements() - {"pydantic", "pyyaml", "prometheus-client"}
     assert not server_only & set(vendor)
     assert not {DEBIAN_NAMES.get(d, f"python3-{d}") for d in server_only} & depends(deb)
     assert "aus-server" not in depends(deb)
