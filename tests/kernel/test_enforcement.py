@@ -6,6 +6,7 @@ Each case asserts what the process saw, what the kernel counted, and that
 """
 
 import json
+import os
 import select
 import subprocess
 import time
@@ -288,18 +289,24 @@ def test_flows_follow_streams_new_events(daemon, peer, cg, alice):
     user, _ = alice
     follower = subprocess.Popen([lab.PYTHON, "-m", "aus.cli.ausctl", "--config", str(daemon.config_path),
                                  "flows", "--follow", "--json", "--limit", "0"],
-                                stdout=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE)
     try:
-        time.sleep(0.5)   # subscribed before the traffic
-        lab.act(cg, "tcp", peer.v4, 8101, loginuid=user.uid, uid=user.uid, gid=user.gid)
-        # Events of earlier tests still in the ring may stream first.
-        deadline = time.monotonic() + 10
-        streamed = []
+        # The follower subscribes once its interpreter is up: connect again
+        # each second until one of the refused calls reaches it. Events of
+        # earlier tests still in the ring may stream first.
+        deadline = time.monotonic() + 20
+        streamed, pending = [], b""
         while not any(f["dport"] == 8101 for f in streamed):
-            ready, _, _ = select.select([follower.stdout], [], [],
-                                        max(0.0, deadline - time.monotonic()))
-            assert ready, f"no flow event to port 8101 streamed within 10 s: {streamed}"
-            streamed.append(json.loads(follower.stdout.readline()))
+            assert time.monotonic() < deadline, \
+                f"no flow event to port 8101 streamed within 20 s: {streamed}"
+            lab.act(cg, "tcp", peer.v4, 8101, loginuid=user.uid, uid=user.uid, gid=user.gid)
+            wait = 1.0
+            while select.select([follower.stdout], [], [], wait)[0]:
+                chunk = os.read(follower.stdout.fileno(), 65536)   # unbuffered: select sees all
+                assert chunk, "ausctl flows --follow ended"
+                *lines, pending = (pending + chunk).split(b"\n")
+                streamed += [json.loads(line) for line in lines]
+                wait = 0.05
         flow = next(f for f in streamed if f["dport"] == 8101)
         assert flow["login_uid"] == user.uid
         assert flow["verdict"] == "deny" and flow["hook"] == "connect4"
