@@ -4,6 +4,7 @@
 
 import { api } from "./api.js";
 import { h, plural, replace, time } from "./dom.js";
+import { filterInput, filterSelect } from "./forms.js";
 
 const PAGE = 50;
 const KINDS = [
@@ -75,19 +76,8 @@ function snapshot(label, value, kind) {
       : h("pre", { tabindex: "0" }, JSON.stringify(value, null, 2)));
 }
 
-function select(name, label, choices, value) {
-  const id = `audit-${name}`;
-  const control = h("select", { id, name },
-    choices.map(([v, text]) => h("option", { value: v, selected: v === value }, text)));
-  return { el: h("div", { class: "field" }, h("label", { for: id }, label), control), control };
-}
-
-function input(name, label, placeholder, value) {
-  const id = `audit-${name}`;
-  const control = h("input", { id, name, type: "text", autocomplete: "off", spellcheck: "false", placeholder });
-  control.value = value || "";
-  return { el: h("div", { class: "field" }, h("label", { for: id }, label), control), control };
-}
+const select = (...args) => filterSelect("audit", ...args);
+const input = (...args) => filterInput("audit", ...args);
 
 export async function view(ctx) {
   const q = ctx.query;

@@ -377,3 +377,20 @@ export function confirmDialog({ title, body, confirm = "Delete" }) {
     cancel.focus();
   });
 }
+
+// Filter bars (Traffic, Audit): a labelled select or text input whose id is
+// the page's prefix and the query parameter it sets; { el, control }.
+export function filterSelect(prefix, name, label, choices, value) {
+  const id = `${prefix}-${name}`;
+  const control = h("select", { id, name },
+    choices.map(([v, text]) => h("option", { value: v, selected: v === value }, text)));
+  return { el: h("div", { class: "field" }, h("label", { for: id }, label), control), control };
+}
+
+export function filterInput(prefix, name, label, placeholder, value) {
+  const id = `${prefix}-${name}`;
+  const control = h("input", { id, name, type: "text", autocomplete: "off", spellcheck: "false",
+                               placeholder });
+  control.value = value || "";
+  return { el: h("div", { class: "field" }, h("label", { for: id }, label), control), control };
+}

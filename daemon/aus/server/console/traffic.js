@@ -4,6 +4,7 @@
 
 import { api } from "./api.js";
 import { age, h, num, plural, replace, time } from "./dom.js";
+import { filterInput, filterSelect } from "./forms.js";
 
 const PAGE = 100;
 const BY = "group,dst,port,proto";
@@ -99,20 +100,8 @@ export function service(port, proto) {
 
 // -- the page -------------------------------------------------------------------
 
-function select(name, label, choices, value) {
-  const id = `traffic-${name}`;
-  const control = h("select", { id, name },
-    choices.map(([v, text]) => h("option", { value: v, selected: v === value }, text)));
-  return { el: h("div", { class: "field" }, h("label", { for: id }, label), control), control };
-}
-
-function input(name, label, placeholder, value) {
-  const id = `traffic-${name}`;
-  const control = h("input", { id, name, type: "text", autocomplete: "off", spellcheck: "false",
-                               placeholder, value: value || "" });
-  control.value = value || "";
-  return { el: h("div", { class: "field" }, h("label", { for: id }, label), control), control };
-}
+const select = (...args) => filterSelect("traffic", ...args);
+const input = (...args) => filterInput("traffic", ...args);
 
 function badges(v) {
   return [
