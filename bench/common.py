@@ -121,3 +121,23 @@ def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     k = max(0, min(len(s) - 1, round(q / 100 * (len(s) - 1))))
     return s[k]
+
+
+# -- the fleet-scale suite (bench.scale): each part returns one of these -----
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target: what it asks, the figure measured in this run, met or not."""
+    target: str
+    figure: str
+    met: bool
+
+
+@dataclass(frozen=True)
+class Part:
+    """One section of the fleet-scale results: Markdown tables and verdicts."""
+    title: str
+    markdown: str
+    verdicts: tuple[Verdict, ...]
+    raw: dict | None = None
