@@ -11,6 +11,13 @@ new ``version``. The current bundle lives in the database, so replicas
 sharing PostgreSQL serve the same version; each replica watches the
 ``bundles`` table and wakes its own long-pollers.
 
+Each new version also stores the delta from the version before it
+(``bundle_deltas``, the last :data:`HISTORY` versions), so a daemon that
+names the version it holds (``since=``) gets only what changed: any
+replica composes the chain of deltas from the table, once per
+(org, from, to), and serves the same bytes to every poller. Full bundles
+and deltas are gzip-compressed once per version, not per request.
+
 A build the daemon's model refuses (data that reached the store without
 the write-time checks of ``policycheck``: an older server, a hand edit)
 never stops membership changes: the bundle published instead is the last
@@ -25,23 +32,32 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gzip
 import hashlib
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..core.bundle import BUNDLE_FORMAT, document_from_data
+from ..core.bundle import (
+    BUNDLE_FORMAT,
+    canonical_digest,
+    compose_deltas,
+    diff_documents,
+    document_from_data,
+)
 from ..core.errors import PolicyError
 from ..core.policy import parse_network
 from . import enforcement, metrics
 from .db import (
     Bundle,
+    BundleDelta,
     Group,
     Membership,
     Org,
@@ -56,6 +72,8 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST = 1.0       # seconds before the first retry of a failed build
 RETRY_MAX = 300.0       # the longest wait between two retries
+HISTORY = 64            # versions whose delta from the one before is kept
+GZIP_LEVEL = 6
 
 
 def retry_delay(attempts: int) -> float:
@@ -202,7 +220,8 @@ def rebuild(session: Session, org_id: str, now: dt.datetime | None = None, *,
         if digest != row.digest or not row.body or force_version is not None:
             # Validated as the daemon will: data the API let through but a
             # daemon would refuse is a PolicyError here.
-            _publish(row, _document(org_id, force_version or row.version + 1, now, content),
+            _publish(session, row,
+                     _document(org_id, force_version or row.version + 1, now, content),
                      digest, now)
     except SQLAlchemyError:
         raise
@@ -226,11 +245,28 @@ def _document(org_id: str, version: int, now: dt.datetime, content: dict):
     }, f"bundle of org {org_id}")
 
 
-def _publish(row: Bundle, doc, digest: str, now: dt.datetime) -> None:
+def _publish(session: Session, row: Bundle, doc, digest: str, now: dt.datetime) -> None:
+    old_body = row.body
+    data = doc.model_dump(mode="json", exclude_none=True)
     row.version = doc.version
     row.digest = digest
     row.built_at = now
-    row.body = json.dumps(doc.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
+    row.body = json.dumps(data, separators=(",", ":"))
+    if old_body:
+        _record_delta(session, row.org_id, json.loads(old_body), data, len(row.body))
+    session.execute(delete(BundleDelta).where(BundleDelta.org_id == row.org_id,
+                                              BundleDelta.version <= doc.version - HISTORY))
+
+
+def _record_delta(session: Session, org_id: str, old: dict, new: dict, full_size: int) -> None:
+    """Keep the delta from ``old`` to ``new`` (unless it is no smaller than
+    the bundle itself: then a daemon is better off with the bundle, and
+    the chain through this version ends here)."""
+    body = json.dumps(diff_documents(old, new, canonical_digest(new)), separators=(",", ":"))
+    if len(body) >= full_size:
+        return
+    session.merge(BundleDelta(org_id=org_id, version=new["version"],
+                              from_version=old["version"], body=body))
 
 
 def _build_failed(session: Session, row: Bundle, org_id: str, exc: Exception,
@@ -257,7 +293,8 @@ def _build_failed(session: Session, row: Bundle, org_id: str, exc: Exception,
     digest = _digest(content)
     if digest != row.digest:
         try:
-            _publish(row, _document(org_id, row.version + 1, now, content), digest, now)
+            _publish(session, row, _document(org_id, row.version + 1, now, content),
+                     digest, now)
         except PolicyError as again:   # members the model refuses: keep what is in force
             log.error("bundle of org %s: the last good policy with the current members is "
                       "refused too (%s); the bundle in force stays", org_id, again)
@@ -294,6 +331,34 @@ class Current:
     etag: str
     body: bytes
     built_at: float | None = None   # Unix time
+    gzip: bytes = b""               # ``body`` gzip-compressed, made once
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A delta as served: from ``from_version`` to the current version."""
+    from_version: int
+    version: int
+    body: bytes
+    gzip: bytes
+
+
+DELTA_CACHE = 512   # composed deltas kept per replica: (org, from, to) -> bytes
+
+
+def compose_chain(rows: list[tuple[int, int, str]], since: int, to: int) -> dict | None:
+    """The delta from ``since`` to ``to`` composed of stored deltas
+    ``(from_version, version, body)``; None when the chain has a gap."""
+    by_from = {f: (v, b) for f, v, b in rows}
+    out, at = None, since
+    while at != to:
+        step = by_from.get(at)
+        if step is None or step[0] > to:
+            return None
+        d = json.loads(step[1])
+        out = d if out is None else compose_deltas(out, d)
+        at = step[0]
+    return out
 
 
 class BundleService:
@@ -312,6 +377,8 @@ class BundleService:
         self._checkin_lock = threading.Lock()
         self._held: dict[str, float] = {}          # org -> monotonic time of its next try
         self._held_attempts: dict[str, int] = {}
+        self._deltas: OrderedDict[tuple[str, int, int], Delta | None] = OrderedDict()
+        self._delta_builds: dict[tuple[str, int, int], asyncio.Future] = {}
 
     async def start(self) -> None:
         self._cond = asyncio.Condition()
@@ -426,8 +493,10 @@ class BundleService:
                 if row is None or not row.body:
                     continue
                 built = _aware(row.built_at)
-                self._current[org_id] = Current(row.version, f'"{row.digest[:32]}"', row.body.encode(),
-                                                built.timestamp() if built else None)
+                body = row.body.encode()
+                self._current[org_id] = Current(row.version, f'"{row.digest[:32]}"', body,
+                                                built.timestamp() if built else None,
+                                                gzip.compress(body, GZIP_LEVEL, mtime=0))
                 changed = True
         return changed
 
@@ -448,6 +517,46 @@ class BundleService:
 
     def current(self, org_id: str) -> Current | None:
         return self._current.get(org_id)
+
+    async def delta(self, org_id: str, since: int, cur: Current) -> Delta | None:
+        """The delta from version ``since`` to ``cur``, or None when this
+        server cannot reach ``cur`` from there (too old, unknown, a gap)
+        or the delta is no smaller than the bundle. Built once per
+        (org, since, version) however many pollers ask at once."""
+        if since >= cur.version:
+            return None
+        key = (org_id, since, cur.version)
+        if key in self._deltas:
+            self._deltas.move_to_end(key)
+            return self._deltas[key]
+        pending = self._delta_builds.get(key)
+        if pending is None:
+            pending = self._delta_builds[key] = asyncio.ensure_future(
+                asyncio.to_thread(self._build_delta, org_id, since, cur))
+            pending.add_done_callback(lambda f, key=key: self._delta_done(key, f))
+        return await asyncio.shield(pending)
+
+    def _delta_done(self, key: tuple[str, int, int], fut: asyncio.Future) -> None:
+        self._delta_builds.pop(key, None)
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self._deltas[key] = fut.result()
+        while len(self._deltas) > DELTA_CACHE:
+            self._deltas.popitem(last=False)
+
+    def _build_delta(self, org_id: str, since: int, cur: Current) -> Delta | None:
+        with self.sessions() as s:
+            rows = s.execute(select(BundleDelta.from_version, BundleDelta.version,
+                                    BundleDelta.body)
+                             .where(BundleDelta.org_id == org_id, BundleDelta.version > since,
+                                    BundleDelta.version <= cur.version)).all()
+        delta = compose_chain([tuple(r) for r in rows], since, cur.version)
+        if delta is None:
+            return None
+        body = json.dumps(delta, separators=(",", ":")).encode()
+        if len(body) >= len(cur.body):
+            return None
+        return Delta(since, cur.version, body, gzip.compress(body, GZIP_LEVEL, mtime=0))
 
     def served(self) -> dict[str, Current]:
         """Every org's bundle in force, as this process serves it."""
@@ -489,3 +598,17 @@ def parse_if_none_match(value: str | None) -> str | None:
         return None
     return value.split(",")[0].strip().removeprefix("W/")
 
+
+def accepts_gzip(value: str | None) -> bool:
+    """Whether an Accept-Encoding header takes gzip (``gzip;q=0`` does not)."""
+    for part in (value or "").split(","):
+        name, _, params = part.partition(";")
+        if name.strip().lower() in ("gzip", "x-gzip", "*"):
+            q = params.strip().lower()
+            if q.startswith("q="):
+                try:
+                    return float(q[2:]) > 0
+                except ValueError:
+                    return False
+            return True
+    return False
