@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -150,23 +150,93 @@ def content_from_spec(session: Session, org_id: str, spec: dict) -> dict:
     return {
         "policy": {"user_groups": user_groups, "ip_lists": dict(sorted(used_lists.items())),
                    "services": {}, "rules": out_rules},
-        "members": _members(session, {g: used_groups[g].display_name for g in used_groups}),
+        "members": _members(session, org_id,
+                            {g: used_groups[g].display_name for g in used_groups}),
     }
 
 
-def _members(session: Session, names: dict[str, str]) -> dict[str, list[str]]:
+# The member lists of the last build, per (database, org): a membership
+# change costs the members that came and went, not a read of every list
+# (tens of thousands of names each at fleet size). A group's list is
+# reused while its version (every SCIM write of the group bumps it) and
+# its row count stay the same; a changed group reads its member ids (the
+# primary key's index) and the names of the new ones only. Any change to
+# the org's users (a new, renamed, disabled or deleted user: their count
+# and last modification) reads everything again.
+_MEMBER_CACHE: dict[tuple[str, str], tuple[tuple, dict[str, tuple]]] = {}
+_MEMBER_CACHE_LOCK = threading.Lock()
+# The last document published per (database, org), with its body: the next
+# delta starts from it without parsing the body again.
+_PUBLISHED: dict[tuple[str, str], tuple[str, dict]] = {}
+
+
+def _active_names(session: Session, org_id: str, ids: list[str]) -> dict[str, str | None]:
+    """Member id -> userName of the active users among ``ids`` (None for
+    the others: disabled users, groups)."""
+    out: dict[str, str | None] = dict.fromkeys(ids)
+    for i in range(0, len(ids), 900):
+        for uid, name in session.execute(select(User.id, User.user_name).where(
+                User.org_id == org_id, User.id.in_(ids[i:i + 900]), User.active.is_(True))):
+            out[uid] = name
+    return out
+
+
+def _group_members(session: Session, org_id: str, group_id: str,
+                   known: dict[str, str | None]) -> dict[str, str | None]:
+    ids = session.scalars(select(Membership.member_id)
+                          .where(Membership.group_id == group_id)).all()
+    new = [m for m in ids if m not in known]
+    out = {m: known[m] for m in ids if m in known}
+    out.update(_active_names(session, org_id, new))
+    return out
+
+
+def _members(session: Session, org_id: str, names: dict[str, str]) -> dict[str, list[str]]:
     """Group id -> name, to each name's active immediate members (userNames,
     sorted; every name present)."""
-    members: dict[str, list[str]] = {name: [] for name in names.values()}
     ids = list(names)
+    users_mark = tuple(session.execute(
+        select(func.count(), func.max(User.modified_at)).where(User.org_id == org_id)).one())
+    marks: dict[str, tuple] = {}
     for i in range(0, len(ids), 900):
+        part = ids[i:i + 900]
+        versions = dict(session.execute(select(Group.id, Group.version)
+                                        .where(Group.id.in_(part))).all())
+        counts = dict(session.execute(select(Membership.group_id, func.count())
+                                      .where(Membership.group_id.in_(part))
+                                      .group_by(Membership.group_id)).all())
+        for g in part:
+            marks[g] = (versions.get(g), counts.get(g, 0))
+    key = (str(session.get_bind().url), org_id)
+    with _MEMBER_CACHE_LOCK:
+        mark, cached = _MEMBER_CACHE.get(key, (None, {}))
+    if mark != users_mark:
+        cached = {}
+    entries: dict[str, tuple] = {}
+    cold = []
+    for g in ids:
+        hit = cached.get(g)
+        if hit is not None and hit[0] == marks[g]:
+            entries[g] = hit
+        elif hit is not None:
+            by_id = _group_members(session, org_id, g, hit[1])
+            entries[g] = (marks[g], by_id, sorted(n for n in by_id.values() if n is not None))
+        else:
+            cold.append(g)
+    fresh: dict[str, dict[str, str | None]] = {g: {} for g in cold}
+    for i in range(0, len(cold), 900):
         rows = session.execute(
-            select(Membership.group_id, User.user_name)
-            .join(User, User.id == Membership.member_id)
-            .where(Membership.group_id.in_(ids[i:i + 900]), User.active.is_(True))).all()
-        for group_id, user_name in rows:
-            members[names[group_id]].append(user_name)
-    return {k: sorted(v) for k, v in sorted(members.items())}
+            select(Membership.group_id, Membership.member_id, User.user_name, User.active)
+            .outerjoin(User, User.id == Membership.member_id)
+            .where(Membership.group_id.in_(cold[i:i + 900]))).all()
+        for group_id, member_id, user_name, active in rows:
+            fresh[group_id][member_id] = user_name if active else None
+    for g, by_id in fresh.items():
+        entries[g] = (marks[g], by_id, sorted(n for n in by_id.values() if n is not None))
+    with _MEMBER_CACHE_LOCK:
+        _MEMBER_CACHE[key] = (users_mark, entries)
+    # Copies: the caller may change what it gets, the cache must not change.
+    return {names[g]: list(entries[g][2]) for g in sorted(ids, key=lambda g: names[g])}
 
 
 def current_members(session: Session, org_id: str, group_names: list[str]) -> dict[str, list[str]]:
@@ -179,7 +249,7 @@ def current_members(session: Session, org_id: str, group_names: list[str]) -> di
         for gid, key in session.execute(select(Group.id, Group.display_name_key).where(
                 Group.org_id == org_id, Group.display_name_key.in_(key_list[i:i + 900]))):
             found[gid] = keys[key]
-    out = _members(session, found)
+    out = _members(session, org_id, found)
     for name in group_names:
         out.setdefault(name, [])
     return dict(sorted(out.items()))
@@ -238,24 +308,46 @@ def rebuild(session: Session, org_id: str, now: dt.datetime | None = None, *,
     return row
 
 
-def _document(org_id: str, version: int, now: dt.datetime, content: dict):
-    return document_from_data({
-        "format": BUNDLE_FORMAT, "org": org_id, "version": version,
-        "generated_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), **content,
-    }, f"bundle of org {org_id}")
+def _document(org_id: str, version: int, now: dt.datetime, content: dict) -> dict:
+    """The bundle document as published, validated as the daemon validates
+    it. The member lists (most of a large bundle) are checked here in one
+    pass for what the model checks of each name (a non-empty string, cut
+    of surrounding spaces); the model validates everything else, and the
+    whole document when a name fails, for its exact reasons."""
+    data = {"format": BUNDLE_FORMAT, "org": org_id, "version": version,
+            "generated_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), **content}
+    members = content.get("members")
+    try:
+        stripped = {name: list(map(str.strip, users)) for name, users in members.items()}
+        ok = all(all(users) for users in stripped.values())
+    except (AttributeError, TypeError):   # not a mapping of lists of strings
+        ok = False
+    if not ok:
+        doc = document_from_data(data, f"bundle of org {org_id}")
+        return doc.model_dump(mode="json", exclude_none=True)
+    doc = document_from_data({**data, "members": {name: [] for name in members}},
+                             f"bundle of org {org_id}")
+    out = doc.model_dump(mode="json", exclude_none=True)
+    out["members"] = stripped
+    return out
 
 
-def _publish(session: Session, row: Bundle, doc, digest: str, now: dt.datetime) -> None:
+def _publish(session: Session, row: Bundle, data: dict, digest: str, now: dt.datetime) -> None:
     old_body = row.body
-    data = doc.model_dump(mode="json", exclude_none=True)
-    row.version = doc.version
+    row.version = data["version"]
     row.digest = digest
     row.built_at = now
     row.body = json.dumps(data, separators=(",", ":"))
     if old_body:
-        _record_delta(session, row.org_id, json.loads(old_body), data, len(row.body))
+        key = (str(session.get_bind().url), row.org_id)
+        with _MEMBER_CACHE_LOCK:
+            last = _PUBLISHED.get(key)
+        old = last[1] if last is not None and last[0] == old_body else json.loads(old_body)
+        _record_delta(session, row.org_id, old, data, len(row.body))
+        with _MEMBER_CACHE_LOCK:
+            _PUBLISHED[key] = (row.body, data)
     session.execute(delete(BundleDelta).where(BundleDelta.org_id == row.org_id,
-                                              BundleDelta.version <= doc.version - HISTORY))
+                                              BundleDelta.version <= row.version - HISTORY))
 
 
 def _record_delta(session: Session, org_id: str, old: dict, new: dict, full_size: int) -> None:

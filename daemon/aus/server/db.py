@@ -120,6 +120,8 @@ class User(Base):
     __table_args__ = (
         UniqueConstraint("org_id", "user_name_key", name="uq_users_org_name"),
         Index("ix_users_org_external", "org_id", "external_id"),
+        # Migration 0010: the bundle build's check for changed users.
+        Index("ix_users_org_modified", "org_id", "modified_at"),
     )
 
 
