@@ -13,9 +13,15 @@ import httpx
 import pytest
 
 import aus.server.bundle as server_bundle
-from aus.core.bundle import DELTA_MEDIA_TYPE, bundle_from_bytes, bundle_from_delta
+from aus.core.bundle import (
+    DELTA_MEDIA_TYPE,
+    apply_delta,
+    bundle_from_bytes,
+    bundle_from_delta,
+)
 from aus.server.auth import create_key
-from aus.server.db import open_database
+from aus.server.db import Membership, PolicyVersion, open_database
+from tests.support.migrations import migrate, store_at
 from tests.support.names import free_port
 from tests.support.provision import provision
 from tests.support.server_process import serving, wait_port
@@ -209,3 +215,39 @@ def test_two_replicas_serve_the_same_delta(postgres):
                 assert made.data == json.loads(bundle(b, "/api/orgs/1", auth).content)
     finally:
         postgres.drop_database(name)
+
+
+def test_the_upgrade_adds_the_deltas_table_and_back_down(tmp_path):
+    """0010 on a store at 0009: each build after the upgrade stores its
+    delta, which makes the new bundle of the old; and back down."""
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = store_at(url, "0009")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO orgs (id, created_at, generation) VALUES ('1', "
+                             "'2026-01-01', 0)")
+    engine.dispose()
+    ids = seed(url, "1", groups={"DEV": ["alice"]}, users=["bob"])
+    engine, sessions = open_database(url)     # upgrades to head
+    try:
+        with sessions.begin() as s:
+            s.add(PolicyVersion(org_id="1", version=1, policy={}, spec={"ip_lists": [], "rules": [
+                {"id": "r1", "name": "dev-web", "sources": [{"id": ids["DEV"]}],
+                 "destinations": ["10.0.0.0/8"], "services": ["80/tcp"]}]}))
+            old = json.loads(server_bundle.rebuild(s, "1").body)
+            s.add(Membership(group_id=ids["DEV"], member_id=ids["bob"], member_type="User"))
+            server_bundle.touch(s, "1")
+        with sessions.begin() as s:
+            new = json.loads(server_bundle.rebuild(s, "1").body)
+        with engine.connect() as conn:
+            rows = list(conn.exec_driver_sql("SELECT from_version, version, body FROM "
+                                             "bundle_deltas"))
+        assert [(f, v) for f, v, _ in rows] == [(old["version"], new["version"])]
+        assert apply_delta(old, json.loads(rows[0][2]), "delta") == new
+        migrate(engine, "0009", down=True)
+        with engine.connect() as conn:
+            tables = [r[0] for r in conn.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")]
+        assert "bundle_deltas" not in tables and "ix_users_org_modified" not in tables
+        assert "bundles" in tables
+    finally:
+        engine.dispose()
