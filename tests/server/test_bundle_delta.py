@@ -19,6 +19,7 @@ from aus.core.bundle import (
     bundle_from_bytes,
     bundle_from_delta,
 )
+from aus.server import metrics
 from aus.server.auth import create_key
 from aus.server.db import Membership, PolicyVersion, open_database
 from tests.support.migrations import migrate, store_at
@@ -148,6 +149,10 @@ def test_a_bad_since_is_refused_with_a_clear_422(server, since):
     assert [f["field"] for f in r.json()["error"]["fields"]] == ["since"]
 
 
+def sample(name: str, **labels) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def test_gzip_when_the_client_takes_it(server):
     c, auth, api = server.client, server.basic(), server.api
     ids = start(server.db_url, c, api, auth)
@@ -165,6 +170,8 @@ def test_gzip_when_the_client_takes_it(server):
     members(c, server.scim, server.bearer(), ids["DEV"], "add", ids["dave"])
     next_version(c, api, auth, plain)
     since = json.loads(plain.content)["version"]
+    before = {"answers": sample("aus_server_bundle_answers_total", kind="delta", encoding="gzip"),
+              "bytes": sample("aus_server_bundle_sent_bytes_total", kind="delta")}
     delta = bundle(c, api, auth, since=since)
     with c.stream("GET", f"{api}/bundle?since={since}", auth=auth,
                   headers={"Accept-Encoding": "gzip"}) as r:
@@ -172,6 +179,11 @@ def test_gzip_when_the_client_takes_it(server):
     assert r.headers["content-type"] == DELTA_MEDIA_TYPE
     assert r.headers["content-encoding"] == "gzip"
     assert gzip.decompress(raw) == delta.content
+    # Counted by kind and encoding, with the bytes as sent.
+    assert sample("aus_server_bundle_answers_total", kind="delta", encoding="gzip") == \
+        before["answers"] + 1
+    assert sample("aus_server_bundle_sent_bytes_total", kind="delta") == \
+        before["bytes"] + len(raw) + len(delta.content)
 
 
 def test_two_replicas_serve_the_same_delta(postgres):

@@ -33,7 +33,15 @@ from ..core.policy import (
     parse_network,
     parse_service,
 )
-from . import access, audit, enforcement, policycheck, policyversions, snapshots
+from . import (
+    access,
+    audit,
+    enforcement,
+    metrics,
+    policycheck,
+    policyversions,
+    snapshots,
+)
 from .auth import AuthError
 from .bundle import accepts_gzip, build_status, parse_if_none_match, touch
 from .db import (
@@ -706,10 +714,12 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
     delta = await bundles.delta(org_id, since, cur) if since is not None else None
     if delta is not None:
         headers["X-Aus-Delta-From"] = str(delta.from_version)
-        return Response(delta.gzip if gz else delta.body, media_type=DELTA_MEDIA_TYPE,
-                        headers=headers)
-    return Response(cur.gzip if gz else cur.body, media_type="application/json",
-                    headers=headers)
+        kind, body, media = "delta", delta.gzip if gz else delta.body, DELTA_MEDIA_TYPE
+    else:
+        kind, body, media = "full", cur.gzip if gz else cur.body, "application/json"
+    metrics.BUNDLE_ANSWERS.labels(kind, "gzip" if gz else "identity").inc()
+    metrics.BUNDLE_BYTES.labels(kind).inc(len(body))
+    return Response(body, media_type=media, headers=headers)
 
 
 def whoami_any(request: Request) -> dict:
