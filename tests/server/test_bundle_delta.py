@@ -263,3 +263,20 @@ def test_the_upgrade_adds_the_deltas_table_and_back_down(tmp_path):
         assert "bundles" in tables
     finally:
         engine.dispose()
+
+
+def test_a_stored_delta_that_breaks_gets_the_full_bundle(server, caplog):
+    c, auth, api = server.client, server.basic(), server.api
+    ids = start(server.db_url, c, api, auth)
+    v1 = bundle(c, api, auth)
+    members(c, server.scim, server.bearer(), ids["DEV"], "add", ids["dave"])
+    v2 = next_version(c, api, auth, v1)
+    engine, _ = open_database(server.db_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE bundle_deltas SET body = '{\"members\": 1'")
+    finally:
+        engine.dispose()
+    r = bundle(c, api, auth, since=json.loads(v1.content)["version"])
+    assert r.headers["content-type"] == "application/json" and r.content == v2.content
+    assert "cannot be made; sending the whole bundle" in caplog.text

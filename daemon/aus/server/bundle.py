@@ -435,7 +435,12 @@ class Delta:
     gzip: bytes
 
 
-DELTA_CACHE = 512   # composed deltas kept per replica: (org, from, to) -> bytes
+DELTA_CACHE = 512            # composed deltas kept per replica: (org, from, to) -> bytes
+DELTA_CACHE_BYTES = 64 << 20   # and at most this many bytes of them
+
+
+def _size(delta: Delta | None) -> int:
+    return len(delta.body) + len(delta.gzip) if delta is not None else 0
 
 
 def compose_chain(rows: list[tuple[int, int, str]], since: int, to: int) -> dict | None:
@@ -471,6 +476,7 @@ class BundleService:
         self._held_attempts: dict[str, int] = {}
         self._deltas: OrderedDict[tuple[str, int, int], Delta | None] = OrderedDict()
         self._delta_builds: dict[tuple[str, int, int], asyncio.Future] = {}
+        self._delta_bytes = 0
 
     async def start(self) -> None:
         self._cond = asyncio.Condition()
@@ -626,15 +632,22 @@ class BundleService:
             pending = self._delta_builds[key] = asyncio.ensure_future(
                 asyncio.to_thread(self._build_delta, org_id, since, cur))
             pending.add_done_callback(lambda f, key=key: self._delta_done(key, f))
-        return await asyncio.shield(pending)
+        try:
+            return await asyncio.shield(pending)
+        except Exception:   # the database, or a stored delta that breaks: send the bundle
+            log.exception("bundle of org %s: the delta from version %d to %d cannot be made; "
+                          "sending the whole bundle", org_id, since, cur.version)
+            return None
 
     def _delta_done(self, key: tuple[str, int, int], fut: asyncio.Future) -> None:
         self._delta_builds.pop(key, None)
         if fut.cancelled() or fut.exception() is not None:
             return
-        self._deltas[key] = fut.result()
-        while len(self._deltas) > DELTA_CACHE:
-            self._deltas.popitem(last=False)
+        delta = self._deltas[key] = fut.result()
+        self._delta_bytes += _size(delta)
+        while len(self._deltas) > DELTA_CACHE or self._delta_bytes > DELTA_CACHE_BYTES:
+            _key, old = self._deltas.popitem(last=False)
+            self._delta_bytes -= _size(old)
 
     def _build_delta(self, org_id: str, since: int, cur: Current) -> Delta | None:
         with self.sessions() as s:
