@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterable, NamedTuple, TypeAlias
 
 from . import contract as C
@@ -31,10 +32,11 @@ _PROTOS = {"tcp": (C.PROTO_TCP,), "udp": (C.PROTO_UDP,),
            "icmp": (C.PROTO_ICMP, C.PROTO_ICMPV6), "any": (C.PROTO_ANY,)}
 
 
-@dataclass(frozen=True, order=True)
-class SvcEntry:
+class SvcEntry(NamedTuple):
     """One aus_svc entry of a portset: ``port`` is the block start (host
-    order) and ``plen`` the key prefix length (32, 48, or 48 + k)."""
+    order) and ``plen`` the key prefix length (32, 48, or 48 + k). A
+    tuple: hashed and compared in C, which a 10,000-rule ruleset's
+    portsets do hundreds of thousands of times."""
     proto: int
     port: int
     plen: int
@@ -85,22 +87,33 @@ def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
     return blocks
 
 
-def service_entries(spec: ServiceSpec, rule: int) -> list[SvcEntry]:
+@lru_cache(maxsize=4096)
+def _service_keys(spec: ServiceSpec) -> tuple[tuple[int, int, int], ...]:
+    """A service's aus_svc keys (proto, block start, prefix length): the
+    same for every rule that names it, so computed once."""
     out = []
     for proto in _PROTOS[spec.proto]:
         if proto == C.PROTO_ANY:
-            out.append(SvcEntry(proto, 0, C.SVC_ANY_PREFIX, rule))
+            out.append((proto, 0, C.SVC_ANY_PREFIX))
         elif spec.proto == "icmp" or (spec.lo, spec.hi) == (0, 65535):
-            out.append(SvcEntry(proto, 0, C.SVC_PROTO_PREFIX, rule))
+            out.append((proto, 0, C.SVC_PROTO_PREFIX))
         else:
             for start, bits in port_blocks(spec.lo, spec.hi):
-                out.append(SvcEntry(proto, start, C.SVC_PROTO_PREFIX + bits, rule))
-    return out
+                out.append((proto, start, C.SVC_PROTO_PREFIX + bits))
+    return tuple(out)
+
+
+def service_entries(spec: ServiceSpec, rule: int) -> list[SvcEntry]:
+    new = tuple.__new__     # SvcEntry(...) without its Python-level __new__
+    return [new(SvcEntry, (proto, port, plen, rule)) for proto, port, plen in _service_keys(spec)]
 
 
 def _dedupe(entries: Iterable[SvcEntry]) -> Portset:
     """Keep one rule per (proto, port, plen): the lowest id, so the same
     rule is credited every time."""
+    entries = entries if isinstance(entries, (set, frozenset)) else set(entries)
+    if len({e[:3] for e in entries}) == len(entries):
+        return frozenset(entries)        # one rule per key already (the usual case)
     best: dict[tuple[int, int, int], int] = {}
     for e in entries:
         k = (e.proto, e.port, e.plen)
@@ -127,31 +140,62 @@ def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
     return (oaddr >> shift) == (iaddr >> shift) if oplen else True
 
 
+# A grant ready for the sweep: its prefix as (family, address as an int,
+# length), its services deduplicated, and its aus_dst entry for when no
+# other grant touches that prefix (then the entry is this very object).
+PrefixKey: TypeAlias = tuple[int, int, int]
+Part: TypeAlias = tuple[PrefixKey, Portset, DstEntry]
+
+
+def prepare(net: Network, entries: Iterable[SvcEntry]) -> Part:
+    addr, plen = _key(net)
+    a = int.from_bytes(addr, "big")
+    portset = _dedupe(entries)
+    return (_family(a, plen), a, plen), portset, DstEntry(addr, plen, portset)
+
+
 def flatten(grants: Iterable[tuple[Network, Iterable[SvcEntry]]]) -> Ruleset:
     """Turn (destination, services) grants into LPM entries in which the
     longest matching prefix carries every service any containing prefix
-    grants.
+    grants."""
+    return flatten_parts([prepare(net, entries) for net, entries in grants])
+
+
+def flatten_parts(parts: Iterable[Part]) -> Ruleset:
+    """:func:`flatten` of prepared grants.
 
     One sweep in address order: prefixes either nest or are disjoint, so
     the prefixes containing the current one form a stack, and the top of
-    the stack already carries everything above it. O(P log P).
+    the stack already carries everything above it. O(P log P). A prefix
+    that one grant alone gives, under no other, reuses that grant's entry:
+    a ruleset of 10,000 rules is mostly such entries, shared with every
+    other ruleset holding those rules.
     """
-    by_prefix: dict[tuple[int, int, int], set[SvcEntry]] = {}
-    for net, entries in grants:
-        addr, plen = _key(net)
-        a = int.from_bytes(addr, "big")
-        by_prefix.setdefault((_family(a, plen), a, plen), set()).update(entries)
+    by_prefix: dict[PrefixKey, list[Part]] = {}
+    for part in parts:
+        got = by_prefix.get(part[0])
+        if got is None:
+            by_prefix[part[0]] = [part]
+        else:
+            got.append(part)
     out = []
-    stack: list[tuple[int, int, int, set[SvcEntry]]] = []   # (family, first, last, merged)
-    for fam, a, plen in sorted(by_prefix):
+    stack: list[tuple[int, int, int, frozenset[SvcEntry] | set[SvcEntry]]] = []
+    for key in sorted(by_prefix):
+        fam, a, plen = key
         last = a | ((1 << (128 - plen)) - 1)
         while stack and (stack[-1][0] != fam or stack[-1][2] < a):
             stack.pop()
-        merged = set(by_prefix[(fam, a, plen)])
-        if stack:
-            merged |= stack[-1][3]
+        here = by_prefix[key]
+        if not stack and len(here) == 1:
+            merged = here[0][1]
+            out.append(here[0][2])
+        else:
+            merged = set().union(*(p[1] for p in here))
+            if stack:
+                merged |= stack[-1][3]
+            portset = _dedupe(merged)
+            out.append(DstEntry(here[0][2].addr, plen, portset))
         stack.append((fam, a, last, merged))
-        out.append(DstEntry(a.to_bytes(16, "big"), plen, _dedupe(merged)))
     return frozenset(out)
 
 
@@ -199,13 +243,18 @@ class CompiledPolicy:
     _cache: dict = field(default_factory=dict, repr=False)
     _matches: dict = field(default_factory=dict, repr=False)
     _index: dict | None = field(default=None, repr=False)
-    _by_id: dict | None = field(default=None, repr=False)
+    _parts: dict | None = field(default=None, repr=False)
+    _names: dict | None = field(default=None, repr=False)
 
     @property
     def rule_names(self) -> dict[int, str]:
-        names = {C.RULE_BASELINE: "baseline"}
-        names.update({r.id: r.name for r in self.rules})
-        return names
+        """Rule id -> name, the baseline's included. Built once: every
+        sync compares it with the maps' names. Do not modify."""
+        if self._names is None:
+            names = {C.RULE_BASELINE: "baseline"}
+            names.update({r.id: r.name for r in self.rules})
+            self._names = names
+        return self._names
 
     def matching_rules(self, groups: Iterable[str], sids: Iterable[str] = ()) -> frozenset[int]:
         """Rules whose sources match any of these directory groups, by name
@@ -248,14 +297,22 @@ class CompiledPolicy:
         """The compiled ruleset of a set of rules (memoized: many users share)."""
         rs = self._cache.get(rule_ids)
         if rs is None:
-            grants = [(net, service_entries(ServiceSpec("any", 0, 0), C.RULE_BASELINE))
-                      for net in self.baseline]
-            if self._by_id is None:
-                self._by_id = {r.id: r for r in self.rules}
-            for rid in sorted(rule_ids):
-                grants.extend(self._by_id[rid].grants)
-            rs = self._cache[rule_ids] = flatten(grants)
+            parts = self._prepared()
+            rs = self._cache[rule_ids] = flatten_parts(
+                [part for rid in (C.RULE_BASELINE, *rule_ids) for part in parts[rid]])
         return rs
+
+    def _prepared(self) -> dict[int, tuple[Part, ...]]:
+        """Each rule's grants prepared for flatten_parts (the baseline's
+        under RULE_BASELINE), once per policy: a login then costs a sweep
+        over shared objects, not a rebuild of 10,000 grants."""
+        if self._parts is None:
+            anyway = service_entries(ServiceSpec("any", 0, 0), C.RULE_BASELINE)
+            parts = {C.RULE_BASELINE: tuple(prepare(net, anyway) for net in self.baseline)}
+            for r in self.rules:
+                parts[r.id] = tuple(prepare(g.destination, g.services) for g in r.grants)
+            self._parts = parts
+        return self._parts
 
     def baseline_ruleset(self) -> Ruleset:
         return self.ruleset(frozenset())

@@ -359,6 +359,8 @@ class _Planner:
     # -- rule names and config -----------------------------------------------
 
     def update_rule_names(self, rules: dict[RuleId, str]) -> None:
+        if rules == self.actual.rules:
+            return          # the usual case (a login): one comparison in C
         for rid, name in rules.items():
             if self.actual.rules.get(rid) != name:
                 self.ops.rules_put.append(RulePut(rid, name))
