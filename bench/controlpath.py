@@ -95,8 +95,14 @@ class Daemon:
         notify.bind(str(npath))
         notify.settimeout(timeout)
         passwd, group, nss = self.files
-        script = (f"mount --bind {passwd} /etc/passwd && mount --bind {group} /etc/group && "
-                  f"mount --bind {nss} /etc/nsswitch.conf && "
+        # A copy of /etc with the bench's files, mounted over /etc: a file
+        # bind-mounted alone is unmounted when something on the machine
+        # renames a new /etc/passwd over it (useradd does), and ausd would
+        # see the machine's users from then on.
+        etc = self.workdir / "etc"
+        script = (f"rm -rf {etc} && mkdir {etc} && cp -a /etc/. {etc}/ && "
+                  f"cp {passwd} {etc}/passwd && cp {group} {etc}/group && "
+                  f"cp {nss} {etc}/nsswitch.conf && mount --bind {etc} /etc && "
                   f"exec {sys.executable} -m aus.agent.ausd --config {self.config_path}")
         log = open(self.workdir / "ausd.log", "ab")
         t0 = time.perf_counter()

@@ -118,17 +118,17 @@ class Layout:
 
 def in_kernel(maps: dict, ruleset: int, addr: str) -> str | None:
     """The rule the kernel's two lookups give for addr:PORT/tcp in this
-    ruleset (its name), or None: the maps ausd wrote, read back."""
+    ruleset (its name), or what is missing: the maps ausd wrote, read back."""
     import ipaddress
 
     a16 = C.addr16(ipaddress.ip_address(addr))
     dv = maps[C.MAP_DST].lookup(mapsync.dst_key(ruleset, a16, 128))
     if dv is None:
-        return None
+        return f"no aus_dst entry in ruleset {ruleset}"
     sv = maps[C.MAP_SVC].lookup(mapsync.svc_key(dv.portset, C.PROTO_TCP, PORT,
                                                 C.SVC_PROTO_PREFIX + 16))
     if sv is None:
-        return None
+        return f"no aus_svc entry in portset {dv.portset}"
     info = maps[C.MAP_RULES].lookup(mapsync._u32(sv.rule))
     return info.name.decode() if info is not None else None
 
@@ -151,6 +151,7 @@ def login(sock: Path, loginuid: int, check) -> float:
                 reply = c.request("session_open")
                 dt = time.perf_counter() - t0
             os.write(w, json.dumps({"dt": dt, "ruleset": reply.get("ruleset"),
+                                    "groups": reply.get("groups"),
                                     "rules": len(reply.get("rules") or ())}).encode() + b"\n")
             os.read(go_r, 1)
             control.request(sock, "session_close", timeout=60)
@@ -284,7 +285,8 @@ def run(*, sizes: tuple[int, ...], logins: int, shared: int, ausctl: int, policy
                         got = in_kernel(maps, reply["ruleset"], addr)
                         if got != last_rule:
                             raise AssertionError(f"login {uid}: the kernel gives {got!r} for "
-                                                 f"{addr}:{PORT}/tcp, not {last_rule!r}")
+                                                 f"{addr}:{PORT}/tcp, not {last_rule!r} "
+                                                 f"(reply: {reply})")
                     lat.append(login(d.socket, uid, check))
                     time.sleep(0.05)
                 res[f"{kind}_{n}"] = {"login_s": lat, "rules_per_user": sorted(set(counts))}

@@ -36,6 +36,7 @@ BPF_LINK_UPDATE = 29
 BPF_ENABLE_STATS = 32
 BPF_LINK_DETACH = 34
 BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -266,6 +267,26 @@ class Map:
             key = (ctypes.c_uint8 * ksize).from_buffer(kbuf, i * ksize)
             value = self.value_type.from_buffer(vbuf, i * vsize)
             self.update(key, value)
+
+    def delete_batch(self, keys: bytes, count: int) -> None:
+        """Remove ``count`` keys packed back to back in one system call
+        (BPF_MAP_DELETE_BATCH). A key that is not there stops the kernel's
+        loop, so then, as on a kernel without it, the keys are deleted one
+        by one, absent ones passing (deleting is idempotent)."""
+        if count <= 0:
+            return
+        ksize = len(keys) // count
+        if ksize * count != len(keys):
+            raise ValueError(f"delete_batch: {len(keys)} bytes of keys are not {count} keys")
+        kbuf = (ctypes.c_uint8 * len(keys)).from_buffer_copy(keys)
+        if not self._no_batch:
+            attr = _attr()
+            _put(attr, "QQQQIIQQ", 0, 0, 0, ctypes.addressof(kbuf), 0, count, self.fd, 0, 0)
+            if _bpf(BPF_MAP_DELETE_BATCH, attr, "delete from", self.name,
+                    _NO_BATCH + (errno.ENOENT,)) >= 0:
+                return
+        for i in range(count):
+            self.delete((ctypes.c_uint8 * ksize).from_buffer(kbuf, i * ksize))
 
     def delete(self, key) -> bool:
         """Remove key; False when it was not there (deleting is idempotent)."""

@@ -58,6 +58,19 @@ def _put_dst(dst: Map, ops) -> None:
     dst.update_batch(keys, b"".join([_U32.pack(op.portset) for op in ops]), len(ops))
 
 
+def _del_svc(svc: Map, ops) -> None:
+    keys = b"".join([_SVC_KEY.pack(e.plen, op.portset, e.proto, 0, socket.htons(e.port))
+                     for op in ops for e in (op.entry,)])
+    svc.delete_batch(keys, len(ops))
+
+
+def _del_dst(dst: Map, ops) -> None:
+    bits = C.DST_ID_BITS
+    keys = b"".join([_DST_KEY.pack(bits + op.plen, op.ruleset, C.family_of16(op.addr, op.plen),
+                                   op.addr) for op in ops])
+    dst.delete_batch(keys, len(ops))
+
+
 def config_struct(cfg: ConfigValues) -> C.Config:
     return C.Config(cfg.mode, cfg.baseline_ruleset, cfg.events_per_sec,
                     cfg.events_burst, cfg.ruleset_seq, cfg.portset_seq,
@@ -82,11 +95,8 @@ def apply(plan: Plan, maps: dict[str, Map]) -> None:
         users.delete(_u32(uid))
     if plan.config_put is not None:
         maps[C.MAP_CONFIG].update(_u32(0), config_struct(plan.config_put))
-    for op in plan.dst_del:
-        dst.delete(dst_key(op.ruleset, op.addr, op.plen))
-    for op in plan.svc_del:
-        e = op.entry
-        svc.delete(svc_key(op.portset, e.proto, e.port, e.plen))
+    _del_dst(dst, plan.dst_del)
+    _del_svc(svc, plan.svc_del)
     for rid in plan.rules_del:
         rules.delete(_u32(rid))
 

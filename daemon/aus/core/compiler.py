@@ -18,6 +18,7 @@ one copy per distinct group combination, not per user.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -199,6 +200,24 @@ def flatten_parts(parts: Iterable[Part]) -> Ruleset:
     return frozenset(out)
 
 
+def _touches(key: PrefixKey, found: set[PrefixKey], ordered: list[PrefixKey]) -> bool:
+    """Whether ``key`` equals, lies under or contains a prefix of ``found``
+    (``ordered`` is found sorted). Within one family, as in the sweep."""
+    fam, a, plen = key
+    if key in found:
+        return True
+    for shorter in range(96 if fam == 4 else 0, plen):   # the prefixes containing key
+        host = 128 - shorter
+        if (fam, a >> host << host if shorter else 0, shorter) in found:
+            return True
+    i = bisect.bisect_left(ordered, key)       # the first prefix at or after key's start
+    if i < len(ordered):
+        nfam, na, _ = ordered[i]
+        if nfam == fam and na <= a | ((1 << (128 - plen)) - 1):
+            return True
+    return False
+
+
 def group_matches(policy_group: str, directory_group: str) -> bool:
     """``DEV`` matches ``dev`` and ``dev@corp.example``; case never matters."""
     want = policy_group.casefold()
@@ -245,6 +264,8 @@ class CompiledPolicy:
     _index: dict | None = field(default=None, repr=False)
     _parts: dict | None = field(default=None, repr=False)
     _names: dict | None = field(default=None, repr=False)
+    _largest: dict = field(default_factory=dict, repr=False)   # rule ids -> largest group's
+    _keys: dict = field(default_factory=dict, repr=False)      # rule ids -> their prefixes
 
     @property
     def rule_names(self) -> dict[int, str]:
@@ -264,16 +285,19 @@ class CompiledPolicy:
         hit = self._matches.get(key)
         if hit is None:
             index = self._source_index()
-            ids: set[int] = set()
+            parts: list[frozenset[int]] = []
             for sid in key[1]:
-                ids.update(index.get(("sid", sid.upper()), ()))
+                parts.append(index.get(("sid", sid.upper()), frozenset()))
             for g in key[0]:
                 name = g.casefold()
-                ids.update(index.get(name, ()))
+                parts.append(index.get(name, frozenset()))
                 short = name.split("@", 1)[0]
                 if short != name:
-                    ids.update(index.get(("short", short), ()))
-            hit = self._matches[key] = frozenset(ids)
+                    parts.append(index.get(("short", short), frozenset()))
+            hit = self._matches[key] = frozenset().union(*parts)
+            largest = max(parts, key=len, default=hit)
+            if largest and largest != hit:
+                self._largest[hit] = largest
         return hit
 
     def _source_index(self) -> dict:
@@ -290,17 +314,44 @@ class CompiledPolicy:
                         index.setdefault(("short", name), set()).add(r.id)
                     if name in sid_of:
                         index.setdefault(("sid", sid_of[name]), set()).add(r.id)
-            self._index = index
+            self._index = {k: frozenset(v) for k, v in index.items()}
         return self._index
 
     def ruleset(self, rule_ids: frozenset[int]) -> Ruleset:
-        """The compiled ruleset of a set of rules (memoized: many users share)."""
+        """The compiled ruleset of a set of rules (memoized: many users share).
+
+        A user's rules are the union of their groups' rules. When the
+        largest group's ruleset is known (or worth knowing: its other
+        users share it) and the rest touch none of its prefixes, the
+        user's ruleset is that one plus the rest's entries: a login with
+        10,000 rules of one group and a few of its own sweeps the few."""
         rs = self._cache.get(rule_ids)
         if rs is None:
-            parts = self._prepared()
-            rs = self._cache[rule_ids] = flatten_parts(
-                [part for rid in (C.RULE_BASELINE, *rule_ids) for part in parts[rid]])
+            base = self._largest.get(rule_ids)
+            if base is not None:
+                rs = self._extended(base, rule_ids - base)
+            if rs is None:
+                parts = self._prepared()
+                rs = flatten_parts(
+                    [part for rid in (C.RULE_BASELINE, *rule_ids) for part in parts[rid]])
+            self._cache[rule_ids] = rs
         return rs
+
+    def _extended(self, base: frozenset[int], extra: frozenset[int]) -> Ruleset | None:
+        """ruleset(base | extra) from ruleset(base), or None when a prefix
+        of extra equals, contains or lies under one of base's (then the
+        services must be merged: the caller sweeps everything)."""
+        prepared = self._prepared()
+        parts = [part for rid in extra for part in prepared[rid]]
+        keys = self._keys.get(base)
+        if keys is None:
+            found = {part[0] for rid in (C.RULE_BASELINE, *base) for part in prepared[rid]}
+            keys = self._keys[base] = (found, sorted(found))
+        found, ordered = keys
+        for key, _, _ in parts:
+            if _touches(key, found, ordered):
+                return None
+        return self.ruleset(base) | flatten_parts(parts)
 
     def _prepared(self) -> dict[int, tuple[Part, ...]]:
         """Each rule's grants prepared for flatten_parts (the baseline's
