@@ -165,11 +165,13 @@ class Daemon:
         names = {name: rid for rid, name in self.kstate.rules.items()
                  if rid != C.RULE_BASELINE}
         try:
-            return compiler.compile_policy(policy, self.cfg.baseline_networks,
-                                           rule_ids=names, max_rules=self.cfg.max_rules,
-                                           version=version)
+            compiled = compiler.compile_policy(policy, self.cfg.baseline_networks,
+                                               rule_ids=names, max_rules=self.cfg.max_rules,
+                                               version=version)
         except ValueError as exc:
             raise PolicyError(source or self.policy_source, [str(exc)]) from exc
+        compiled.warm()   # large groups' rulesets now, not at their first login
+        return compiled
 
     def _install(self, policy: Policy, digest: str, version: int, why: str,
                  source: str, bundle: Bundle | None = None) -> compiler.CompiledPolicy:

@@ -368,6 +368,16 @@ class CompiledPolicy:
     def baseline_ruleset(self) -> Ruleset:
         return self.ruleset(frozenset())
 
+    def warm(self, min_rules: int = 1000) -> int:
+        """Compile now the ruleset of every source with at least
+        ``min_rules`` rules, so that the first login of such a group (or
+        of a user with a few rules of their own on top) does not sweep
+        them all. Returns how many were compiled."""
+        big = {ids for ids in self._source_index().values() if len(ids) >= min_rules}
+        for ids in big:
+            self.ruleset(ids)
+        return len(big)
+
 
 def compile_policy(policy: Policy, baseline: Iterable[Network], *,
                    rule_ids: dict[str, int] | None = None,
