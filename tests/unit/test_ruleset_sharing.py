@@ -110,3 +110,15 @@ def test_a_users_own_rules_grow_the_groups_shared_ruleset():
     nested = [e for e in c.ruleset(c.matching_rules(("big", "u2")))
               if e.addr == C.addr16(ipaddress.ip_address("10.0.5.7"))]
     assert {s.port for s in nested[0].portset} == {80, 443}
+
+
+def test_the_ruleset_cache_is_bounded_and_stays_correct(monkeypatch):
+    monkeypatch.setattr(compiler, "RULESET_CACHE_ENTRIES", 40)
+    rng = random.Random(7)
+    c = random_policy(rng)
+    for _ in range(60):
+        groups = tuple(rng.sample("ABCD", rng.randint(1, 4)))
+        ids = c.matching_rules(groups)
+        assert c.ruleset(ids) == reference_ruleset(c, ids)
+        assert c._cached_entries == sum(len(rs) for rs in c._cache.values())
+        assert c._cached_entries <= 40 or len(c._cache) == 1

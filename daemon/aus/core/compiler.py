@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, NamedTuple, TypeAlias
@@ -225,6 +226,11 @@ def group_matches(policy_group: str, directory_group: str) -> bool:
     return have == want or ("@" not in want and have.split("@", 1)[0] == want)
 
 
+# The compiled rulesets kept for the next login, at most this many aus_dst
+# entries in all (the least recently used go first).
+RULESET_CACHE_ENTRIES = 1_000_000
+
+
 @dataclass(frozen=True)
 class CompiledRule:
     id: int
@@ -259,7 +265,8 @@ class CompiledPolicy:
     baseline: tuple[Network, ...]
     version: int = 0
     group_sids: tuple[tuple[str, str], ...] = ()   # (policy group name, SID)
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _cached_entries: int = field(default=0, repr=False)
     _matches: dict = field(default_factory=dict, repr=False)
     _index: dict | None = field(default=None, repr=False)
     _parts: dict | None = field(default=None, repr=False)
@@ -325,16 +332,24 @@ class CompiledPolicy:
         users share it) and the rest touch none of its prefixes, the
         user's ruleset is that one plus the rest's entries: a login with
         10,000 rules of one group and a few of its own sweeps the few."""
-        rs = self._cache.get(rule_ids)
+        cache = self._cache
+        rs = cache.get(rule_ids)
+        if rs is not None:
+            cache.move_to_end(rule_ids)
+            return rs
+        base = self._largest.get(rule_ids)
+        if base is not None:
+            rs = self._extended(base, rule_ids - base)
         if rs is None:
-            base = self._largest.get(rule_ids)
-            if base is not None:
-                rs = self._extended(base, rule_ids - base)
-            if rs is None:
-                parts = self._prepared()
-                rs = flatten_parts(
-                    [part for rid in (C.RULE_BASELINE, *rule_ids) for part in parts[rid]])
-            self._cache[rule_ids] = rs
+            parts = self._prepared()
+            rs = flatten_parts(
+                [part for rid in (C.RULE_BASELINE, *rule_ids) for part in parts[rid]])
+        cache[rule_ids] = rs
+        # Bounded: every combination of groups that ever logged in would
+        # otherwise stay, each with its own set of up to 10,000 entries.
+        self._cached_entries += len(rs)
+        while self._cached_entries > RULESET_CACHE_ENTRIES and len(cache) > 1:
+            self._cached_entries -= len(cache.popitem(last=False)[1])
         return rs
 
     def _extended(self, base: frozenset[int], extra: frozenset[int]) -> Ruleset | None:
