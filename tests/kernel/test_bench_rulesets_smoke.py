@@ -35,6 +35,7 @@ def test_rulesets_part_runs_tiny(tmp_path):
         runs = res[f"ausctl_{n}"]
         assert runs and all(r["exit"] == 0 for r in runs), runs
         assert f"| {n:,} | new (compiled and written) | {res['logins']} |" in text
+        assert new["ausd_cpu_s"] > 0
     pf = res["policy_file"]
     assert pf["rules"] == 1000 and all(r["rules"] == 1000 for r in pf["runs"])
     assert all(r["load"] > 0 and r["compile"] > 0 for r in pf["runs"])
