@@ -226,6 +226,19 @@ def group_matches(policy_group: str, directory_group: str) -> bool:
     return have == want or ("@" not in want and have.split("@", 1)[0] == want)
 
 
+class _Prepared(dict):
+    """Rule id -> its prepared grants, made on first use."""
+
+    def __init__(self, rules: dict[int, CompiledRule]):
+        super().__init__()
+        self.rules = rules
+
+    def __missing__(self, rid: int) -> tuple[Part, ...]:
+        parts = self[rid] = tuple(prepare(g.destination, g.services)
+                                  for g in self.rules[rid].grants)
+        return parts
+
+
 # The compiled rulesets kept for the next login, at most this many aus_dst
 # entries in all (the least recently used go first).
 RULESET_CACHE_ENTRIES = 1_000_000
@@ -370,14 +383,13 @@ class CompiledPolicy:
 
     def _prepared(self) -> dict[int, tuple[Part, ...]]:
         """Each rule's grants prepared for flatten_parts (the baseline's
-        under RULE_BASELINE), once per policy: a login then costs a sweep
-        over shared objects, not a rebuild of 10,000 grants."""
+        under RULE_BASELINE), once per policy and rule, when a ruleset
+        first needs the rule: a login then costs a sweep over shared
+        objects, not a rebuild of 10,000 grants."""
         if self._parts is None:
             anyway = service_entries(ServiceSpec("any", 0, 0), C.RULE_BASELINE)
-            parts = {C.RULE_BASELINE: tuple(prepare(net, anyway) for net in self.baseline)}
-            for r in self.rules:
-                parts[r.id] = tuple(prepare(g.destination, g.services) for g in r.grants)
-            self._parts = parts
+            self._parts = _Prepared({r.id: r for r in self.rules})
+            self._parts[C.RULE_BASELINE] = tuple(prepare(net, anyway) for net in self.baseline)
         return self._parts
 
     def baseline_ruleset(self) -> Ruleset:
