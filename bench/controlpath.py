@@ -70,7 +70,7 @@ def write_directory(workdir: Path, uids: list[int]) -> tuple[Path, Path, Path]:
 class Daemon:
     """ausd in a private mount namespace with the bench directory."""
 
-    def __init__(self, workdir: Path, cg: Path, files):
+    def __init__(self, workdir: Path, cg: Path, files, settings: dict | None = None):
         self.workdir = workdir
         self.pin_dir = Path("/sys/fs/bpf") / unique("aus-bench-cp-")
         self.policy_path = workdir / "policy.yaml"
@@ -80,7 +80,8 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.config_path.write_text(yaml.safe_dump({
             "policy": str(self.policy_path), "cgroup": str(cg), "pin_dir": str(self.pin_dir),
-            "socket": str(self.socket), "log_level": "warning", "groups_ttl": 600.0}))
+            "socket": str(self.socket), "log_level": "warning", "groups_ttl": 600.0,
+            **(settings or {})}))
 
     def write_policy(self, extra_port: int | None) -> None:
         tmp = self.policy_path.with_suffix(".tmp")
@@ -94,8 +95,14 @@ class Daemon:
         notify.bind(str(npath))
         notify.settimeout(timeout)
         passwd, group, nss = self.files
-        script = (f"mount --bind {passwd} /etc/passwd && mount --bind {group} /etc/group && "
-                  f"mount --bind {nss} /etc/nsswitch.conf && "
+        # A copy of /etc with the bench's files, mounted over /etc: a file
+        # bind-mounted alone is unmounted when something on the machine
+        # renames a new /etc/passwd over it (useradd does), and ausd would
+        # see the machine's users from then on.
+        etc = self.workdir / "etc"
+        script = (f"rm -rf {etc} && mkdir {etc} && cp -a /etc/. {etc}/ && "
+                  f"cp {passwd} {etc}/passwd && cp {group} {etc}/group && "
+                  f"cp {nss} {etc}/nsswitch.conf && mount --bind {etc} /etc && "
                   f"exec {sys.executable} -m aus.agent.ausd --config {self.config_path}")
         log = open(self.workdir / "ausd.log", "ab")
         t0 = time.perf_counter()

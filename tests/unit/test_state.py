@@ -250,6 +250,12 @@ def test_mapsync_applies_in_plan_order():
         def update(self, k, v):
             self.log.append((self.name, "put"))
 
+        def update_batch(self, keys, values, count):
+            self.log.extend([(self.name, "put")] * count)
+
+        def delete_batch(self, keys, count):
+            self.log.extend([(self.name, "del")] * count)
+
         def delete(self, k):
             self.log.append((self.name, "del"))
 

@@ -165,11 +165,13 @@ class Daemon:
         names = {name: rid for rid, name in self.kstate.rules.items()
                  if rid != C.RULE_BASELINE}
         try:
-            return compiler.compile_policy(policy, self.cfg.baseline_networks,
-                                           rule_ids=names, max_rules=self.cfg.max_rules,
-                                           version=version)
+            compiled = compiler.compile_policy(policy, self.cfg.baseline_networks,
+                                               rule_ids=names, max_rules=self.cfg.max_rules,
+                                               version=version)
         except ValueError as exc:
             raise PolicyError(source or self.policy_source, [str(exc)]) from exc
+        compiled.warm()   # large groups' rulesets now, not at their first login
+        return compiled
 
     def _install(self, policy: Policy, digest: str, version: int, why: str,
                  source: str, bundle: Bundle | None = None) -> compiler.CompiledPolicy:
@@ -677,7 +679,7 @@ class Daemon:
         info, extra, rule_ids = self.identities[uid]
         rules = sorted(self.compiled.rule_names[r] for r in rule_ids)
         log.info("session opened: login UID %d (%s), groups %s, bundle groups %s, rules %s",
-                 uid, info.name, list(info.groups), list(extra), rules,
+                 uid, info.name, list(info.groups), list(extra), _some(rules),
                  extra=logsetup.fields(login_uid=uid, user=info.name))
         return {"ok": True, "login_uid": uid, "managed": True, "user": info.name,
                 "groups": list(dict.fromkeys(info.groups + extra)),
@@ -691,6 +693,13 @@ class Daemon:
         # UID any more (scanning all of /proc here would slow logouts).
         return {"ok": True, "login_uid": uid,
                 "processes": self.sessions.processes.get(uid, 0)}
+
+
+def _some(names: list[str], most: int = 20) -> str:
+    """A log line's list of names: 10,000 rule names would be 200 kB a login."""
+    if len(names) <= most:
+        return str(names)
+    return f"{names[:most]} and {len(names) - most} more"
 
 
 def parser() -> argparse.ArgumentParser:

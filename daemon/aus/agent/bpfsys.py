@@ -35,10 +35,14 @@ BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_ENABLE_STATS = 32
 BPF_LINK_DETACH = 34
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_F_REPLACE = 1 << 2
+# A kernel or map type without batch operations answers one of these.
+_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)   # 524: ENOTSUPP
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -189,6 +193,7 @@ class Map:
         self._stride = (vsize + 7) // 8 * 8
         self._ncpu = possible_cpus() if percpu else 1
         self._vbuf_size = self._stride * self._ncpu if percpu else vsize
+        self._no_batch = False
 
     @classmethod
     def open(cls, path: str, key_type, value_type, percpu=False) -> "Map":
@@ -236,6 +241,52 @@ class Map:
                 ctypes.memmove(ctypes.addressof(buf) + i * self._stride, raw, len(raw))
             value = buf
         self._elem(BPF_MAP_UPDATE_ELEM, key, value, flags, "update")
+
+    def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
+        """Write ``count`` entries in one system call: ``keys`` and
+        ``values`` hold them packed back to back (BPF_MAP_UPDATE_BATCH, the
+        kernel's loop instead of one call per entry). Where the kernel has
+        no batch update for this map, one update per entry does the same."""
+        if count <= 0:
+            return
+        ksize, vsize = len(keys) // count, len(values) // count
+        if ksize * count != len(keys) or vsize * count != len(values):
+            raise ValueError(f"update_batch: {len(keys)}/{len(values)} bytes of keys/values "
+                             f"are not {count} entries")
+        kbuf = (ctypes.c_uint8 * len(keys)).from_buffer_copy(keys)
+        vbuf = (ctypes.c_uint8 * len(values)).from_buffer_copy(values)
+        if not self.percpu and not self._no_batch:
+            attr = _attr()
+            _put(attr, "QQQQIIQQ", 0, 0, 0, ctypes.addressof(kbuf), ctypes.addressof(vbuf),
+                 count, self.fd, BPF_ANY, 0)
+            if _bpf(BPF_MAP_UPDATE_BATCH, attr, "update", self.name, _NO_BATCH) >= 0:
+                return
+            # Nothing was written when the command itself is refused.
+            self._no_batch = True
+        for i in range(count):
+            key = (ctypes.c_uint8 * ksize).from_buffer(kbuf, i * ksize)
+            value = self.value_type.from_buffer(vbuf, i * vsize)
+            self.update(key, value)
+
+    def delete_batch(self, keys: bytes, count: int) -> None:
+        """Remove ``count`` keys packed back to back in one system call
+        (BPF_MAP_DELETE_BATCH). A key that is not there stops the kernel's
+        loop, so then, as on a kernel without it, the keys are deleted one
+        by one, absent ones passing (deleting is idempotent)."""
+        if count <= 0:
+            return
+        ksize = len(keys) // count
+        if ksize * count != len(keys):
+            raise ValueError(f"delete_batch: {len(keys)} bytes of keys are not {count} keys")
+        kbuf = (ctypes.c_uint8 * len(keys)).from_buffer_copy(keys)
+        if not self._no_batch:
+            attr = _attr()
+            _put(attr, "QQQQIIQQ", 0, 0, 0, ctypes.addressof(kbuf), 0, count, self.fd, 0, 0)
+            if _bpf(BPF_MAP_DELETE_BATCH, attr, "delete from", self.name,
+                    _NO_BATCH + (errno.ENOENT,)) >= 0:
+                return
+        for i in range(count):
+            self.delete((ctypes.c_uint8 * ksize).from_buffer(kbuf, i * ksize))
 
     def delete(self, key) -> bool:
         """Remove key; False when it was not there (deleting is idempotent)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import socket
+import struct
 
 from ..core import contract as C
 from ..core.compiler import SvcEntry
@@ -36,6 +37,40 @@ def svc_key(portset: int, proto: int, port: int, plen: int) -> C.SvcKey:
     return k
 
 
+# The same keys and values packed as bytes, for batch writes (native byte
+# order, no padding: the ctypes structures' layout; the port in network order).
+_DST_KEY = struct.Struct("=III16s")
+_SVC_KEY = struct.Struct("=IIBBH")
+_U32 = struct.Struct("=I")
+assert _DST_KEY.size == ctypes.sizeof(C.DstKey) and _SVC_KEY.size == ctypes.sizeof(C.SvcKey)
+
+
+def _put_svc(svc: Map, ops) -> None:
+    keys = b"".join([_SVC_KEY.pack(e.plen, op.portset, e.proto, 0, socket.htons(e.port))
+                     for op in ops for e in (op.entry,)])
+    svc.update_batch(keys, b"".join([_U32.pack(op.entry.rule) for op in ops]), len(ops))
+
+
+def _put_dst(dst: Map, ops) -> None:
+    bits = C.DST_ID_BITS
+    keys = b"".join([_DST_KEY.pack(bits + op.plen, op.ruleset, C.family_of16(op.addr, op.plen),
+                                   op.addr) for op in ops])
+    dst.update_batch(keys, b"".join([_U32.pack(op.portset) for op in ops]), len(ops))
+
+
+def _del_svc(svc: Map, ops) -> None:
+    keys = b"".join([_SVC_KEY.pack(e.plen, op.portset, e.proto, 0, socket.htons(e.port))
+                     for op in ops for e in (op.entry,)])
+    svc.delete_batch(keys, len(ops))
+
+
+def _del_dst(dst: Map, ops) -> None:
+    bits = C.DST_ID_BITS
+    keys = b"".join([_DST_KEY.pack(bits + op.plen, op.ruleset, C.family_of16(op.addr, op.plen),
+                                   op.addr) for op in ops])
+    dst.delete_batch(keys, len(ops))
+
+
 def config_struct(cfg: ConfigValues) -> C.Config:
     return C.Config(cfg.mode, cfg.baseline_ruleset, cfg.events_per_sec,
                     cfg.events_burst, cfg.ruleset_seq, cfg.portset_seq,
@@ -45,11 +80,9 @@ def config_struct(cfg: ConfigValues) -> C.Config:
 def apply(plan: Plan, maps: dict[str, Map]) -> None:
     svc, dst = maps[C.MAP_SVC], maps[C.MAP_DST]
     users, rules = maps[C.MAP_USERS], maps[C.MAP_RULES]
-    for op in plan.svc_put:
-        e = op.entry
-        svc.update(svc_key(op.portset, e.proto, e.port, e.plen), C.SvcVal(e.rule))
-    for op in plan.dst_put:
-        dst.update(dst_key(op.ruleset, op.addr, op.plen), C.DstVal(op.portset))
+    # A new ruleset can hold 10,000 entries: written in one call per map.
+    _put_svc(svc, plan.svc_put)
+    _put_dst(dst, plan.dst_put)
     for op in plan.rules_put:
         # A new name for an id: its counters start from zero.
         maps[C.MAP_RULE_STATS].update(_u32(op.rule), C.Counters())
@@ -62,11 +95,8 @@ def apply(plan: Plan, maps: dict[str, Map]) -> None:
         users.delete(_u32(uid))
     if plan.config_put is not None:
         maps[C.MAP_CONFIG].update(_u32(0), config_struct(plan.config_put))
-    for op in plan.dst_del:
-        dst.delete(dst_key(op.ruleset, op.addr, op.plen))
-    for op in plan.svc_del:
-        e = op.entry
-        svc.delete(svc_key(op.portset, e.proto, e.port, e.plen))
+    _del_dst(dst, plan.dst_del)
+    _del_svc(svc, plan.svc_del)
     for rid in plan.rules_del:
         rules.delete(_u32(rid))
 

@@ -18,8 +18,11 @@ one copy per distinct group combination, not per user.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterable, NamedTuple, TypeAlias
 
 from . import contract as C
@@ -31,10 +34,11 @@ _PROTOS = {"tcp": (C.PROTO_TCP,), "udp": (C.PROTO_UDP,),
            "icmp": (C.PROTO_ICMP, C.PROTO_ICMPV6), "any": (C.PROTO_ANY,)}
 
 
-@dataclass(frozen=True, order=True)
-class SvcEntry:
+class SvcEntry(NamedTuple):
     """One aus_svc entry of a portset: ``port`` is the block start (host
-    order) and ``plen`` the key prefix length (32, 48, or 48 + k)."""
+    order) and ``plen`` the key prefix length (32, 48, or 48 + k). A
+    tuple: hashed and compared in C, which a 10,000-rule ruleset's
+    portsets do hundreds of thousands of times."""
     proto: int
     port: int
     plen: int
@@ -85,22 +89,33 @@ def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
     return blocks
 
 
-def service_entries(spec: ServiceSpec, rule: int) -> list[SvcEntry]:
+@lru_cache(maxsize=4096)
+def _service_keys(spec: ServiceSpec) -> tuple[tuple[int, int, int], ...]:
+    """A service's aus_svc keys (proto, block start, prefix length): the
+    same for every rule that names it, so computed once."""
     out = []
     for proto in _PROTOS[spec.proto]:
         if proto == C.PROTO_ANY:
-            out.append(SvcEntry(proto, 0, C.SVC_ANY_PREFIX, rule))
+            out.append((proto, 0, C.SVC_ANY_PREFIX))
         elif spec.proto == "icmp" or (spec.lo, spec.hi) == (0, 65535):
-            out.append(SvcEntry(proto, 0, C.SVC_PROTO_PREFIX, rule))
+            out.append((proto, 0, C.SVC_PROTO_PREFIX))
         else:
             for start, bits in port_blocks(spec.lo, spec.hi):
-                out.append(SvcEntry(proto, start, C.SVC_PROTO_PREFIX + bits, rule))
-    return out
+                out.append((proto, start, C.SVC_PROTO_PREFIX + bits))
+    return tuple(out)
+
+
+def service_entries(spec: ServiceSpec, rule: int) -> list[SvcEntry]:
+    new = tuple.__new__     # SvcEntry(...) without its Python-level __new__
+    return [new(SvcEntry, (proto, port, plen, rule)) for proto, port, plen in _service_keys(spec)]
 
 
 def _dedupe(entries: Iterable[SvcEntry]) -> Portset:
     """Keep one rule per (proto, port, plen): the lowest id, so the same
     rule is credited every time."""
+    entries = entries if isinstance(entries, (set, frozenset)) else set(entries)
+    if len({e[:3] for e in entries}) == len(entries):
+        return frozenset(entries)        # one rule per key already (the usual case)
     best: dict[tuple[int, int, int], int] = {}
     for e in entries:
         k = (e.proto, e.port, e.plen)
@@ -127,32 +142,81 @@ def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
     return (oaddr >> shift) == (iaddr >> shift) if oplen else True
 
 
+# A grant ready for the sweep: its prefix as (family, address as an int,
+# length), its services deduplicated, and its aus_dst entry for when no
+# other grant touches that prefix (then the entry is this very object).
+PrefixKey: TypeAlias = tuple[int, int, int]
+Part: TypeAlias = tuple[PrefixKey, Portset, DstEntry]
+
+
+def prepare(net: Network, entries: Iterable[SvcEntry]) -> Part:
+    addr, plen = _key(net)
+    a = int.from_bytes(addr, "big")
+    portset = _dedupe(entries)
+    return (_family(a, plen), a, plen), portset, DstEntry(addr, plen, portset)
+
+
 def flatten(grants: Iterable[tuple[Network, Iterable[SvcEntry]]]) -> Ruleset:
     """Turn (destination, services) grants into LPM entries in which the
     longest matching prefix carries every service any containing prefix
-    grants.
+    grants."""
+    return flatten_parts([prepare(net, entries) for net, entries in grants])
+
+
+def flatten_parts(parts: Iterable[Part]) -> Ruleset:
+    """:func:`flatten` of prepared grants.
 
     One sweep in address order: prefixes either nest or are disjoint, so
     the prefixes containing the current one form a stack, and the top of
-    the stack already carries everything above it. O(P log P).
+    the stack already carries everything above it. O(P log P). A prefix
+    that one grant alone gives, under no other, reuses that grant's entry:
+    a ruleset of 10,000 rules is mostly such entries, shared with every
+    other ruleset holding those rules.
     """
-    by_prefix: dict[tuple[int, int, int], set[SvcEntry]] = {}
-    for net, entries in grants:
-        addr, plen = _key(net)
-        a = int.from_bytes(addr, "big")
-        by_prefix.setdefault((_family(a, plen), a, plen), set()).update(entries)
+    by_prefix: dict[PrefixKey, list[Part]] = {}
+    for part in parts:
+        got = by_prefix.get(part[0])
+        if got is None:
+            by_prefix[part[0]] = [part]
+        else:
+            got.append(part)
     out = []
-    stack: list[tuple[int, int, int, set[SvcEntry]]] = []   # (family, first, last, merged)
-    for fam, a, plen in sorted(by_prefix):
+    stack: list[tuple[int, int, int, frozenset[SvcEntry] | set[SvcEntry]]] = []
+    for key in sorted(by_prefix):
+        fam, a, plen = key
         last = a | ((1 << (128 - plen)) - 1)
         while stack and (stack[-1][0] != fam or stack[-1][2] < a):
             stack.pop()
-        merged = set(by_prefix[(fam, a, plen)])
-        if stack:
-            merged |= stack[-1][3]
+        here = by_prefix[key]
+        if not stack and len(here) == 1:
+            merged = here[0][1]
+            out.append(here[0][2])
+        else:
+            merged = set().union(*(p[1] for p in here))
+            if stack:
+                merged |= stack[-1][3]
+            portset = _dedupe(merged)
+            out.append(DstEntry(here[0][2].addr, plen, portset))
         stack.append((fam, a, last, merged))
-        out.append(DstEntry(a.to_bytes(16, "big"), plen, _dedupe(merged)))
     return frozenset(out)
+
+
+def _touches(key: PrefixKey, found: set[PrefixKey], ordered: list[PrefixKey]) -> bool:
+    """Whether ``key`` equals, lies under or contains a prefix of ``found``
+    (``ordered`` is found sorted). Within one family, as in the sweep."""
+    fam, a, plen = key
+    if key in found:
+        return True
+    for shorter in range(96 if fam == 4 else 0, plen):   # the prefixes containing key
+        host = 128 - shorter
+        if (fam, a >> host << host if shorter else 0, shorter) in found:
+            return True
+    i = bisect.bisect_left(ordered, key)       # the first prefix at or after key's start
+    if i < len(ordered):
+        nfam, na, _ = ordered[i]
+        if nfam == fam and na <= a | ((1 << (128 - plen)) - 1):
+            return True
+    return False
 
 
 def group_matches(policy_group: str, directory_group: str) -> bool:
@@ -160,6 +224,24 @@ def group_matches(policy_group: str, directory_group: str) -> bool:
     want = policy_group.casefold()
     have = directory_group.casefold()
     return have == want or ("@" not in want and have.split("@", 1)[0] == want)
+
+
+class _Prepared(dict):
+    """Rule id -> its prepared grants, made on first use."""
+
+    def __init__(self, rules: dict[int, CompiledRule]):
+        super().__init__()
+        self.rules = rules
+
+    def __missing__(self, rid: int) -> tuple[Part, ...]:
+        parts = self[rid] = tuple(prepare(g.destination, g.services)
+                                  for g in self.rules[rid].grants)
+        return parts
+
+
+# The compiled rulesets kept for the next login, at most this many aus_dst
+# entries in all (the least recently used go first).
+RULESET_CACHE_ENTRIES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -196,16 +278,24 @@ class CompiledPolicy:
     baseline: tuple[Network, ...]
     version: int = 0
     group_sids: tuple[tuple[str, str], ...] = ()   # (policy group name, SID)
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _cached_entries: int = field(default=0, repr=False)
     _matches: dict = field(default_factory=dict, repr=False)
     _index: dict | None = field(default=None, repr=False)
-    _by_id: dict | None = field(default=None, repr=False)
+    _parts: dict | None = field(default=None, repr=False)
+    _names: dict | None = field(default=None, repr=False)
+    _largest: dict = field(default_factory=dict, repr=False)   # rule ids -> largest group's
+    _keys: dict = field(default_factory=dict, repr=False)      # rule ids -> their prefixes
 
     @property
     def rule_names(self) -> dict[int, str]:
-        names = {C.RULE_BASELINE: "baseline"}
-        names.update({r.id: r.name for r in self.rules})
-        return names
+        """Rule id -> name, the baseline's included. Built once: every
+        sync compares it with the maps' names. Do not modify."""
+        if self._names is None:
+            names = {C.RULE_BASELINE: "baseline"}
+            names.update({r.id: r.name for r in self.rules})
+            self._names = names
+        return self._names
 
     def matching_rules(self, groups: Iterable[str], sids: Iterable[str] = ()) -> frozenset[int]:
         """Rules whose sources match any of these directory groups, by name
@@ -215,16 +305,19 @@ class CompiledPolicy:
         hit = self._matches.get(key)
         if hit is None:
             index = self._source_index()
-            ids: set[int] = set()
+            parts: list[frozenset[int]] = []
             for sid in key[1]:
-                ids.update(index.get(("sid", sid.upper()), ()))
+                parts.append(index.get(("sid", sid.upper()), frozenset()))
             for g in key[0]:
                 name = g.casefold()
-                ids.update(index.get(name, ()))
+                parts.append(index.get(name, frozenset()))
                 short = name.split("@", 1)[0]
                 if short != name:
-                    ids.update(index.get(("short", short), ()))
-            hit = self._matches[key] = frozenset(ids)
+                    parts.append(index.get(("short", short), frozenset()))
+            hit = self._matches[key] = frozenset().union(*parts)
+            largest = max(parts, key=len, default=hit)
+            if largest and largest != hit:
+                self._largest[hit] = largest
         return hit
 
     def _source_index(self) -> dict:
@@ -241,24 +334,76 @@ class CompiledPolicy:
                         index.setdefault(("short", name), set()).add(r.id)
                     if name in sid_of:
                         index.setdefault(("sid", sid_of[name]), set()).add(r.id)
-            self._index = index
+            self._index = {k: frozenset(v) for k, v in index.items()}
         return self._index
 
     def ruleset(self, rule_ids: frozenset[int]) -> Ruleset:
-        """The compiled ruleset of a set of rules (memoized: many users share)."""
-        rs = self._cache.get(rule_ids)
+        """The compiled ruleset of a set of rules (memoized: many users share).
+
+        A user's rules are the union of their groups' rules. When the
+        largest group's ruleset is known (or worth knowing: its other
+        users share it) and the rest touch none of its prefixes, the
+        user's ruleset is that one plus the rest's entries: a login with
+        10,000 rules of one group and a few of its own sweeps the few."""
+        cache = self._cache
+        rs = cache.get(rule_ids)
+        if rs is not None:
+            cache.move_to_end(rule_ids)
+            return rs
+        base = self._largest.get(rule_ids)
+        if base is not None:
+            rs = self._extended(base, rule_ids - base)
         if rs is None:
-            grants = [(net, service_entries(ServiceSpec("any", 0, 0), C.RULE_BASELINE))
-                      for net in self.baseline]
-            if self._by_id is None:
-                self._by_id = {r.id: r for r in self.rules}
-            for rid in sorted(rule_ids):
-                grants.extend(self._by_id[rid].grants)
-            rs = self._cache[rule_ids] = flatten(grants)
+            parts = self._prepared()
+            rs = flatten_parts(
+                [part for rid in (C.RULE_BASELINE, *rule_ids) for part in parts[rid]])
+        cache[rule_ids] = rs
+        # Bounded: every combination of groups that ever logged in would
+        # otherwise stay, each with its own set of up to 10,000 entries.
+        self._cached_entries += len(rs)
+        while self._cached_entries > RULESET_CACHE_ENTRIES and len(cache) > 1:
+            self._cached_entries -= len(cache.popitem(last=False)[1])
         return rs
+
+    def _extended(self, base: frozenset[int], extra: frozenset[int]) -> Ruleset | None:
+        """ruleset(base | extra) from ruleset(base), or None when a prefix
+        of extra equals, contains or lies under one of base's (then the
+        services must be merged: the caller sweeps everything)."""
+        prepared = self._prepared()
+        parts = [part for rid in extra for part in prepared[rid]]
+        keys = self._keys.get(base)
+        if keys is None:
+            found = {part[0] for rid in (C.RULE_BASELINE, *base) for part in prepared[rid]}
+            keys = self._keys[base] = (found, sorted(found))
+        found, ordered = keys
+        for key, _, _ in parts:
+            if _touches(key, found, ordered):
+                return None
+        return self.ruleset(base) | flatten_parts(parts)
+
+    def _prepared(self) -> dict[int, tuple[Part, ...]]:
+        """Each rule's grants prepared for flatten_parts (the baseline's
+        under RULE_BASELINE), once per policy and rule, when a ruleset
+        first needs the rule: a login then costs a sweep over shared
+        objects, not a rebuild of 10,000 grants."""
+        if self._parts is None:
+            anyway = service_entries(ServiceSpec("any", 0, 0), C.RULE_BASELINE)
+            self._parts = _Prepared({r.id: r for r in self.rules})
+            self._parts[C.RULE_BASELINE] = tuple(prepare(net, anyway) for net in self.baseline)
+        return self._parts
 
     def baseline_ruleset(self) -> Ruleset:
         return self.ruleset(frozenset())
+
+    def warm(self, min_rules: int = 1000) -> int:
+        """Compile now the ruleset of every source with at least
+        ``min_rules`` rules, so that the first login of such a group (or
+        of a user with a few rules of their own on top) does not sweep
+        them all. Returns how many were compiled."""
+        big = {ids for ids in self._source_index().values() if len(ids) >= min_rules}
+        for ids in big:
+            self.ruleset(ids)
+        return len(big)
 
 
 def compile_policy(policy: Policy, baseline: Iterable[Network], *,

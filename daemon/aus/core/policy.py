@@ -28,6 +28,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Annotated, Any, NamedTuple, TypeVar
 
 from pydantic import (
@@ -95,6 +96,13 @@ def parse_service(text: str) -> ServiceSpec:
     """
     if not isinstance(text, str):
         raise ValueError(f"a service must be a string, not {type(text).__name__}")
+    return _parse_service(text)
+
+
+# A policy names the same few services and addresses many times, and
+# validation, the cross checks and the compiler each read them: parse once.
+@lru_cache(maxsize=65536)
+def _parse_service(text: str) -> ServiceSpec:
     raw = text.strip()
     lowered = raw.lower()
     if not raw:
@@ -142,6 +150,11 @@ def parse_network(text: str) -> Network:
     """
     if not isinstance(text, str):
         raise ValueError(f"an address must be a string, not {type(text).__name__}")
+    return _parse_network(text)
+
+
+@lru_cache(maxsize=65536)
+def _parse_network(text: str) -> Network:
     raw = text.strip()
     if not raw:
         raise ValueError("empty address")

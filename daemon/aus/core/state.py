@@ -277,13 +277,13 @@ class _Planner:
             entries = {}
             # The planner's hottest loop (once per entry of every new
             # ruleset): a known portset is found without a method call.
-            known, put = self.portset_ids, self.ops.dst_put.append
+            known, put, new = self.portset_ids, self.ops.dst_put.append, tuple.__new__
             for addr, plen, portset in sorted(content, key=_prefix_order):
                 pid = known.get(portset)
                 if pid is None:
                     pid = self.portset_id(portset)
                 entries[(addr, plen)] = pid
-                put(DstPut(rid, addr, plen, pid))
+                put(new(DstPut, (rid, addr, plen, pid)))     # DstPut(...), minus its __new__
             self.new.rulesets[rid] = entries
         return rid
 
@@ -359,6 +359,8 @@ class _Planner:
     # -- rule names and config -----------------------------------------------
 
     def update_rule_names(self, rules: dict[RuleId, str]) -> None:
+        if rules == self.actual.rules:
+            return          # the usual case (a login): one comparison in C
         for rid, name in rules.items():
             if self.actual.rules.get(rid) != name:
                 self.ops.rules_put.append(RulePut(rid, name))
