@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
-from . import nss_sss
+from . import groupfile, nss_sss
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,19 @@ def _group_sids(gids: list[int]) -> tuple[str, ...]:
 
 
 _SSS = nss_sss.load()
+_FILES = groupfile.FilesOnly()
 
 
 def nss_lookup(login_uid: int) -> Answer:
     """A UID's name, group names and group SIDs from NSS, and whether the
     directory answered in full. Nested groups are in the list when SSSD
     resolves them."""
+    table = _FILES.table()
+    if table is not None:
+        # users and groups from local files only: one parse of the files
+        # serves every user, where glibc would read them whole for each
+        user = table.users.get(login_uid)
+        return Answer(None) if user is None else Answer(user[0], table.groups_of(*user))
     try:
         pw = pwd.getpwuid(login_uid)
     except KeyError:
@@ -174,14 +181,23 @@ class Directory:
     _cache: "OrderedDict[int, UserInfo]" = field(default_factory=OrderedDict)
 
     def get(self, login_uid: int, *, refresh: bool = False) -> UserInfo:
+        cached = self._cache.get(login_uid)
+        if cached and not refresh and self.clock() - cached.last_check < self.ttl:
+            return cached
+        return self.take(login_uid, self.ask(login_uid))
+
+    def ask(self, login_uid: int) -> Answer:
+        """The directory's answer, nothing cached: safe from any thread
+        (the lookup pool calls it; :meth:`take` then runs in the loop)."""
+        try:
+            return Answer(*self.lookup(login_uid))
+        except OSError as exc:
+            return Answer(None, status=UNAVAILABLE, detail=str(exc))
+
+    def take(self, login_uid: int, answer: Answer) -> UserInfo:
+        """Judge an answer against the last known groups and cache it."""
         now = self.clock()
         cached = self._cache.get(login_uid)
-        if cached and not refresh and now - cached.last_check < self.ttl:
-            return cached
-        try:
-            answer = Answer(*self.lookup(login_uid))
-        except OSError as exc:
-            answer = Answer(None, status=UNAVAILABLE, detail=str(exc))
         info = judge(login_uid, cached, answer, now)
         if info.stale and not (cached and cached.stale == info.stale):
             log.warning("groups of login UID %d (%s): %s; %s", login_uid, info.name,
@@ -190,6 +206,10 @@ class Directory:
         self._cache[login_uid] = info
         self._cache.move_to_end(login_uid)
         return info
+
+    def cached(self, login_uid: int) -> UserInfo | None:
+        """The last judged answer, however old (None: never looked up)."""
+        return self._cache.get(login_uid)
 
     def due(self, limit: int) -> list[int]:
         """Up to ``limit`` users not looked up for the TTL, oldest first."""
