@@ -38,8 +38,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from .. import __version__
@@ -71,7 +69,7 @@ from .flowrecords import policy_groups
 from .flowupload import uploader_for
 from .follower import BundleFollower, Delivery
 from .identity import COMPLETE, UNAVAILABLE, Answer, Directory, UserInfo
-from .lookups import NEW_USER, LookupPool
+from .lookups import NEW_USER, Bounded, LookupPool
 from .metrics import Exporter as MetricsExporter
 from .metrics import LoginLatency
 from .policysource import Fetched, Refused
@@ -85,7 +83,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = str(DEFAULT_CONFIG_PATH)
 FLOW_HISTORY = 2000
 REFRESHES_PER_SCAN = 500   # directory lookups at most queued per scan
-ANSWERS_PER_PASS = 500     # directory answers applied per pass of the loop
+ANSWERS_PER_PASS = 100     # directory answers applied per pass of the loop
 LOGIN_LOOKUP_TIMEOUT = 1.5  # a login's own lookup; then it gets what is known
 RETRY_AFTER = 5.0          # an adopted user not answered is asked again after this
 
@@ -112,7 +110,7 @@ class Daemon:
         # a login's lookup runs on a pool of its own, never queued behind.
         self._answers: collections.deque = collections.deque()
         self.lookups = LookupPool(lambda uid: self.directory.ask(uid), self._answered)
-        self.login_lookups = ThreadPoolExecutor(2, thread_name_prefix="aus-login")
+        self.login_lookup = Bounded(lambda uid: self.directory.ask(uid))
         # Users whose rules are the ones the maps held at the start, not
         # recomputed yet (no complete directory answer since): uid -> when
         # to ask again if the last lookup did not answer.
@@ -599,7 +597,6 @@ class Daemon:
         if self.metrics is not None:   # first: a scrape reads the maps closed below
             self.metrics.stop()
         self.lookups.stop()
-        self.login_lookups.shutdown(wait=False, cancel_futures=True)
         if self.uploader is not None:
             self.uploader.stop()
         if self.follower is not None:
@@ -824,6 +821,10 @@ class Daemon:
         return uid
 
     def cmd_session_open(self, args, peer, viewer) -> dict:
+        with self.lookups.paused():   # ahead of every background lookup
+            return self._session_open(peer)
+
+    def _session_open(self, peer) -> dict:
         t0 = time.perf_counter()
         uid = self._peer_uid(peer)
         if uid in self.unmanaged:
@@ -836,6 +837,7 @@ class Daemon:
             entry = self.kstate.users.get(uid)
             log.warning("session opened: login UID %d keeps the rules it had (%s)", uid,
                         answer.detail or answer.status)
+            self.login_latency.observe(time.perf_counter() - t0)
             return {"ok": True, "login_uid": uid, "managed": True, "user": answer.name,
                     "adopted": True, "ruleset": entry.ruleset if entry else None}
         self.want[uid] = self._content(uid, self.directory.take(uid, answer))
@@ -857,13 +859,11 @@ class Daemon:
         behind refreshes) and bounded: past LOGIN_LOOKUP_TIMEOUT the user
         gets what is known (the last groups, else none) and is looked up
         again in the background."""
-        future = self.login_lookups.submit(lambda: self.directory.ask(uid))
-        try:
-            answer = future.result(timeout=LOGIN_LOOKUP_TIMEOUT)
-        except FutureTimeout:
-            answer = Answer(None, status=UNAVAILABLE,
-                            detail=f"login lookup took longer than {LOGIN_LOOKUP_TIMEOUT:g} s")
+        answer = self.login_lookup(uid, LOGIN_LOOKUP_TIMEOUT)
+        if answer is None:
             self.lookups.submit(uid, NEW_USER)
+            return Answer(None, status=UNAVAILABLE,
+                          detail=f"login lookup took longer than {LOGIN_LOOKUP_TIMEOUT:g} s")
         return answer
 
     def cmd_session_close(self, args, peer, viewer) -> dict:

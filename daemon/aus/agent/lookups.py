@@ -8,7 +8,8 @@ directory (``ask``: NSS through glibc or SSSD's module, both thread-safe,
 both releasing the GIL while they wait) and hands the answer back with
 ``deliver``; the loop judges it and writes the maps. Lower numbers go
 first (new users before refreshes); a login does not queue at all, it has
-its own path. A lookup still running after ``timeout`` seconds is
+its own path (:class:`Bounded`), and the pool starts no lookup while a
+login is served (:meth:`LookupPool.paused`). A lookup still running after ``timeout`` seconds is
 reported once by :meth:`overdue`, so the loop can treat the user as not
 answered and retry later; the thread stays blocked in NSS until the call
 returns, which is why the pool is small and bounded.
@@ -16,6 +17,7 @@ returns, which is why the pool is small and bounded.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -49,6 +51,8 @@ class LookupPool:
         self.workers = [threading.Thread(target=self._work, name=f"aus-lookup-{i}", daemon=True)
                         for i in range(workers)]
         self._stop = False
+        self._go = threading.Event()   # cleared while a login is served
+        self._go.set()
 
     def start(self) -> None:
         for t in self.workers:
@@ -59,6 +63,17 @@ class LookupPool:
         self._stop = True
         for _ in self.workers:
             self._queue.put((-1, next(self._seq), None))
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No lookup starts while this lasts (one already running ends):
+        a login's lookup and map writes get the CPUs, the GIL and the
+        directory to themselves."""
+        self._go.clear()
+        try:
+            yield
+        finally:
+            self._go.set()
 
     def submit(self, uid: int, priority: int = REFRESH) -> bool:
         """Queue a lookup unless one is queued at this priority or better,
@@ -97,6 +112,7 @@ class LookupPool:
 
     def _work(self) -> None:
         while True:
+            self._go.wait()
             priority, _, uid = self._queue.get()
             if uid is None or self._stop:
                 return
@@ -116,3 +132,35 @@ class LookupPool:
                 self.answered += 1
             if answer is not None:
                 self.deliver(uid, answer)
+
+
+class Bounded:
+    """One lookup at a time for whoever waits for it (a login), on a
+    thread of its own so that nothing queued goes first, waited for at
+    most ``timeout`` seconds. The threads are daemon threads: one blocked
+    in NSS must not hold up the daemon's exit. At most ``limit`` may be
+    blocked at once; past that a lookup is not even started."""
+
+    def __init__(self, ask: Callable[[int], Any], *, limit: int = 8):
+        self.ask, self.limit = ask, limit
+        self._lock = threading.Lock()
+        self._blocked = 0
+
+    def __call__(self, uid: int, timeout: float) -> Any | None:
+        """The answer, or None if it did not come within ``timeout``."""
+        with self._lock:
+            if self._blocked >= self.limit:
+                return None
+            self._blocked += 1
+        box: list = []
+        done = threading.Event()
+
+        def run():
+            try:
+                box.append(self.ask(uid))
+            finally:
+                with self._lock:
+                    self._blocked -= 1
+                done.set()
+        threading.Thread(target=run, name=f"aus-login-{uid}", daemon=True).start()
+        return box[0] if done.wait(timeout) and box else None
