@@ -68,8 +68,9 @@ from .flowrecords import Filter as FlowFilter
 from .flowrecords import policy_groups
 from .flowupload import uploader_for
 from .follower import BundleFollower, Delivery
-from .identity import COMPLETE, UNAVAILABLE, Answer, Directory, UserInfo
+from .identity import COMPLETE, UNAVAILABLE, Answer, Directory, UserInfo, files_only
 from .lookups import NEW_USER, Bounded, LookupPool
+from .lookups import WORKERS as LOOKUP_WORKERS
 from .metrics import Exporter as MetricsExporter
 from .metrics import LoginLatency
 from .policysource import Fetched, Refused
@@ -109,7 +110,8 @@ class Daemon:
         # Directory answers come from the pool's threads through _answers;
         # a login's lookup runs on a pool of its own, never queued behind.
         self._answers: collections.deque = collections.deque()
-        self.lookups = LookupPool(lambda uid: self.directory.ask(uid), self._answered)
+        self.lookups = LookupPool(lambda uid: self.directory.ask(uid), self._answered,
+                                  workers=1 if files_only() else LOOKUP_WORKERS)
         self.login_lookup = Bounded(lambda uid: self.directory.ask(uid))
         # Users whose rules are the ones the maps held at the start, not
         # recomputed yet (no complete directory answer since): uid -> when

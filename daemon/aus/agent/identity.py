@@ -120,18 +120,42 @@ except ImportError:  # pragma: no cover - depends on the host
     _idmap = None
 
 
+_GID_SIDS: dict[int, str | None] = {}
+_GID_SIDS_AT = [0.0]
+
+
 def _group_sids(gids: list[int]) -> tuple[str, ...]:
+    """The groups' SIDs, cached per GID for a minute like their names:
+    every user of a group asks for the same SID, and SSSD takes
+    milliseconds to say a group has none. An answer SSSD could not give
+    is not cached."""
     if _idmap is None or not gids:
         return ()
-    try:
-        found = _idmap.getsidbygid(gids)
-    except (OSError, SystemError, ValueError):
-        return ()  # SSSD down or not an SSSD group: names still match
-    return tuple(v[_idmap.SID_KEY].upper() for v in found.values() if _idmap.SID_KEY in v)
+    now = time.monotonic()
+    if now - _GID_SIDS_AT[0] > GID_NAME_TTL:
+        _GID_SIDS.clear()
+        _GID_SIDS_AT[0] = now
+    ask = [g for g in gids if g not in _GID_SIDS]
+    if ask:
+        try:
+            found = _idmap.getsidbygid(ask)
+        except (OSError, SystemError, ValueError):
+            found = None  # SSSD down or not an SSSD group: names still match
+        if found is not None:
+            for gid in ask:
+                v = found.get(gid) or found.get(str(gid)) or {}
+                _GID_SIDS[gid] = v[_idmap.SID_KEY].upper() if _idmap.SID_KEY in v else None
+    return tuple(s for s in (_GID_SIDS.get(g) for g in gids) if s)
 
 
 _SSS = nss_sss.load()
 _FILES = groupfile.FilesOnly()
+
+
+def files_only() -> bool:
+    """Whether NSS reads users and groups from local files alone (then a
+    lookup is in-process work: more threads would only share the GIL)."""
+    return _FILES.table() is not None
 
 
 def nss_lookup(login_uid: int) -> Answer:
@@ -153,7 +177,8 @@ def nss_lookup(login_uid: int) -> Answer:
         # not SSSD's user (local files, or no SSSD): glibc's answer as it is
         gids = os.getgrouplist(pw.pw_name, pw.pw_gid)
         names = [_group_name(gid)[0] for gid in gids]
-        return Answer(pw.pw_name, tuple(dict.fromkeys(n for n in names if n)), _group_sids(gids))
+        return Answer(pw.pw_name, tuple(dict.fromkeys(n for n in names if n)),
+                      _group_sids([g for g, n in zip(gids, names) if n]))
     reply = _SSS.groups(pw.pw_name, pw.pw_gid)
     # glibc's list adds what other modules (files) give; SSSD's status
     # says whether its part is whole
@@ -166,7 +191,9 @@ def nss_lookup(login_uid: int) -> Answer:
     missing = [why for _, why in resolved if why]
     if missing:
         return Answer(pw.pw_name, names, (), PARTIAL, "; ".join(missing))
-    return Answer(pw.pw_name, names, _group_sids(gids))
+    # a GID NSS cannot name (a user private GID with no group) has no SID
+    # either; asking SSSD costs milliseconds each
+    return Answer(pw.pw_name, names, _group_sids([g for g, (n, _) in zip(gids, resolved) if n]))
 
 
 @dataclass
