@@ -8,7 +8,7 @@ for them.
 Only inside a private mount namespace (bench.startup's child checks):
 nsswitch.conf (``files sss``), /etc/sssd, /var/lib/sss, /var/log/sssd and
 a tmpfs on /run are bind-mounted over the machine's, as the identity tests
-do (tests/identity/scenario.py, whose slapd this reuses); nothing leaks out.
+do (tests/identity/scenario.py); nothing leaks out.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import grp
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.identity.scenario import Slapd, die_with_parent
 from tests.support import polling
 
 from . import common
@@ -52,6 +52,52 @@ def ldif(uids: list[int], teams: int) -> str:
         out.append(f"dn: cn={name},ou=groups,{SUFFIX}\nobjectClass: posixGroup\ncn: {name}\n"
                    f"gidNumber: {GROUP_BASE + i}\n" + "".join(f"memberUid: b{u}\n" for u in members))
     return "\n".join(out)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the bench dies, even by SIGKILL."""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)   # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def slapd(work: Path, text: str, probe_uid: str):
+    """slapd on a free loopback port, loaded with ``text`` by slapadd; its URI."""
+    work.mkdir()
+    (work / "db").mkdir()
+    conf = work / "slapd.conf"
+    conf.write_text(
+        "".join(f"include {f}\n" for f in SCHEMAS) +
+        "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
+        f"pidfile {work / 'slapd.pid'}\nargsfile {work / 'slapd.args'}\n"
+        f'database mdb\nmaxsize 1073741824\nsuffix "{SUFFIX}"\n'
+        f'rootdn "cn=admin,{SUFFIX}"\nrootpw {os.urandom(9).hex()}\ndirectory {work / "db"}\n'
+        "index objectClass eq\nindex uid,memberUid,uidNumber,gidNumber,cn eq\n"
+        "access to * by * read\n")
+    (work / "base.ldif").write_text(text)
+    common.run("slapadd", "-q", "-f", str(conf), "-l", str(work / "base.ldif"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"ldap://127.0.0.1:{port}/"
+    with open(work / "slapd.out", "ab") as out:
+        proc = subprocess.Popen(["slapd", "-d", "0", "-h", uri, "-f", str(conf)], stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    try:
+        def up():
+            if proc.poll() is not None:
+                raise RuntimeError(f"slapd exited with {proc.returncode}")
+            return common.run("ldapsearch", "-x", "-LLL", "-H", uri, "-b", SUFFIX,
+                              f"(uid={probe_uid})", check=False).returncode == 0
+        polling.wait_until(up, timeout=30, interval=0.1, what="slapd answering")
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _mounts(work: Path) -> None:
@@ -101,32 +147,33 @@ def directory(work: Path, uids: list[int], teams: int, log=print):
     how long building and warming took."""
     t0 = time.monotonic()
     _mounts(work)
-    slapd = Slapd(work / "slapd", SUFFIX, SCHEMAS, ldif(uids, teams), f"(uid=b{uids[0]})")
-    slapd.start()
     sssd = None
-    try:
-        _sssd_conf(slapd.uri)
+    with contextlib.ExitStack() as stack:
+        uri = stack.enter_context(slapd(work / "slapd", ldif(uids, teams), f"b{uids[0]}"))
+        stack.callback(lambda: _stop(sssd))
+        _sssd_conf(uri)
         with open(work / "sssd.out", "ab") as out:
             sssd = subprocess.Popen(["sssd", "-i", "--logger=files", "-d", "1"], stdout=out,
-                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
 
         def answers():
             if sssd.poll() is not None:
                 raise RuntimeError(f"sssd exited with {sssd.returncode}")
             return common.run("getent", "passwd", f"b{uids[0]}", check=False).returncode == 0
         polling.wait_until(answers, timeout=60, interval=0.1, what="sssd answering")
-        log(f"sssd pid {sssd.pid} answers for {len(uids)} users from slapd on {slapd.uri}")
+        log(f"sssd pid {sssd.pid} answers for {len(uids)} users from slapd on {uri}")
         built = time.monotonic() - t0
         t1 = time.monotonic()
         warm(uids)
         log(f"sssd cache warmed for {len(uids)} users in {time.monotonic() - t1:.1f} s")
         yield {"built_s": built, "warm_s": time.monotonic() - t1}
-    finally:
-        if sssd is not None and sssd.poll() is None:
-            sssd.send_signal(signal.SIGTERM)
-            try:
-                sssd.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                sssd.kill()
-                sssd.wait()
-        slapd.stop()
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

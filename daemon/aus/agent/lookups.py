@@ -112,10 +112,10 @@ class LookupPool:
 
     def _work(self) -> None:
         while True:
-            self._go.wait()
             priority, _, uid = self._queue.get()
             if uid is None or self._stop:
                 return
+            self._go.wait()   # a login is being served: it goes first
             with self._lock:
                 if self._queued.get(uid) != priority:
                     continue    # queued again at a better priority: taken there
