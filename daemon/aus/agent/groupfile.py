@@ -112,17 +112,25 @@ class FilesOnly:
         self._group_stamp: tuple | None = None
         self._table: Table | None = None
 
+    def files_only(self) -> bool:
+        """Whether nsswitch.conf says files alone (the files are not read)."""
+        with self._lock:
+            return self._check_nsswitch()
+
+    def _check_nsswitch(self) -> bool:
+        stamp = _stamp(self.nsswitch)
+        if stamp != self._nss_stamp:
+            try:
+                with open(self.nsswitch) as f:
+                    self._files_only = files_only(f.read())
+            except OSError:
+                self._files_only = False   # glibc's defaults: not ours to guess
+            self._nss_stamp = stamp
+        return self._files_only
+
     def table(self) -> Table | None:
         with self._lock:
-            stamp = _stamp(self.nsswitch)
-            if stamp != self._nss_stamp:
-                try:
-                    with open(self.nsswitch) as f:
-                        self._files_only = files_only(f.read())
-                except OSError:
-                    self._files_only = False   # glibc's defaults: not ours to guess
-                self._nss_stamp = stamp
-            if not self._files_only:
+            if not self._check_nsswitch():
                 return None
             stamp = (_stamp(self.group), _stamp(self.passwd))
             if None in stamp:

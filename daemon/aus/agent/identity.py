@@ -155,7 +155,7 @@ _FILES = groupfile.FilesOnly()
 def files_only() -> bool:
     """Whether NSS reads users and groups from local files alone (then a
     lookup is in-process work: more threads would only share the GIL)."""
-    return _FILES.table() is not None
+    return _FILES.files_only()
 
 
 def nss_lookup(login_uid: int) -> Answer:
