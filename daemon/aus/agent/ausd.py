@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = str(DEFAULT_CONFIG_PATH)
 FLOW_HISTORY = 2000
 REFRESHES_PER_SCAN = 500   # directory lookups at most queued per scan
-ANSWERS_PER_PASS = 100     # directory answers applied per pass of the loop
+ANSWERS_PER_PASS = 32      # directory answers applied per pass of the loop
 LOGIN_LOOKUP_TIMEOUT = 1.5  # a login's own lookup; then it gets what is known
 RETRY_AFTER = 5.0          # an adopted user not answered is asked again after this
 
@@ -348,10 +348,13 @@ class Daemon:
         self.want = {uid: UNMANAGED for uid in self.unmanaged}
         active = self.sessions.active(self.unmanaged)
         now = time.monotonic()
+        contents = self.kstate.ruleset_contents()   # each ruleset's content, built once
         for uid in sorted(active):
             entry = self.kstate.users.get(uid)
             if entry is not None and entry.managed:
-                self.want[uid] = self.kstate.ruleset_content(entry.ruleset)
+                content = contents.get(entry.ruleset)
+                self.want[uid] = content if content is not None else \
+                    self.kstate.ruleset_content(entry.ruleset)
                 self.adopted[uid] = now
         for uid in sorted(active - self.adopted.keys()):
             self.lookups.submit(uid, NEW_USER)
