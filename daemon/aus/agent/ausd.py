@@ -399,11 +399,10 @@ class Daemon:
             self._not_answered(uid, f"lookup took longer than {self.lookups.timeout:g} s",
                                now, changed)
         done = 0
-        active = self.sessions.active(self.unmanaged)
         while self._answers and (limit is None or done < limit):
             uid, answer = self._answers.popleft()
             done += 1
-            if uid not in active:
+            if not self.sessions.is_active(uid, self.unmanaged):
                 continue
             if answer.status != COMPLETE and uid in self.adopted:
                 self._not_answered(uid, answer.detail or answer.status, now, changed)
@@ -432,7 +431,7 @@ class Daemon:
         if uid in self.adopted:
             self.adopted[uid] = now + RETRY_AFTER
             return
-        if uid not in self.sessions.active(self.unmanaged):
+        if not self.sessions.is_active(uid, self.unmanaged):
             return
         info = self.directory.take(uid, Answer(None, status=UNAVAILABLE, detail=why))
         content = self._content(uid, info)
