@@ -1,9 +1,8 @@
 """A directory served by a real SSSD, for benchmarks: OpenLDAP (slapd on
 loopback, rfc2307: posixAccount users, posixGroup groups listing their
 members by memberUid) holding bench users b<UID> in `team<k>` (k = UID mod
-teams) and all in `everyone`, with the primary group `staff` (as Active
-Directory's users have Domain Users), and SSSD's NSS responder answering
-for them.
+teams) and all in `everyone`, their primary group (as Active Directory's
+users are in Domain Users), and SSSD's NSS responder answering for them.
 
 Only inside a private mount namespace (bench.startup's child checks):
 nsswitch.conf (``files sss``), /etc/sssd, /var/lib/sss, /var/log/sssd and
@@ -31,7 +30,7 @@ from . import common
 SUFFIX = "dc=bench,dc=test"
 SCHEMAS = [f"/etc/ldap/schema/{s}.schema" for s in ("core", "cosine", "nis", "inetorgperson")]
 GROUP_BASE = 300000
-STAFF_GID = 299999   # every user's primary group, as Domain Users is in AD
+STAFF_GID = 299999   # `everyone`: every user's primary group
 
 
 def ldif(uids: list[int], teams: int) -> str:
@@ -45,8 +44,10 @@ def ldif(uids: list[int], teams: int) -> str:
                    f"uidNumber: {uid}\ngidNumber: {STAFF_GID}\nhomeDirectory: /nonexistent\n"
                    "loginShell: /usr/sbin/nologin\n")
     groups = {f"team{k}": [u for u in uids if u % teams == k] for k in range(teams)}
-    groups["everyone"] = uids
-    out.append(f"dn: cn=staff,ou=groups,{SUFFIX}\nobjectClass: posixGroup\ncn: staff\n"
+    # `everyone` is every user's primary group (as Domain Users is in AD),
+    # not a 10,000-value memberUid list: rfc2307 initgroups would fetch
+    # that list again for every user
+    out.append(f"dn: cn=everyone,ou=groups,{SUFFIX}\nobjectClass: posixGroup\ncn: everyone\n"
                f"gidNumber: {STAFF_GID}\n")
     for i, (name, members) in enumerate(groups.items()):
         out.append(f"dn: cn={name},ou=groups,{SUFFIX}\nobjectClass: posixGroup\ncn: {name}\n"

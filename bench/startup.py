@@ -98,9 +98,14 @@ def measure(workdir: Path, users: int, logins: int, log=print) -> dict:
         d.write_policy(None)
         log("startup: cold start ...")
         res["cold_start_s"] = d.start()
+        t_ready = time.perf_counter()
+        res["cold_users_in_maps"] = n = len(controlpath.users_pointing_at(d.pin_dir, holder_uids))
+        while n < users and time.perf_counter() - t_ready < 600:
+            time.sleep(0.05)
+            n = len(controlpath.users_pointing_at(d.pin_dir, holder_uids))
+        res["cold_all_users_s"] = res["cold_start_s"] + time.perf_counter() - t_ready
         st = control.request(d.socket, "status")
         res["cold_stages"] = st["start_stages"]
-        res["cold_users_in_maps"] = len(controlpath.users_pointing_at(d.pin_dir, holder_uids))
         res["cold_directory"] = st["directory"]
         # let the first refresh settle so the restart finds a quiet daemon
         time.sleep(0.5)
@@ -180,9 +185,10 @@ def run_backend(backend: str, workdir: Path, users: int, logins: int) -> dict:
 
 
 def tables(results: dict[str, dict]) -> tuple[str, list[common.Verdict]]:
-    lines = ["| backend | cold start to READY | of which directory | restart to READY "
+    lines = ["| backend | cold start to READY | of which directory (after the compile) | "
+             "cold start to every user's rules in the maps | restart to READY "
              "(adopting pins) | refresh after READY | logins during refresh: p50 / p99 / max "
-             "(n of all) |", "|---|---|---|---|---|---|"]
+             "(n of all) |", "|---|---|---|---|---|---|---|"]
     verdicts = []
     for backend, r in results.items():
         during = [x * 1000 for x in r["logins_during_refresh_s"]]
@@ -192,6 +198,7 @@ def tables(results: dict[str, dict]) -> tuple[str, list[common.Verdict]]:
         refresh = f"{r['refresh_s']:.2f} s" if r["refresh_s"] is not None else "not done"
         lines.append(f"| {backend} | {r['cold_start_s']:.2f} s | "
                      f"{r['cold_stages'].get('directory lookups', 0):.2f} s | "
+                     f"{r['cold_all_users_s']:.2f} s | "
                      f"{r['restart_s']:.2f} s | {refresh} | {cell} |")
         n = r["users"]
         verdicts.append(common.Verdict(
@@ -216,7 +223,8 @@ def tables(results: dict[str, dict]) -> tuple[str, list[common.Verdict]]:
         "Stages of the restart (s): " + "; ".join(
             f"{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["restart_stages"].items())
             for b, r in results.items()),
-        "", "Users in the maps at READY (cold / restart): " + "; ".join(
+        "", "Users in the maps at READY (cold start / restart; the rest of a cold start "
+        "follow READY, denied until then): " + "; ".join(
             f"{b}: {r['cold_users_in_maps']} / {r['restart_users_in_maps']}"
             for b, r in results.items())])
     return text, verdicts

@@ -87,6 +87,7 @@ REFRESHES_PER_SCAN = 500   # directory lookups at most queued per scan
 ANSWERS_PER_PASS = 32      # directory answers applied per pass of the loop
 LOGIN_LOOKUP_TIMEOUT = 1.5  # a login's own lookup; then it gets what is known
 RETRY_AFTER = 5.0          # an adopted user not answered is asked again after this
+COLD_START_WAIT = 1.0      # a cold start waits this long at most for lookups after the compile
 
 
 def setup_logging(level: str) -> None:
@@ -362,19 +363,21 @@ class Daemon:
             self.lookups.submit(uid)
         self.refresh = {"adopted": len(self.adopted), "started": time.time(), "done": None}
 
-    def look_up_now(self, deadline_idle: float) -> None:
+    def look_up_now(self, deadline_idle: float, most: float | None = None) -> None:
         """Cold start: wait for the queued lookups, applying answers as
-        they come, until none is left or none has answered for
-        ``deadline_idle`` seconds (a directory that hangs)."""
-        last = time.monotonic()
+        they come, until none is left, or none has answered for
+        ``deadline_idle`` seconds (a directory that hangs), or ``most``
+        seconds have passed (a slow one)."""
+        first = last = time.monotonic()
         while self.lookups.pending():
             if self._answers:
                 self.take_answers(limit=None, sync=False)
                 last = time.monotonic()
-            elif time.monotonic() - last >= deadline_idle:
-                log.warning("directory: %d lookups not answered within %.1f s; those "
-                            "users are denied until their lookup answers",
-                            self.lookups.pending(), deadline_idle)
+            elif time.monotonic() - last >= deadline_idle or \
+                    (most is not None and time.monotonic() - first >= most):
+                log.warning("directory: %d users not answered yet; they get the baseline "
+                            "only until their lookup answers (after READY)",
+                            self.lookups.pending())
                 break
             if select.select([self._wake_r], [], [], 0.05)[0]:
                 os.read(self._wake_r, 4096)
@@ -539,6 +542,13 @@ class Daemon:
         else:
             policy, digest = self._read_policy()   # a bad policy stops the start
         stage("probe and policy")
+        if not pins.PinLayout(self.cfg.pin_dir).map(C.MAP_USERS).exists():
+            # Nothing pinned (a cold start): the users are looked up while
+            # the programs compile, in the build process.
+            self.sessions.update_scan(scan_loginuids())
+            self.lookups.start()
+            for uid in sorted(self.sessions.active(self.unmanaged)):
+                self.lookups.submit(uid, NEW_USER)
         self.loaded = loader.compile_and_load(self.cfg, offset)
         stage("take the attached programs" if self.loaded.reused else "compile and load")
         self.kstate = mapsync.read_state(self.loaded.maps)
@@ -567,8 +577,9 @@ class Daemon:
         stage("adopt maps and scan /proc")
         if not self.adopted:
             # Nothing to keep enforcing (a cold start): wait, but only as
-            # long as the directory keeps answering.
-            self.look_up_now(self.lookups.timeout)
+            # long as the directory keeps answering, and at most
+            # COLD_START_WAIT; the rest follow READY.
+            self.look_up_now(self.lookups.timeout, COLD_START_WAIT)
             stage("directory lookups")
         self.sync("start")
         self.policy_applied_at = time.time()

@@ -51,12 +51,16 @@ class LookupPool:
         self.workers = [threading.Thread(target=self._work, name=f"aus-lookup-{i}", daemon=True)
                         for i in range(workers)]
         self._stop = False
+        self._started = False
         self._go = threading.Event()   # cleared while a login is served
         self._go.set()
 
     def start(self) -> None:
-        for t in self.workers:
-            t.start()
+        """Start the workers (once; again is a no-op)."""
+        if not self._started:
+            self._started = True
+            for t in self.workers:
+                t.start()
 
     def stop(self) -> None:
         """Workers end after their current lookup; none is waited for."""
