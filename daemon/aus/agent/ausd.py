@@ -17,9 +17,10 @@ The directory is never waited for when the maps already hold users (a
 restart): each logged-in user keeps the rules the kernel holds for it
 ("adopted") until its lookup answers in full, which the pool does after
 READY; a login (``session open``) is looked up on its own path, ahead of
-that queue. A cold start looks its users up concurrently and waits at
-most until no lookup has answered for the pool's timeout; who is not
-answered by then is denied (fail closed) and looked up again.
+that queue. A cold start looks its users up concurrently, from before the
+compile, and waits at most COLD_START_WAIT after it (less when the
+directory stops answering); who is not answered by then is denied (fail
+closed) until the answer comes. See docs/restarts.md.
 """
 
 from __future__ import annotations
