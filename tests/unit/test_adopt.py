@@ -10,6 +10,7 @@ import yaml
 from aus.agent.ausd import Daemon
 from aus.agent.config import DaemonConfig
 from aus.agent.identity import UNAVAILABLE, Answer
+from aus.cli import ausctl
 from aus.core.state import plan
 
 POLICY = {"user_groups": [{"name": "dev"}, {"name": "ops"}],
@@ -58,6 +59,9 @@ def test_restart_keeps_the_rules_in_the_maps_until_the_directory_answers(tmp_pat
     assert set(d.adopted) == {2001} and 2002 not in d.kstate.users      # bob: fail closed
     assert rules(d, 2001) == ["dev-web"] and d.lookups.busy(2001) and d.lookups.busy(2002)
     assert d.directory_status()["adopted_not_refreshed"] == 1
+    assert ausctl._directory_line(d.directory_status()).startswith(
+        "directory: 1 of 1 users still on the rules the maps held at the start (refreshing); "
+        "lookups 2 queued")
 
     # the directory cannot answer: alice keeps what the maps hold
     d._answered(2001, Answer(None, status=UNAVAILABLE, detail="SSSD UNAVAIL"))
@@ -77,6 +81,7 @@ def test_restart_keeps_the_rules_in_the_maps_until_the_directory_answers(tmp_pat
     assert not d.adopted and d.syncs[-1] == ("directory", {2001, 2002})
     st = d.directory_status()
     assert st["adopted_at_start"] == 1 and st["refresh_done"] is not None
+    assert "all 1 users adopted at the start refreshed in" in ausctl._directory_line(st)
 
 
 def test_answers_are_applied_in_batches(tmp_path):
