@@ -99,11 +99,14 @@ def measure(workdir: Path, users: int, logins: int, log=print) -> dict:
         log("startup: cold start ...")
         res["cold_start_s"] = d.start()
         t_ready = time.perf_counter()
+        # ausd writes before READY and removes nobody here: users found by
+        # the first count were in the maps at READY
         res["cold_users_in_maps"] = n = len(controlpath.users_pointing_at(d.pin_dir, holder_uids))
+        res["cold_all_users_s"] = res["cold_start_s"]
         while n < users and time.perf_counter() - t_ready < 600:
             time.sleep(0.05)
             n = len(controlpath.users_pointing_at(d.pin_dir, holder_uids))
-        res["cold_all_users_s"] = res["cold_start_s"] + time.perf_counter() - t_ready
+            res["cold_all_users_s"] = res["cold_start_s"] + time.perf_counter() - t_ready
         st = control.request(d.socket, "status")
         res["cold_stages"] = st["start_stages"]
         res["cold_directory"] = st["directory"]
