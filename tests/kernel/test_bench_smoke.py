@@ -63,7 +63,8 @@ def test_scale_startup_part_runs_tiny(tmp_path):
         assert 0 < r["restart_s"] < 60 and 0 < r["cold_start_s"] < 120, backend
         assert "take the attached programs" in r["restart_stages"], backend
         assert "directory lookups" not in r["restart_stages"], backend
-        assert r["refresh"]["adopted_at_start"] == n and r["refresh"]["adopted_not_refreshed"] == 0
+        # (>=: the scan also sees other login sessions of this machine)
+        assert r["refresh"]["adopted_at_start"] >= n and r["refresh"]["adopted_not_refreshed"] == 0
         assert r["refresh"]["answered"] >= n and r["refresh_s"] is not None
         assert len(r["logins_s"]) == r["logins"] and all(x > 0 for x in r["logins_s"])
         for target in ("restart to READY adopting pins", "cold start to READY",
