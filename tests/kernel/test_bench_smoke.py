@@ -41,3 +41,32 @@ def test_bench_suite_runs_tiny(tmp_path):
     assert all(r["ok"] == 0 and r["fail"] > 0 for r in denied)
     cp = data["controlpath"]
     assert len(cp["login_s"]) == cp["logins"] and cp["users_in_maps_at_ready"] == cp["users"]
+
+
+def test_scale_startup_part_runs_tiny(tmp_path):
+    """bench.scale's start-up part, tiny: both directory backends measured,
+    every user in the maps at READY, the restart took the attached
+    programs and refreshed every adopted user, the logins answered."""
+    out, raw = tmp_path / "scale.md", tmp_path / "scale.json"
+    tmp_path.chmod(0o755)
+    p = subprocess.run([sys.executable, "-m", "bench.scale", "--tiny", "--only", "startup",
+                        "--out", str(out), "--json", str(raw)], capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    text = out.read_text()
+    assert "## Start-up: READY without waiting for the directory" in text
+    data = json.loads(raw.read_text())["startup"]
+    assert set(data) == {"files", "sssd"}
+    for backend, r in data.items():
+        n = r["users"]
+        assert r["cold_users_in_maps"] == n and r["restart_users_in_maps"] == n, backend
+        assert 0 < r["restart_s"] < 60 and 0 < r["cold_start_s"] < 120, backend
+        assert "take the attached programs" in r["restart_stages"], backend
+        assert "directory lookups" not in r["restart_stages"], backend
+        # (>=: the scan also sees other login sessions of this machine)
+        assert r["refresh"]["adopted_at_start"] >= n and r["refresh"]["adopted_not_refreshed"] == 0
+        assert r["refresh"]["answered"] >= n and r["refresh_s"] is not None
+        assert len(r["logins_s"]) == r["logins"] and all(x > 0 for x in r["logins_s"])
+        for target in ("restart to READY adopting pins", "cold start to READY",
+                       "login right after a restart"):
+            assert f"startup ({backend}): {target}" in text

@@ -495,7 +495,9 @@ def start_policy(d: Daemon):
     d.policy = b.policy if b else empty_policy()
     d.bundle = b
     d.compiled = d._compile(d.policy, b.version if b else 0)
-    d.rebuild_want()
+    d.lookups.start()
+    d.adopt()
+    d.look_up_now(d.lookups.timeout)
     d.sync("start")
     d.follower.enforcing(b)
     if first is not None:

@@ -6,11 +6,21 @@ hold, write the first policy, swap the programs into the cgroup links, and
 only then tell systemd READY. Then one loop: control requests, the results
 of a /proc scan (read every ``scan_interval`` by a helper thread), new
 policy bundles (long-polled from the policy server by another helper
-thread, when ``policy`` is a URL), signals (HUP reloads, TERM/INT exit),
+thread, when ``policy`` is a URL), directory answers (from the lookup
+pool's threads, :mod:`.lookups`), signals (HUP reloads, TERM/INT exit),
 and flow events from the ring buffer. Helper threads never change the
 daemon's state: they hand their results to the loop. Exiting leaves
 programs and maps pinned and attached: enforcement does not depend on this
 process.
+
+The directory is never waited for when the maps already hold users (a
+restart): each logged-in user keeps the rules the kernel holds for it
+("adopted") until its lookup answers in full, which the pool does after
+READY; a login (``session open``) is looked up on its own path, ahead of
+that queue. A cold start looks its users up concurrently, from before the
+compile, and waits at most COLD_START_WAIT after it (less when the
+directory stops answering); who is not answered by then is denied (fail
+closed) until the answer comes. See docs/restarts.md.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import hashlib
 import logging
 import os
 import pwd
+import select
 import selectors
 import signal
 import socket
@@ -58,7 +69,9 @@ from .flowrecords import Filter as FlowFilter
 from .flowrecords import policy_groups
 from .flowupload import uploader_for
 from .follower import BundleFollower, Delivery
-from .identity import Directory, UserInfo
+from .identity import COMPLETE, UNAVAILABLE, Answer, Directory, UserInfo, files_only
+from .lookups import NEW_USER, Bounded, LookupPool
+from .lookups import WORKERS as LOOKUP_WORKERS
 from .metrics import Exporter as MetricsExporter
 from .metrics import LoginLatency
 from .policysource import Fetched, Refused
@@ -71,7 +84,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = str(DEFAULT_CONFIG_PATH)
 FLOW_HISTORY = 2000
-REFRESHES_PER_SCAN = 500   # directory lookups at most per scan
+REFRESHES_PER_SCAN = 500   # directory lookups at most queued per scan
+ANSWERS_PER_PASS = 32      # directory answers applied per pass of the loop
+LOGIN_LOOKUP_TIMEOUT = 1.5  # a login's own lookup; then it gets what is known
+RETRY_AFTER = 5.0          # an adopted user not answered is asked again after this
+COLD_START_WAIT = 1.0      # a cold start waits this long at most for lookups after the compile
 
 
 def setup_logging(level: str) -> None:
@@ -92,6 +109,17 @@ class Daemon:
         self.compiled: compiler.CompiledPolicy | None = None
         self.want: dict[int, compiler.Ruleset | str] = {}
         self.directory = Directory(ttl=cfg.groups_ttl)
+        # Directory answers come from the pool's threads through _answers;
+        # a login's lookup runs on a pool of its own, never queued behind.
+        self._answers: collections.deque = collections.deque()
+        self.lookups = LookupPool(lambda uid: self.directory.ask(uid), self._answered,
+                                  workers=1 if files_only() else LOOKUP_WORKERS)
+        self.login_lookup = Bounded(lambda uid: self.directory.ask(uid))
+        # Users whose rules are the ones the maps held at the start, not
+        # recomputed yet (no complete directory answer since): uid -> when
+        # to ask again if the last lookup did not answer.
+        self.adopted: dict[int, float] = {}
+        self.refresh: dict = {}
         self.sessions = Sessions()
         self.unmanaged = set(cfg.unmanaged_login_uids)
         self.started = time.time()
@@ -273,14 +301,16 @@ class Daemon:
                  "%d groups", b.version, b.org, self.cfg.policy_url,
                  len(self.compiled.rules), len(b.policy.user_groups))
 
-    def groups_of(self, uid: int, refresh: bool = False) -> tuple[UserInfo, tuple[str, ...]]:
-        """A user's NSS answer and the bundle groups it is a member of.
-        Only _content calls it: every directory answer is turned into
-        the user's ruleset at once."""
-        info = self.directory.get(uid, refresh=refresh)
-        extra = self.bundle.groups_of(info.name, self.cfg.bundle_user_match) \
+    def groups_of(self, uid: int) -> tuple[UserInfo, tuple[str, ...]]:
+        """What a lookup now gives for a user, and its bundle groups (for
+        tools and tests; the loop takes answers from the lookup pool)."""
+        info = self.directory.get(uid)
+        return info, self.bundle_groups(info)
+
+    def bundle_groups(self, info: UserInfo) -> tuple[str, ...]:
+        """The bundle groups a user is a member of."""
+        return self.bundle.groups_of(info.name, self.cfg.bundle_user_match) \
             if self.bundle is not None else ()
-        return info, extra
 
     def rules_of(self, info: UserInfo, bundle_groups: tuple[str, ...]) -> frozenset[int]:
         groups = info.groups + tuple(g for g in bundle_groups if g not in info.groups)
@@ -290,17 +320,137 @@ class Daemon:
     # self.want holds each login UID's desired ruleset; it is updated for
     # the users that change (a login, a scan, a group refresh) and rebuilt
     # whole only when the policy changes, so a login costs O(1) users.
-    def _content(self, uid: int, refresh: bool = False):
-        info, extra = self.groups_of(uid, refresh)
+    def _content(self, uid: int, info: UserInfo):
+        """A user's ruleset from its directory answer (every answer is
+        turned into the ruleset at once)."""
+        extra = self.bundle_groups(info)
         rule_ids = self.rules_of(info, extra)
         self.identities[uid] = Identity(info, extra, rule_ids)
+        self.adopted.pop(uid, None)
         return self.compiled.ruleset(rule_ids)
 
     def rebuild_want(self) -> None:
-        self.want = {uid: UNMANAGED for uid in self.unmanaged}
+        """Every active user's ruleset under the policy in force, from the
+        groups known (never a lookup: the loop must not wait on NSS). A
+        user with no answer yet keeps what the maps hold (adopted) or
+        stays out (pending, denied) until its lookup answers."""
+        old, self.want = self.want, {uid: UNMANAGED for uid in self.unmanaged}
         self.identities = {}
         for uid in self.sessions.active(self.unmanaged):
-            self.want[uid] = self._content(uid)
+            info = self.directory.cached(uid)
+            if info is not None:
+                self.want[uid] = self._content(uid, info)
+            elif uid in self.adopted and uid in old:
+                self.want[uid] = old[uid]
+            elif not self.lookups.busy(uid):
+                self.lookups.submit(uid, NEW_USER)
+
+    def adopt(self) -> None:
+        """At the start: every active user the maps hold keeps its ruleset
+        as it is, and is queued for a refresh; the others are queued
+        first. Nothing waits for the directory."""
+        self.want = {uid: UNMANAGED for uid in self.unmanaged}
+        active = self.sessions.active(self.unmanaged)
+        now = time.monotonic()
+        contents = self.kstate.ruleset_contents()   # each ruleset's content, built once
+        for uid in sorted(active):
+            entry = self.kstate.users.get(uid)
+            if entry is not None and entry.managed:
+                content = contents.get(entry.ruleset)
+                self.want[uid] = content if content is not None else \
+                    self.kstate.ruleset_content(entry.ruleset)
+                self.adopted[uid] = now
+        for uid in sorted(active - self.adopted.keys()):
+            self.lookups.submit(uid, NEW_USER)
+        for uid in self.adopted:
+            self.lookups.submit(uid)
+        self.refresh = {"adopted": len(self.adopted), "started": time.time(), "done": None}
+
+    def look_up_now(self, deadline_idle: float, most: float | None = None) -> None:
+        """Cold start: wait for the queued lookups, applying answers as
+        they come, until none is left, or none has answered for
+        ``deadline_idle`` seconds (a directory that hangs), or ``most``
+        seconds have passed (a slow one)."""
+        first = last = time.monotonic()
+        while self.lookups.pending():
+            if self._answers:
+                self.take_answers(limit=None, sync=False)
+                last = time.monotonic()
+            elif time.monotonic() - last >= deadline_idle or \
+                    (most is not None and time.monotonic() - first >= most):
+                log.warning("directory: %d users not answered yet; they get the baseline "
+                            "only until their lookup answers (after READY)",
+                            self.lookups.pending())
+                break
+            if select.select([self._wake_r], [], [], 0.05)[0]:
+                os.read(self._wake_r, 4096)
+        self.take_answers(limit=None, sync=False)
+
+    # ---- directory answers (from the lookup pool) ---------------------------
+    def _answered(self, uid: int, answer: Answer) -> None:
+        """Called by a pool thread: queue for the loop."""
+        self._answers.append((uid, answer))
+        try:
+            os.write(self._wake_w, b"l")
+        except OSError:
+            pass
+
+    def take_answers(self, limit: int | None = ANSWERS_PER_PASS, sync: bool = True) -> int:
+        """Apply directory answers (at most ``limit``, so that control
+        requests are served between batches); lookups past their timeout
+        count as not answered. Returns how many answers are left."""
+        changed = set()
+        now = time.monotonic()
+        for uid in self.lookups.overdue():
+            self._not_answered(uid, f"lookup took longer than {self.lookups.timeout:g} s",
+                               now, changed)
+        done = 0
+        while self._answers and (limit is None or done < limit):
+            uid, answer = self._answers.popleft()
+            done += 1
+            if not self.sessions.is_active(uid, self.unmanaged):
+                continue
+            if answer.status != COMPLETE and uid in self.adopted:
+                self._not_answered(uid, answer.detail or answer.status, now, changed)
+                continue
+            content = self._content(uid, self.directory.take(uid, answer))
+            if content != self.want.get(uid):
+                self.want[uid] = content
+                changed.add(uid)
+        if self.refresh.get("adopted") and not self.adopted and self.refresh["done"] is None:
+            self.refresh["done"] = time.time()
+            log.info("directory: all %d adopted users refreshed in %.1f s",
+                     self.refresh["adopted"], self.refresh["done"] - self.refresh["started"])
+        if changed and sync:
+            self.sync("directory", changed)
+        if self._answers:
+            try:
+                os.write(self._wake_w, b"l")   # the rest after the next requests
+            except OSError:
+                pass
+        return len(self._answers)
+
+    def _not_answered(self, uid: int, why: str, now: float, changed: set[int]) -> None:
+        """An adopted user keeps what the maps hold and is asked again
+        later; anyone else is judged on what is known (the last groups,
+        else none: the baseline), as a lookup that failed."""
+        if uid in self.adopted:
+            self.adopted[uid] = now + RETRY_AFTER
+            return
+        if not self.sessions.is_active(uid, self.unmanaged):
+            return
+        info = self.directory.take(uid, Answer(None, status=UNAVAILABLE, detail=why))
+        content = self._content(uid, info)
+        if content != self.want.get(uid):
+            self.want[uid] = content
+            changed.add(uid)
+
+    def directory_status(self) -> dict:
+        """Refresh progress for ``ausctl status``."""
+        return {**self.lookups.status(), "adopted_not_refreshed": len(self.adopted),
+                "adopted_at_start": self.refresh.get("adopted", 0),
+                "refresh_started": self.refresh.get("started"),
+                "refresh_done": self.refresh.get("done")}
 
     def desired(self) -> Desired:
         assert self.compiled is not None
@@ -340,19 +490,20 @@ class Daemon:
         active = self.sessions.active(self.unmanaged)
         changed = set()
         for uid in active - self.want.keys():
-            self.want[uid] = self._content(uid)
-            changed.add(uid)
+            self.lookups.submit(uid, NEW_USER)   # its rules come with the answer
         for uid in [u for u in self.want if u not in active and u not in self.unmanaged]:
             del self.want[uid]
             self.identities.pop(uid, None)
             self.directory.forget(uid)
+            self.adopted.pop(uid, None)
             changed.add(uid)
-        stale = [u for u in self.directory.due(REFRESHES_PER_SCAN) if u in active]
-        for uid in stale:
-            content = self._content(uid, refresh=True)
-            if content != self.want.get(uid):
-                self.want[uid] = content
-                changed.add(uid)
+        now = time.monotonic()
+        for uid, at in self.adopted.items():
+            if at <= now and not self.lookups.busy(uid):
+                self.lookups.submit(uid)
+        for uid in self.directory.due(REFRESHES_PER_SCAN):
+            if uid in active:
+                self.lookups.submit(uid)
         if changed:
             self.sync("scan", changed)
 
@@ -394,8 +545,15 @@ class Daemon:
         else:
             policy, digest = self._read_policy()   # a bad policy stops the start
         stage("probe and policy")
+        if not pins.PinLayout(self.cfg.pin_dir).map(C.MAP_USERS).exists():
+            # Nothing pinned (a cold start): the users are looked up while
+            # the programs compile, in the build process.
+            self.sessions.update_scan(scan_loginuids())
+            self.lookups.start()
+            for uid in sorted(self.sessions.active(self.unmanaged)):
+                self.lookups.submit(uid, NEW_USER)
         self.loaded = loader.compile_and_load(self.cfg, offset)
-        stage("compile and load")
+        stage("take the attached programs" if self.loaded.reused else "compile and load")
         self.kstate = mapsync.read_state(self.loaded.maps)
         if self.cfg.policy_url:
             # The kernel's version is the bundle's (0: none yet).
@@ -417,9 +575,15 @@ class Daemon:
         self.policy, self.policy_digest, self.bundle = policy, digest, bundle
         self._follow_mode()
         self.sessions.update_scan(scan_loginuids())
+        self.lookups.start()
+        self.adopt()
         stage("adopt maps and scan /proc")
-        self.rebuild_want()
-        stage("directory lookups")
+        if not self.adopted:
+            # Nothing to keep enforcing (a cold start): wait, but only as
+            # long as the directory keeps answering, and at most
+            # COLD_START_WAIT; the rest follow READY.
+            self.look_up_now(self.lookups.timeout, COLD_START_WAIT)
+            stage("directory lookups")
         self.sync("start")
         self.policy_applied_at = time.time()
         stage("write maps")
@@ -450,6 +614,7 @@ class Daemon:
     def close(self) -> None:
         if self.metrics is not None:   # first: a scrape reads the maps closed below
             self.metrics.stop()
+        self.lookups.stop()
         if self.uploader is not None:
             self.uploader.stop()
         if self.follower is not None:
@@ -520,6 +685,11 @@ class Daemon:
                     return 0
             while self._inbox:
                 self.apply_fetched(self._inbox.popleft())
+            if self._answers or self.lookups.pending():
+                try:
+                    self.take_answers()
+                except AusError as exc:
+                    log.error("directory answers: %s", exc)
             counts, self._scanned = self._scanned, None
             if counts is not None:
                 try:
@@ -610,13 +780,15 @@ class Daemon:
             server=self.follower.status() if self.follower is not None else None,
             last_sync=self.last_sync, start_stages=self.start_stages,
             upload=self.uploader.status() if self.uploader is not None else None,
+            adopted=frozenset(self.adopted),
             layout=self.loaded.layout, maps=self.loaded.maps)
 
     # Read commands report from a snapshot and never ask the directory:
     # a read must not change what is enforced (a refresh that is not
     # followed by a recompute would hide a group removal from due()).
     def cmd_status(self, args, peer, viewer) -> dict:
-        return {"ok": True, **report.status(self.snapshot()), "flow_records": self.flow_status()}
+        return {"ok": True, **report.status(self.snapshot()), "flow_records": self.flow_status(),
+                "directory": self.directory_status()}
 
     def cmd_users(self, args, peer, viewer) -> dict:
         return {"ok": True, "users": report.users(self.snapshot(), viewer)}
@@ -667,12 +839,26 @@ class Daemon:
         return uid
 
     def cmd_session_open(self, args, peer, viewer) -> dict:
+        with self.lookups.paused():   # ahead of every background lookup
+            return self._session_open(peer)
+
+    def _session_open(self, peer) -> dict:
         t0 = time.perf_counter()
         uid = self._peer_uid(peer)
         if uid in self.unmanaged:
             return {"ok": True, "login_uid": uid, "managed": False}
         self.sessions.open(uid)
-        self.want[uid] = self._content(uid, refresh=True)
+        answer = self._login_lookup(uid)
+        if answer.status != COMPLETE and uid in self.adopted and uid in self.want:
+            # the rules the maps hold stay until the directory answers
+            self.lookups.submit(uid, NEW_USER)
+            entry = self.kstate.users.get(uid)
+            log.warning("session opened: login UID %d keeps the rules it had (%s)", uid,
+                        answer.detail or answer.status)
+            self.login_latency.observe(time.perf_counter() - t0)
+            return {"ok": True, "login_uid": uid, "managed": True, "user": answer.name,
+                    "adopted": True, "ruleset": entry.ruleset if entry else None}
+        self.want[uid] = self._content(uid, self.directory.take(uid, answer))
         self.sync("session open", {uid})
         self.login_latency.observe(time.perf_counter() - t0)
         entry = self.kstate.users.get(uid)
@@ -685,6 +871,18 @@ class Daemon:
                 "groups": list(dict.fromkeys(info.groups + extra)),
                 "bundle_groups": list(extra), "rules": rules,
                 "ruleset": entry.ruleset if entry else None}
+
+    def _login_lookup(self, uid: int) -> Answer:
+        """A login's directory answer, on its own threads (never queued
+        behind refreshes) and bounded: past LOGIN_LOOKUP_TIMEOUT the user
+        gets what is known (the last groups, else none) and is looked up
+        again in the background."""
+        answer = self.login_lookup(uid, LOGIN_LOOKUP_TIMEOUT)
+        if answer is None:
+            self.lookups.submit(uid, NEW_USER)
+            return Answer(None, status=UNAVAILABLE,
+                          detail=f"login lookup took longer than {LOGIN_LOOKUP_TIMEOUT:g} s")
+        return answer
 
     def cmd_session_close(self, args, peer, viewer) -> dict:
         uid = self._peer_uid(peer)

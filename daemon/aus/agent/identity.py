@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
-from . import nss_sss
+from . import groupfile, nss_sss
 
 log = logging.getLogger(__name__)
 
@@ -120,23 +120,54 @@ except ImportError:  # pragma: no cover - depends on the host
     _idmap = None
 
 
+_GID_SIDS: dict[int, str | None] = {}
+_GID_SIDS_AT = [0.0]
+
+
 def _group_sids(gids: list[int]) -> tuple[str, ...]:
+    """The groups' SIDs, cached per GID for a minute like their names:
+    every user of a group asks for the same SID, and SSSD takes
+    milliseconds to say a group has none. An answer SSSD could not give
+    is not cached."""
     if _idmap is None or not gids:
         return ()
-    try:
-        found = _idmap.getsidbygid(gids)
-    except (OSError, SystemError, ValueError):
-        return ()  # SSSD down or not an SSSD group: names still match
-    return tuple(v[_idmap.SID_KEY].upper() for v in found.values() if _idmap.SID_KEY in v)
+    now = time.monotonic()
+    if now - _GID_SIDS_AT[0] > GID_NAME_TTL:
+        _GID_SIDS.clear()
+        _GID_SIDS_AT[0] = now
+    ask = [g for g in gids if g not in _GID_SIDS]
+    if ask:
+        try:
+            found = _idmap.getsidbygid(ask)
+        except (OSError, SystemError, ValueError):
+            found = None  # SSSD down or not an SSSD group: names still match
+        if found is not None:
+            for gid in ask:
+                v = found.get(gid) or found.get(str(gid)) or {}
+                _GID_SIDS[gid] = v[_idmap.SID_KEY].upper() if _idmap.SID_KEY in v else None
+    return tuple(s for s in (_GID_SIDS.get(g) for g in gids) if s)
 
 
 _SSS = nss_sss.load()
+_FILES = groupfile.FilesOnly()
+
+
+def files_only() -> bool:
+    """Whether NSS reads users and groups from local files alone (then a
+    lookup is in-process work: more threads would only share the GIL)."""
+    return _FILES.files_only()
 
 
 def nss_lookup(login_uid: int) -> Answer:
     """A UID's name, group names and group SIDs from NSS, and whether the
     directory answered in full. Nested groups are in the list when SSSD
     resolves them."""
+    table = _FILES.table()
+    if table is not None:
+        # users and groups from local files only: one parse of the files
+        # serves every user, where glibc would read them whole for each
+        user = table.users.get(login_uid)
+        return Answer(None) if user is None else Answer(user[0], table.groups_of(*user))
     try:
         pw = pwd.getpwuid(login_uid)
     except KeyError:
@@ -146,7 +177,8 @@ def nss_lookup(login_uid: int) -> Answer:
         # not SSSD's user (local files, or no SSSD): glibc's answer as it is
         gids = os.getgrouplist(pw.pw_name, pw.pw_gid)
         names = [_group_name(gid)[0] for gid in gids]
-        return Answer(pw.pw_name, tuple(dict.fromkeys(n for n in names if n)), _group_sids(gids))
+        return Answer(pw.pw_name, tuple(dict.fromkeys(n for n in names if n)),
+                      _group_sids([g for g, n in zip(gids, names) if n]))
     reply = _SSS.groups(pw.pw_name, pw.pw_gid)
     # glibc's list adds what other modules (files) give; SSSD's status
     # says whether its part is whole
@@ -159,7 +191,9 @@ def nss_lookup(login_uid: int) -> Answer:
     missing = [why for _, why in resolved if why]
     if missing:
         return Answer(pw.pw_name, names, (), PARTIAL, "; ".join(missing))
-    return Answer(pw.pw_name, names, _group_sids(gids))
+    # a GID NSS cannot name (a user private GID with no group) has no SID
+    # either; asking SSSD costs milliseconds each
+    return Answer(pw.pw_name, names, _group_sids([g for g, (n, _) in zip(gids, resolved) if n]))
 
 
 @dataclass
@@ -174,14 +208,23 @@ class Directory:
     _cache: "OrderedDict[int, UserInfo]" = field(default_factory=OrderedDict)
 
     def get(self, login_uid: int, *, refresh: bool = False) -> UserInfo:
+        cached = self._cache.get(login_uid)
+        if cached and not refresh and self.clock() - cached.last_check < self.ttl:
+            return cached
+        return self.take(login_uid, self.ask(login_uid))
+
+    def ask(self, login_uid: int) -> Answer:
+        """The directory's answer, nothing cached: safe from any thread
+        (the lookup pool calls it; :meth:`take` then runs in the loop)."""
+        try:
+            return Answer(*self.lookup(login_uid))
+        except OSError as exc:
+            return Answer(None, status=UNAVAILABLE, detail=str(exc))
+
+    def take(self, login_uid: int, answer: Answer) -> UserInfo:
+        """Judge an answer against the last known groups and cache it."""
         now = self.clock()
         cached = self._cache.get(login_uid)
-        if cached and not refresh and now - cached.last_check < self.ttl:
-            return cached
-        try:
-            answer = Answer(*self.lookup(login_uid))
-        except OSError as exc:
-            answer = Answer(None, status=UNAVAILABLE, detail=str(exc))
         info = judge(login_uid, cached, answer, now)
         if info.stale and not (cached and cached.stale == info.stale):
             log.warning("groups of login UID %d (%s): %s; %s", login_uid, info.name,
@@ -190,6 +233,10 @@ class Directory:
         self._cache[login_uid] = info
         self._cache.move_to_end(login_uid)
         return info
+
+    def cached(self, login_uid: int) -> UserInfo | None:
+        """The last judged answer, however old (None: never looked up)."""
+        return self._cache.get(login_uid)
 
     def due(self, limit: int) -> list[int]:
         """Up to ``limit`` users not looked up for the TTL, oldest first."""

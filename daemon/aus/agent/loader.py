@@ -1,10 +1,13 @@
 """Compile, load and attach the kernel programs: the layer that touches bcc.
 
-A start always compiles the programs anew (the running kernel's BTF gives
+A start compiles the programs anew (the running kernel's BTF gives
 ``task_struct.loginuid``), reuses the pinned maps (see :mod:`.pins` for
 the layout), and swaps each link to the new program with
 BPF_LINK_UPDATE: enforcement never has a gap, and a new version replaces
-the old programs atomically. bcc raises bare ``Exception``; every bcc call
+the old programs atomically. A restart whose programs would be built from
+the same sources, flags, kernel and version as the attached ones (their
+build pin says so) takes the attached programs instead of compiling: the
+second bcc/LLVM needs is most of a restart. bcc raises bare ``Exception``; every bcc call
 is made through :func:`_bcc` and becomes a :class:`BpfError`.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import importlib.util
 import json
 import logging
@@ -22,6 +26,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import __version__
 from ..core import contract as C
 from ..core.errors import BpfError, ProbeError
 from . import bpfsys, btf, pins
@@ -142,6 +147,8 @@ class Loaded:
     layout: pins.PinLayout
     maps: dict[str, bpfsys.Map] = field(default_factory=dict)
     adopted: bool = False            # links were there already
+    build_id: str = ""               # what the programs are built from
+    reused: bool = False             # the attached programs, not compiled now
 
     def close(self) -> None:
         for m in self.maps.values():
@@ -172,10 +179,63 @@ def _build(cfg: DaemonConfig, loginuid_offset: int, layout: pins.PinLayout) -> N
         pins.repin(fn.fd, layout.stage(prog.link))
 
 
+def build_id(cfg: DaemonConfig, loginuid_offset: int) -> str:
+    """A digest of everything the programs are built from: the C sources,
+    the flags (sizes, pin paths, the loginuid offset), the kernel and
+    this version of aus."""
+    bpf_dir = cfg.bpf_dir or default_bpf_dir()
+    h = hashlib.sha256()
+    for f in sorted(bpf_dir.iterdir()):
+        if f.is_file() and f.suffix in (".c", ".h"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(json.dumps(cflags(cfg, loginuid_offset, bpf_dir)).encode())
+    h.update(f"{platform.release()} {platform.version()} {__version__}".encode())
+    return h.hexdigest()[:32]
+
+
+def _attached(layout: pins.PinLayout, cgroup: Path, build: str) -> dict[str, int] | None:
+    """The attached programs' fds, if they are of this build and each is
+    what its link to ``cgroup`` runs; else None."""
+    if not layout.build(build).exists():
+        return None
+    cgroup_id = os.stat(cgroup).st_ino
+    fds: dict[str, int] = {}
+    try:
+        for hook in C.PROGRAMS:
+            fd = bpfsys.obj_get(str(layout.prog(hook.link)))
+            fds[hook.link] = fd
+            link_fd = bpfsys.obj_get(str(layout.link(hook.link)))
+            try:
+                link = bpfsys.link_info(link_fd, hook.link)
+            finally:
+                os.close(link_fd)
+            if (link["cgroup_id"] != cgroup_id
+                    or link["prog_id"] != bpfsys.prog_info(fd, hook.link)["id"]):
+                raise BpfError("adopt", hook.link, None, "not the pinned program")
+    except (BpfError, OSError):
+        for fd in fds.values():
+            os.close(fd)
+        return None
+    return fds
+
+
 def compile_and_load(cfg: DaemonConfig, loginuid_offset: int) -> Loaded:
-    """Build the programs in a child process and take them over by pin."""
+    """Build the programs in a child process and take them over by pin;
+    or take the attached ones, when they are of this very build."""
     layout = pins.PinLayout(cfg.pin_dir)
     layout.maps_dir.mkdir(parents=True, exist_ok=True)
+    build = build_id(cfg, loginuid_offset)
+    fds = _attached(layout, cfg.cgroup_path, build)
+    if fds is not None:
+        try:
+            loaded = Loaded(prog_fds=fds, layout=layout, build_id=build, reused=True)
+            loaded.maps = pins.open_maps(layout)
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        log.info("programs of build %s are attached already: taken as they are", build)
+        return loaded
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: build, report, leave without cleanup handlers
@@ -203,7 +263,7 @@ def compile_and_load(cfg: DaemonConfig, loginuid_offset: int) -> Loaded:
             stage = layout.stage(prog.link)
             fds[prog.link] = bpfsys.obj_get(str(stage))
             stage.unlink()
-        loaded = Loaded(prog_fds=fds, layout=layout)
+        loaded = Loaded(prog_fds=fds, layout=layout, build_id=build)
         loaded.maps = pins.open_maps(layout)
     except BaseException:
         for fd in fds.values():
@@ -227,6 +287,17 @@ def _rebuild(d: dict) -> Exception:
     err = BpfError(d["op"], d["obj"], d["errno"])
     err.args = (d["text"],)
     return err
+
+
+def _mark_build(layout: pins.PinLayout, loaded: Loaded) -> None:
+    """Name the attached programs' build by a pin (any of the programs
+    does: only the name is read), and drop the names of other builds."""
+    mark = layout.build(loaded.build_id)
+    if not mark.exists():
+        pins.repin(loaded.prog_fds[C.PROGRAMS[0].link], mark)
+    for old in layout.maps_dir.glob("build_*"):
+        if old != mark:
+            old.unlink()
 
 
 def attach(loaded: Loaded, cgroup: Path) -> None:
@@ -263,6 +334,8 @@ def attach(loaded: Loaded, cgroup: Path) -> None:
     finally:
         os.close(cg_fd)
     loaded.adopted = adopted == len(C.PROGRAMS)
+    if loaded.build_id:
+        _mark_build(layout, loaded)
     for old in pins.remove_other_abis(layout):
         log.info("removed the pins of map layout %s", old)
     log.info("programs attached to %s (%s)", cgroup,

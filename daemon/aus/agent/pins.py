@@ -5,6 +5,8 @@ Pins under ``pin_dir``::
     <pin_dir>/v<ABI>/<map>        maps (kept across restarts and upgrades)
     <pin_dir>/v<ABI>/prog_<hook>  the programs currently attached
     <pin_dir>/v<ABI>/stage_<hook> a program just built, until taken over
+    <pin_dir>/v<ABI>/build_<id>   the attached programs' build (a program
+                                  pinned under a name that says its sources)
     <pin_dir>/links/<hook>        cgroup links; they keep the programs
                                   attached while no ausd runs
 
@@ -52,6 +54,11 @@ class PinLayout:
 
     def stage(self, hook: str) -> Path:
         return self.maps_dir / f"stage_{hook}"
+
+    def build(self, build_id: str) -> Path:
+        """A pin whose name says what the attached programs were built
+        from (see loader.build_id)."""
+        return self.maps_dir / f"build_{build_id}"
 
 
 # The maps read and written through bpf(2); aus_sock and aus_events are

@@ -55,6 +55,7 @@ class Snapshot:
     layout: pins.PinLayout
     maps: dict[str, Map]
     upload: dict[str, Any] | None = None   # the flow uploader's status
+    adopted: frozenset[int] = frozenset()  # rules kept from the maps, not refreshed yet
 
 
 def status(s: Snapshot) -> dict:
@@ -104,6 +105,18 @@ def users(s: Snapshot, viewer: int | None = None) -> list[dict]:
         if viewer is not None and uid != viewer:
             continue
         ident = s.identities.get(uid)
+        if entry.managed and ident is None and uid in s.adopted:
+            # rules the maps held at the start, kept until the directory answers
+            out.append({"login_uid": uid, "user": None, "groups": [], "nss_groups": [],
+                        "bundle_groups": [], "bundle_version": None, "group_sids": [],
+                        "groups_source": "ADOPTED", "groups_stale": "not refreshed since "
+                        "the start: the rules the maps held", "groups_age": None,
+                        "rules": sorted({s.kstate.rules.get(e.rule, str(e.rule))
+                                         for _, _, ps in s.kstate.ruleset_content(entry.ruleset)
+                                         for e in ps if e.rule != C.RULE_BASELINE}),
+                        "ruleset": entry.ruleset, "processes": s.processes.get(uid, 0),
+                        "counters": counters.get(uid, dict.fromkeys(mapview.COUNTER_FIELDS, 0))})
+            continue
         if not entry.managed or ident is None:
             continue
         info, extra, rule_ids = ident

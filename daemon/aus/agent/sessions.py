@@ -85,6 +85,11 @@ class Sessions:
             if now - t >= self.grace:
                 del self.opened_at[uid]
 
+    def is_active(self, login_uid: int, unmanaged: set[int]) -> bool:
+        """Whether ``login_uid`` is in :meth:`active`, without building it."""
+        return (login_uid != C.LOGINUID_UNSET and login_uid not in unmanaged
+                and (login_uid in self.opened_at or self.processes.get(login_uid, 0) > 0))
+
     def active(self, unmanaged: set[int]) -> set[int]:
         uids = set(self.opened_at) | {u for u, n in self.processes.items() if n > 0}
         return {u for u in uids if u != C.LOGINUID_UNSET and u not in unmanaged}

@@ -148,6 +148,8 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
                              f"refused: {p['error']}")
             if s.get("upload"):
                 lines += _upload_lines(s["upload"])
+            if s.get("directory"):
+                lines.append(_directory_line(s["directory"]))
             lines += [f"users:     {s['users']['active']} active",
                       f"kernel:    {s['kernel']['rulesets']} rulesets, "
                       f"{s['kernel']['destinations']} destinations, {s['kernel']['services']} services",
@@ -166,6 +168,21 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
 
     _out(args, st, human)
     return EXIT_OK
+
+
+def _directory_line(d: dict) -> str:
+    """Refresh progress: users still on the rules the maps held at the
+    start, and the lookup pool's queue."""
+    if d["adopted_not_refreshed"]:
+        head = (f"{d['adopted_not_refreshed']} of {d['adopted_at_start']} users still on "
+                "the rules the maps held at the start (refreshing)")
+    elif d["adopted_at_start"] and d["refresh_done"]:
+        head = (f"all {d['adopted_at_start']} users adopted at the start refreshed in "
+                f"{d['refresh_done'] - d['refresh_started']:.1f} s")
+    else:
+        head = "every user's rules come from a directory answer"
+    return (f"directory: {head}; lookups {d['queued']} queued, {d['running']} running, "
+            f"{d['answered']} answered, {d['timed_out']} over {d['timeout_seconds']:g} s")
 
 
 def _records_line(r: dict) -> str:
