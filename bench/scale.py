@@ -82,15 +82,25 @@ def main(argv: list[str] | None = None) -> int:
         verdicts += part.verdicts
         out += [f"## {part.title}", "", part.markdown.strip(), "",
                 f"Part time: {time.time() - t0:.0f} s.", ""]
-    out += ["## Verdicts", "", "| target | figure | |", "|---|---|---|"]
-    out += [f"| {v.target} | {v.figure} | {'MET' if v.met else '**MISSED**'} |" for v in verdicts]
-    out += ["", f"Suite time: {time.time() - started:.0f} s."]
-    text = "\n".join(out) + "\n"
+        # written after every part: a long run stopped midway keeps what it measured
+        _write(args, out, verdicts, raw, started, done=False)
+    text = _write(args, out, verdicts, raw, started, done=True)
+    print(text)
+    return 1 if failed else 0
+
+
+def _write(args, out: list[str], verdicts: list[common.Verdict], raw: dict, started: float,
+           done: bool) -> str:
+    lines = out + ["## Verdicts", "", "| target | figure | |", "|---|---|---|"]
+    lines += [f"| {v.target} | {v.figure} | {'MET' if v.met else '**MISSED**'} |"
+              for v in verdicts]
+    lines += ["", f"Suite time: {time.time() - started:.0f} s." if done
+              else "The run has not finished: the parts above are complete."]
+    text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
-    print(text)
-    return 1 if failed else 0
+    return text
 
 
 if __name__ == "__main__":
