@@ -26,6 +26,7 @@ import contextlib
 import multiprocessing as mp
 import resource
 import statistics
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -319,11 +320,16 @@ def summarize(recs: list[tuple], n: int, t_sent: float, t_answer: float) -> dict
 # --------------------------------------------------------------------------
 
 
+def say(what: str) -> None:
+    print(f"  fleet: {what}", file=sys.stderr, flush=True)
+
+
 def measure(sz: Sizes, url: str, replicas: list[Server], seeded: dict) -> dict:
     a, b = replicas
     out: dict = {"seed": {k: seeded[k] for k in ("seconds", "memberships")}}
     policy = seeded["policy_group_ids"]
 
+    say(f"seeded in {seeded['seconds']:.0f} s; provisioning the policy")
     # The policy: one rule per policy group, made and provisioned through the API.
     for k, gid in enumerate(policy):
         call(a, "POST", f"/api/orgs/{ORG}/rules", {
@@ -344,6 +350,7 @@ def measure(sz: Sizes, url: str, replicas: list[Server], seeded: dict) -> dict:
     try:
         # One workload alone, on the replica that does not take the write:
         # what each change costs on the wire, and the latency unloaded.
+        say("one workload alone")
         alone: dict = {}
         clients.open(a.token, targets(1, [b], 1, "fleet-alone"), etag, version, sz.wait)
         wait_held(clients, [b], 1, 30)
@@ -378,6 +385,7 @@ def measure(sz: Sizes, url: str, replicas: list[Server], seeded: dict) -> dict:
         version, etag = int(r.headers["x-aus-version"]), r.headers["etag"]
         out["bundle_bytes_after"] = len(r.body)
 
+        say(f"memory: {sz.workloads:,} polls on replica A")
         # Memory: every workload polls replica A alone.
         time.sleep(1.0)
         idle = rss(a.proc.pid)
@@ -390,6 +398,7 @@ def measure(sz: Sizes, url: str, replicas: list[Server], seeded: dict) -> dict:
         clients.ask("close")
         wait_gone([a], sz.wait + 10)
 
+        say(f"fan-out: {sz.workloads:,} polls over both replicas")
         # Fan-out: the fleet spread over both replicas; the write goes to A.
         n = sz.workloads
         rss0 = [rss(r.proc.pid) for r in replicas]
@@ -408,6 +417,7 @@ def measure(sz: Sizes, url: str, replicas: list[Server], seeded: dict) -> dict:
                                         f"GiB queued at once, over a quarter of the "
                                         f"{avail / 2**30:.1f} GiB available"}
                 continue
+            say(f"{kind} change to the fleet")
             before = [metrics(r) for r in replicas]
             t0, t1 = membership_change(a, policy[0], seeded["joiner"]) if kind == "membership" \
                 else rule_change(a, policy[1])
@@ -446,6 +456,7 @@ def run(sz: Sizes) -> dict:
     try:
         url = pg.url(pg.new_database())
         a, b = Server(url, 1), Server(url, 1)   # each creates the org's key (and the org)
+        say(f"seeding {sz.users:,} users, {sz.groups:,} groups")
         seeded = seed(url, sz)
         with a, b:
             return measure(sz, url, [a, b], seeded)
