@@ -40,6 +40,7 @@ from tests.support.postgres import PostgresServer
 
 from . import fleet_client
 from .common import Part, Verdict, percentile
+from .flow_ingest import _tree_cpu
 from .httpload import Connection
 from .server import Server
 
@@ -265,18 +266,22 @@ def wait_gone(replicas: list[Server], timeout: float) -> None:
         time.sleep(0.5)
 
 
-def arrivals(clients: Clients, n: int, after: int, timeout: float) -> list[tuple]:
+def arrivals(clients: Clients, n: int, after: int, base: int, timeout: float) -> list[tuple]:
     """For each workload the first record of a version above ``after``;
-    waits until all ``n`` have one or ``timeout`` passes."""
+    waits until all ``n`` have one or ``timeout`` passes. While waiting it
+    asks the clients for counts only (``base``: the count before the
+    change): fetching the records is the costly part."""
     deadline = time.monotonic() + timeout
     while True:
-        first: dict[int, tuple] = {}
-        for rec in sorted(clients.records(), key=lambda r: r[1]):
-            if rec[2] > after and rec[0] not in first:
-                first[rec[0]] = rec
-        if len(first) == n or time.monotonic() > deadline:
-            return list(first.values())
-        time.sleep(0.5)
+        done = clients.status()["records"] - base >= n
+        if done or time.monotonic() > deadline:
+            first: dict[int, tuple] = {}
+            for rec in sorted(clients.records(), key=lambda r: r[1]):
+                if rec[2] > after and rec[0] not in first:
+                    first[rec[0]] = rec
+            if len(first) == n or time.monotonic() > deadline:
+                return list(first.values())
+        time.sleep(0.25)
 
 
 # --------------------------------------------------------------------------
@@ -324,7 +329,7 @@ def say(what: str) -> None:
     print(f"  fleet: {what}", file=sys.stderr, flush=True)
 
 
-def measure(sz: Sizes, url: str, replicas: list[Server], seeded: dict) -> dict:
+def measure(sz: Sizes, replicas: list[Server], seeded: dict, pg_pid: int) -> dict:
     a, b = replicas
     out: dict = {"seed": {k: seeded[k] for k in ("seconds", "memberships")}}
     policy = seeded["policy_group_ids"]
@@ -355,10 +360,10 @@ def measure(sz: Sizes, url: str, replicas: list[Server], seeded: dict) -> dict:
         clients.open(a.token, targets(1, [b], 1, "fleet-alone"), etag, version, sz.wait)
         wait_held(clients, [b], 1, 30)
         for kind in ("membership", "rule"):
-            before = metrics(a)
+            before, base = metrics(a), clients.status()["records"]
             t0, t1 = membership_change(a, policy[0], seeded["joiner"]) if kind == "membership" \
                 else rule_change(a, policy[1])
-            recs = arrivals(clients, 1, version, 30)
+            recs = arrivals(clients, 1, version, base, 30)
             alone[kind] = summarize(recs, 1, t0, t1)
             after = metrics(a)
             alone[kind]["build_s"] = ((after["build_sum"] - before["build_sum"])
@@ -419,10 +424,17 @@ def measure(sz: Sizes, url: str, replicas: list[Server], seeded: dict) -> dict:
                 continue
             say(f"{kind} change to the fleet")
             before = [metrics(r) for r in replicas]
+            pids = [r.proc.pid for r in replicas] + [pg_pid] + [p.pid for p in clients.procs]
+            cpu0 = [_tree_cpu(p) for p in pids]
+            base = clients.status()["records"]
             t0, t1 = membership_change(a, policy[0], seeded["joiner"]) if kind == "membership" \
                 else rule_change(a, policy[1])
-            recs = arrivals(clients, n, version, 120)
+            recs = arrivals(clients, n, version, base, 120)
+            cpu = [_tree_cpu(p) - c for p, c in zip(pids, cpu0)]
             out[kind] = summarize(recs, n, t0, t1)
+            # CPU seconds from the change to the end of the wait for the last workload
+            out[kind]["cpu_s"] = {"replicas": cpu[:2], "postgresql": cpu[2],
+                                  "clients": sum(cpu[3:])}
             after = [metrics(r) for r in replicas]
             builds = sum(x["build_count"] - y["build_count"] for x, y in zip(after, before))
             out[kind]["build_s"] = sum(x["build_sum"] - y["build_sum"]
@@ -459,7 +471,7 @@ def run(sz: Sizes) -> dict:
         say(f"seeding {sz.users:,} users, {sz.groups:,} groups")
         seeded = seed(url, sz)
         with a, b:
-            return measure(sz, url, [a, b], seeded)
+            return measure(sz, [a, b], seeded, pg.proc.pid)
     finally:
         pg.stop()
 
@@ -524,6 +536,12 @@ def report(sz: Sizes, r: dict, tiny: bool) -> Part:
     md += ["", "Answer: the change request's own time (for the rule, the provision's, which "
                "builds the bundle before answering). Bundle build: the server's "
                "`aus_server_bundle_build_duration_seconds` for that change.", ""]
+    for kind in ("membership", "rule"):
+        c = r.get(kind, {}).get("cpu_s")
+        if c:
+            md += [f"CPU during the {kind} fan-out (from the change until every workload had "
+                   f"it, seconds): replicas {c['replicas'][0]:.2f} + {c['replicas'][1]:.2f}, "
+                   f"PostgreSQL {c['postgresql']:.2f}, load clients {c['clients']:.2f}.", ""]
     mem = r["memory"]
     per = (mem["held_rss"] - mem["idle_rss"]) / max(1, mem["held"])
     sp = r["spread"]
