@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -331,7 +332,8 @@ def say(what: str) -> None:
 
 def measure(sz: Sizes, replicas: list[Server], seeded: dict, pg_pid: int) -> dict:
     a, b = replicas
-    out: dict = {"seed": {k: seeded[k] for k in ("seconds", "memberships")}}
+    out: dict = {"seed": {k: seeded[k] for k in ("seconds", "memberships")},
+                 "loadavg": [os.getloadavg()[0]]}
     policy = seeded["policy_group_ids"]
 
     say(f"seeded in {seeded['seconds']:.0f} s; provisioning the policy")
@@ -448,6 +450,7 @@ def measure(sz: Sizes, replicas: list[Server], seeded: dict, pg_pid: int) -> dic
         clients.ask("close")
     finally:
         clients.stop()
+    out["loadavg"].append(os.getloadavg()[0])
     return out
 
 
@@ -551,7 +554,10 @@ def report(sz: Sizes, r: dict, tiny: bool) -> Part:
            f"Spread over both replicas: {', '.join(f'{h:,.0f}' for h in sp['held'])} held, RSS "
            + ", ".join(f"{x / 2**20:.0f} -> {y / 2**20:.0f} MiB"
                        for x, y in zip(sp["rss_before"], sp["rss_held"])) + ".",
-           "", f"Provisioning the policy (build included) took {r['provision_s']:.2f} s."]
+           "", f"Provisioning the policy (build included) took {r['provision_s']:.2f} s.",
+           "", f"Machine load average (1 min): {r['loadavg'][0]:.1f} when the measurement began, "
+           f"{r['loadavg'][-1]:.1f} at its end ({os.cpu_count()} CPUs; above that, other work "
+           "shared them)."]
 
     for kind, what in (("membership", "one membership change (SCIM member PATCH)"),
                        ("rule", "a rule change (management API, provisioned)")):
