@@ -67,7 +67,7 @@ class Sizes:
 FULL = Sizes(users=100_000, groups=10_000, policy=(20_000, 10_000, 5_000, 2_000, 1_000),
              groups_per_user=2, workloads=10_000, clients=2, sources=8, wait=60)
 TINY = Sizes(users=200, groups=20, policy=(40, 20, 10, 4, 2), groups_per_user=2,
-             workloads=200, clients=2, sources=4, wait=5)
+             workloads=200, clients=2, sources=4, wait=3)
 
 
 # --------------------------------------------------------------------------
