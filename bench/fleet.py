@@ -67,7 +67,7 @@ class Sizes:
 FULL = Sizes(users=100_000, groups=10_000, policy=(20_000, 10_000, 5_000, 2_000, 1_000),
              groups_per_user=2, workloads=10_000, clients=2, sources=8, wait=60)
 TINY = Sizes(users=200, groups=20, policy=(40, 20, 10, 4, 2), groups_per_user=2,
-             workloads=200, clients=2, sources=4, wait=3)
+             workloads=200, clients=2, sources=4, wait=5)
 
 
 # --------------------------------------------------------------------------
@@ -245,17 +245,23 @@ def targets(n: int, replicas: list[Server], sources: int, prefix: str) -> list[t
 
 
 def wait_held(clients: Clients, replicas: list[Server], n: int, timeout: float) -> dict:
-    """Until every workload's poll is written and waiting, and the
-    replicas hold ``n`` polls between them; the last figures seen."""
+    """Until every workload's poll is written and the replicas hold ``n``
+    polls between them; after ``timeout`` the figures as they are (a
+    loaded replica may never hold them all at once: the polls whose wait
+    ended are on their way back)."""
     deadline = time.monotonic() + timeout
+    best: dict = {}
     while True:
         st = clients.status()
         held = [metrics(r)["polls"] for r in replicas]
+        if st["polls"] < n or st["errors"]:
+            raise RuntimeError(f"{n} workloads did not all connect and poll: {st}")
+        if not best or sum(held) > sum(best["held"]):
+            best = {"status": st, "held": held}
         if st["waiting"] == n and sum(held) >= n:
-            return {"status": st, "held": held}
+            return {"status": st, "held": held, "all": True}
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{n} polls not held within {timeout:.0f} s: client {st}, "
-                               f"replicas {held}")
+            return {**best, "all": False}
         time.sleep(0.5)
 
 
@@ -399,8 +405,10 @@ def measure(sz: Sizes, replicas: list[Server], seeded: dict, pg_pid: int) -> dic
         t = time.monotonic()
         clients.open(a.token, targets(sz.workloads, [a], sz.sources, "fleet-mem"), etag, version,
                      sz.wait)
-        held = wait_held(clients, [a], sz.workloads, 300)
-        out["memory"] = {"idle_rss": idle, "held_rss": rss(a.proc.pid), "held": held["held"][0],
+        held = wait_held(clients, [a], sz.workloads, 120)
+        # RSS and the polls held at that moment, together
+        out["memory"] = {"idle_rss": idle, "held_rss": rss(a.proc.pid),
+                         "held": metrics(a)["polls"], "most_held": held["held"][0],
                          "connect_s": time.monotonic() - t, "client": held["status"]}
         clients.ask("close")
         wait_gone([a], sz.wait + 10)
@@ -410,8 +418,8 @@ def measure(sz: Sizes, replicas: list[Server], seeded: dict, pg_pid: int) -> dic
         n = sz.workloads
         rss0 = [rss(r.proc.pid) for r in replicas]
         clients.open(a.token, targets(n, replicas, sz.sources, "fleet"), etag, version, sz.wait)
-        held = wait_held(clients, replicas, n, 300)
-        out["spread"] = {"held": held["held"], "rss_before": rss0,
+        held = wait_held(clients, replicas, n, 120)
+        out["spread"] = {"held": held["held"], "all_held": held["all"], "rss_before": rss0,
                          "rss_held": [rss(r.proc.pid) for r in replicas]}
         avail = _mem_available()
         for kind in ("membership", "rule"):
@@ -446,7 +454,7 @@ def measure(sz: Sizes, replicas: list[Server], seeded: dict, pg_pid: int) -> dic
             if recs:
                 version = max(r[2] for r in recs)
             if kind == "membership":
-                wait_held(clients, replicas, n, 120)
+                wait_held(clients, replicas, n, 60)
         clients.ask("close")
     finally:
         clients.stop()
@@ -548,9 +556,11 @@ def report(sz: Sizes, r: dict, tiny: bool) -> Part:
     mem = r["memory"]
     per = (mem["held_rss"] - mem["idle_rss"]) / max(1, mem["held"])
     sp = r["spread"]
-    md += [f"Memory: replica A alone held {mem['held']:,.0f} polls (all {n:,} connected in "
-           f"{mem['connect_s']:.1f} s); RSS {mem['idle_rss'] / 2**20:.0f} MiB idle, "
-           f"{mem['held_rss'] / 2**20:.0f} MiB with them held: {per / 1024:.1f} KiB per held poll. "
+    md += [f"Memory: all {n:,} workloads poll replica A (connected in {mem['connect_s']:.1f} s); "
+           f"it held {mem['most_held']:,.0f} at once at most, {mem['held']:,.0f} when its RSS was "
+           f"read: {mem['idle_rss'] / 2**20:.0f} MiB idle, {mem['held_rss'] / 2**20:.0f} MiB with "
+           f"them held, {per / 1024:.1f} KiB per held poll (polls whose 60 s wait ended are "
+           "on their way back meanwhile). "
            f"Spread over both replicas: {', '.join(f'{h:,.0f}' for h in sp['held'])} held, RSS "
            + ", ".join(f"{x / 2**20:.0f} -> {y / 2**20:.0f} MiB"
                        for x, y in zip(sp["rss_before"], sp["rss_held"])) + ".",
@@ -584,9 +594,9 @@ def report(sz: Sizes, r: dict, tiny: bool) -> Part:
     verdicts.append(Verdict(f"fleet: server memory per held long-poll (bound {POLL_BUDGET // 1024} "
                             "KiB)", f"{per / 1024:.1f} KiB", 0 < per <= POLL_BUDGET))
     verdicts.append(Verdict(f"fleet: long-polls held by one replica process (target {n:,}, "
-                            "bounded memory)", f"{mem['held']:,.0f} held, RSS "
+                            "bounded memory)", f"{mem['most_held']:,.0f} held at once, RSS "
                             f"+{(mem['held_rss'] - mem['idle_rss']) / 2**20:.0f} MiB",
-                            mem["held"] >= n and per <= POLL_BUDGET))
+                            mem["most_held"] >= n and per <= POLL_BUDGET))
     return Part(f"Fleet: {n:,} long-polling workloads, two replicas, {sz.users:,} users",
                 "\n".join(md), tuple(verdicts), r)
 

@@ -38,8 +38,9 @@ def test_fleet_part_runs_tiny(tmp_path):
         assert raw["membership"]["bytes_median"] > raw["bundle_bytes"]
 
     mem = raw["memory"]
-    assert mem["held"] == n and mem["held_rss"] > mem["idle_rss"] > 0
-    assert sum(raw["spread"]["held"]) == n and min(raw["spread"]["held"]) > 0
+    # polls held by one replica (a loaded machine may have some on their way back)
+    assert 0 < mem["held"] <= n and 0 < mem["most_held"] <= n and mem["held_rss"] > mem["idle_rss"] > 0
+    assert 0 < sum(raw["spread"]["held"]) <= n and min(raw["spread"]["held"]) > 0
 
     # one row per target in the verdict table, each with its figure and MET or MISSED
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| fleet: ")]
