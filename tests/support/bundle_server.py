@@ -1,9 +1,13 @@
 """A stand-in for aus-server's bundle endpoint, for tests: stdlib
 http.server in a thread on loopback, speaking the protocol ausd expects.
 
-    GET <path>?wait=N   Basic auth; If-None-Match; X-Aus-Workload; X-Aus-Enforcing
+    GET <path>?wait=N&since=V   Basic auth; If-None-Match; X-Aus-Workload;
+                        X-Aus-Enforcing; Accept-Encoding
     200 + ETag          when the ETag differs (or is absent), or as soon as
-                        the bundle changes during the wait
+                        the bundle changes during the wait: the delta from V
+                        when one was published with the bundle (X-Aus-Delta-From),
+                        else the bundle; gzip-compressed when ``gzip`` is set
+                        and the client takes it
     304                 nothing changed within the wait (capped at 60 s)
     401                 bad credentials; ``fail`` forces any other status
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import gzip as gzip_module
 import json
 import shutil
 import socket
@@ -57,6 +62,8 @@ class Seen:
     started: float
     status: int = 0
     ended: float = 0.0
+    since: int | None = None
+    delta: bool = False       # answered with a delta
 
 
 @dataclass
@@ -68,24 +75,30 @@ class BundleServer:
     path: str = PATH
     requests: list[Seen] = field(default_factory=list)
     fail: int | None = None                  # answer every request with this status
+    gzip: bool = False                       # compress 200 answers for clients that take it
+    gzip_body: bytes | None = None           # send these bytes as the gzip body instead
 
     def __post_init__(self):
         self._cond = threading.Condition()
         self._body = b""
         self._etag: str | None = None
+        self._deltas: dict[int, bytes] = {}
         self._serial = 0
         self._closed = False
         self._httpd: ThreadingHTTPServer | None = None
         self._conns: set[socket.socket] = set()
 
     # -- content --------------------------------------------------------------
-    def publish(self, doc: dict | bytes) -> str:
-        """Serve a new bundle (a dict, or raw bytes as they are); wakes
-        every waiting long poll. Returns its ETag."""
+    def publish(self, doc: dict | bytes, deltas: dict[int, dict | bytes] | None = None) -> str:
+        """Serve a new bundle (a dict, or raw bytes as they are), and
+        ``deltas`` (from version -> delta) to requests with that since=;
+        wakes every waiting long poll. Returns its ETag."""
         body = doc if isinstance(doc, bytes) else json.dumps(copy.deepcopy(doc)).encode()
         with self._cond:
             self._serial += 1
             self._body = body
+            self._deltas = {v: d if isinstance(d, bytes) else json.dumps(d).encode()
+                            for v, d in (deltas or {}).items()}
             self._etag = f'"b{self._serial}"'
             self._cond.notify_all()
             return self._etag
@@ -163,18 +176,29 @@ class BundleServer:
         parts = urlsplit(h.path)
         query = parse_qs(parts.query)
         wait = int(query["wait"][0]) if "wait" in query else None
+        since = int(query["since"][0]) if "since" in query else None
         seen = Seen(parts.path, wait, {k.lower(): v for k, v in h.headers.items()},
-                    time.monotonic())
+                    time.monotonic(), since=since)
         self.requests.append(seen)
         status, body, etag = self._answer(h, parts.path, wait)
         seen.status, seen.ended = status, time.monotonic()
         if self._closed:
             h.close_connection = True
             return
+        headers = {"Content-Type": "application/json"}
+        if status == 200 and since in self._deltas:
+            body = self._deltas[since]
+            headers = {"Content-Type": "application/vnd.aus.bundle-delta+json",
+                       "X-Aus-Delta-From": str(since)}
+        if status == 200 and self.gzip and "gzip" in h.headers.get("Accept-Encoding", ""):
+            body = self.gzip_body if self.gzip_body is not None else gzip_module.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        seen.delta = "X-Aus-Delta-From" in headers
         h.send_response(status)
         if etag:
             h.send_header("ETag", etag)
-        h.send_header("Content-Type", "application/json")
+        for k, v in headers.items():
+            h.send_header(k, v)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         h.wfile.write(body)

@@ -1,7 +1,8 @@
 """ausd's policy server client against a real HTTP(S) server on loopback
 (tests/support/bundle_server.py): credentials, the retry schedule, the
 long-poll protocol, the poller thread, and the daemon's handling of what it
-delivers (start from the cache, fail closed, refusals, memberships)."""
+delivers (start from the cache, fail closed, refusals, memberships,
+deltas and the fallback to the full bundle when one does not apply)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ from aus.agent.policysource import (
     read_credentials,
 )
 from aus.cli import ausctl
-from aus.core.bundle import bundle_from_bytes, bundle_from_data
+from aus.core.bundle import (
+    MAX_BUNDLE_BYTES,
+    bundle_from_bytes,
+    bundle_from_data,
+    diff_documents,
+)
 from aus.core.errors import ConfigError, PolicyError, PolicySourceError
 from aus.core.policy import empty_policy
 from aus.core.state import plan
@@ -172,7 +178,8 @@ def test_first_fetch_sends_the_protocol_headers(server):
     assert h["authorization"] == "Basic a2V5MTpzM2NyZXQ="        # key1:s3cret
     assert h["x-aus-workload"] == "ws-17"
     assert h["x-aus-enforcing"] == "0"
-    assert h["accept"] == "application/json"
+    assert h["accept"] == "application/json, application/vnd.aus.bundle-delta+json"
+    assert h["accept-encoding"] == "gzip" and seen.since is None
     assert "if-none-match" not in h
     c.close()
 
@@ -655,3 +662,107 @@ def test_status_without_a_bundle_says_fail_closed(tmp_path):
     assert srv["bundle_version"] is None and srv["from_cache"] is False
     assert ausctl._server_lines(srv)[0].strip() == \
         "no bundle yet: enforcing the baseline only (fail closed)"
+
+
+# --------------------------------------------------------------------------
+# Deltas and gzip
+
+
+def test_a_gzip_reply_is_inflated(server):
+    server.gzip = True
+    doc = bundle(5, {"DEV": [f"user{i}" for i in range(500)]})
+    etag = server.publish(doc)
+    reply = client(server).fetch(None, 0, 0)
+    assert reply.etag == etag and json.loads(reply.body) == doc
+    assert reply.wire_bytes < len(reply.body) / 3
+
+
+def test_a_decompression_bomb_is_refused(server):
+    import gzip
+    server.gzip = True
+    server.gzip_body = gzip.compress(b" " * (MAX_BUNDLE_BYTES + 1024), 9)
+    server.publish(bundle(5, {}))
+    assert len(server.gzip_body) < 100_000
+    with pytest.raises(PolicySourceError) as info:
+        client(server).fetch(None, 0, 0)
+    assert info.value.kind == "protocol"
+    assert f"the gzip reply inflates to more than {MAX_BUNDLE_BYTES} bytes; refused" \
+        in str(info.value)
+
+
+def poll_in_thread(d: Daemon):
+    """One poll of the daemon's poller (its own thread, as in ausd), the
+    deliveries applied here as the main loop applies them."""
+    t = threading.Thread(target=d.follower.poller.poll_once)
+    t.start()
+    while t.is_alive() or d._inbox:
+        if d._inbox:
+            d.apply_fetched(d._inbox.popleft())
+        time.sleep(0.01)
+    t.join()
+
+
+def test_a_delta_is_applied_and_a_bad_one_falls_back_to_the_full_bundle(tmp_path, server,
+                                                                      caplog):
+    server.gzip = True
+    v1 = bundle(1, {"DEV": ["alice", "bob"], "OPS": []})
+    server.publish(v1)
+    d = daemon(tmp_path, server.url)
+    for uid in USERS:
+        d.sessions.open(uid)
+    start_policy(d)
+    assert rules_of(d, 2001) == ["dev-web"] and d.follower.status()["last_update"]["kind"] \
+        == "full"
+
+    # A delta 1 -> 2 that does not make version 2 (alice stays in DEV):
+    # refused for its digest, the whole bundle fetched at once.
+    v2 = bundle(2, {"DEV": ["bob"], "OPS": ["carol"]})
+    bad = diff_documents(v1, v2)
+    bad["members"]["remove"] = {}
+    server.publish(v2, deltas={1: bad})
+    with caplog.at_level(logging.ERROR, logger="aus.agent.policysource"):
+        d.follower.poller.poll_once()
+    assert server.requests[-1].since == 1 and server.requests[-1].delta
+    assert d.compiled.version == 1 and rules_of(d, 2001) == ["dev-web"]   # still in force
+    st = d.follower.status()
+    assert st["delta_refusals"] == 1 and "digest: the bundle the delta makes hashes to" \
+        in st["last_delta_refused"]
+    assert any("refused, fetching the whole bundle" in r.getMessage() for r in caplog.records)
+    poll_in_thread(d)                      # the kick: the full fetch, at once
+    full = server.requests[-1]
+    assert full.since is None and "if-none-match" not in full.headers and not full.delta
+    assert full.wait == 0
+    assert d.compiled.version == 2 and rules_of(d, 2001) == [] and rules_of(d, 2003) == \
+        ["ops-ssh"]
+    assert d.follower.status()["last_update"]["kind"] == "full"
+
+    # A good delta 2 -> 3 is applied; the cache holds the whole bundle 3.
+    v3 = bundle(3, {"DEV": ["alice", "bob"], "OPS": ["carol"]})
+    server.publish(v3, deltas={2: diff_documents(v2, v3)})
+    poll_in_thread(d)
+    assert server.requests[-1].since == 2 and server.requests[-1].delta
+    assert d.compiled.version == 3 and rules_of(d, 2001) == ["dev-web"]
+    up = d.follower.status()["last_update"]
+    assert (up["kind"], up["from_version"], up["version"]) == ("delta", 2, 3)
+    assert 0 < up["wire_bytes"] < len(json.dumps(v3))
+    assert read_cache(d.cfg.policy_cache, server.url).bundle.data == v3
+    lines = ausctl._server_lines(d.follower.status())
+    assert f"last update: a delta from version 2 to version 3, {up['wire_bytes']} bytes on " \
+        "the wire" in "\n".join(lines)
+
+    # A delta from a version ausd does not hold is refused the same way.
+    v4 = bundle(4, {"DEV": ["bob"], "OPS": ["carol"]})
+    server.publish(v4, deltas={3: diff_documents(v2, v4)})
+    d.follower.poller.poll_once()
+    assert d.compiled.version == 3
+    assert "from_version: the delta starts from version 2, the bundle in force is version 3" \
+        in d.follower.status()["last_delta_refused"]
+    poll_in_thread(d)
+    assert d.compiled.version == 4 and rules_of(d, 2001) == []
+
+    # A restart enforces the cached bundle: the whole of version 4.
+    d.follower.stop()
+    again = daemon(tmp_path, server.url)
+    b, _ = start_policy(again)
+    assert (b.version, again.follower.from_cache) == (4, True)
+    assert b.data == v4 and b.digest == bundle_from_data(v4, "v4").digest

@@ -37,6 +37,7 @@ class BundleFollower:
         self.fetched_at: float | None = None
         self.from_cache = False
         self.cache_error: str | None = None
+        self.last_update: dict[str, Any] | None = None   # how the bundle in force came
 
     def _on_delivery(self, item: Delivery) -> None:
         """From the poller's thread: held during the start, else queued
@@ -61,7 +62,8 @@ class BundleFollower:
             cached = None
         if cached is not None:
             self.poller = Poller(client, self._on_delivery, wait=self.cfg.bundle_wait,
-                                 etag=cached.etag, enforcing=cached.bundle.version)
+                                 etag=cached.etag, enforcing=cached.bundle.version,
+                                 held=cached.bundle)
             self.etag, self.fetched_at, self.from_cache = cached.etag, cached.fetched_at, True
             log.info("enforcing the cached bundle %s (version %d) until the policy "
                      "server answers", self.cfg.policy_cache, cached.bundle.version)
@@ -90,12 +92,19 @@ class BundleFollower:
     def enforcing(self, bundle: Bundle | None) -> None:
         """The daemon enforces ``bundle`` (None: the baseline only)."""
         self.bundle = bundle
+        if self.poller is not None:
+            self.poller.held = bundle
 
     def in_force(self, item: Fetched) -> None:
         """A fetched bundle was applied: record it, and cache it (only a
         bundle that was applied is the 'last good' one)."""
         b = self.bundle = item.bundle
+        if self.poller is not None:
+            self.poller.held = b
         self.etag, self.fetched_at, self.from_cache = item.etag, item.fetched_at, False
+        self.last_update = {"kind": "delta" if item.delta_from is not None else "full",
+                            "from_version": item.delta_from, "version": b.version,
+                            "wire_bytes": item.wire_bytes, "at": item.fetched_at}
         self.cache_error = None
         try:
             write_cache(self.cfg.policy_cache, self.url, item.etag, b, item.fetched_at)
@@ -153,5 +162,8 @@ class BundleFollower:
                 "errors": poll.get("errors", 0),
                 "next_retry": poll.get("next_retry"),
                 "state": poll.get("state"),
+                "last_update": self.last_update,
+                "delta_refusals": poll.get("delta_refusals", 0),
+                "last_delta_refused": poll.get("last_delta_refused"),
                 "user_match": self.cfg.bundle_user_match}
 

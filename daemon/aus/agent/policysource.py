@@ -3,16 +3,23 @@ the retry schedule, and the thread that keeps polling.
 
 Protocol (aus-server)::
 
-    GET <url>?wait=<seconds>
+    GET <url>?wait=<seconds>&since=<bundle version held>   (since: left out
+                                                             when none is held)
     Authorization: Basic base64(<api_key>:<secret>)
     If-None-Match: <etag last received>       (left out on the first fetch)
+    Accept-Encoding: gzip
     X-Aus-Workload: <hostname>
     X-Aus-Enforcing: <bundle version in force, 0 if none>
     X-Aus-Mode: <enforce | visibility: the mode in force>
     Accept: application/json
 
     200 + ETag: the bundle (now if the ETag differs, or as soon as it
-                changes during the wait)
+                changes during the wait); with X-Aus-Delta-From: V and
+                Content-Type application/vnd.aus.bundle-delta+json, the
+                changes from version V instead, applied to the bundle held
+                and checked against the digest they carry. A delta that
+                does not apply is refused and the whole bundle fetched at
+                once (since and If-None-Match left out).
     304:        nothing changed within the wait
     401/403/404, 5xx, connection errors: retried with capped exponential
                 backoff and jitter; the bundle in force stays
@@ -36,13 +43,14 @@ import ssl
 import stat
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
 from .. import __version__
-from ..core.bundle import MAX_BUNDLE_BYTES, Bundle, bundle_from_bytes
+from ..core.bundle import MAX_BUNDLE_BYTES, Bundle, bundle_from_bytes, bundle_from_delta
 from ..core.errors import ConfigError, PolicyError, PolicySourceError
 
 log = logging.getLogger(__name__)
@@ -147,7 +155,32 @@ class Backoff:
 class Reply:
     status: int            # 200 or 304
     etag: str | None
-    body: bytes = b""
+    body: bytes = b""      # decompressed
+    delta_from: int | None = None   # a delta from this version, else the whole bundle
+    wire_bytes: int = 0    # the body as it came over the wire
+
+
+def inflate(body: bytes, encoding: str | None, where: str, limit: int = MAX_BUNDLE_BYTES) -> bytes:
+    """A reply body decoded per its Content-Encoding, never more than
+    ``limit`` bytes of it (a small gzip body can inflate to gigabytes)."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise PolicySourceError("protocol", f"{where}: the reply has Content-Encoding "
+                                f"{encoding[:32]!r}; ausd takes gzip or identity", 200)
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise PolicySourceError("protocol", f"{where}: the gzip reply is broken: {exc}",
+                                200) from None
+    if len(out) > limit:
+        raise PolicySourceError("protocol", f"{where}: the gzip reply inflates to more than "
+                                f"{limit} bytes; refused", 200)
+    if not d.eof:
+        raise PolicySourceError("protocol", f"{where}: the gzip reply is cut short", 200)
+    return out
 
 
 @dataclass(frozen=True)
@@ -293,16 +326,19 @@ class Client:
 
     def fetch(self, etag: str | None, enforcing: int, wait: int,
               cancel: threading.Event | None = None,
-              connect_timeout: float = CONNECT_TIMEOUT) -> Reply:
+              connect_timeout: float = CONNECT_TIMEOUT, since: int | None = None) -> Reply:
         """One long-poll GET. Returns a Reply for 200 and 304; raises
-        PolicySourceError for everything else. Setting ``cancel`` and
+        PolicySourceError for everything else. ``since``: the version held,
+        so the server may answer with a delta. Setting ``cancel`` and
         calling ``interrupt`` ends it early."""
-        headers = {"Accept": "application/json", "X-Aus-Enforcing": str(enforcing)}
+        headers = {"Accept": "application/json, application/vnd.aus.bundle-delta+json",
+                   "Accept-Encoding": "gzip", "X-Aus-Enforcing": str(enforcing)}
         if etag is not None:
             headers["If-None-Match"] = etag
         if self.mode is not None:
             headers["X-Aus-Mode"] = self.mode
-        ans = self.exchange("GET", f"{self.target}wait={wait}", headers,
+        query = f"wait={wait}" + (f"&since={since}" if since is not None else "")
+        ans = self.exchange("GET", f"{self.target}{query}", headers,
                             read_timeout=wait + READ_GRACE, limit=MAX_BUNDLE_BYTES,
                             cancel=cancel, connect_timeout=connect_timeout)
         new_etag = ans.headers.get("etag")
@@ -310,7 +346,15 @@ class Client:
             if not new_etag:
                 raise PolicySourceError("protocol", f"{self.url}: the server's 200 reply "
                                         "has no ETag header", 200)
-            return Reply(200, new_etag, ans.body)
+            body = inflate(ans.body, ans.headers.get("content-encoding"), self.url)
+            delta_from = ans.headers.get("x-aus-delta-from")
+            if delta_from is not None:
+                try:
+                    delta_from = int(delta_from)
+                except ValueError:
+                    raise PolicySourceError("protocol", f"{self.url}: X-Aus-Delta-From "
+                                            f"{delta_from[:40]!r} is not a version", 200) from None
+            return Reply(200, new_etag, body, delta_from, len(ans.body))
         if ans.status == 304:
             return Reply(304, new_etag or etag)
         raise http_error(ans, "the policy server")
@@ -404,6 +448,8 @@ class Fetched:
     bundle: Bundle
     etag: str
     fetched_at: float
+    delta_from: int | None = None   # it came as a delta from this version
+    wire_bytes: int = 0             # what the reply's body took on the wire
 
 
 @dataclass(frozen=True)
@@ -424,8 +470,12 @@ class Poller:
 
     def __init__(self, client: Client, deliver: Callable[[Fetched | Refused], None], *,
                  wait: int = 30, etag: str | None = None, enforcing: int = 0,
-                 backoff: Backoff | None = None, clock: Callable[[], float] = time.time):
+                 backoff: Backoff | None = None, clock: Callable[[], float] = time.time,
+                 held: Bundle | None = None):
         self.client = client
+        # The bundle the daemon holds (set by its main loop): deltas apply to it.
+        self.held = held
+        self._full_next = False     # a delta was refused: fetch the whole bundle
         self.deliver = deliver
         self.wait = wait
         self.enforcing = enforcing
@@ -443,6 +493,8 @@ class Poller:
         self._error_key: tuple | None = None
         self._retry_at: float | None = None
         self._errors = 0     # failed fetches since the start (metrics)
+        self._delta_refusals = 0
+        self._last_delta_refused: str | None = None
 
     # -- control (any thread) -------------------------------------------------
     def start(self) -> None:
@@ -477,6 +529,8 @@ class Poller:
                     "failures": self.backoff.failures,
                     "errors": self._errors,
                     "next_retry": self._retry_at,
+                    "delta_refusals": self._delta_refusals,
+                    "last_delta_refused": self._last_delta_refused,
                     "state": "error" if self._error_key else
                              ("ok" if self._last_ok is not None else "starting")}
 
@@ -492,10 +546,13 @@ class Poller:
         wait = 0 if first or self._kick.is_set() else self.wait
         self._kick.clear()
         started = time.monotonic()
+        held, full = self.held, self._full_next
+        since = held.version if held is not None and not full else None
         try:
             reply = self.client.fetch(
-                self._etag, self.enforcing, wait, cancel=self._kick,
-                connect_timeout=FIRST_CONNECT_TIMEOUT if first else CONNECT_TIMEOUT)
+                None if full else self._etag, self.enforcing, wait, cancel=self._kick,
+                connect_timeout=FIRST_CONNECT_TIMEOUT if first else CONNECT_TIMEOUT,
+                since=since)
         except PolicySourceError as exc:
             if self._stop.is_set() or (exc.kind == "interrupted" and self._kick.is_set()):
                 return
@@ -508,9 +565,34 @@ class Poller:
             return
         now = self.clock()
         self._succeeded(now)
-        if reply.status == 200:
+        if reply.status == 200 and reply.delta_from is not None:
+            try:
+                bundle = self._apply_delta(held, reply)
+            except PolicyError as exc:
+                # The policy in force stays; the whole bundle comes at once.
+                with self._lock:
+                    self._delta_refusals += 1
+                    self._last_delta_refused = str(exc)
+                    self._full_next = True
+                if full:   # a delta not asked for: back off, as from any bad reply
+                    self._kick.wait(self._failed(PolicySourceError("protocol", str(exc))))
+                    return
+                log.error("%s; refused, fetching the whole bundle", exc)
+                self._kick.set()
+                return
             with self._lock:
                 self._etag = reply.etag
+            self._acked.clear()
+            log.debug("bundle version %d received as a delta from %d (ETag %s)",
+                      bundle.version, reply.delta_from, reply.etag)
+            self.deliver(Fetched(bundle, reply.etag, now, reply.delta_from, reply.wire_bytes))
+            if not first and not self._acked.wait(ACK_TIMEOUT):
+                log.warning("bundle ETag %s not handled within %d s; polling on",
+                            reply.etag, int(ACK_TIMEOUT))
+        elif reply.status == 200:
+            with self._lock:
+                self._etag = reply.etag
+                self._full_next = False
             source = f"bundle from {self.client.url} (ETag {reply.etag})"
             self._acked.clear()
             try:
@@ -519,12 +601,23 @@ class Poller:
                 self.deliver(Refused(exc, reply.etag, now))
             else:
                 log.debug("bundle version %d received (ETag %s)", bundle.version, reply.etag)
-                self.deliver(Fetched(bundle, reply.etag, now))
+                self.deliver(Fetched(bundle, reply.etag, now, None, reply.wire_bytes))
             if not first and not self._acked.wait(ACK_TIMEOUT):
                 log.warning("bundle ETag %s not handled within %d s; polling on",
                             reply.etag, int(ACK_TIMEOUT))
         elif wait and time.monotonic() - started < QUICK_304_PAUSE:
             self._kick.wait(QUICK_304_PAUSE)
+
+    def _apply_delta(self, held: Bundle | None, reply: Reply) -> Bundle:
+        """The bundle a delta reply makes of the one held. Raises
+        PolicyError with the reason when it does not apply."""
+        source = (f"delta from version {reply.delta_from} from {self.client.url} "
+                  f"(ETag {reply.etag})")
+        if held is None or reply.delta_from != held.version or self._full_next:
+            have = f"version {held.version}" if held is not None else "no bundle"
+            raise PolicyError(source, [f"the delta starts from version {reply.delta_from}; "
+                                       f"ausd holds {have}"])
+        return bundle_from_delta(held, reply.body, source)
 
     def _failed(self, exc: PolicySourceError) -> float:
         delay = self.backoff.next()

@@ -70,6 +70,15 @@ def _server_lines(srv: dict) -> list[str]:
         head += (f", from the cache {srv['cache']} (fetched {_ago(srv['fetched_at'])})"
                  if srv["from_cache"] else f", fetched {_ago(srv['fetched_at'])}")
     lines = [pad + head, f"{pad}server: {srv['state']}, last answer {_ago(srv['last_fetch'])}"]
+    up = srv.get("last_update")
+    if up:
+        how = (f"a delta from version {up['from_version']}" if up["kind"] == "delta"
+               else "the full bundle")
+        lines.append(f"{pad}last update: {how} to version {up['version']}, "
+                     f"{up['wire_bytes']} bytes on the wire")
+    if srv.get("last_delta_refused"):
+        lines.append(f"{pad}last refused delta ({srv['delta_refusals']} in all): "
+                     f"{srv['last_delta_refused']}")
     if srv["last_error"]:
         lines.append(f"{pad}last error: {srv['last_error']} "
                      f"({srv['failures']} failures in a row)")

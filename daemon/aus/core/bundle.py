@@ -354,3 +354,221 @@ def bundle_from_data(data: Any, source: str) -> Bundle:
                   data=data,
                   digest=hashlib.sha256(canonical).hexdigest(),
                   _by_name=by_name, _by_local=by_local)
+
+
+# --------------------------------------------------------------------------
+# Deltas: the changes from one bundle version to another
+#
+#     {"format": "aus.bundle-delta/1", "org": "1", "from_version": 41, "version": 42,
+#      "generated_at": "...", "digest": "<sha256 of the canonical bundle 42>",
+#      "members": {"add": {"DEV": ["carol"]}, "remove": {"DEV": ["bob"]}, "drop": ["OPS"]},
+#      "policy": {...the whole policy of 42, only when it changed...},
+#      "enforcement": {...of 42, only when it changed; null: 42 has none...}}
+#
+# Applying one: ``drop`` takes groups out of ``members`` first, then
+# ``remove`` takes users out, then ``add`` puts users in (creating the
+# group's entry, possibly empty); every list stays sorted, as the server
+# builds them. The result is validated as a whole bundle and must hash to
+# ``digest``, so a delta applied to the wrong base never goes unnoticed.
+
+DELTA_FORMAT = "aus.bundle-delta/1"
+DELTA_MEDIA_TYPE = "application/vnd.aus.bundle-delta+json"
+
+
+def canonical_digest(data: Any) -> str:
+    """sha256 hex of a bundle document in canonical JSON (sorted keys, no
+    spaces): what the server puts in a delta's ``digest``."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def _member_changes(old: dict[str, list[str]], new: dict[str, list[str]]) -> dict:
+    add: dict[str, list[str]] = {}
+    remove: dict[str, list[str]] = {}
+    drop = sorted(g for g in old if g not in new)
+    for group, users in new.items():
+        before = old.get(group)
+        if before is None:
+            add[group] = sorted(users)
+            continue
+        if before is users or before == users:
+            continue
+        was, now = set(before), set(users)
+        if now - was:
+            add[group] = sorted(now - was)
+        if was - now:
+            remove[group] = sorted(was - now)
+    out: dict = {"add": dict(sorted(add.items())), "remove": dict(sorted(remove.items()))}
+    if drop:
+        out["drop"] = drop
+    return out
+
+
+def diff_documents(old: dict, new: dict, digest: str | None = None) -> dict:
+    """The delta that turns bundle document ``old`` into ``new`` (both as
+    published: valid, members sorted). ``digest``: of ``new``, when the
+    caller has it already."""
+    delta: dict = {"format": DELTA_FORMAT, "org": new["org"],
+                   "from_version": old["version"], "version": new["version"],
+                   "generated_at": new["generated_at"],
+                   "digest": digest or canonical_digest(new),
+                   "members": _member_changes(old["members"], new["members"])}
+    if old["policy"] != new["policy"]:
+        delta["policy"] = new["policy"]
+    if old.get("enforcement") != new.get("enforcement"):
+        delta["enforcement"] = new.get("enforcement")
+    return delta
+
+
+def compose_deltas(first: dict, then: dict) -> dict:
+    """One delta with the effect of ``first`` then ``then`` (both valid,
+    ``then`` starting where ``first`` ends)."""
+    a, b = first["members"], then["members"]
+    a_drop, b_drop = set(a.get("drop", ())), set(b.get("drop", ()))
+    groups = set(a["add"]) | set(a["remove"]) | set(b["add"]) | set(b["remove"]) \
+        | a_drop | b_drop
+    add: dict[str, list[str]] = {}
+    remove: dict[str, list[str]] = {}
+    for g in groups:
+        a_add, a_rem = set(a["add"].get(g, ())), set(a["remove"].get(g, ()))
+        b_add, b_rem = set(b["add"].get(g, ())), set(b["remove"].get(g, ()))
+        if g in b_drop:       # whatever ``first`` did is gone; ``then`` starts afresh
+            if g in b["add"]:
+                add[g] = sorted(b_add)
+        elif g in a_drop:     # ``first`` started the group afresh; ``then`` edits it
+            if g in a["add"] or g in b["add"]:
+                add[g] = sorted((a_add - b_rem) | b_add)
+        else:
+            plus, minus = (a_add - b_rem) | (b_add - a_rem), (a_rem - b_add) | (b_rem - a_add)
+            if plus or g in a["add"] or g in b["add"]:
+                add[g] = sorted(plus)
+            if minus:
+                remove[g] = sorted(minus)
+    members: dict = {"add": dict(sorted(add.items())), "remove": dict(sorted(remove.items()))}
+    if a_drop | b_drop:
+        members["drop"] = sorted(a_drop | b_drop)
+    out = {**then, "from_version": first["from_version"], "members": members}
+    out.pop("policy", None)
+    out.pop("enforcement", None)
+    for key in ("policy", "enforcement"):
+        if key in then:
+            out[key] = then[key]
+        elif key in first:
+            out[key] = first[key]
+    return out
+
+
+def _group_lists(value: Any, where: str, problems: list[str]) -> dict[str, list[str]]:
+    if not isinstance(value, dict):
+        problems.append(f"{where}: expected a mapping of group names to lists of userNames, "
+                        f"got {describe_value(value)}")
+        return {}
+    for group, users in value.items():
+        if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+            problems.append(f"{where}.{group}: expected a list of userNames, got "
+                            f"{describe_value(users)}")
+    return value
+
+
+def delta_problems(delta: Any) -> list[str]:
+    """What is wrong with a delta's shape, as ``path: reason``."""
+    if not isinstance(delta, dict):
+        return [f"a delta is a JSON object, not {describe_value(delta)}"]
+    if delta.get("format") != DELTA_FORMAT:
+        return [f"format: expected {DELTA_FORMAT!r}, got {describe_value(delta.get('format'))}"]
+    problems: list[str] = []
+    known = {"format", "org", "from_version", "version", "generated_at", "digest",
+             "members", "policy", "enforcement"}
+    problems += [f"{k}: unknown key" for k in delta if k not in known]
+    for key in ("from_version", "version"):
+        v = delta.get(key)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            problems.append(f"{key}: expected a non-negative integer, got {describe_value(v)}")
+    if not isinstance(delta.get("org"), str):
+        problems.append(f"org: expected a string, got {describe_value(delta.get('org'))}")
+    digest = delta.get("digest")
+    if not (isinstance(digest, str) and len(digest) == 64
+            and all(c in "0123456789abcdef" for c in digest)):
+        problems.append(f"digest: expected a sha256 in hex, got {describe_value(digest)}")
+    members = delta.get("members")
+    if not isinstance(members, dict):
+        problems.append(f"members: expected a mapping with add and remove, got "
+                        f"{describe_value(members)}")
+    else:
+        problems += [f"members.{k}: unknown key" for k in members
+                     if k not in ("add", "remove", "drop")]
+        for key in ("add", "remove"):
+            _group_lists(members.get(key), f"members.{key}", problems)
+        drop = members.get("drop", [])
+        if not isinstance(drop, list) or not all(isinstance(g, str) for g in drop):
+            problems.append(f"members.drop: expected a list of group names, got "
+                            f"{describe_value(drop)}")
+    if "policy" in delta and not isinstance(delta["policy"], dict):
+        problems.append(f"policy: expected a mapping, got {describe_value(delta['policy'])}")
+    if delta.get("enforcement") is not None and not isinstance(delta["enforcement"], dict):
+        problems.append(f"enforcement: expected a mapping or null, got "
+                        f"{describe_value(delta['enforcement'])}")
+    return problems
+
+
+def apply_delta(base: dict, delta: Any, source: str) -> dict:
+    """The bundle document ``delta`` makes of ``base`` (the document in
+    force; left unchanged). Raises PolicyError naming ``source`` when the
+    delta is malformed or does not start from ``base``. The result still
+    has to be validated (:func:`bundle_from_delta` does both)."""
+    problems = delta_problems(delta)
+    if problems:
+        raise PolicyError(source, problems)
+    if delta["org"] != base.get("org"):
+        raise PolicyError(source, [f"org: the delta is for org {delta['org']!r}, the bundle "
+                                   f"in force is of org {base.get('org')!r}"])
+    if delta["from_version"] != base.get("version"):
+        raise PolicyError(source, [f"from_version: the delta starts from version "
+                                   f"{delta['from_version']}, the bundle in force is version "
+                                   f"{base.get('version')}"])
+    if delta["version"] <= delta["from_version"]:
+        raise PolicyError(source, [f"version: {delta['version']} is not above from_version "
+                                   f"{delta['from_version']}"])
+    m = delta["members"]
+    members = dict(base["members"])
+    for g in m.get("drop", ()):
+        members.pop(g, None)
+    for g, users in m["remove"].items():
+        if g in members:
+            gone = set(users)
+            members[g] = [u for u in members[g] if u not in gone]
+    for g, users in m["add"].items():
+        members[g] = sorted(set(members.get(g, ())) | set(users))
+    out = {**base, "version": delta["version"], "generated_at": delta["generated_at"],
+           "members": dict(sorted(members.items()))}
+    if "policy" in delta:
+        out["policy"] = delta["policy"]
+    if "enforcement" in delta:
+        if delta["enforcement"] is None:
+            out.pop("enforcement", None)
+        else:
+            out["enforcement"] = delta["enforcement"]
+    return out
+
+
+def bundle_from_delta(base: Bundle, raw: bytes, source: str) -> Bundle:
+    """The bundle a delta (as received) makes of ``base``, validated like
+    a full bundle and checked against the delta's digest. Raises
+    PolicyError naming ``source`` with the reason."""
+    if len(raw) > MAX_BUNDLE_BYTES:
+        raise PolicyError(source, [
+            f"the delta is {len(raw)} bytes; at most {MAX_BUNDLE_BYTES} are accepted"])
+    try:
+        delta = loads_strict(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PolicyError(source, [f"not valid UTF-8 (byte {exc.start})"]) from exc
+    except RecursionError as exc:
+        raise PolicyError(source, ["the document is nested too deeply"]) from exc
+    except ValueError as exc:
+        raise PolicyError(source, [f"not JSON: {exc}"]) from exc
+    bundle = bundle_from_data(apply_delta(base.data, delta, source), source)
+    if bundle.digest != delta["digest"]:
+        raise PolicyError(source, [
+            f"digest: the bundle the delta makes hashes to {bundle.digest}, the server "
+            f"says {delta['digest']}: the delta does not fit the bundle in force"])
+    return bundle

@@ -24,6 +24,7 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..core.bundle import DELTA_MEDIA_TYPE
 from ..core.policy import (
     check_group_name,
     check_rule_name,
@@ -32,9 +33,17 @@ from ..core.policy import (
     parse_network,
     parse_service,
 )
-from . import access, audit, enforcement, policycheck, policyversions, snapshots
+from . import (
+    access,
+    audit,
+    enforcement,
+    metrics,
+    policycheck,
+    policyversions,
+    snapshots,
+)
 from .auth import AuthError
-from .bundle import build_status, parse_if_none_match, touch
+from .bundle import accepts_gzip, build_status, parse_if_none_match, touch
 from .db import (
     Group,
     IpList,
@@ -676,7 +685,9 @@ def _note_workload(request: Request, org_id: str, name: str, version: int, addre
 
 @router.get("/bundle", responses={304: {"description": "unchanged during the wait"}})
 async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0, le=3600),
+                     since: int | None = Query(None, ge=0, le=INT32_MAX),
                      if_none_match: str | None = Header(None),
+                     accept_encoding: str | None = Header(None),
                      x_aus_workload: str | None = Header(None),
                      x_aus_enforcing: int | None = Header(None, ge=0, le=INT32_MAX),
                      x_aus_mode: str | None = Header(None)) -> Response:
@@ -693,9 +704,22 @@ async def get_bundle(request: Request, org_id: str, wait: float = Query(0, ge=0,
         if now is None:
             raise ApiError(404, f"org {org_id!r} has no policy bundle yet")
         return Response(status_code=304, headers={"ETag": now.etag})
-    return Response(cur.body, media_type="application/json",
-                    headers={"ETag": cur.etag, "X-Aus-Version": str(cur.version),
-                             "Cache-Control": "no-cache"})
+    gz = accepts_gzip(accept_encoding)
+    headers = {"ETag": cur.etag, "X-Aus-Version": str(cur.version), "Cache-Control": "no-cache",
+               "Vary": "Accept-Encoding"}
+    if gz:
+        headers["Content-Encoding"] = "gzip"
+    # A daemon naming the version it holds gets only the changes, when
+    # they reach from there and are smaller; else the whole bundle.
+    delta = await bundles.delta(org_id, since, cur) if since is not None else None
+    if delta is not None:
+        headers["X-Aus-Delta-From"] = str(delta.from_version)
+        kind, body, media = "delta", delta.gzip if gz else delta.body, DELTA_MEDIA_TYPE
+    else:
+        kind, body, media = "full", cur.gzip if gz else cur.body, "application/json"
+    metrics.BUNDLE_ANSWERS.labels(kind, "gzip" if gz else "identity").inc()
+    metrics.BUNDLE_BYTES.labels(kind).inc(len(body))
+    return Response(body, media_type=media, headers=headers)
 
 
 def whoami_any(request: Request) -> dict:

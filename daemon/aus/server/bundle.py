@@ -11,6 +11,13 @@ new ``version``. The current bundle lives in the database, so replicas
 sharing PostgreSQL serve the same version; each replica watches the
 ``bundles`` table and wakes its own long-pollers.
 
+Each new version also stores the delta from the version before it
+(``bundle_deltas``, the last :data:`HISTORY` versions), so a daemon that
+names the version it holds (``since=``) gets only what changed: any
+replica composes the chain of deltas from the table, once per
+(org, from, to), and serves the same bytes to every poller. Full bundles
+and deltas are gzip-compressed once per version, not per request.
+
 A build the daemon's model refuses (data that reached the store without
 the write-time checks of ``policycheck``: an older server, a hand edit)
 never stops membership changes: the bundle published instead is the last
@@ -25,23 +32,32 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gzip
 import hashlib
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..core.bundle import BUNDLE_FORMAT, document_from_data
+from ..core.bundle import (
+    BUNDLE_FORMAT,
+    canonical_digest,
+    compose_deltas,
+    diff_documents,
+    document_from_data,
+)
 from ..core.errors import PolicyError
 from ..core.policy import parse_network
 from . import enforcement, metrics
 from .db import (
     Bundle,
+    BundleDelta,
     Group,
     Membership,
     Org,
@@ -56,6 +72,8 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST = 1.0       # seconds before the first retry of a failed build
 RETRY_MAX = 300.0       # the longest wait between two retries
+HISTORY = 64            # versions whose delta from the one before is kept
+GZIP_LEVEL = 6
 
 
 def retry_delay(attempts: int) -> float:
@@ -132,23 +150,93 @@ def content_from_spec(session: Session, org_id: str, spec: dict) -> dict:
     return {
         "policy": {"user_groups": user_groups, "ip_lists": dict(sorted(used_lists.items())),
                    "services": {}, "rules": out_rules},
-        "members": _members(session, {g: used_groups[g].display_name for g in used_groups}),
+        "members": _members(session, org_id,
+                            {g: used_groups[g].display_name for g in used_groups}),
     }
 
 
-def _members(session: Session, names: dict[str, str]) -> dict[str, list[str]]:
+# The member lists of the last build, per (database, org): a membership
+# change costs the members that came and went, not a read of every list
+# (tens of thousands of names each at fleet size). A group's list is
+# reused while its version (every SCIM write of the group bumps it) and
+# its row count stay the same; a changed group reads its member ids (the
+# primary key's index) and the names of the new ones only. Any change to
+# the org's users (a new, renamed, disabled or deleted user: their count
+# and last modification) reads everything again.
+_MEMBER_CACHE: dict[tuple[str, str], tuple[tuple, dict[str, tuple]]] = {}
+_MEMBER_CACHE_LOCK = threading.Lock()
+# The last document published per (database, org), with its body: the next
+# delta starts from it without parsing the body again.
+_PUBLISHED: dict[tuple[str, str], tuple[str, dict]] = {}
+
+
+def _active_names(session: Session, org_id: str, ids: list[str]) -> dict[str, str | None]:
+    """Member id -> userName of the active users among ``ids`` (None for
+    the others: disabled users, groups)."""
+    out: dict[str, str | None] = dict.fromkeys(ids)
+    for i in range(0, len(ids), 900):
+        for uid, name in session.execute(select(User.id, User.user_name).where(
+                User.org_id == org_id, User.id.in_(ids[i:i + 900]), User.active.is_(True))):
+            out[uid] = name
+    return out
+
+
+def _group_members(session: Session, org_id: str, group_id: str,
+                   known: dict[str, str | None]) -> dict[str, str | None]:
+    ids = session.scalars(select(Membership.member_id)
+                          .where(Membership.group_id == group_id)).all()
+    new = [m for m in ids if m not in known]
+    out = {m: known[m] for m in ids if m in known}
+    out.update(_active_names(session, org_id, new))
+    return out
+
+
+def _members(session: Session, org_id: str, names: dict[str, str]) -> dict[str, list[str]]:
     """Group id -> name, to each name's active immediate members (userNames,
     sorted; every name present)."""
-    members: dict[str, list[str]] = {name: [] for name in names.values()}
     ids = list(names)
+    users_mark = tuple(session.execute(
+        select(func.count(), func.max(User.modified_at)).where(User.org_id == org_id)).one())
+    marks: dict[str, tuple] = {}
     for i in range(0, len(ids), 900):
+        part = ids[i:i + 900]
+        versions = dict(session.execute(select(Group.id, Group.version)
+                                        .where(Group.id.in_(part))).all())
+        counts = dict(session.execute(select(Membership.group_id, func.count())
+                                      .where(Membership.group_id.in_(part))
+                                      .group_by(Membership.group_id)).all())
+        for g in part:
+            marks[g] = (versions.get(g), counts.get(g, 0))
+    key = (str(session.get_bind().url), org_id)
+    with _MEMBER_CACHE_LOCK:
+        mark, cached = _MEMBER_CACHE.get(key, (None, {}))
+    if mark != users_mark:
+        cached = {}
+    entries: dict[str, tuple] = {}
+    cold = []
+    for g in ids:
+        hit = cached.get(g)
+        if hit is not None and hit[0] == marks[g]:
+            entries[g] = hit
+        elif hit is not None:
+            by_id = _group_members(session, org_id, g, hit[1])
+            entries[g] = (marks[g], by_id, sorted(n for n in by_id.values() if n is not None))
+        else:
+            cold.append(g)
+    fresh: dict[str, dict[str, str | None]] = {g: {} for g in cold}
+    for i in range(0, len(cold), 900):
         rows = session.execute(
-            select(Membership.group_id, User.user_name)
-            .join(User, User.id == Membership.member_id)
-            .where(Membership.group_id.in_(ids[i:i + 900]), User.active.is_(True))).all()
-        for group_id, user_name in rows:
-            members[names[group_id]].append(user_name)
-    return {k: sorted(v) for k, v in sorted(members.items())}
+            select(Membership.group_id, Membership.member_id, User.user_name, User.active)
+            .outerjoin(User, User.id == Membership.member_id)
+            .where(Membership.group_id.in_(cold[i:i + 900]))).all()
+        for group_id, member_id, user_name, active in rows:
+            fresh[group_id][member_id] = user_name if active else None
+    for g, by_id in fresh.items():
+        entries[g] = (marks[g], by_id, sorted(n for n in by_id.values() if n is not None))
+    with _MEMBER_CACHE_LOCK:
+        _MEMBER_CACHE[key] = (users_mark, entries)
+    # Copies: the caller may change what it gets, the cache must not change.
+    return {names[g]: list(entries[g][2]) for g in sorted(ids, key=lambda g: names[g])}
 
 
 def current_members(session: Session, org_id: str, group_names: list[str]) -> dict[str, list[str]]:
@@ -161,7 +249,7 @@ def current_members(session: Session, org_id: str, group_names: list[str]) -> di
         for gid, key in session.execute(select(Group.id, Group.display_name_key).where(
                 Group.org_id == org_id, Group.display_name_key.in_(key_list[i:i + 900]))):
             found[gid] = keys[key]
-    out = _members(session, found)
+    out = _members(session, org_id, found)
     for name in group_names:
         out.setdefault(name, [])
     return dict(sorted(out.items()))
@@ -202,7 +290,8 @@ def rebuild(session: Session, org_id: str, now: dt.datetime | None = None, *,
         if digest != row.digest or not row.body or force_version is not None:
             # Validated as the daemon will: data the API let through but a
             # daemon would refuse is a PolicyError here.
-            _publish(row, _document(org_id, force_version or row.version + 1, now, content),
+            _publish(session, row,
+                     _document(org_id, force_version or row.version + 1, now, content),
                      digest, now)
     except SQLAlchemyError:
         raise
@@ -219,18 +308,57 @@ def rebuild(session: Session, org_id: str, now: dt.datetime | None = None, *,
     return row
 
 
-def _document(org_id: str, version: int, now: dt.datetime, content: dict):
-    return document_from_data({
-        "format": BUNDLE_FORMAT, "org": org_id, "version": version,
-        "generated_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), **content,
-    }, f"bundle of org {org_id}")
+def _document(org_id: str, version: int, now: dt.datetime, content: dict) -> dict:
+    """The bundle document as published, validated as the daemon validates
+    it. The member lists (most of a large bundle) are checked here in one
+    pass for what the model checks of each name (a non-empty string, cut
+    of surrounding spaces); the model validates everything else, and the
+    whole document when a name fails, for its exact reasons."""
+    data = {"format": BUNDLE_FORMAT, "org": org_id, "version": version,
+            "generated_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), **content}
+    members = content.get("members")
+    try:
+        stripped = {name: list(map(str.strip, users)) for name, users in members.items()}
+        ok = all(all(users) for users in stripped.values())
+    except (AttributeError, TypeError):   # not a mapping of lists of strings
+        ok = False
+    if not ok:
+        doc = document_from_data(data, f"bundle of org {org_id}")
+        return doc.model_dump(mode="json", exclude_none=True)
+    doc = document_from_data({**data, "members": {name: [] for name in members}},
+                             f"bundle of org {org_id}")
+    out = doc.model_dump(mode="json", exclude_none=True)
+    out["members"] = stripped
+    return out
 
 
-def _publish(row: Bundle, doc, digest: str, now: dt.datetime) -> None:
-    row.version = doc.version
+def _publish(session: Session, row: Bundle, data: dict, digest: str, now: dt.datetime) -> None:
+    old_body = row.body
+    row.version = data["version"]
     row.digest = digest
     row.built_at = now
-    row.body = json.dumps(doc.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
+    row.body = json.dumps(data, separators=(",", ":"))
+    if old_body:
+        key = (str(session.get_bind().url), row.org_id)
+        with _MEMBER_CACHE_LOCK:
+            last = _PUBLISHED.get(key)
+        old = last[1] if last is not None and last[0] == old_body else json.loads(old_body)
+        _record_delta(session, row.org_id, old, data, len(row.body))
+        with _MEMBER_CACHE_LOCK:
+            _PUBLISHED[key] = (row.body, data)
+    session.execute(delete(BundleDelta).where(BundleDelta.org_id == row.org_id,
+                                              BundleDelta.version <= row.version - HISTORY))
+
+
+def _record_delta(session: Session, org_id: str, old: dict, new: dict, full_size: int) -> None:
+    """Keep the delta from ``old`` to ``new`` (unless it is no smaller than
+    the bundle itself: then a daemon is better off with the bundle, and
+    the chain through this version ends here)."""
+    body = json.dumps(diff_documents(old, new, canonical_digest(new)), separators=(",", ":"))
+    if len(body) >= full_size:
+        return
+    session.merge(BundleDelta(org_id=org_id, version=new["version"],
+                              from_version=old["version"], body=body))
 
 
 def _build_failed(session: Session, row: Bundle, org_id: str, exc: Exception,
@@ -257,7 +385,8 @@ def _build_failed(session: Session, row: Bundle, org_id: str, exc: Exception,
     digest = _digest(content)
     if digest != row.digest:
         try:
-            _publish(row, _document(org_id, row.version + 1, now, content), digest, now)
+            _publish(session, row, _document(org_id, row.version + 1, now, content),
+                     digest, now)
         except PolicyError as again:   # members the model refuses: keep what is in force
             log.error("bundle of org %s: the last good policy with the current members is "
                       "refused too (%s); the bundle in force stays", org_id, again)
@@ -294,6 +423,39 @@ class Current:
     etag: str
     body: bytes
     built_at: float | None = None   # Unix time
+    gzip: bytes = b""               # ``body`` gzip-compressed, made once
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A delta as served: from ``from_version`` to the current version."""
+    from_version: int
+    version: int
+    body: bytes
+    gzip: bytes
+
+
+DELTA_CACHE = 512            # composed deltas kept per replica: (org, from, to) -> bytes
+DELTA_CACHE_BYTES = 64 << 20   # and at most this many bytes of them
+
+
+def _size(delta: Delta | None) -> int:
+    return len(delta.body) + len(delta.gzip) if delta is not None else 0
+
+
+def compose_chain(rows: list[tuple[int, int, str]], since: int, to: int) -> dict | None:
+    """The delta from ``since`` to ``to`` composed of stored deltas
+    ``(from_version, version, body)``; None when the chain has a gap."""
+    by_from = {f: (v, b) for f, v, b in rows}
+    out, at = None, since
+    while at != to:
+        step = by_from.get(at)
+        if step is None or step[0] > to:
+            return None
+        d = json.loads(step[1])
+        out = d if out is None else compose_deltas(out, d)
+        at = step[0]
+    return out
 
 
 class BundleService:
@@ -312,6 +474,9 @@ class BundleService:
         self._checkin_lock = threading.Lock()
         self._held: dict[str, float] = {}          # org -> monotonic time of its next try
         self._held_attempts: dict[str, int] = {}
+        self._deltas: OrderedDict[tuple[str, int, int], Delta | None] = OrderedDict()
+        self._delta_builds: dict[tuple[str, int, int], asyncio.Future] = {}
+        self._delta_bytes = 0
 
     async def start(self) -> None:
         self._cond = asyncio.Condition()
@@ -426,8 +591,10 @@ class BundleService:
                 if row is None or not row.body:
                     continue
                 built = _aware(row.built_at)
-                self._current[org_id] = Current(row.version, f'"{row.digest[:32]}"', row.body.encode(),
-                                                built.timestamp() if built else None)
+                body = row.body.encode()
+                self._current[org_id] = Current(row.version, f'"{row.digest[:32]}"', body,
+                                                built.timestamp() if built else None,
+                                                gzip.compress(body, GZIP_LEVEL, mtime=0))
                 changed = True
         return changed
 
@@ -448,6 +615,53 @@ class BundleService:
 
     def current(self, org_id: str) -> Current | None:
         return self._current.get(org_id)
+
+    async def delta(self, org_id: str, since: int, cur: Current) -> Delta | None:
+        """The delta from version ``since`` to ``cur``, or None when this
+        server cannot reach ``cur`` from there (too old, unknown, a gap)
+        or the delta is no smaller than the bundle. Built once per
+        (org, since, version) however many pollers ask at once."""
+        if since >= cur.version:
+            return None
+        key = (org_id, since, cur.version)
+        if key in self._deltas:
+            self._deltas.move_to_end(key)
+            return self._deltas[key]
+        pending = self._delta_builds.get(key)
+        if pending is None:
+            pending = self._delta_builds[key] = asyncio.ensure_future(
+                asyncio.to_thread(self._build_delta, org_id, since, cur))
+            pending.add_done_callback(lambda f, key=key: self._delta_done(key, f))
+        try:
+            return await asyncio.shield(pending)
+        except Exception:   # the database, or a stored delta that breaks: send the bundle
+            log.exception("bundle of org %s: the delta from version %d to %d cannot be made; "
+                          "sending the whole bundle", org_id, since, cur.version)
+            return None
+
+    def _delta_done(self, key: tuple[str, int, int], fut: asyncio.Future) -> None:
+        self._delta_builds.pop(key, None)
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        delta = self._deltas[key] = fut.result()
+        self._delta_bytes += _size(delta)
+        while len(self._deltas) > DELTA_CACHE or self._delta_bytes > DELTA_CACHE_BYTES:
+            _key, old = self._deltas.popitem(last=False)
+            self._delta_bytes -= _size(old)
+
+    def _build_delta(self, org_id: str, since: int, cur: Current) -> Delta | None:
+        with self.sessions() as s:
+            rows = s.execute(select(BundleDelta.from_version, BundleDelta.version,
+                                    BundleDelta.body)
+                             .where(BundleDelta.org_id == org_id, BundleDelta.version > since,
+                                    BundleDelta.version <= cur.version)).all()
+        delta = compose_chain([tuple(r) for r in rows], since, cur.version)
+        if delta is None:
+            return None
+        body = json.dumps(delta, separators=(",", ":")).encode()
+        if len(body) >= len(cur.body):
+            return None
+        return Delta(since, cur.version, body, gzip.compress(body, GZIP_LEVEL, mtime=0))
 
     def served(self) -> dict[str, Current]:
         """Every org's bundle in force, as this process serves it."""
@@ -489,3 +703,17 @@ def parse_if_none_match(value: str | None) -> str | None:
         return None
     return value.split(",")[0].strip().removeprefix("W/")
 
+
+def accepts_gzip(value: str | None) -> bool:
+    """Whether an Accept-Encoding header takes gzip (``gzip;q=0`` does not)."""
+    for part in (value or "").split(","):
+        name, _, params = part.partition(";")
+        if name.strip().lower() in ("gzip", "x-gzip", "*"):
+            q = params.strip().lower()
+            if q.startswith("q="):
+                try:
+                    return float(q[2:]) > 0
+                except ValueError:
+                    return False
+            return True
+    return False

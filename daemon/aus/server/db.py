@@ -120,6 +120,8 @@ class User(Base):
     __table_args__ = (
         UniqueConstraint("org_id", "user_name_key", name="uq_users_org_name"),
         Index("ix_users_org_external", "org_id", "external_id"),
+        # Migration 0010: the bundle build's check for changed users.
+        Index("ix_users_org_modified", "org_id", "modified_at"),
     )
 
 
@@ -239,6 +241,19 @@ class Bundle(Base):
                                                                nullable=True)
     # Every failed build of the org, ever (a counter for monitoring).
     build_failures_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class BundleDelta(Base):
+    """The changes from bundle ``from_version`` to ``version`` of an org
+    (an ``aus.bundle-delta/1`` document), kept for the last versions so
+    every replica can answer ``since=`` with a delta."""
+
+    __tablename__ = "bundle_deltas"
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    from_version: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
 
 
 class Workload(Base):

@@ -80,6 +80,13 @@ BUILD_FAILURES = Counter("aus_server_bundle_build_failures",
                          registry=REGISTRY)
 LONG_POLLS = Gauge("aus_server_bundle_long_polls", "Bundle long-polls held open now",
                    registry=REGISTRY, multiprocess_mode="livesum")
+BUNDLE_ANSWERS = Counter("aus_server_bundle_answers",
+                         "Bundles sent (200s of the bundle endpoint), by kind (full or delta) "
+                         "and encoding (gzip or identity)", ["kind", "encoding"],
+                         registry=REGISTRY)
+BUNDLE_BYTES = Counter("aus_server_bundle_sent_bytes",
+                       "Bytes of bundle bodies sent, as on the wire, by kind (full or delta)",
+                       ["kind"], registry=REGISTRY)
 FLOW_BATCHES = Counter("aus_server_flow_batches", "Flow batches stored", registry=REGISTRY)
 FLOW_RECORDS = Counter("aus_server_flow_records",
                        "Flow records received in stored batches, by outcome "
