@@ -29,6 +29,7 @@ from .run import machine
 
 # name -> module; the order is the order of the run and of the results
 PARTS: dict[str, str] = {
+    "fleet": "bench.fleet",
     "startup": "bench.startup",
     "rulesets": "bench.rulesets",
 }
