@@ -28,7 +28,9 @@ from . import common
 from .run import machine
 
 # name -> module; the order is the order of the run and of the results
-PARTS: dict[str, str] = {}
+PARTS: dict[str, str] = {
+    "connect": "bench.connect",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
