@@ -66,8 +66,6 @@ BPF_TABLE_PINNED("hash", u32, struct aus_user, aus_users, AUS_MAX_USERS,
 		 AUS_PIN_MAPS "/" AUS_MAP_USERS);
 BPF_F_TABLE(AUS_PINNED("lpm_trie", AUS_MAP_DST), struct aus_dst_key,
 	    struct aus_dst_val, aus_dst, AUS_MAX_DESTINATIONS, BPF_F_NO_PREALLOC);
-BPF_F_TABLE(AUS_PINNED("hash", AUS_MAP_HOST), struct aus_host_key,
-	    struct aus_dst_val, aus_host, AUS_MAX_DESTINATIONS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE(AUS_PINNED("lpm_trie", AUS_MAP_SVC), struct aus_svc_key,
 	    struct aus_svc_val, aus_svc, AUS_MAX_SERVICES, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_array", u32, struct aus_counters, aus_user_stats,
@@ -200,11 +198,7 @@ static __always_inline void aus_lookup(struct aus_decision *d,
 		.family = f->family,
 	};
 	__builtin_memcpy(dk.addr, f->daddr, 16);
-	/* The host entry, when there is one, is the longest prefix. The
-	 * hash key is the trie key without its prefix length. */
-	struct aus_dst_val *dv = aus_host.lookup((struct aus_host_key *)&dk.ruleset);
-	if (!dv)
-		dv = aus_dst.lookup(&dk);
+	struct aus_dst_val *dv = aus_dst.lookup(&dk);
 	if (!dv)
 		return;
 	struct aus_svc_key sk = {

@@ -16,7 +16,7 @@
 /* Bumped on any change to a key or value layout below: maps are pinned
  * under <pin_dir>/v<AUS_ABI_VERSION>, so a new layout gets new maps and the
  * programs are swapped to them atomically. */
-#define AUS_ABI_VERSION 3
+#define AUS_ABI_VERSION 2
 
 #define AUS_LOGINUID_UNSET 0xffffffffU
 
@@ -144,19 +144,6 @@ struct aus_dst_key {
 };
 struct aus_dst_val {
 	__u32 portset;
-};
-
-/* ---- aus_host: HASH (ruleset, family, address) -> portset. A copy of
- * the aus_dst entries of full length (one address: /32 for IPv4, /128 for
- * IPv6), written and removed with them. A full-length entry is the
- * longest prefix there can be, so a hit here is the trie's answer without
- * its walk, which at a million entries is a few hundred nanoseconds of
- * node after node; a miss goes on to the trie. */
-#define AUS_MAP_HOST "aus_host"
-struct aus_host_key {
-	__u32 ruleset;
-	__u32 family;     /* 4 or 6 */
-	__u8 addr[16];
 };
 
 /* ---- aus_svc: LPM_TRIE (portset, protocol, port) -> rule. Prefix 32

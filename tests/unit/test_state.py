@@ -30,7 +30,6 @@ BASE = rs(("127.0.0.0/8", 1, "any"), ("::1/128", 1, "any"))
 A = rs(("10.0.0.0/8", 2, "80/tcp"))
 B = rs(("10.0.0.0/8", 2, "80/tcp"), ("192.0.2.0/24", 2, "80/tcp"))
 CC = rs(("10.0.0.0/8", 3, "22/tcp"), ("10.1.0.0/16", 4, "8000-8100/tcp", "icmp"))
-HOST = rs(("192.0.2.7/32", 2, "80/tcp"))
 RULES = {1: "baseline", 2: "web", 3: "ssh", 4: "alt"}
 
 
@@ -256,7 +255,7 @@ def test_mapsync_applies_in_plan_order():
 
     log: list = []
     maps = {n: FakeMap(n, log) for n in C.MAPS}
-    p, new = plan(KernelState(), desired({1000: A, 1001: CC, 1002: HOST}))
+    p, new = plan(KernelState(), desired({1000: A, 1001: CC}))
     mapsync.apply(p, maps)
     # Each rule name written starts its counters from zero, just before.
     names = [n for n, _ in log]
@@ -267,14 +266,13 @@ def test_mapsync_applies_in_plan_order():
     seen = [n for i, (n, _) in enumerate(log) if i == 0 or log[i - 1][0] != n]
     # New users' stats slots are zeroed before the users point at them;
     # the config (users_gen) follows the users.
-    # A single address's hash copy goes in with the trie's entries.
-    assert seen == [C.MAP_SVC, C.MAP_DST, C.MAP_HOST, C.MAP_RULES, C.MAP_USER_STATS,
-                    C.MAP_USERS, C.MAP_CONFIG]
+    assert seen == [C.MAP_SVC, C.MAP_DST, C.MAP_RULES, C.MAP_USER_STATS, C.MAP_USERS,
+                    C.MAP_CONFIG]
     log.clear()
     p, _ = plan(new, desired({}, rules={1: "baseline"}))
     mapsync.apply(p, maps)
     seen = [n for i, (n, _) in enumerate(log) if i == 0 or log[i - 1][0] != n]
-    assert seen == [C.MAP_USERS, C.MAP_CONFIG, C.MAP_HOST, C.MAP_DST, C.MAP_SVC, C.MAP_RULES]
+    assert seen == [C.MAP_USERS, C.MAP_CONFIG, C.MAP_DST, C.MAP_SVC, C.MAP_RULES]
     assert {op for n, op in log if n != C.MAP_CONFIG} == {"del"}
 
 

@@ -26,18 +26,6 @@ def dst_key(ruleset: int, addr: bytes, plen128: int) -> C.DstKey:
     return k
 
 
-def host_key(ruleset: int, addr: bytes, plen128: int) -> C.HostKey | None:
-    """The aus_host key of a full-length aus_dst entry; None for a shorter
-    prefix (only the trie holds those)."""
-    if plen128 != 128:
-        return None
-    k = C.HostKey()
-    k.ruleset = ruleset
-    k.family = C.family_of16(addr, plen128)
-    ctypes.memmove(k.addr, addr, 16)
-    return k
-
-
 def svc_key(portset: int, proto: int, port: int, plen: int) -> C.SvcKey:
     k = C.SvcKey()
     k.prefixlen = plen
@@ -60,14 +48,8 @@ def apply(plan: Plan, maps: dict[str, Map]) -> None:
     for op in plan.svc_put:
         e = op.entry
         svc.update(svc_key(op.portset, e.proto, e.port, e.plen), C.SvcVal(e.rule))
-    host = maps[C.MAP_HOST]
     for op in plan.dst_put:
         dst.update(dst_key(op.ruleset, op.addr, op.plen), C.DstVal(op.portset))
-    # The hash copies of single addresses, like the trie's entries, are all
-    # in place before a user points at their ruleset.
-    for op in plan.dst_put:
-        if (hk := host_key(op.ruleset, op.addr, op.plen)) is not None:
-            host.update(hk, C.DstVal(op.portset))
     for op in plan.rules_put:
         # A new name for an id: its counters start from zero.
         maps[C.MAP_RULE_STATS].update(_u32(op.rule), C.Counters())
@@ -80,9 +62,6 @@ def apply(plan: Plan, maps: dict[str, Map]) -> None:
         users.delete(_u32(uid))
     if plan.config_put is not None:
         maps[C.MAP_CONFIG].update(_u32(0), config_struct(plan.config_put))
-    for op in plan.dst_del:
-        if (hk := host_key(op.ruleset, op.addr, op.plen)) is not None:
-            host.delete(hk)
     for op in plan.dst_del:
         dst.delete(dst_key(op.ruleset, op.addr, op.plen))
     for op in plan.svc_del:

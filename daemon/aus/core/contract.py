@@ -15,7 +15,7 @@ import enum
 import ipaddress
 from dataclasses import dataclass
 
-ABI_VERSION = 3
+ABI_VERSION = 2
 LOGINUID_UNSET = 0xFFFFFFFF
 
 DROP = 0
@@ -99,7 +99,6 @@ SVC_FULL_PREFIX = 64
 MAP_CONFIG = "aus_config"
 MAP_USERS = "aus_users"
 MAP_DST = "aus_dst"
-MAP_HOST = "aus_host"
 MAP_SVC = "aus_svc"
 MAP_USER_STATS = "aus_user_stats"
 MAP_RULE_STATS = "aus_rule_stats"
@@ -133,14 +132,6 @@ class User(ctypes.Structure):
 class DstKey(ctypes.Structure):
     _fields_ = [
         ("prefixlen", ctypes.c_uint32),
-        ("ruleset", ctypes.c_uint32),
-        ("family", ctypes.c_uint32),
-        ("addr", ctypes.c_uint8 * 16),
-    ]
-
-
-class HostKey(ctypes.Structure):
-    _fields_ = [
         ("ruleset", ctypes.c_uint32),
         ("family", ctypes.c_uint32),
         ("addr", ctypes.c_uint8 * 16),
@@ -253,7 +244,6 @@ MAPS = {m.name: m for m in (
     MapSpec(MAP_CONFIG, ctypes.c_uint32, Config, MAP_TYPE_ARRAY),
     MapSpec(MAP_USERS, ctypes.c_uint32, User, MAP_TYPE_HASH),
     MapSpec(MAP_DST, DstKey, DstVal, MAP_TYPE_LPM_TRIE),
-    MapSpec(MAP_HOST, HostKey, DstVal, MAP_TYPE_HASH),
     MapSpec(MAP_SVC, SvcKey, SvcVal, MAP_TYPE_LPM_TRIE),
     MapSpec(MAP_USER_STATS, ctypes.c_uint32, Counters, MAP_TYPE_PERCPU_ARRAY),
     MapSpec(MAP_RULE_STATS, ctypes.c_uint32, Counters, MAP_TYPE_PERCPU_ARRAY),
@@ -271,7 +261,6 @@ STRUCTS = {
     "aus_user": User,
     "aus_dst_key": DstKey,
     "aus_dst_val": DstVal,
-    "aus_host_key": HostKey,
     "aus_svc_key": SvcKey,
     "aus_svc_val": SvcVal,
     "aus_counters": Counters,
