@@ -196,8 +196,9 @@ def default_configs(sizes_users, sizes_rules, linear_max: int) -> list[Config]:
 
 
 def run(configs: list[Config], *, rounds: int, seconds: float, workdir: Path,
-        log=print) -> dict:
-    """Set everything up, measure, tear everything down; the raw figures."""
+        log=print, workloads=WORKLOADS) -> dict:
+    """Set everything up, measure, tear everything down; the raw figures.
+    ``workloads``: the rows of WORKLOADS to measure (all by default)."""
     binary = common.build_workload(workdir / "build")
     results: dict = {"rounds": rounds, "seconds": seconds, "configs": [],
                      "samples": {}, "baseline_pairs": {}}
@@ -220,7 +221,7 @@ def run(configs: list[Config], *, rounds: int, seconds: float, workdir: Path,
         assert base.kind == "none"
         for r in range(rounds):
             log(f"round {r + 1}/{rounds}")
-            for wname, mode, port, _unit in WORKLOADS:
+            for wname, mode, port, _unit in workloads:
                 prev_base = None
                 for cfg in configs[1:]:
                     b = common.client(binary, mode, base.ns, base.cg, base.uid, DEST, port,

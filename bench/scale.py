@@ -32,6 +32,7 @@ PARTS: dict[str, str] = {
     "fleet": "bench.fleet",
     "startup": "bench.startup",
     "rulesets": "bench.rulesets",
+    "connect": "bench.connect",
 }
 
 

@@ -70,3 +70,29 @@ def test_scale_startup_part_runs_tiny(tmp_path):
         for target in ("restart to READY adopting pins", "cold start to READY",
                        "login right after a restart"):
             assert f"startup ({backend}): {target}" in text
+
+
+def test_scale_connect_part_runs_tiny(tmp_path):
+    """bench.scale's connect part: ratios of both allowed workloads in every
+    round, verdicts from them, and a profile of the programs that ran."""
+    out, raw = tmp_path / "scale.md", tmp_path / "scale.json"
+    tmp_path.chmod(0o755)
+    p = subprocess.run([sys.executable, "-m", "bench.scale", "--tiny", "--only", "connect",
+                        "--out", str(out), "--json", str(raw)], capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr[:3000] + "\n[...]\n" + p.stderr[-1500:]
+    text = out.read_text()
+    assert "## Connect and UDP rates at fleet size" in text
+    assert "connect allowed rate >= 0.95 of no filter at 100 x 10" in text
+    data = json.loads(raw.read_text())["connect"]
+    assert set(data["samples"]) == {"connect allowed", "udp allowed"}
+    for workload in ("connect allowed", "udp allowed"):
+        rows = data["samples"][workload]["aus 100x10"]
+        assert len(rows) == data["rounds"] == 2
+        # allowed traffic went through, and the baseline it is compared with ran too
+        assert all(r["ok"] > 0 and r["fail"] == 0 and r["base"] > 0 for r in rows), rows
+    runs = {(r["workload"], r["program"]): r for r in data["profile"]}
+    # a connection runs sock_create and connect4 once each, a datagram sendmsg4 once
+    for key in (("connect", "sock_create"), ("connect", "connect4"), ("udp", "sendmsg4")):
+        assert key in runs, sorted(runs)
+        assert 0.9 <= runs[key]["runs_per_op"] <= 1.1 and runs[key]["ns_per_run"] > 0
