@@ -30,6 +30,7 @@ from .run import machine
 # name -> module; the order is the order of the run and of the results
 PARTS: dict[str, str] = {
     "fleet": "bench.fleet",
+    "sync": "bench.scim_sync",
     "startup": "bench.startup",
     "rulesets": "bench.rulesets",
     "connect": "bench.connect",

@@ -27,3 +27,28 @@ def test_server_bench_runs_tiny(tmp_path):
             assert rate["errors"] == 0 and rate["requests"] > 0, (r["db"], kind)
         # every long-polling daemon received the changed bundle
         assert r["fanout"]["received"] == r["fanout"]["daemons"] > 1
+
+
+def test_scale_sync_part_runs_tiny(tmp_path):
+    """bench.scale's ``sync`` part, tiny: a real sync into PostgreSQL and
+    real PATCH runs on both databases, every request answered 2xx."""
+    out, raw = tmp_path / "scale.md", tmp_path / "scale.json"
+    p = subprocess.run([sys.executable, "-m", "bench.scale", "--tiny", "--only", "sync",
+                        "--out", str(out), "--json", str(raw)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = out.read_text()
+    assert "## Initial sync and member PATCH" in text
+    assert "initial sync of 600 users, 60 groups on PostgreSQL <= 300 s" in text
+    assert "member PATCH on SQLite >= 500/s" in text
+    r = json.loads(raw.read_text())["sync"]
+    sync = r["pg_sync"]
+    assert sync["errors"] == 0 and sync["users"] == 600 and sync["groups"] == 60
+    # every user and group: a lookup and a POST; every group's members in PATCHes of <= 50
+    assert sync["lookups"] == sync["posts"] == 660
+    assert sync["memberships"] > 600 and sync["patches"] >= sync["memberships"] / 50
+    assert sync["largest_group"] == 120 and 0 < sync["seconds"] < 300
+    assert sync["server_cpu_s"] > 0
+    for run in ("sqlite_patch", "pg_patch", "sqlite_baseline", "pg_baseline"):
+        assert r[run]["errors"] == 0 and r[run]["requests"] > 10 and r[run]["rate"] > 0, run
+        assert r[run]["server_cpu_ms"] > 0, run

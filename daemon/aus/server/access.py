@@ -163,15 +163,17 @@ def authorize(request: Request, org_id: str | None, *, scim: bool = False,
     return key
 
 
-def authorize_before_routing(request: Request, org_id: str | None, *, scim: bool) -> Key:
+def authorize_before_routing(request: Request, org_id: str | None, *, scim: bool,
+                             cached_only: bool = False) -> Key | None:
     """:func:`authorize` for a request not yet routed (the input gate
     checks a body's sender before reading the body): the route is found by
     matching the path against :data:`ROUTES`. A path that matches none is
     left to its route (the router's 404 or redirect, or the route's own
-    :func:`authorize`), which every authenticated route calls anyway."""
+    :func:`authorize`), which every authenticated route calls anyway.
+    With ``cached_only``, None when the cache cannot tell (no I/O)."""
     template = template_of(request.method, request.url.path)
     needed = ANY if template is None else needs(request.method, template)
-    return _check(request, org_id, scim, False, needed)
+    return _check(request, org_id, scim, cached_only, needed)
 
 
 def _compiled() -> list[tuple[re.Pattern, str]]:

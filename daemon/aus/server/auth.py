@@ -172,6 +172,7 @@ class Verifier:
         self._lock = threading.Lock()
         self._generation = -1
         self._generation_read_at = float("-inf")
+        self._flights: dict[bytes, list] = {}    # digest -> [lock, waiters]
         Verifier._instances.append(self)
 
     @classmethod
@@ -219,6 +220,22 @@ class Verifier:
         hit = self._lookup(digest)
         if hit:
             return hit
+        # One check per token at a time: a client opening many connections
+        # at once with a token not yet cached waits for the first check's
+        # answer instead of running (and being limited for) a hash each.
+        with self._lock:
+            flight = self._flights.setdefault(digest, [threading.Lock(), 0])
+            flight[1] += 1
+        try:
+            with flight[0]:
+                return self._lookup(digest) or self._check(token, digest, source)
+        finally:
+            with self._lock:
+                flight[1] -= 1
+                if not flight[1]:
+                    del self._flights[digest]
+
+    def _check(self, token: str, digest: bytes, source: str | None) -> Key:
         key_id, sep, secret = token.partition(":")
         if not sep or not key_id or not secret:
             raise AuthError("the credentials must have the form <api_key>:<secret>")

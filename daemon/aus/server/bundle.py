@@ -41,9 +41,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.util import identity_key
 
 from ..core.bundle import (
     BUNDLE_FORMAT,
@@ -86,9 +87,19 @@ def _aware(t: dt.datetime | None) -> dt.datetime | None:
     return t.replace(tzinfo=dt.timezone.utc) if t is not None and t.tzinfo is None else t
 
 
+# Core, built once: every SCIM write ends with it (the ORM's bulk-update
+# path costs more than the rest of a member PATCH's statements)
+_TOUCH = update(Org.__table__).where(Org.__table__.c.id == bindparam("org")) \
+    .values(generation=Org.__table__.c.generation + 1)
+
+
 def touch(session: Session, org_id: str) -> None:
     """Mark the org's bundle stale; call inside the writing transaction."""
-    session.execute(update(Org).where(Org.id == org_id).values(generation=Org.generation + 1))
+    session.flush()             # pending ORM changes first: the org row is locked last
+    session.connection().execute(_TOUCH, {"org": org_id})
+    org = session.identity_map.get(identity_key(Org, org_id))
+    if org is not None:         # as the ORM's update would: the next read sees the new value
+        session.expire(org, ["generation"])
 
 
 def _is_literal(dest: str) -> bool:

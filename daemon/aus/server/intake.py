@@ -197,9 +197,11 @@ class InputGate:
         if org is not None:
             try:
                 # checked as the handler will check them (failed checks count
-                # against the client's address, as there)
-                await asyncio.to_thread(authorize_before_routing, Request(scope),
-                                        None if org == "" else org, scim=scim)
+                # against the client's address, as there): a cached key here,
+                # else the check (scrypt, a database read) on a worker thread
+                request, wanted = Request(scope), None if org == "" else org
+                if authorize_before_routing(request, wanted, scim=scim, cached_only=True) is None:
+                    await asyncio.to_thread(authorize_before_routing, request, wanted, scim=scim)
             except AuthError as exc:
                 await self._auth_refusal(exc, scim)(scope, receive, send)
                 return

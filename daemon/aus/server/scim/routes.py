@@ -268,8 +268,8 @@ def create_user(request: Request, org_id: str, body: bytes = Depends(read_body))
     try:
         with ctx.writing() as s:
             row = store.create_user(s, ctx.org, doc)
-            touch(s, ctx.org)
             view = _view(s, ctx, USER, row, proj)
+            touch(s, ctx.org)      # last: the org row stays locked until the commit
     except IntegrityError as exc:
         raise store.integrity_conflict(exc, USER) from None
     ctx.poke()
@@ -389,9 +389,12 @@ def create_group(request: Request, org_id: str, body: bytes = Depends(read_body)
             row = store.create_group(s, ctx.org, doc)
             if members:
                 store.replace_members(s, ctx.org, row.id, members)
-            touch(s, ctx.org)
+                view = _view(s, ctx, GROUP, row, proj)
+            else:   # Entra creates groups empty: nothing to look up for the answer
+                view = proj.apply(render(GROUP, row, ctx.base,
+                                         members=[] if proj.wants("members") else None))
+            touch(s, ctx.org)      # after the view: the org row stays locked until the commit
             _check_group_ids(s, ctx, row.id, None, doc)
-            view = _view(s, ctx, GROUP, row, proj)
     except IntegrityError as exc:
         raise store.integrity_conflict(exc, GROUP) from None
     ctx.poke()

@@ -31,11 +31,11 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    insert,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
@@ -235,13 +235,32 @@ def integrity_conflict(exc: IntegrityError, kind: Kind) -> ScimError:
 # Users
 
 
+def _insert_new(s: Session, table, cols) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING cols``, built once per
+    dialect: a name already taken returns no row (then the caller says by
+    whom), in one statement instead of a check and an insert."""
+    conn = _conn(s)
+    key = (conn.dialect.name, table.name)
+    stmt = _INSERTS.get(key)
+    if stmt is None:
+        make = pg_dialect.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert
+        stmt = _INSERTS[key] = make(table).on_conflict_do_nothing().returning(*cols)
+    return conn, stmt
+
+
+_INSERTS: dict[tuple[str, str], Any] = {}
+
+
 def create_user(s: Session, org_id: str, doc: dict) -> Row:
     cols = user_columns(doc)
-    _taken_user(s, org_id, cols["user_name"])
     now = utcnow()
-    return _conn(s).execute(insert(U).values(
-        id=new_id(), org_id=org_id, doc=doc, created_at=now, modified_at=now, version=1,
-        **cols).returning(*USER_COLS)).one()
+    conn, stmt = _insert_new(s, U, USER_COLS)
+    row = conn.execute(stmt, {"id": new_id(), "org_id": org_id, "doc": doc, "created_at": now,
+                              "modified_at": now, "version": 1, **cols}).first()
+    if row is None:
+        _taken_user(s, org_id, cols["user_name"])
+        raise ScimError(409, "the User conflicts with another one", UNIQUENESS)
+    return row
 
 
 def save_user(s: Session, org_id: str, row: Row, doc: dict) -> Row:
@@ -272,12 +291,16 @@ def delete_user(s: Session, org_id: str, user_id: str) -> int:
 
 def create_group(s: Session, org_id: str, doc: dict) -> Row:
     cols = group_columns(doc)
-    _taken_group(s, org_id, cols["display_name"])
     now = utcnow()
-    return _conn(s).execute(insert(G).values(
-        id=new_id(), org_id=org_id, doc=doc, source="scim", created_at=now, modified_at=now,
-        version=1, last_sync_at=now, last_sync_op="create", last_sync_outcome="ok",
-        **cols).returning(*GROUP_COLS)).one()
+    conn, stmt = _insert_new(s, G, GROUP_COLS)
+    row = conn.execute(stmt, {"id": new_id(), "org_id": org_id, "doc": doc, "source": "scim",
+                              "created_at": now, "modified_at": now, "version": 1,
+                              "last_sync_at": now, "last_sync_op": "create",
+                              "last_sync_outcome": "ok", **cols}).first()
+    if row is None:
+        _taken_group(s, org_id, cols["display_name"])
+        raise ScimError(409, "the Group conflicts with another one", UNIQUENESS)
+    return row
 
 
 def begin_group_write(s: Session, org_id: str, group_id: str, op: str) -> Row:
