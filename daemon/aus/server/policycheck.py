@@ -27,7 +27,7 @@ through, so removals always reach the bundle.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from ..core.errors import AusError
@@ -52,6 +52,19 @@ class WriteRefused(AusError):
         super().__init__(message)
 
 
+# Core, built once: every group a directory creates is checked (Entra ID
+# sends an externalId with each)
+_G = Group.__table__
+_OTHER_BY_EXTERNAL_ID = select(_G.c.id, _G.c.display_name).where(
+    _G.c.org_id == bindparam("org"), _G.c.external_id_key == bindparam("key"),
+    _G.c.id != bindparam("but")).limit(1)
+_OTHER_BY_SID = select(_G.c.id, _G.c.display_name).where(
+    _G.c.org_id == bindparam("org"), _G.c.sid == bindparam("sid"),
+    _G.c.id != bindparam("but")).limit(1)
+_LOCK_ORG = select(Org.__table__.c.id).where(Org.__table__.c.id == bindparam("org")) \
+    .with_for_update(key_share=True)
+
+
 def lock_org(s: Session, org_id: str) -> None:
     """Take the org row's lock (a no-op when this transaction holds it,
     and on SQLite, whose writers are serialized already). The lock
@@ -59,7 +72,8 @@ def lock_org(s: Session, org_id: str) -> None:
     also wait for every transaction that inserted a row referencing the
     org (their KEY SHARE locks), and deadlock with them."""
     # key_share without read renders FOR NO KEY UPDATE on PostgreSQL
-    s.execute(select(Org.id).where(Org.id == org_id).with_for_update(key_share=True))
+    s.flush()
+    s.connection().execute(_LOCK_ORG, {"org": org_id})
 
 
 def ip_list_name(name: str) -> None:
@@ -111,18 +125,17 @@ def group_ids(s: Session, org_id: str, group_id: str, *, external_id: str | None
     if not key and not sid:
         return
     lock_org(s, org_id)
+    conn = s.connection()
     if key:
-        other = s.execute(select(Group.id, Group.display_name).where(
-            Group.org_id == org_id, Group.external_id_key == key, Group.id != group_id)
-            .limit(1)).first()
+        other = conn.execute(_OTHER_BY_EXTERNAL_ID, {"org": org_id, "key": key,
+                                                     "but": group_id}).first()
         if other is not None:
             raise WriteRefused(409, "externalId", f"externalId {external_id!r} is already "
                                                   f"given to group {other.display_name!r} "
                                                   f"({other.id}); external ids compare "
                                                   "case-insensitively")
     if sid:
-        other = s.execute(select(Group.id, Group.display_name).where(
-            Group.org_id == org_id, Group.sid == sid, Group.id != group_id).limit(1)).first()
+        other = conn.execute(_OTHER_BY_SID, {"org": org_id, "sid": sid, "but": group_id}).first()
         if other is not None:
             raise WriteRefused(409, "sid", f"SID {sid} is already given to group "
                                            f"{other.display_name!r} ({other.id})")
