@@ -237,10 +237,12 @@ def measure(sz: Sizes) -> dict:
         run_rate(srv, "member patch", ids, sz.rate_seconds / 4)   # warm: caches, pool, statements
         raw["sqlite_baseline"] = run_rate(srv, "baseline", ids, sz.rate_seconds / 4)
         raw["sqlite_patch"] = run_rate(srv, "member patch", ids, sz.rate_seconds)
+        print(f"[sync] SQLite member PATCH: {raw['sqlite_patch']}", file=sys.stderr, flush=True)
     print(f"[sync] PostgreSQL, {sz.pg_workers} workers: initial sync of {sz.sync_users} users, "
           f"{sz.sync_groups} groups", file=sys.stderr, flush=True)
     with database("postgresql") as url, Server(url, sz.pg_workers) as srv:
         raw["pg_sync"], ids = run_sync(srv, sz.sync_users, sz.sync_groups, sz.tiers, sz.per_user)
+        print(f"[sync] PostgreSQL: {raw['pg_sync']}", file=sys.stderr, flush=True)
         raw["pg_baseline"] = run_rate(srv, "baseline", ids, sz.rate_seconds / 4)
         raw["pg_patch"] = run_rate(srv, "member patch", ids, sz.rate_seconds)
     raw["pg_workers"] = sz.pg_workers
