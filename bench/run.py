@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -106,17 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: needs root (cgroups, namespaces, eBPF)", file=sys.stderr)
         return 2
-    # SIGTERM unwinds like Ctrl-C: namespaces, cgroups, pins and servers go.
-    # Only in this process: a forked child (pyroute2 forks one per namespace
-    # operation and stops it with SIGTERM) inherits the handler, and unwinding
-    # there would remove this run's namespaces and work directory under it.
-    main_pid = os.getpid()
-
-    def on_sigterm(*_):
-        if os.getpid() != main_pid:
-            os._exit(143)
-        sys.exit(143)
-    signal.signal(signal.SIGTERM, on_sigterm)
+    common.unwind_on_sigterm()
     if args.tiny:
         users, rules, linear_max = [1, 10], [1, 10], 100
         rounds, seconds = args.rounds or 2, args.seconds or 0.1

@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -47,13 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.scale: needs root (cgroups, namespaces, eBPF, PostgreSQL)", file=sys.stderr)
         return 2
-    main_pid = os.getpid()
-
-    def on_sigterm(*_):   # see bench.run: only this process unwinds
-        if os.getpid() != main_pid:
-            os._exit(143)
-        sys.exit(143)
-    signal.signal(signal.SIGTERM, on_sigterm)
+    common.unwind_on_sigterm()
     names = [n.strip() for n in args.only.split(",")] if args.only else list(PARTS)
     unknown = [n for n in names if n not in PARTS]
     if unknown:
