@@ -184,7 +184,7 @@ def test_spool_stays_within_bounds_with_the_server_down(cg, peer, people, server
             lab.wait_until(lambda: watch()["dropped"]["spool"] >= 3000,
                            what="records dropped past the bound")
             time.sleep(0.5)
-            st = upload_status(d)
+            st = watch()          # the last reading counts too: a poll may miss the fill
             sp = st["spooled"]
             print(f"\nspool with the server down: {sp['memory']} records in memory "
                   f"(bound 1000; highest seen in memory or queued {highest}), "

@@ -400,13 +400,20 @@ def test_protect_kernel_modules_is_left_out_because_bcc_needs_lib_modules(box):
 # ---- capabilities ----------------------------------------------------------------
 
 def test_cap_sys_admin_is_needed_to_restart_on_the_pins(box):
-    """bcc reopens the pinned maps by ID (BPF_MAP_GET_FD_BY_ID), which only
-    CAP_SYS_ADMIN may do; a first start on no pins loads and attaches with
-    CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN."""
+    """A restart of the same build takes the attached programs through their
+    pins, without CAP_SYS_ADMIN. A new build compiles, and bcc reopens the
+    pinned maps by ID (BPF_MAP_GET_FD_BY_ID), which only CAP_SYS_ADMIN may
+    do; a first start on no pins loads and attaches with CAP_BPF,
+    CAP_PERFMON and CAP_NET_ADMIN."""
     m = box.m
     ensure_running(box)
     try:
         with dropin(m, "no-sys-admin", "CapabilityBoundingSet=~CAP_SYS_ADMIN\nRestart=no\n"):
+            m.systemctl("restart", "ausd")                 # the same build
+            assert state(m)["ActiveState"] == "active"
+            assert attached(box) == PROGRAMS
+            # a new build: the build pin names another
+            m.run("sh", "-c", f"rm -f {box.pin_dir}/v*/build_*")
             since = cursor(m)
             assert m.systemctl("restart", "ausd", check=False).returncode != 0
             assert state(m)["ActiveState"] == "failed"
