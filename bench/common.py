@@ -9,12 +9,12 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support import cgroups
 from tests.support import netns as namespaces
+from tests.support.sigterm import unwind_on_sigterm  # noqa: F401 - bench.run, bench.scale
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,20 +26,6 @@ def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: "
                            f"{(p.stderr or p.stdout).strip()[-800:]}")
     return p
-
-
-def unwind_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so namespaces, cgroups, pins and servers
-    go; only in this process: a forked child (pyroute2 forks one per
-    namespace operation and stops it with SIGTERM) inherits the handler, and
-    unwinding there would remove the run's namespaces and work directory."""
-    main_pid = os.getpid()
-
-    def on_sigterm(*_):
-        if os.getpid() != main_pid:
-            os._exit(143)
-        sys.exit(143)
-    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def build_workload(out_dir: Path) -> Path:

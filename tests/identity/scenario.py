@@ -50,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.support import lab  # noqa: E402
+from tests.support import lab, sigterm  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHIPPED_HOOK = HERE.parents[1] / "packaging" / "pam" / "aus-pam-hook"
@@ -106,7 +106,7 @@ class Terminated(BaseException):
     """SIGTERM (the test's timeout): unwind, so that ``finally`` cleans up."""
 
 
-def _on_sigterm(signum, frame):
+def _terminated() -> None:
     raise Terminated()
 
 
@@ -873,7 +873,7 @@ def main() -> int:
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    sigterm.unwind_on_sigterm(_terminated)
     work = Path(sys.argv[1]).resolve()
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"cases": {}}
