@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from aus.agent import control, pins
+from tests.support import logins
 from tests.support.names import unique
 
 from . import common
@@ -88,26 +89,28 @@ class Daemon:
         tmp.write_text(yaml.safe_dump(policy(extra_port)))
         tmp.replace(self.policy_path)
 
+    def command(self) -> list[str]:
+        """ausd in a private mount namespace over a copy of /etc with the
+        bench's files: a file bind-mounted alone is unmounted when something
+        on the machine renames a new /etc/passwd over it (useradd does), and
+        ausd would see the machine's users from then on."""
+        passwd, group, nss = self.files
+        etc = self.workdir / "etc"
+        script = (f"rm -rf {etc} && mkdir {etc} && cp -a /etc/. {etc}/ && "
+                  f"cp {passwd} {etc}/passwd && cp {group} {etc}/group && "
+                  f"cp {nss} {etc}/nsswitch.conf && mount --bind {etc} /etc && "
+                  f"exec {sys.executable} -m aus.agent.ausd --config {self.config_path}")
+        return ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
+
     def start(self, timeout: float = 300) -> float:
         """Start and wait for READY; seconds from spawn to READY."""
         npath = self.workdir / unique("notify")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(npath))
         notify.settimeout(timeout)
-        passwd, group, nss = self.files
-        # A copy of /etc with the bench's files, mounted over /etc: a file
-        # bind-mounted alone is unmounted when something on the machine
-        # renames a new /etc/passwd over it (useradd does), and ausd would
-        # see the machine's users from then on.
-        etc = self.workdir / "etc"
-        script = (f"rm -rf {etc} && mkdir {etc} && cp -a /etc/. {etc}/ && "
-                  f"cp {passwd} {etc}/passwd && cp {group} {etc}/group && "
-                  f"cp {nss} {etc}/nsswitch.conf && mount --bind {etc} /etc && "
-                  f"exec {sys.executable} -m aus.agent.ausd --config {self.config_path}")
         log = open(self.workdir / "ausd.log", "ab")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                                     stdout=log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, NOTIFY_SOCKET=str(npath)))
         log.close()
         try:
@@ -115,7 +118,7 @@ class Daemon:
                 pass
         except socket.timeout:
             raise RuntimeError("ausd did not become ready:\n"
-                               + (self.workdir / "ausd.log").read_text()) from None
+                               + (self.workdir / "ausd.log").read_text()[-3000:]) from None
         finally:
             notify.close()
             npath.unlink()
@@ -153,32 +156,7 @@ def holders(binary: Path, base: int, count: int):
 def login_once(sock: Path, loginuid: int) -> float:
     """A login: a new process with this login UID asks for its session;
     the round trip in seconds, measured inside that process."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            with open("/proc/self/loginuid", "w") as f:
-                f.write(str(loginuid))
-            c = control.Client(sock, timeout=30)
-            t0 = time.perf_counter()
-            reply = c.request("session_open")
-            dt = time.perf_counter() - t0
-            os.write(w, json.dumps({"dt": dt, "rules": reply.get("rules")}).encode())
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            os.write(w, json.dumps({"error": str(exc)}).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    res = json.loads(data)
-    if "error" in res:
-        raise RuntimeError(f"login {loginuid}: {res['error']}")
-    return res["dt"]
+    return logins.session_open(sock, loginuid)[1]
 
 
 def map_memory(pin_dir: Path) -> dict:

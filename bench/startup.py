@@ -47,31 +47,8 @@ class Ausd(controlpath.Daemon):
     """ausd started in this mount namespace (the directory is already in
     place here)."""
 
-    def start(self, timeout: float = 300) -> float:
-        import socket
-
-        from tests.support.names import unique
-        npath = self.workdir / unique("notify")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(npath))
-        notify.settimeout(timeout)
-        log = open(self.workdir / "ausd.log", "ab")
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "aus.agent.ausd",
-                                      "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, NOTIFY_SOCKET=str(npath)))
-        log.close()
-        try:
-            while b"READY=1" not in notify.recv(4096):
-                pass
-        except socket.timeout:
-            raise RuntimeError("ausd did not become ready:\n"
-                               + (self.workdir / "ausd.log").read_text()[-3000:]) from None
-        finally:
-            notify.close()
-            npath.unlink()
-        return time.perf_counter() - t0
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "aus.agent.ausd", "--config", str(self.config_path)]
 
 
 def _login_stream(sock: Path, uids: list[int]) -> list[dict]:

@@ -11,7 +11,6 @@ this test then feeds the FIFO the new group file, one reader at a time.
 """
 
 import contextlib
-import json
 import os
 import stat
 import tempfile
@@ -21,41 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from aus.agent import control, pins
+from aus.agent import pins
 from aus.agent.ausd import LOGIN_LOOKUP_TIMEOUT
 from tests.support import lab
+from tests.support.logins import session_open
 
 from .conftest import lab_policy
 
 pytestmark = pytest.mark.kernel
 
 NSSWITCH = "passwd: files\ngroup: files\nshadow: files\n"
-
-
-def session_open(sock: Path, loginuid: int) -> tuple[dict, float]:
-    """`session open` from a process carrying ``loginuid`` (as the PAM hook
-    sends it); the reply and its round trip, timed in that process."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            with open("/proc/self/loginuid", "w") as f:
-                f.write(str(loginuid))
-            t0 = time.monotonic()
-            reply = control.request(sock, "session_open", timeout=30)
-            os.write(w, json.dumps([reply, time.monotonic() - t0]).encode())
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            os.write(w, json.dumps([{"error": str(exc)}, -1]).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    reply, took = json.loads(data)
-    assert "error" not in reply, reply
-    return reply, took
 
 
 def in_own_namespace(d: lab.Ausd, group: Path, nsswitch: Path) -> None:

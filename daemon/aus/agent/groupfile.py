@@ -53,8 +53,10 @@ class Table:
         return tuple(dict.fromkeys(n for n in (self.names.get(g) for g in gids) if n))
 
 
-def parse_passwd(text: str) -> dict[int, tuple[str, int]]:
-    users: dict[int, tuple[str, int]] = {}
+def _records(text: str):
+    """The fields of each line of an /etc/passwd or /etc/group text with
+    a numeric third field, as (fields, that number); comments, short and
+    malformed lines are skipped, as glibc's files backend skips them."""
     for line in text.splitlines():
         if not line or line.lstrip().startswith("#"):
             continue
@@ -62,7 +64,16 @@ def parse_passwd(text: str) -> dict[int, tuple[str, int]]:
         if len(parts) < 4:
             continue
         try:
-            uid, gid = int(parts[2]), int(parts[3])
+            yield parts, int(parts[2])
+        except ValueError:
+            continue
+
+
+def parse_passwd(text: str) -> dict[int, tuple[str, int]]:
+    users: dict[int, tuple[str, int]] = {}
+    for parts, uid in _records(text):
+        try:
+            gid = int(parts[3])
         except ValueError:
             continue
         users.setdefault(uid, (parts[0], gid))
@@ -72,16 +83,7 @@ def parse_passwd(text: str) -> dict[int, tuple[str, int]]:
 def parse(text: str, passwd: str = "") -> Table:
     names: dict[int, str] = {}
     member_of: dict[str, list[int]] = {}
-    for line in text.splitlines():
-        if not line or line.lstrip().startswith("#"):
-            continue
-        parts = line.split(":")
-        if len(parts) < 4:
-            continue
-        try:
-            gid = int(parts[2])
-        except ValueError:
-            continue
+    for parts, gid in _records(text):
         names.setdefault(gid, parts[0])
         for member in parts[3].split(","):
             member = member.strip()
