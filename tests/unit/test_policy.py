@@ -320,7 +320,7 @@ def test_rule_lists_must_not_be_empty(field, offset, fragment):
     problem = one_problem(with_rule(**{field: "[]"}))
     assert problem == f"line {RULE_LINE + offset}: rules[0].{field}: {fragment}" + (
         " (a user group)" if field == "sources" else
-        " (an ip list or a CIDR)" if field == "destinations" else "")
+        " (an ip list, a CIDR or a dns: name)" if field == "destinations" else "")
 
 
 def test_rule_missing_key():
@@ -411,7 +411,7 @@ def test_lists_do_not_nest_and_hold_literals():
           more: [web, "http"]
         """)
     assert problems[0] == ("line 3: ip_lists.b[0]: 'a' is an ip list name; an ip list "
-                           "holds CIDRs and addresses only (lists do not nest)")
+                           "holds CIDRs, addresses and dns: names only (lists do not nest)")
     assert problems[1] == "line 3: ip_lists.b[1]: 'not-an-ip' is not a valid IP address or CIDR"
     assert problems[2] == ("line 6: services.more[0]: 'web' is a service name; a service "
                            "holds service literals only (services do not nest)")
