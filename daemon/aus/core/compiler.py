@@ -198,6 +198,13 @@ def _dedupe(entries: Iterable[SvcEntry]) -> Portset:
     return frozenset(SvcEntry(p, port, plen, r) for (p, port, plen), r in best.items())
 
 
+def union_portset(portsets: Iterable[Portset]) -> Portset:
+    """One portset holding every service of these (e.g. the grants of
+    every rule that allowed one DNS-derived address): each key once,
+    credited to the lowest rule id."""
+    return _dedupe(e for portset in portsets for e in portset)
+
+
 def _key(net: Network) -> tuple[bytes, int]:
     return C.addr16(net.network_address), C.addr_prefixlen(net)
 
