@@ -221,14 +221,14 @@ def _check_destination(value: str) -> str:
     try:
         parse_destination(value)
     except ValueError as exc:
-        hint = _dns_hint(value)
+        hint = dns_hint(value)
         if hint:
             raise ValueError(f"{exc}{hint}") from None
         raise
     return value
 
 
-def _dns_hint(text: str) -> str:
+def dns_hint(text: str) -> str:
     """For a bare host name where an address or list was expected: how to
     write it as a DNS name."""
     if not isinstance(text, str) or is_dns_destination(text) or "." not in text:
@@ -662,7 +662,7 @@ def cross_problems(data: Any) -> list[tuple[tuple[Any, ...], str]]:
                         reason = str(exc)
                     else:
                         reason = (f"{dst!r} is neither an ip_list name nor a CIDR"
-                                  + (_dns_hint(dst) or _suggest(dst, ip_names)))
+                                  + (dns_hint(dst) or _suggest(dst, ip_names)))
                     problems.append((("rules", i, "destinations", j), reason))
         svcs = rule.get("services")
         if svc_names is not None and isinstance(svcs, list):
