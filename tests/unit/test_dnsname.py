@@ -24,6 +24,9 @@ from aus.core.dnsname import (
     ("dns:bücher.example", "xn--bcher-kva.example", False),  # IDNA A-label
     ("dns:*.bücher.example", "xn--bcher-kva.example", True),
     ("dns:xn--bcher-kva.example", "xn--bcher-kva.example", False),
+    ("dns:XN--BCHER-KVA.example", "xn--bcher-kva.example", False),
+    ("dns:bücher\u3002example", "xn--bcher-kva.example", False),   # IDNA's other full stops
+    ("dns:ＧＩＴＨＵＢ.com", "github.com", False),                   # fullwidth: mapped
     ("dns:a-b.c0.example", "a-b.c0.example", False),
     ("dns:localhost", "localhost", False),                # one label: exact names may
     ("dns:3com.example", "3com.example", False),
@@ -80,6 +83,8 @@ def test_length_limit_is_253_characters():
     ("dns:example.com/path", "contains '/'"),
     ("dns:" + "a" * 64 + ".example", "is 64 characters long; at most 63"),
     ("dns:\u0080.example", "not a valid internationalized name"),
+    ("dns:\ud800.example", "not a valid internationalized name"),
+    ("dns:xn--zz.example", "the label 'xn--zz' is not a valid IDNA A-label"),
     ("github.com", "is not a DNS name destination"),
 ])
 def test_refused_with_the_reason(text, fragment):

@@ -23,6 +23,8 @@ PREFIX = "dns:"
 NAME_MAX = 253           # RFC 1035: a name's text, without the trailing dot
 LABEL_MAX = 63
 _LDH_RE = re.compile(r"[a-z0-9-]+\Z")
+# Full stops IDNA takes as label separators (RFC 3490, 3.1).
+_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
 class DnsPattern(NamedTuple):
@@ -66,7 +68,7 @@ def parse_dns_destination(text: str) -> DnsPattern:
 def _parse(text: str) -> DnsPattern:
     if not is_dns_destination(text):
         raise ValueError(f"{text!r} is not a DNS name destination; write dns:NAME or dns:*.SUFFIX")
-    raw = text.strip()[len(PREFIX):].strip()
+    raw = text.strip()[len(PREFIX):].strip().translate(_DOTS)
     if not raw:
         raise ValueError(f"{text!r} names no DNS name; write dns:NAME or dns:*.SUFFIX")
     try:
@@ -120,4 +122,11 @@ def _label(text: str, label: str) -> str:
                          "a label holds letters, digits and hyphens only")
     if out.startswith("-") or out.endswith("-"):
         raise ValueError(f"{text!r}: the label {label!r} starts or ends with a hyphen")
+    if out.startswith("xn--"):
+        try:
+            back = encodings.idna.ToASCII(encodings.idna.ToUnicode(out)).decode("ascii")
+        except UnicodeError:
+            back = None
+        if back != out:
+            raise ValueError(f"{text!r}: the label {label!r} is not a valid IDNA A-label")
     return out
