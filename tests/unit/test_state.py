@@ -459,9 +459,12 @@ def test_random_sequence_of_desired_states(seed):
         names = {1: "baseline"}
         names.update({rid: rnd.choice(["a", "b", "c"]) + str(rid)
                       for rid in rnd.sample(range(2, 7), rnd.randint(0, 5))})
+        # DNS portsets: some of their own, some a ruleset's too
+        dns_pool = [frozenset(service_entries(parse_service(svc), rule))
+                    for rule, svc in ((5, "443/tcp"), (6, "22/tcp"), (2, "80/tcp"), (1, "any"))]
         want = desired(users, baseline=rnd.choice(baselines), rules=names,
                        mode=rnd.choice([C.MODE_ENFORCE, C.MODE_VISIBILITY]),
-                       version=version)
+                       version=version, dns=rnd.sample(dns_pool, rnd.randint(0, 4)))
         _, new = step(actual, want)
 
         # sequence numbers only grow; an id once used never gets other content
@@ -551,7 +554,10 @@ def test_incremental_plan_matches_full_plan(seed):
     rnd = random.Random(seed)
     contents = [A, B, CC, BASE, rs(("198.51.100.0/24", 3, "53/udp")), UNMANAGED]
     want = {uid: rnd.choice(contents) for uid in range(1000, 1012)}
-    _, inc = step(KernelState(), desired(want))
+    # kept for DNS entries: one of its own, one that A's prefix uses too
+    dns = [frozenset(service_entries(parse_service("443/tcp"), 5)),
+           frozenset(service_entries(parse_service("80/tcp"), 2))]
+    _, inc = step(KernelState(), desired(want, dns=dns))
     full = inc
     for _ in range(40):
         changed = set(rnd.sample(range(1000, 1016), rnd.randint(1, 4)))
@@ -560,7 +566,7 @@ def test_incremental_plan_matches_full_plan(seed):
                 want.pop(uid, None)
             else:
                 want[uid] = rnd.choice(contents)
-        d = desired(want)
+        d = desired(want, dns=dns)
         p_inc, inc_new = plan(inc, d, changed=changed)
         maps = Maps(inc)
         maps.apply(p_inc, d)
@@ -576,6 +582,7 @@ def test_incremental_plan_matches_full_plan(seed):
         live = {v.ruleset for v in inc_new.users.values() if v.managed} \
             | {inc_new.config.baseline_ruleset}
         assert set(inc_new.rulesets) == live
+        assert {inc_new.portsets.get(inc_new.portset_index().get(c)) for c in dns} == set(dns)
         assert plan(inc_new, d)[0].users_put == []
         inc = inc_new
 
