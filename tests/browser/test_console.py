@@ -375,6 +375,44 @@ def test_ip_list_used_as_a_rule_destination(console, org):
     assert [l["name"] for l in org.get("/ip-lists")["items"]] == ["build-farm"]
 
 
+def test_dns_names_in_an_ip_list_and_a_rule(console, org):
+    ids = org.seed(**DIRECTORY)
+    console.sign_in()
+    console.go("#/ip-lists/new", "New IP list")
+    console.field("Name").send_keys("github")
+    console.entry_inputs("entries")[0].send_keys("dns:github.com")
+    console.d.find_element(By.XPATH, "//button[normalize-space()='Add entry']").click()
+    console.focused().send_keys("dns:*.com" + Keys.ENTER)     # the server refuses it
+    bad = console.entry_inputs("entries")[1]
+    message = console.wait(lambda: console.error_next_to(bad), "the entry error")
+    assert message == ("'dns:*.com' would match every name under the top-level domain 'com'; "
+                       "a wildcard needs at least two labels after '*.' (dns:*.example.com)")
+    assert console.error_next_to(console.entry_inputs("entries")[0]) == ""
+    console.type(bad, "dns:*.githubusercontent.com" + Keys.ENTER)
+    console.wait_heading("IP lists")
+    table = console.find("#ip-lists-table").text
+    assert "dns:github.com" in table and "dns:*.githubusercontent.com" in table
+
+    console.go(f"#/rules/new?source={ids['Contoso-Developers']}", "New rule")
+    console.field("Name").send_keys("dev-github")
+    console.entry_inputs("destinations")[0].send_keys("github")
+    console.d.find_element(By.XPATH, "//button[normalize-space()='Add destination']").click()
+    console.focused().send_keys("pypi.org")           # a bare name: the server says how
+    console.entry_inputs("services")[0].send_keys("443/tcp" + Keys.ENTER)
+    bad = console.entry_inputs("destinations")[1]
+    message = console.wait(lambda: console.error_next_to(bad), "the destination error")
+    assert message.endswith("for the DNS name write 'dns:pypi.org'"), message
+    console.type(bad, "dns:pypi.org" + Keys.ENTER)
+    console.wait_heading("Rules")
+    row = next(r for r in console.table_rows("rules-table") if "dev-github" in r.text)
+    assert "github" in row.text and "dns:pypi.org" in row.text
+    org.provision()
+    policy = org.get("/bundle")["policy"]
+    assert policy["ip_lists"] == {"github": ["dns:github.com", "dns:*.githubusercontent.com"]}
+    assert [(r["name"], r["destinations"]) for r in policy["rules"]] == [
+        ("dev-github", ["github", "dns:pypi.org"])]
+
+
 def test_workloads_show_whether_a_change_reached_the_fleet(console, org):
     ids = org.seed(**DIRECTORY)
     org.post("/rules", _rule_body(ids["Contoso-Developers"]))

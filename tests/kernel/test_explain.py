@@ -152,6 +152,52 @@ def test_a_refused_reload_exits_1_with_file_and_line_and_the_old_policy_stays(
     assert daemon.ctl_json("status")["policy"]["error"] is None
 
 
+def test_a_policy_with_dns_names_loads_and_explain_and_check_take_a_name(
+        daemon, peer, cg, people):
+    """ausd compiles names next to CIDRs (the CIDR rules enforce as
+    before); explain and check answer for a name from the policy in force."""
+    users, groups = people
+    alice, bob = users["alice"], users["bob"]
+    good = lab_policy(peer, groups)
+    named = dict(good, ip_lists=dict(good["ip_lists"], github=[
+        "dns:github.com", "dns:*.githubusercontent.com"]))
+    named["rules"] = [*good["rules"], {
+        "name": "dev-github", "sources": [groups["dev"].upper()],
+        "destinations": ["github", "dns:pypi.org"], "services": ["443/tcp"]}]
+    try:
+        daemon.write_policy(named)
+        daemon.ctl("reload")
+        assert daemon.ctl_json("status")["policy"]["error"] is None
+        with lab.session(daemon, alice.uid):
+            # the addresses of the lab still go by the CIDR rules
+            assert agree(daemon, cg, alice, peer.v4, 80)["rule"] == "dev-web"
+            assert not agree(daemon, cg, alice, peer.v4, 443)["allowed"]
+            ex = explain(daemon, "--user", alice.name, "--to", "Raw.GitHubUserContent.com",
+                         "--proto", "tcp", "--port", "443")
+            assert (ex["allowed"], ex["reason"], ex["rule"], ex["to"]) == \
+                (True, "dns", "dev-github", "raw.githubusercontent.com")
+            assert [g["pattern"] for g in ex["dns"]["grants"]] == ["dns:*.githubusercontent.com"]
+            assert ex["subject"]["logged_in"] is True
+            ck = daemon.check(alice.uid, "pypi.org", "tcp", 443)
+            assert (ck["allowed"], ck["reason"], ck["rule"], ck["rule_id"]) == \
+                (True, "dns", "dev-github", ex["rule_id"])
+            assert ck["dns"]["grants"][0]["pattern"] == "dns:pypi.org"
+            human = daemon.ctl("check", "--login-uid", str(alice.uid), "--to", "github.com",
+                               "--proto", "tcp", "--port", "22", check=False)
+            assert human.returncode == 3
+            assert human.stdout.splitlines()[0] == \
+                f"DENY: login UID {alice.uid} -> github.com tcp/22 (no_rule)"
+            assert "names it as dns:github.com: 443/tcp" in human.stdout
+        # a user outside the rule's groups: no rule names it
+        no = explain(daemon, "--user", bob.name, "--to", "github.com", "--proto", "tcp",
+                     "--port", "443")
+        assert (no["allowed"], no["dns"]["grants"]) == (False, [])
+    finally:
+        daemon.write_policy(yaml.safe_dump(good, sort_keys=False))
+        daemon.ctl("reload", "--json")
+    assert daemon.ctl_json("status")["policy"]["error"] is None
+
+
 def test_visibility_mode_denied_is_reported_not_blocked(peer, people):
     users, groups = people
     alice = users["alice"]

@@ -233,3 +233,55 @@ def test_whoami_tells_the_org_of_a_key(server):
     assert c.get("/api/whoami", auth=server.basic()).json()["org"] == "1"
     assert c.get("/api/whoami", auth=server.basic(server.other_token)).json()["org"] == "2"
     assert c.get("/api/whoami", auth=("x", "y")).status_code == 401
+
+
+def test_dns_names_in_rules_and_ip_lists_reach_the_bundle(server):
+    ids = seed(server.db_url, "1", groups={"DEV": ["alice"]})
+    c, auth = server.client, server.basic()
+    r = c.post(f"{server.api}/ip-lists", auth=auth, json={
+        "name": "github", "entries": ["dns:github.com", "dns:*.githubusercontent.com",
+                                      "140.82.112.0/20"]})
+    assert r.status_code == 201, r.text
+    r = c.post(f"{server.api}/rules", auth=auth, json=_rule(
+        [ids["DEV"]], dest=["github", "dns:pypi.org"], services=["443/tcp"]))
+    assert r.status_code == 201, r.text
+    assert r.json()["destinations"] == ["github", "dns:pypi.org"]
+    provision(c, server.api, auth=auth)
+    bundle = c.get(f"{server.api}/bundle", auth=auth).json()
+    assert bundle["policy"]["ip_lists"] == {
+        "github": ["dns:github.com", "dns:*.githubusercontent.com", "140.82.112.0/20"]}
+    assert bundle["policy"]["rules"][0]["destinations"] == ["github", "dns:pypi.org"]
+    # the daemon's model takes it, names and all
+    from aus.core.policy import Policy
+    policy = Policy.model_validate(bundle["policy"])
+    assert [str(p) for p in policy.dns_of(policy.rules[0])] == [
+        "dns:github.com", "dns:*.githubusercontent.com", "dns:pypi.org"]
+
+
+def test_a_bad_dns_name_is_a_422_naming_the_entry(server):
+    ids = seed(server.db_url, "1", groups={"DEV": []})
+    c, auth = server.client, server.basic()
+    r = c.post(f"{server.api}/rules", auth=auth, json=_rule(
+        [ids["DEV"]], dest=["10.0.0.0/8", "dns:*.com", "dns:10.0.0.1", "github.com"]))
+    assert r.status_code == 422
+    fields = {f["field"]: f["message"] for f in r.json()["error"]["fields"]}
+    assert fields == {
+        "destinations[1]": "'dns:*.com' would match every name under the top-level domain "
+                           "'com'; a wildcard needs at least two labels after '*.' "
+                           "(dns:*.example.com)",
+        "destinations[2]": "'dns:10.0.0.1' is an address, not a name: write 10.0.0.1 "
+                           "without dns:",
+        "destinations[3]": "'github.com' is not a valid IP address or CIDR (nor is it the "
+                           "name of an IP list); for the DNS name write 'dns:github.com'"}
+    r = c.post(f"{server.api}/ip-lists", auth=auth,
+               json={"name": "mixed", "entries": ["192.0.2.0/24", "dns:a_b.example"]})
+    assert r.status_code == 422
+    assert r.json()["error"]["fields"] == [{
+        "field": "entries[1]", "message": "'dns:a_b.example': the label 'a_b' contains '_'; "
+                                          "a label holds letters, digits and hyphens only"}]
+    r = c.post(f"{server.api}/ip-lists", auth=auth,
+               json={"name": "dns:github.com", "entries": ["192.0.2.0/24"]})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "name"
+    assert "reads as a DNS name" in r.json()["error"]["fields"][0]["message"]
+    assert c.get(f"{server.api}/rules", auth=auth).json()["items"] == []
+    assert c.get(f"{server.api}/ip-lists", auth=auth).json()["items"] == []

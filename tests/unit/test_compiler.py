@@ -643,3 +643,116 @@ def test_policy_group_matches_by_sid():
     assert [cp.rule_names[r] for r in cp.matching_rules(["dev@corp.example"])] == ["dev-web"]
     both = cp.matching_rules(["ops"], ["S-1-5-21-1-2-3-1104"])
     assert sorted(cp.rule_names[r] for r in both) == ["dev-web", "ops-ssh"]
+
+
+# ---------------------------------------------------------------------------
+# DNS-name destinations
+
+DNS_POLICY = """\
+user_groups: [{name: DEV}, {name: OPS}]
+ip_lists:
+  github: [dns:github.com, "dns:*.githubusercontent.com", 140.82.112.0/20]
+rules:
+  - name: dev-github
+    sources: [DEV]
+    destinations: [github]
+    services: ["443/tcp", "8000-8003/tcp", icmp]
+  - name: ops-ssh
+    sources: [OPS]
+    destinations: [dns:*.github.com, dns:GITHUB.com]
+    services: ["22/tcp"]
+  - name: cidr-only
+    sources: [DEV, OPS]
+    destinations: [10.0.0.0/8]
+    services: ["53/udp"]
+"""
+
+
+def _dns_compiled():
+    return compiler.compile_policy(policy_from_text(DNS_POLICY), [net("127.0.0.0/8")])
+
+
+def test_dns_grants_carry_the_rules_services_as_they_compile_for_a_cidr():
+    c = _dns_compiled()
+    dev, ops = (c.matching_rules([g]) for g in ("DEV", "OPS"))
+    grants = c.dns_grants(dev)
+    rid = c.rules[0].id
+    (hit,) = grants.lookup("GitHub.com.")
+    assert (str(hit.pattern), hit.rule) == ("dns:github.com", rid)
+    # the rule's own portset, rule id stamped; ICMP and ICMPv6 both (family unknown)
+    assert hit.services == frozenset(entries(rid, "443/tcp", "8000-8003/tcp", "icmp"))
+    assert {e.proto for e in hit.services} == {TCP, ICMP, ICMP6}
+    # the same services a CIDR destination of that rule compiles to, for IPv4
+    v4 = lookup(c.ruleset(dev), ip("140.82.112.1"), TCP, 8002)
+    assert v4 == rid and any(e.covers(TCP, 8002) for e in hit.services)
+    # the CIDR part of the list still compiles to the ruleset, the names do not
+    assert {(d.addr, d.plen) for d in c.ruleset(dev)} == {
+        (C.addr16(ip("127.0.0.0")), 104), (C.addr16(ip("140.82.112.0")), 116),
+        (C.addr16(ip("10.0.0.0")), 104)}
+    assert [str(p) for p in grants.patterns()] == ["dns:*.githubusercontent.com",
+                                                  "dns:github.com"]
+    assert not c.dns_grants(ops).lookup("raw.githubusercontent.com")
+
+
+def test_dns_grants_lookup_exact_wildcards_at_any_depth_and_several_rules():
+    c = _dns_compiled()
+    both = c.matching_rules(["DEV", "OPS"])
+    grants = c.dns_grants(both)
+    dev_id, ops_id = c.rules[0].id, c.rules[1].id
+
+    def hits(q):
+        return [(str(g.pattern), g.rule) for g in grants.lookup(q)]
+
+    assert hits("github.com") == [("dns:github.com", dev_id), ("dns:github.com", ops_id)]
+    assert hits("api.github.com") == [("dns:*.github.com", ops_id)]
+    assert hits("a.b.c.githubusercontent.com.") == [("dns:*.githubusercontent.com", dev_id)]
+    assert hits("githubusercontent.com") == []           # the suffix itself is not matched
+    assert hits("notgithub.com") == []
+    assert hits("") == [] and hits(".") == []
+    ssh = next(g for g in grants.lookup("github.com") if g.rule == ops_id).services
+    assert ssh == frozenset(entries(ops_id, "22/tcp"))
+
+
+def test_dns_grants_are_cached_per_rule_set_and_compare_by_content():
+    c = _dns_compiled()
+    dev = c.matching_rules(["DEV"])
+    assert c.dns_grants(dev) is c.dns_grants(frozenset(dev))
+    again = _dns_compiled().dns_grants(dev)
+    assert again == c.dns_grants(dev) and hash(again) == hash(c.dns_grants(dev))
+    none = c.dns_grants(frozenset({c.rules[2].id}))      # a rule of CIDRs only
+    assert not none and len(none) == 0 and none.lookup("github.com") == ()
+    assert not c.dns_grants(frozenset())
+    assert bool(c.dns_grants(dev)) and len(c.dns_grants(dev)) == 2
+
+
+def test_dns_portsets_are_every_grants_portset():
+    c = _dns_compiled()
+    dev_id, ops_id = c.rules[0].id, c.rules[1].id
+    assert c.dns_portsets() == {
+        frozenset(entries(dev_id, "443/tcp", "8000-8003/tcp", "icmp")),
+        frozenset(entries(ops_id, "22/tcp"))}
+    plain = compiler.compile_policy(policy_from_text(
+        "user_groups: [{name: X}]\nrules:\n  - {name: r, sources: [X], destinations: "
+        "[10.0.0.0/8], services: [tcp]}\n"), [])
+    assert plain.dns_portsets() == frozenset()
+    assert not plain.dns_grants(plain.matching_rules(["X"]))
+
+
+def test_dns_lookup_walks_only_the_names_suffixes():
+    """Many wildcard patterns: a lookup finds exactly the ones that are
+    suffixes of the name (checked against matching every pattern)."""
+    rnd = random.Random(15)
+    words = ["a", "b", "cdn", "x1", "example", "org", "com", "net"]
+    patterns = set()
+    for _ in range(300):
+        labels = [rnd.choice(words) for _ in range(rnd.randint(2, 4))]
+        patterns.add(("dns:*." if rnd.random() < 0.5 else "dns:") + ".".join(labels))
+    from aus.core.dnsname import parse_dns_destination
+    grants = compiler.DnsGrants(
+        compiler.DnsGrant(parse_dns_destination(p), 2 + i % 7, frozenset())
+        for i, p in enumerate(sorted(patterns)))
+    for _ in range(500):
+        q = ".".join(rnd.choice(words) for _ in range(rnd.randint(1, 6)))
+        want = {g for g in grants if g.pattern.matches(q)}
+        got = grants.lookup(q.upper() + rnd.choice(["", "."]))
+        assert set(got) == want and len(got) == len(want)

@@ -119,3 +119,18 @@ def test_run_turns_any_exception_into_one_error_reply(caplog):
     assert run(refused, "reload")["error"].startswith("policy.yaml: policy refused")
     assert run(lambda: None, "users") == {"ok": False, "error": "users: internal error; see ausd's log"}
     assert run(lambda: {"ok": True}, "users") == {"ok": True}
+
+
+def test_explain_takes_an_address_or_a_dns_name():
+    base = {"cmd": "explain", "user": "alice", "proto": "tcp", "port": 443}
+    assert parse(req({**base, "to": "10.0.0.1"})).args["to"] == "10.0.0.1"
+    assert parse(req({**base, "to": "GitHub.com"})).args["to"] == "GitHub.com"
+    assert parse(req({**base, "to": "dns:objects.githubusercontent.com"})).args["to"]
+    long_name = ".".join(["a" * 63] * 3 + ["b" * 61])         # 253 characters
+    assert parse(req({**base, "to": long_name})).args["to"] == long_name
+    for bad, says in (("a..b", "'to': 'a..b' is neither an address nor a DNS name"),
+                      ("*.github.com", "'to': '*.github.com' is a pattern"),
+                      ("x" * 301, "'to' is longer than 300 characters")):
+        with pytest.raises(RequestError) as exc:
+            parse(req({**base, "to": bad}))
+        assert says in str(exc.value)

@@ -320,7 +320,7 @@ def test_rule_lists_must_not_be_empty(field, offset, fragment):
     problem = one_problem(with_rule(**{field: "[]"}))
     assert problem == f"line {RULE_LINE + offset}: rules[0].{field}: {fragment}" + (
         " (a user group)" if field == "sources" else
-        " (an ip list or a CIDR)" if field == "destinations" else "")
+        " (an ip list, a CIDR or a dns: name)" if field == "destinations" else "")
 
 
 def test_rule_missing_key():
@@ -411,7 +411,7 @@ def test_lists_do_not_nest_and_hold_literals():
           more: [web, "http"]
         """)
     assert problems[0] == ("line 3: ip_lists.b[0]: 'a' is an ip list name; an ip list "
-                           "holds CIDRs and addresses only (lists do not nest)")
+                           "holds CIDRs, addresses and dns: names only (lists do not nest)")
     assert problems[1] == "line 3: ip_lists.b[1]: 'not-an-ip' is not a valid IP address or CIDR"
     assert problems[2] == ("line 6: services.more[0]: 'web' is a service name; a service "
                            "holds service literals only (services do not nest)")
@@ -569,3 +569,87 @@ def test_packaged_example_loads():
     assert len(policy.rules) == 3
     for rule in policy.rules:
         assert policy.destinations_of(rule) and policy.services_of(rule)
+
+
+# --------------------------------------------------------------------------
+# DNS-name destinations
+
+DNS_POLICY = """\
+user_groups:
+  - name: DEV
+ip_lists:
+  github: [dns:github.com, "dns:*.githubusercontent.com", 140.82.112.0/20]
+  names-only: [dns:GitHub.com., dns:pypi.org]
+rules:
+  - name: names
+    sources: [DEV]
+    destinations: [github, dns:*.example.org, dns:bücher.example]
+    services: ["443/tcp"]
+  - name: only-names
+    sources: [DEV]
+    destinations: [names-only, dns:pypi.org]
+    services: ["443/tcp"]
+"""
+
+
+def test_dns_names_inline_and_in_lists():
+    from aus.core.dnsname import DnsPattern
+
+    policy = policy_from_text(DNS_POLICY, "p.yaml")
+    names, only = policy.rules
+    assert policy.destinations_of(names) == [net("140.82.112.0/20")]
+    assert policy.dns_of(names) == [DnsPattern("github.com", False),
+                                    DnsPattern("githubusercontent.com", True),
+                                    DnsPattern("example.org", True),
+                                    DnsPattern("xn--bcher-kva.example", False)]
+    # a rule of names only is valid: no networks; duplicates (any spelling) once
+    assert policy.destinations_of(only) == []
+    assert policy.dns_of(only) == [DnsPattern("github.com", False), DnsPattern("pypi.org", False)]
+    # the document keeps what was written
+    assert policy.ip_lists["names-only"] == ["dns:GitHub.com.", "dns:pypi.org"]
+
+
+def test_a_policy_without_names_has_none():
+    policy = policy_from_text(EXAMPLE)
+    assert policy.dns_of(policy.rules[0]) == []
+
+
+def test_bad_names_are_refused_with_line_and_path():
+    problems = refused("""\
+        user_groups: [{name: DEV}]
+        ip_lists:
+          mixed: [10.0.0.0/8, "dns:*.com", github.com]
+        rules:
+          - name: r1
+            sources: [DEV]
+            destinations: [mixed, dns:10.0.0.1, "dns:a..b", example.org, dns:ok.example]
+            services: [tcp]
+        """)
+    assert problems == [
+        "line 3: ip_lists.mixed[1]: 'dns:*.com' would match every name under the top-level "
+        "domain 'com'; a wildcard needs at least two labels after '*.' (dns:*.example.com)",
+        "line 3: ip_lists.mixed[2]: 'github.com' is not a valid IP address or CIDR; "
+        "for the DNS name write 'dns:github.com'",
+        "line 7: rules[0].destinations[1]: 'dns:10.0.0.1' is an address, not a name: "
+        "write 10.0.0.1 without dns:",
+        "line 7: rules[0].destinations[2]: 'dns:a..b' has an empty label (two dots in a row, "
+        "or a leading dot)",
+        "line 7: rules[0].destinations[3]: 'example.org' is neither an ip_list name nor a "
+        "CIDR; for the DNS name write 'dns:example.org'",
+    ]
+
+
+def test_a_list_name_must_not_read_as_a_dns_name():
+    assert one_problem("""\
+        ip_lists:
+          "dns:github.com": [10.0.0.0/8]
+        """) == ("line 2: ip_lists['dns:github.com']: the ip list name 'dns:github.com' "
+                 "reads as a DNS name (dns:); choose a name that does not")
+
+
+def test_model_built_directly_validates_names():
+    with pytest.raises(ValidationError, match="empty label"):
+        Policy.model_validate({"ip_lists": {"a": ["dns:x..y"]}})
+    with pytest.raises(ValidationError, match="is an address, not a name"):
+        Policy.model_validate({"user_groups": [{"name": "DEV"}], "rules": [
+            {"name": "r", "sources": ["DEV"], "destinations": ["dns:::1"], "services": ["tcp"]}]})

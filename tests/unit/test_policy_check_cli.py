@@ -209,3 +209,55 @@ def test_the_daemon_refuses_what_the_check_refuses(place):
         load_policy(place[0] / "policy.yaml")
     f = place[0] / "policy.yaml"
     assert errors_of(p) == [f"{f}:{e.removeprefix('line ')}" for e in exc.value.problems]
+
+
+DNS = """\
+user_groups: [{name: DEV}]
+ip_lists:
+  github: [dns:github.com, "dns:*.githubusercontent.com", 140.82.112.0/20]
+rules:
+  - name: dev-github
+    sources: [DEV]
+    destinations: [github]
+    services: ["443/tcp"]
+"""
+
+
+def ausctl(place, *args: str) -> subprocess.CompletedProcess:
+    d, _ = place
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([str(AUSCTL), "--config", str(d / "ausd.yaml"), *args],
+                       capture_output=True, text=True, timeout=60, env=env,
+                       preexec_fn=_unprivileged, cwd="/")
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def test_names_pass_the_check_and_explain_against_the_file(place):
+    assert check(place, DNS, name="dns.yaml").returncode == 0
+    f = str(place[0] / "dns.yaml")
+    p = ausctl(place, "explain", "--groups", "DEV", "--to", "raw.GitHubUserContent.com",
+               "--proto", "tcp", "--port", "443", "--policy", f, "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert (res["to"], res["allowed"], res["reason"], res["rule"]) == \
+        ("raw.githubusercontent.com", True, "dns", "dev-github")
+    assert [g["pattern"] for g in res["dns"]["grants"]] == ["dns:*.githubusercontent.com"]
+    p = ausctl(place, "explain", "--groups", "DEV", "--to", "github.com", "--proto", "tcp",
+               "--port", "22", "--policy", f)
+    assert p.returncode == 3
+    assert p.stdout.splitlines()[:2] == [
+        "DENIED: groups DEV -> github.com tcp/22 (a DNS name)",
+        "  no rule of the user's allows this name on tcp/22"]
+    assert "rule dev-github (rules[0], id 2) names it as dns:github.com: 443/tcp" in p.stdout
+    p = ausctl(place, "explain", "--groups", "DEV", "--to", "*.github.com", "--proto", "tcp",
+               "--port", "22", "--policy", f)
+    assert p.returncode == 2 and "is a pattern; give a name" in p.stderr
+
+
+def test_a_bad_name_is_refused_with_its_line(place):
+    p = check(place, DNS.replace("dns:github.com", "dns:git_hub.com"), name="dns.yaml")
+    assert p.returncode == 1
+    assert errors_of(p) == [f"{place[0] / 'dns.yaml'}:3: ip_lists.github[0]: 'dns:git_hub.com': "
+                            "the label 'git_hub' contains '_'; a label holds letters, digits "
+                            "and hyphens only"]

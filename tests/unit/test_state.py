@@ -34,10 +34,11 @@ RULES = {1: "baseline", 2: "web", 3: "ssh", 4: "alt"}
 
 
 def desired(users, baseline=BASE, rules=None, mode=C.MODE_ENFORCE, eps=1000, burst=2000,
-            version=1) -> Desired:
+            version=1, dns=()) -> Desired:
     return Desired(users=dict(users), baseline=baseline,
                    rules=dict(RULES if rules is None else rules), mode=mode,
-                   events_per_sec=eps, events_burst=burst, policy_version=version)
+                   events_per_sec=eps, events_burst=burst, policy_version=version,
+                   dns_portsets=frozenset(dns))
 
 
 # ---------------------------------------------------------------------------
@@ -189,7 +190,8 @@ def step(actual: KernelState, want: Desired) -> tuple[Plan, KernelState]:
     # nothing unreferenced is left behind
     live = {u.ruleset for u in new.users.values() if u.managed} | {cfg.baseline_ruleset}
     assert set(new.rulesets) == live
-    assert set(new.portsets) == {pid for es in new.rulesets.values() for pid in es.values()}
+    kept = {new.portset_index()[content] for content in want.dns_portsets}
+    assert set(new.portsets) == {pid for es in new.rulesets.values() for pid in es.values()} | kept
     # idempotent
     again, same = plan(new, want)
     assert not again, again.summary()
@@ -457,9 +459,12 @@ def test_random_sequence_of_desired_states(seed):
         names = {1: "baseline"}
         names.update({rid: rnd.choice(["a", "b", "c"]) + str(rid)
                       for rid in rnd.sample(range(2, 7), rnd.randint(0, 5))})
+        # DNS portsets: some of their own, some a ruleset's too
+        dns_pool = [frozenset(service_entries(parse_service(svc), rule))
+                    for rule, svc in ((5, "443/tcp"), (6, "22/tcp"), (2, "80/tcp"), (1, "any"))]
         want = desired(users, baseline=rnd.choice(baselines), rules=names,
                        mode=rnd.choice([C.MODE_ENFORCE, C.MODE_VISIBILITY]),
-                       version=version)
+                       version=version, dns=rnd.sample(dns_pool, rnd.randint(0, 4)))
         _, new = step(actual, want)
 
         # sequence numbers only grow; an id once used never gets other content
@@ -549,7 +554,10 @@ def test_incremental_plan_matches_full_plan(seed):
     rnd = random.Random(seed)
     contents = [A, B, CC, BASE, rs(("198.51.100.0/24", 3, "53/udp")), UNMANAGED]
     want = {uid: rnd.choice(contents) for uid in range(1000, 1012)}
-    _, inc = step(KernelState(), desired(want))
+    # kept for DNS entries: one of its own, one that A's prefix uses too
+    dns = [frozenset(service_entries(parse_service("443/tcp"), 5)),
+           frozenset(service_entries(parse_service("80/tcp"), 2))]
+    _, inc = step(KernelState(), desired(want, dns=dns))
     full = inc
     for _ in range(40):
         changed = set(rnd.sample(range(1000, 1016), rnd.randint(1, 4)))
@@ -558,7 +566,7 @@ def test_incremental_plan_matches_full_plan(seed):
                 want.pop(uid, None)
             else:
                 want[uid] = rnd.choice(contents)
-        d = desired(want)
+        d = desired(want, dns=dns)
         p_inc, inc_new = plan(inc, d, changed=changed)
         maps = Maps(inc)
         maps.apply(p_inc, d)
@@ -574,5 +582,42 @@ def test_incremental_plan_matches_full_plan(seed):
         live = {v.ruleset for v in inc_new.users.values() if v.managed} \
             | {inc_new.config.baseline_ruleset}
         assert set(inc_new.rulesets) == live
+        assert {inc_new.portsets.get(inc_new.portset_index().get(c)) for c in dns} == set(dns)
         assert plan(inc_new, d)[0].users_put == []
         inc = inc_new
+
+
+def ps(rule, *svcs):
+    """A portset: these services of one rule."""
+    return frozenset(e for s in svcs for e in service_entries(parse_service(s), rule))
+
+
+def test_dns_portsets_are_written_and_kept_without_a_ruleset():
+    web, ssh = ps(5, "443/tcp"), ps(6, "22/tcp", "icmp")
+    p0, s0 = step(KernelState(), desired({1000: A}, dns=[web, ssh]))
+    ids = s0.portset_index()
+    assert {op.portset for op in p0.svc_put} >= {ids[web], ids[ssh]}
+    assert sorted(op.entry for op in p0.svc_put if op.portset == ids[ssh]) == sorted(ssh)
+    # users come and go: a login's incremental plan keeps them, and so does a full one
+    p1, s1 = plan(s0, desired({1000: A, 1001: CC}, dns=[web, ssh]), changed=[1001])
+    assert ids[web] in s1.portsets and ids[ssh] in s1.portsets and not p1.svc_del
+    _, s2 = step(s1, desired({}, dns=[web, ssh]))
+    assert s2.portsets[ids[web]] == web and s2.portsets[ids[ssh]] == ssh
+    # a policy without that name: its portset goes, the other stays under its id
+    p3, s3 = step(s2, desired({}, dns=[ssh]))
+    assert {op.portset for op in p3.svc_del} == {ids[web]}
+    assert s3.portset_index()[ssh] == ids[ssh]
+
+
+def test_a_dns_portset_a_ruleset_also_uses_is_one_portset_and_outlives_it():
+    tcp80 = ps(2, "80/tcp")             # A's one portset
+    _, s0 = step(KernelState(), desired({1000: A}, dns=[tcp80]))
+    pid = s0.portset_index()[tcp80]
+    assert set(s0.rulesets[s0.users[1000].ruleset].values()) == {pid}
+    # the only user of A logs out (an incremental plan): A goes, the portset stays
+    p1, s1 = plan(s0, desired({}, dns=[tcp80]), changed=[1000])
+    assert p1.dst_del and not p1.svc_del
+    assert s1.portsets[pid] == tcp80
+    # without the DNS grant the next full plan collects it
+    p2, s2 = step(s1, desired({}))
+    assert {op.portset for op in p2.svc_del} == {pid} and pid not in s2.portsets

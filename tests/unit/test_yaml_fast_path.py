@@ -182,3 +182,49 @@ def test_every_problem_is_reported_as_before(monkeypatch, text):
     assert fast.value.problems == slow.value.problems
     assert fast.value.located == slow.value.located
     assert all(p.startswith("line ") for p in fast.value.problems), fast.value.problems
+
+
+DNS_TEXT = textwrap.dedent("""\
+    user_groups: [{name: DEV}]
+    ip_lists:
+      github: [dns:github.com, dns:*.githubusercontent.com, "dns:*.GitHub.io.", 140.82.112.0/20]
+      block:
+        - dns:pypi.org
+        - dns:*.pythonhosted.org
+        - dns:bücher.example
+    rules:
+      - name: names
+        sources: [DEV]
+        destinations: [github, block, dns:*.example.org, 'dns:example.org']
+        services: [443/tcp]
+    """)
+
+
+def test_dns_names_give_the_same_policy_both_ways(monkeypatch):
+    assert fast_load(DNS_TEXT) is not SLOW        # plain: the event path reads it
+    fast = P.policy_from_text(DNS_TEXT, "p.yaml")
+    _slow(monkeypatch)
+    slow = P.policy_from_text(DNS_TEXT, "p.yaml")
+    assert fast == slow and fast.model_dump() == slow.model_dump()
+    rule = fast.rules[0]
+    assert fast.dns_of(rule) == slow.dns_of(rule)
+    assert [str(p) for p in fast.dns_of(rule)] == [
+        "dns:github.com", "dns:*.githubusercontent.com", "dns:*.github.io", "dns:pypi.org",
+        "dns:*.pythonhosted.org", "dns:xn--bcher-kva.example", "dns:*.example.org",
+        "dns:example.org"]
+    assert [str(n) for n in fast.destinations_of(rule)] == ["140.82.112.0/20"]
+
+
+def test_bad_dns_names_are_reported_the_same_both_ways(monkeypatch):
+    text = DNS_TEXT.replace("dns:pypi.org", "dns:*.org").replace("'dns:example.org'",
+                                                                 "dns:10.1.2.3")
+    with pytest.raises(PolicyError) as fast:
+        P.policy_from_text(text, "p.yaml")
+    _slow(monkeypatch)
+    with pytest.raises(PolicyError) as slow:
+        P.policy_from_text(text, "p.yaml")
+    assert fast.value.problems == slow.value.problems == [
+        "line 5: ip_lists.block[0]: 'dns:*.org' would match every name under the top-level "
+        "domain 'org'; a wildcard needs at least two labels after '*.' (dns:*.example.com)",
+        "line 11: rules[0].destinations[3]: 'dns:10.1.2.3' is an address, not a name: "
+        "write 10.1.2.3 without dns:"]

@@ -12,7 +12,6 @@ error reply and a log line: a request never ends the daemon.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import contract as C
+from ..core import explain
 from ..core.errors import AusError
 from ..core.flowrecord import VERDICTS
 from .flowrecords import parse_network
@@ -102,7 +102,7 @@ COMMANDS: dict[str, Spec] = {
     # what the policy in force decides for a user (logged in or not) or
     # for groups; root only: it shows any user's rules
     "explain": Spec({"user": Field(str, max_len=256), "groups": Field(str, max_len=4096),
-                     "to": Field(str, max_len=64, valid=ipaddress.ip_address),
+                     "to": Field(str, max_len=300, valid=explain.parse_target),
                      "proto": Field(str, choices=("tcp", "udp", "icmp")),
                      "port": Field(int, default=0, low=0, high=65535)},
                     root_only=True, root_because="see what another user's rules allow"),

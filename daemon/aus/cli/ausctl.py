@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import ipaddress
 import json
 import re
 import sys
@@ -259,14 +258,34 @@ def cmd_maps(args, cfg) -> int:
 
 
 def cmd_check(args, cfg) -> int:
-    with pins.pinned_maps(cfg.pin_dir) as maps:
-        res = mapview.check(maps, args.login_uid, args.to, args.proto, args.port or 0)
+    if not isinstance(explain.parse_target(args.to), explain.DnsPattern):
+        with pins.pinned_maps(cfg.pin_dir) as maps:
+            res = mapview.check(maps, args.login_uid, args.to, args.proto, args.port or 0)
+    else:
+        res = _check_name(args, cfg)
     _out(args, res, lambda r: (
         f"{r['verdict'].upper()}: login UID {r['login_uid']} -> {r['to']} {r['proto']}"
         + (f"/{r['port']}" if r['proto'] in ('tcp', 'udp') else "")
         + (f" by rule {r['rule']} (id {r['rule_id']})" if r["rule_id"] else f" ({r['reason']})")
-        + (f", ruleset {r['ruleset']}" if r["ruleset"] else "")))
+        + (f", ruleset {r['ruleset']}" if r["ruleset"] else "")
+        + ("\n" + "\n".join(explain.describe_dns(r)) if r.get("dns") else "")))
     return EXIT_OK if res["allowed"] else EXIT_DENIED
+
+
+def _check_name(args, cfg) -> dict:
+    """check for a DNS name: the maps hold addresses only, the rules that
+    name it are in the policy ausd enforces, so ausd is asked (as explain
+    for the login UID's user)."""
+    try:
+        res = control.request(cfg.socket, "explain", user=str(args.login_uid), to=args.to,
+                              proto=args.proto, port=args.port or 0)
+    except ControlError as exc:
+        raise ControlError(f"{exc} (a DNS name is checked against the policy ausd "
+                           "enforces; ausctl check needs ausd for names)") from exc
+    return {"login_uid": args.login_uid, "to": res["to"], "proto": res["proto"],
+            "port": res["port"], "mode": res["mode"], "ruleset": None,
+            "rule_id": res["rule_id"], "rule": res["rule"], "allowed": res["allowed"],
+            "verdict": res["verdict"], "reason": res["reason"], "dns": res["dns"]}
 
 
 def _record_rows(records: list[dict]) -> str:
@@ -386,11 +405,13 @@ def _limit(text: str) -> int:
     return v
 
 
-def _ip(text: str) -> str:
+def _target(text: str) -> str:
+    """An address (normalized) or a DNS name (as given)."""
     try:
-        return str(ipaddress.ip_address(text))
+        target = explain.parse_target(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text.strip() if isinstance(target, explain.DnsPattern) else str(target)
 
 
 _AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
@@ -455,7 +476,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("maps", parents=[common], help="decoded dump of the pinned maps").set_defaults(fn=cmd_maps)
     p = sub.add_parser("check", parents=[common], help="the verdict for a connection, from the kernel's maps")
     p.add_argument("--login-uid", type=_uid, required=True)
-    p.add_argument("--to", type=_ip, required=True, help="destination address")
+    p.add_argument("--to", type=_target, required=True,
+                   help="destination address, or a DNS name (asks ausd: names are in its policy)")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--proto", choices=["tcp", "udp", "icmp"], required=True)
     p.set_defaults(fn=cmd_check)
@@ -485,7 +507,8 @@ def parser() -> argparse.ArgumentParser:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="a user name (or UID), groups resolved as ausd does")
     who.add_argument("--groups", help="comma-separated group names, as they are")
-    p.add_argument("--to", type=_ip, required=True, help="destination address")
+    p.add_argument("--to", type=_target, required=True,
+                   help="destination address, or a DNS name: the rules that name it")
     p.add_argument("--port", type=_port, default=0)
     p.add_argument("--proto", choices=list(explain.PROTOS), required=True)
     p.add_argument("--policy", help="explain against this policy file instead of asking ausd")

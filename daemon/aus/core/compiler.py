@@ -14,6 +14,12 @@ two LPM tries (see bpf/aus.h):
 
 Users with the same matching rules share one ruleset, so the kernel holds
 one copy per distinct group combination, not per user.
+
+DNS-name destinations (``dns:NAME``) compile to DnsGrant tuples
+instead: no prefix is known until a DNS answer names one. ausd's DNS
+forwarder asks :meth:`CompiledPolicy.dns_grants` which of a user's rules
+match an answer's name and writes the answer's addresses, with those
+rules' portsets, into the kernel (see docs/dns.md).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from functools import lru_cache
 from typing import Iterable, NamedTuple, TypeAlias
 
 from . import contract as C
+from .dnsname import DnsPattern, normalize_qname
 from .policy import Policy, ServiceSpec
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -76,6 +83,73 @@ class Grant(NamedTuple):
     services: tuple[SvcEntry, ...]
 
 
+class DnsGrant(NamedTuple):
+    """What one rule allows towards the addresses DNS gives for a name:
+    ``services`` is that rule's portset (its services as they compile
+    for a CIDR, rule id stamped; ICMP and ICMPv6 both, as the address
+    family is only known from the answer)."""
+    pattern: DnsPattern
+    rule: int
+    services: Portset
+
+
+class DnsGrants:
+    """The DNS grants of one set of rules, looked up by queried name.
+    Immutable; equal (and hashing equal) when the grants are."""
+
+    __slots__ = ("_grants", "_exact", "_wild", "_hash")
+
+    def __init__(self, grants: Iterable[DnsGrant] = ()):
+        self._grants = tuple(sorted(set(grants), key=lambda g: (g.rule, str(g.pattern))))
+        exact: dict[str, list[DnsGrant]] = {}
+        wild: dict[str, list[DnsGrant]] = {}
+        for g in self._grants:
+            (wild if g.pattern.wildcard else exact).setdefault(g.pattern.name, []).append(g)
+        self._exact = {k: tuple(v) for k, v in exact.items()}
+        self._wild = {k: tuple(v) for k, v in wild.items()}
+        self._hash = hash(self._grants)
+
+    def lookup(self, qname: str) -> tuple[DnsGrant, ...]:
+        """Every grant whose pattern matches ``qname`` (any case, trailing
+        dot or not): the exact name's, then the wildcards' from the
+        longest suffix. O(labels)."""
+        name = normalize_qname(qname)
+        out = self._exact.get(name, ())
+        if self._wild:
+            dot = name.find(".")
+            while dot >= 0:
+                hit = self._wild.get(name[dot + 1:])
+                if hit:
+                    out += hit
+                dot = name.find(".", dot + 1)
+        return out
+
+    def patterns(self) -> tuple[DnsPattern, ...]:
+        """The distinct patterns, in their text's order."""
+        return tuple(sorted({g.pattern for g in self._grants}, key=str))
+
+    def __iter__(self):
+        return iter(self._grants)
+
+    def __len__(self) -> int:
+        return len(self._grants)
+
+    def __bool__(self) -> bool:
+        return bool(self._grants)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DnsGrants) and self._grants == other._grants
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"DnsGrants({list(self._grants)!r})"
+
+
+NO_DNS_GRANTS = DnsGrants()
+
+
 def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
     """Split [lo, hi] into aligned blocks: [(start, prefix bits of 16)]."""
     blocks = []
@@ -122,6 +196,13 @@ def _dedupe(entries: Iterable[SvcEntry]) -> Portset:
         if k not in best or e.rule < best[k]:
             best[k] = e.rule
     return frozenset(SvcEntry(p, port, plen, r) for (p, port, plen), r in best.items())
+
+
+def union_portset(portsets: Iterable[Portset]) -> Portset:
+    """One portset holding every service of these (e.g. the grants of
+    every rule that allowed one DNS-derived address): each key once,
+    credited to the lowest rule id."""
+    return _dedupe(e for portset in portsets for e in portset)
 
 
 def _key(net: Network) -> tuple[bytes, int]:
@@ -239,6 +320,10 @@ class _Prepared(dict):
         return parts
 
 
+# The DNS grants kept per set of rule ids (the distinct group combinations
+# of the users logged in, usually).
+DNS_GRANTS_CACHE = 4096
+
 # The compiled rulesets kept for the next login, at most this many aus_dst
 # entries in all (the least recently used go first).
 RULESET_CACHE_ENTRIES = 1_000_000
@@ -250,6 +335,7 @@ class CompiledRule:
     name: str
     sources: tuple[str, ...]                     # policy group names
     grants: tuple[Grant, ...]
+    dns: tuple[DnsGrant, ...] = ()
 
 
 def assign_rule_ids(names: list[str], existing: dict[str, int],
@@ -286,6 +372,8 @@ class CompiledPolicy:
     _names: dict | None = field(default=None, repr=False)
     _largest: dict = field(default_factory=dict, repr=False)   # rule ids -> largest group's
     _keys: dict = field(default_factory=dict, repr=False)      # rule ids -> their prefixes
+    _dns: OrderedDict = field(default_factory=OrderedDict, repr=False)  # rule ids -> DnsGrants
+    _dns_by_rule: dict | None = field(default=None, repr=False)
 
     @property
     def rule_names(self) -> dict[int, str]:
@@ -392,6 +480,32 @@ class CompiledPolicy:
             self._parts[C.RULE_BASELINE] = tuple(prepare(net, anyway) for net in self.baseline)
         return self._parts
 
+    def dns_grants(self, rule_ids: frozenset[int]) -> DnsGrants:
+        """The DNS grants of a set of rules (a user's matching rules),
+        memoized per set like the rulesets."""
+        cache = self._dns
+        hit = cache.get(rule_ids)
+        if hit is not None:
+            cache.move_to_end(rule_ids)
+            return hit
+        by_id = self._dns_rules()
+        grants = [g for rid in rule_ids for g in by_id.get(rid, ())]
+        hit = cache[rule_ids] = DnsGrants(grants) if grants else NO_DNS_GRANTS
+        if len(cache) > DNS_GRANTS_CACHE:
+            cache.popitem(last=False)
+        return hit
+
+    def _dns_rules(self) -> dict[int, tuple[DnsGrant, ...]]:
+        if self._dns_by_rule is None:
+            self._dns_by_rule = {r.id: r.dns for r in self.rules if r.dns}
+        return self._dns_by_rule
+
+    def dns_portsets(self) -> frozenset[Portset]:
+        """Every portset a DNS grant uses: the maps keep them in aus_svc
+        even when no ruleset points at them, so the forwarder's entries
+        can name them."""
+        return frozenset(g.services for r in self.rules for g in r.dns)
+
     def baseline_ruleset(self) -> Ruleset:
         return self.ruleset(frozenset())
 
@@ -419,7 +533,10 @@ def compile_policy(policy: Policy, baseline: Iterable[Network], *,
         other = {4: C.PROTO_ICMPV6, 6: C.PROTO_ICMP}
         grants = tuple(Grant(net, tuple(e for e in entries if e.proto != other[net.version]))
                        for net in policy.destinations_of(r))
-        rules.append(CompiledRule(rid, r.name, tuple(r.sources), grants))
+        patterns = policy.dns_of(r)
+        portset = _dedupe(entries) if patterns else frozenset()
+        dns = tuple(DnsGrant(p, rid, portset) for p in patterns)
+        rules.append(CompiledRule(rid, r.name, tuple(r.sources), grants, dns))
     sids = tuple((g.name, g.sid) for g in policy.user_groups if g.sid)
     return CompiledPolicy(tuple(rules), tuple(baseline), version, sids)
 

@@ -14,6 +14,13 @@ What the kernel does beyond the rules, and this says too:
 - a user no rule names (or NSS does not know) gets the baseline only;
 - in visibility mode a denied connection passes and is only reported
   (verdict ``audit``, as ``ausctl check`` says).
+
+The destination may be a DNS name instead of an address: then the answer
+is which of the subject's rules name it (``dns:NAME``, ``dns:*.SUFFIX``)
+and on which services. The kernel allows the addresses of such a name
+only as ausd's DNS forwarder sees them in the answers to the user's
+queries, for the answer's TTL plus grace; an address may of course also
+be allowed by a CIDR rule, which a name alone cannot tell.
 """
 
 from __future__ import annotations
@@ -23,10 +30,86 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from . import contract as C
-from .compiler import CompiledPolicy, group_matches
+from .compiler import (
+    CompiledPolicy,
+    DnsGrant,
+    Portset,
+    SvcEntry,
+    group_matches,
+    union_portset,
+)
+from .dnsname import DnsPattern, is_dns_destination, parse_dns_destination
 from .verdict import Evaluator
 
 PROTOS = ("tcp", "udp", "icmp")
+DNS_NOTE = ("the addresses come from DNS answers: ausd's DNS forwarder allows the "
+            "addresses it sees in the answers to the user's own queries for this name, "
+            "until the answer's TTL (plus grace) runs out")
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_target(text: str) -> Address | DnsPattern:
+    """What ``ausctl check``/``explain --to`` names: an address, or else a
+    DNS name (``github.com`` or ``dns:github.com``). Raises ValueError."""
+    raw = text.strip()
+    try:
+        return ipaddress.ip_address(raw)
+    except ValueError:
+        pass
+    try:
+        pattern = parse_dns_destination(raw if is_dns_destination(raw) else "dns:" + raw)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is neither an address nor a DNS name: {exc}") from None
+    if pattern.wildcard:
+        raise ValueError(f"{text!r} is a pattern; give a name as an application looks it "
+                         f"up (e.g. www.{pattern.name})")
+    return pattern
+
+
+def check_target(text: str) -> str:
+    """parse_target as a validator: the text, unchanged."""
+    parse_target(text)
+    return text
+
+
+def service_texts(portset: Iterable[SvcEntry]) -> list[str]:
+    """A portset in the policy's service syntax (``443/tcp``,
+    ``8000-8100/tcp``, ``icmp``, ``any``): adjacent port blocks joined,
+    ICMP and ICMPv6 said once."""
+    names = {C.PROTO_TCP: "tcp", C.PROTO_UDP: "udp", C.PROTO_ICMP: "icmp",
+             C.PROTO_ICMPV6: "icmp"}
+    ranges: dict[str, list[list[int]]] = {}
+    whole: list[str] = []
+    for e in sorted(portset):
+        if e.plen == C.SVC_ANY_PREFIX:
+            whole.append("any")
+            continue
+        name = names.get(e.proto, str(e.proto))
+        if e.plen == C.SVC_PROTO_PREFIX:
+            whole.append(name)
+            continue
+        lo, hi = e.port, e.port + (1 << (16 - (e.plen - C.SVC_PROTO_PREFIX))) - 1
+        spans = ranges.setdefault(name, [])
+        if spans and spans[-1][1] + 1 == lo:
+            spans[-1][1] = hi
+        else:
+            spans.append([lo, hi])
+    out = list(dict.fromkeys(whole))
+    for name, spans in ranges.items():
+        if name in out:
+            continue
+        out += [f"{lo}/{name}" if lo == hi else f"{lo}-{hi}/{name}" for lo, hi in spans]
+    return out
+
+
+def _covering(portset: Portset, proto: int, port: int) -> SvcEntry | None:
+    """The aus_svc entry the kernel's LPM lookup finds, as compiler.lookup."""
+    match = None
+    for e in portset:
+        if e.covers(proto, port) and (match is None or e.plen > match.plen):
+            match = e
+    return match
 
 
 class Subject(NamedTuple):
@@ -84,12 +167,16 @@ def _via(compiled: CompiledPolicy, rule_id: int, subject: Subject) -> list[dict]
 
 def explain(compiled: CompiledPolicy, subject: Subject, to: str, proto: str, port: int, *,
             mode: str = "enforce", unmanaged: Iterable[int] = ()) -> dict:
-    """The verdict for ``subject`` connecting to ``to`` (an address) with
-    ``proto`` (tcp, udp, icmp) and ``port``, as a plain dict (the stable
-    shape of ``ausctl explain --json``)."""
+    """The verdict for ``subject`` connecting to ``to`` (an address, or a
+    DNS name: see :func:`parse_target`) with ``proto`` (tcp, udp, icmp)
+    and ``port``, as a plain dict (the stable shape of ``ausctl explain
+    --json``; for a name it has ``dns`` too, else ``dns`` is None)."""
     if proto not in PROTOS:
         raise ValueError(f"protocol {proto!r}: expected one of {', '.join(PROTOS)}")
-    ip = ipaddress.ip_address(to)
+    target = parse_target(to)
+    if isinstance(target, DnsPattern):
+        return _explain_name(compiled, subject, target, proto, port, mode, unmanaged)
+    ip = target
     lookup_proto = "icmpv6" if proto == "icmp" and ip.version == 6 else proto
     if proto == "icmp":
         port = 0
@@ -104,7 +191,7 @@ def explain(compiled: CompiledPolicy, subject: Subject, to: str, proto: str, por
                        "stale": subject.stale or None, "managed": managed,
                        "standing": words, "rules": names},
            "to": str(ip), "proto": proto, "port": port, "mode": mode,
-           "rule": None, "rule_id": None, "rule_index": None, "via": []}
+           "rule": None, "rule_id": None, "rule_index": None, "via": [], "dns": None}
     if not managed:
         allowed, reason = True, "unmanaged"
     else:
@@ -122,6 +209,65 @@ def explain(compiled: CompiledPolicy, subject: Subject, to: str, proto: str, por
     return out
 
 
+def _explain_name(compiled: CompiledPolicy, subject: Subject, name: DnsPattern, proto: str,
+                  port: int, mode: str, unmanaged: Iterable[int]) -> dict:
+    """explain() for a DNS name: the subject's rules that name it, and
+    what the kernel would decide for the addresses of an answer for it."""
+    if proto == "icmp":
+        port = 0
+    ids = compiled.matching_rules(subject.all_groups(), subject.sids)
+    names = [r.name for r in compiled.rules if r.id in ids]
+    managed, words = standing(subject, names, unmanaged)
+    grants: tuple[DnsGrant, ...] = compiled.dns_grants(ids).lookup(name.name) if managed else ()
+    index = {r.id: i for i, r in enumerate(compiled.rules)}
+    out = {"subject": {"user": subject.user, "login_uid": subject.login_uid,
+                       "groups": list(subject.groups),
+                       "bundle_groups": list(subject.bundle_groups),
+                       "known": subject.known, "logged_in": subject.logged_in,
+                       "stale": subject.stale or None, "managed": managed,
+                       "standing": words, "rules": names},
+           "to": name.name, "proto": proto, "port": port, "mode": mode,
+           "rule": None, "rule_id": None, "rule_index": None, "via": [],
+           "dns": {"name": name.name, "note": DNS_NOTE, "grants": [
+               {"rule": compiled.rule_names[g.rule], "rule_id": g.rule,
+                "rule_index": index[g.rule], "pattern": str(g.pattern),
+                "services": service_texts(g.services),
+                "via": _via(compiled, g.rule, subject)}
+               for g in sorted(grants, key=lambda g: index[g.rule])]}}
+    if not managed:
+        allowed, reason = True, "unmanaged"
+    else:
+        # The forwarder writes one entry per address with the union of the
+        # services of every grant that matched: the kernel's lookup in it.
+        nums = ([C.PROTO_ICMP, C.PROTO_ICMPV6] if proto == "icmp"
+                else [C.PROTO_TCP if proto == "tcp" else C.PROTO_UDP])
+        union = union_portset(g.services for g in grants)
+        hit = next((e for e in (_covering(union, n, port) for n in nums) if e), None)
+        allowed, reason = hit is not None, "dns" if hit is not None else "no_rule"
+        if hit is not None:
+            out["rule_id"] = hit.rule
+            out["rule"] = compiled.rule_names[hit.rule]
+            out["rule_index"] = index[hit.rule]
+            out["via"] = _via(compiled, hit.rule, subject)
+    out["allowed"] = allowed
+    out["reason"] = reason
+    out["verdict"] = "allow" if allowed else ("deny" if mode == "enforce" else "audit")
+    return out
+
+
+def describe_dns(res: dict) -> list[str]:
+    """The lines on a name's rules (explain and check)."""
+    dns = res["dns"]
+    lines = []
+    for g in dns["grants"]:
+        lines.append(f"  rule {g['rule']} (rules[{g['rule_index']}], id {g['rule_id']}) "
+                     f"names it as {g['pattern']}: {', '.join(g['services'])}")
+    if not dns["grants"] and res["reason"] != "unmanaged":
+        lines.append(f"  no rule of the user's names {dns['name']}")
+    lines.append(f"  {dns['note']}")
+    return lines
+
+
 def describe(res: dict) -> str:
     """``ausctl explain``'s human answer."""
     s = res["subject"]
@@ -131,9 +277,18 @@ def describe(res: dict) -> str:
     dst = f"{res['to']} {res['proto']}" + (f"/{res['port']}" if res["proto"] != "icmp" else "")
     verdict = {"allow": "ALLOWED", "deny": "DENIED",
                "audit": "DENIED (visibility mode: reported, not blocked)"}[res["verdict"]]
-    lines = [f"{verdict}: {who} -> {dst}"]
+    dns = res.get("dns")
+    lines = [f"{verdict}: {who} -> {dst}" + (" (a DNS name)" if dns else "")]
     if res["reason"] == "unmanaged":
         pass   # the standing below says it
+    elif dns and res["rule"]:
+        via = "; ".join(f"{v['policy_group']} (via {v['from']} group {v['group']})"
+                        if v["from"] != "given" else v["policy_group"] for v in res["via"])
+        lines.append(f"  the addresses DNS gives for it, by rule {res['rule']} "
+                     f"(rules[{res['rule_index']}], id {res['rule_id']}), from group {via}")
+    elif dns:
+        lines.append(f"  no rule of the user's allows this name on {res['proto']}"
+                     + (f"/{res['port']}" if res["proto"] != "icmp" else ""))
     elif res["rule"] == "baseline":
         lines.append("  by the baseline (allowed to every managed user)")
     elif res["rule"]:
@@ -154,4 +309,6 @@ def describe(res: dict) -> str:
             lines.append(f"  the directory did not answer in full: {s['stale']}")
     else:
         lines.append("  rules of these groups: " + (", ".join(s["rules"]) or "none (baseline only)"))
+    if dns:
+        lines += describe_dns(res)
     return "\n".join(lines)

@@ -44,6 +44,8 @@ from pydantic import (
 )
 
 from . import contract as C
+from .dnsname import PREFIX as PREFIX_DNS
+from .dnsname import DnsPattern, is_dns_destination, parse_dns_destination
 from .errors import PolicyError
 from .yamlsource import (
     YamlSourceError,
@@ -215,6 +217,46 @@ def _check_cidr(value: str) -> str:
     return value
 
 
+def _check_destination(value: str) -> str:
+    try:
+        parse_destination(value)
+    except ValueError as exc:
+        hint = dns_hint(value)
+        if hint:
+            raise ValueError(f"{exc}{hint}") from None
+        raise
+    return value
+
+
+def dns_hint(text: str) -> str:
+    """For a bare host name where an address or list was expected: how to
+    write it as a DNS name."""
+    if not isinstance(text, str) or is_dns_destination(text) or "." not in text:
+        return ""
+    try:
+        pattern = parse_dns_destination(PREFIX_DNS + text.strip())
+    except ValueError:
+        return ""
+    return f"; for the DNS name write {str(pattern)!r}"
+
+
+def parse_destination(text: str) -> Network | DnsPattern:
+    """A destination literal: a CIDR or address (:func:`parse_network`),
+    or a DNS name (``dns:NAME``, ``dns:*.SUFFIX``, see aus.core.dnsname).
+    Raises ValueError with a message naming the problem."""
+    if is_dns_destination(text):
+        return parse_dns_destination(text)
+    return parse_network(text)
+
+
+def _network_only(text: str) -> Network | None:
+    return None if is_dns_destination(text) else parse_network(text)
+
+
+def _dns_only(text: str) -> DnsPattern | None:
+    return parse_dns_destination(text) if is_dns_destination(text) else None
+
+
 def _check_service(value: str) -> str:
     parse_service(value)
     return value
@@ -282,12 +324,15 @@ def reserved_name_problem(name: str, what: str) -> str | None:
     or None."""
     if _is_network(name):
         return f"the {what} name {name!r} reads as a CIDR/IP address; choose a name that does not"
+    if is_dns_destination(name):
+        return f"the {what} name {name!r} reads as a DNS name (dns:); choose a name that does not"
     if _is_service(name):
         return f"the {what} name {name!r} reads as a service literal; choose a name that does not"
     return None
 
 
 CidrStr = Annotated[str, AfterValidator(_check_cidr)]
+DestinationStr = Annotated[str, AfterValidator(_check_destination)]
 ServiceStr = Annotated[str, AfterValidator(_check_service)]
 
 
@@ -326,7 +371,8 @@ class UserGroup(_Frozen):
 
 class Rule(_Frozen):
     """Allow ``sources`` (user group names) to reach ``destinations`` (ip
-    list names, CIDRs, addresses) on ``services`` (service names, literals)."""
+    list names, CIDRs, addresses, ``dns:`` names) on ``services`` (service
+    names, literals)."""
 
     name: str
     sources: list[str]
@@ -349,7 +395,7 @@ class Rule(_Frozen):
     @classmethod
     def _destinations(cls, v: list[str]) -> list[str]:
         if not v:
-            raise ValueError("a rule needs at least one destination (an ip list or a CIDR)")
+            raise ValueError("a rule needs at least one destination (an ip list, a CIDR or a dns: name)")
         return v
 
     @field_validator("services")
@@ -364,7 +410,7 @@ class Policy(_Frozen):
     """A whole policy. Cross references are checked on construction."""
 
     user_groups: list[UserGroup] = Field(default_factory=list)
-    ip_lists: dict[str, list[CidrStr]] = Field(default_factory=dict)
+    ip_lists: dict[str, list[DestinationStr]] = Field(default_factory=dict)
     services: dict[str, list[ServiceStr]] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
 
@@ -373,6 +419,7 @@ class Policy(_Frozen):
     # literal) -> its parsed values, filled once at validation, so that
     # compiling never parses text again. Not part of the document.
     _networks: dict[str, tuple[Network, ...]] = PrivateAttr(default_factory=dict)
+    _dns: dict[str, tuple[DnsPattern, ...]] = PrivateAttr(default_factory=dict)
     _service_specs: dict[str, tuple[ServiceSpec, ...]] = PrivateAttr(default_factory=dict)
 
     @field_validator("ip_lists", "services", mode="before")
@@ -394,8 +441,9 @@ class Policy(_Frozen):
         for group in self.user_groups:
             index.setdefault(group.name.casefold(), group)
         self._groups_by_key = index
-        self._networks = _parse_references(
-            self.ip_lists, [r.destinations for r in self.rules], parse_network)
+        destinations = [r.destinations for r in self.rules]
+        self._networks = _parse_references(self.ip_lists, destinations, _network_only)
+        self._dns = _parse_references(self.ip_lists, destinations, _dns_only)
         self._service_specs = _parse_references(
             self.services, [r.services for r in self.rules], parse_service)
 
@@ -407,8 +455,13 @@ class Policy(_Frozen):
 
     def destinations_of(self, rule: Rule) -> list[Network]:
         """The rule's destinations as networks: lists expanded, duplicates
-        removed, first-seen order kept."""
-        return _expand(rule.destinations, self._networks, parse_network)
+        removed, first-seen order kept. DNS names are left out (dns_of)."""
+        return _expand(rule.destinations, self._networks, _network_only)
+
+    def dns_of(self, rule: Rule) -> list[DnsPattern]:
+        """The rule's DNS-name destinations, inline and from its ip lists:
+        duplicates removed, first-seen order kept."""
+        return _expand(rule.destinations, self._dns, _dns_only)
 
     def services_of(self, rule: Rule) -> list[ServiceSpec]:
         """The rule's services: names expanded, duplicates removed,
@@ -420,32 +473,36 @@ _Parsed = TypeVar("_Parsed")
 
 
 def _parse_references(named: dict[str, list[str]], references: Sequence[list[str]],
-                      parse: Callable[[str], _Parsed]) -> dict[str, tuple[_Parsed, ...]]:
+                      parse: Callable[[str], _Parsed | None]) -> dict[str, tuple[_Parsed, ...]]:
     """Each name of ``named``, and each other entry of ``references`` (a
     literal), -> its parsed values; a name wins over a literal spelled the
-    same. What does not parse is left out: validation reports it (this
-    runs before the cross checks)."""
+    same. What ``parse`` gives None for is of another kind (a DNS name
+    among networks), and is left out. What does not parse is left out
+    too: validation reports it (this runs before the cross checks)."""
     out: dict[str, tuple[_Parsed, ...]] = {}
     for name, texts in named.items():
         values = []
         for text in texts:
             try:
-                values.append(parse(text))
+                value = parse(text)
             except ValueError:
-                pass
+                continue
+            if value is not None:
+                values.append(value)
         out[name] = tuple(values)
     for entries in references:
         for entry in entries:
             if entry not in out:
                 try:
-                    out[entry] = (parse(entry),)
+                    value = parse(entry)
                 except ValueError:
-                    pass
+                    continue
+                out[entry] = () if value is None else (value,)
     return out
 
 
 def _expand(entries: list[str], parsed: dict[str, tuple[_Parsed, ...]],
-            parse: Callable[[str], _Parsed]) -> list[_Parsed]:
+            parse: Callable[[str], _Parsed | None]) -> list[_Parsed]:
     """Entries (names or literals) -> their values, duplicates removed,
     first-seen order kept. A rule from elsewhere may name what this policy
     never parsed: that is parsed here (and raises ValueError if it is bad)."""
@@ -453,7 +510,10 @@ def _expand(entries: list[str], parsed: dict[str, tuple[_Parsed, ...]],
     seen: set[_Parsed] = set()
     for entry in entries:
         values = parsed.get(entry)
-        for value in values if values is not None else (parse(entry),):
+        if values is None:
+            value = parse(entry)
+            values = () if value is None else (value,)
+        for value in values:
             if value not in seen:
                 seen.add(value)
                 out.append(value)
@@ -596,13 +656,13 @@ def cross_problems(data: Any) -> list[tuple[tuple[Any, ...], str]]:
                 if not isinstance(dst, str) or dst in ip_names:
                     continue
                 try:
-                    parse_network(dst)
+                    parse_destination(dst)
                 except ValueError as exc:
-                    if _looks_like_network(dst):
+                    if _looks_like_network(dst) or is_dns_destination(dst):
                         reason = str(exc)
                     else:
                         reason = (f"{dst!r} is neither an ip_list name nor a CIDR"
-                                  + _suggest(dst, ip_names))
+                                  + (dns_hint(dst) or _suggest(dst, ip_names)))
                     problems.append((("rules", i, "destinations", j), reason))
         svcs = rule.get("services")
         if svc_names is not None and isinstance(svcs, list):
@@ -644,8 +704,8 @@ def nesting_reason(data: dict[str, Any], path: tuple[Any, ...]) -> str | None:
     if not isinstance(value, str) or value not in table:
         return None
     if path[0] == "ip_lists":
-        return (f"{value!r} is an ip list name; an ip list holds CIDRs and "
-                "addresses only (lists do not nest)")
+        return (f"{value!r} is an ip list name; an ip list holds CIDRs, "
+                "addresses and dns: names only (lists do not nest)")
     return (f"{value!r} is a service name; a service holds service literals "
             "only (services do not nest)")
 

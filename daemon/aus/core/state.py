@@ -158,7 +158,10 @@ class KernelState:
 class Desired:
     """What the maps should hold: each login UID's ruleset content (or
     UNMANAGED), the baseline ruleset, rule names and the config values
-    the daemon owns."""
+    the daemon owns. ``dns_portsets`` are portsets kept in aus_svc even
+    when no ruleset names them: the ones DNS-derived entries (aus_dns)
+    point at, i.e. CompiledPolicy.dns_portsets() and any union of them
+    that live entries use. Their ids: KernelState.portset_index()."""
     users: dict[LoginUid, Ruleset | str]
     baseline: Ruleset
     rules: dict[RuleId, str]
@@ -166,6 +169,7 @@ class Desired:
     events_per_sec: int
     events_burst: int
     policy_version: int
+    dns_portsets: frozenset[Portset] = frozenset()
 
 
 @dataclass
@@ -211,6 +215,7 @@ def plan(actual: KernelState, desired: Desired,
     every user is pointed."""
     planner = _Planner(actual)
     baseline = planner.ruleset_id(desired.baseline)
+    planner.keep_portsets(desired.dns_portsets)
     newcomers = planner.point_users(desired, changed)
     planner.give_slots(newcomers, desired)
     planner.update_rule_names(desired.rules)
@@ -252,6 +257,7 @@ class _Planner:
         self.portset_seq = max(cfg.portset_seq, max(actual.portsets, default=0) + 1)
         self.refs = self.new.ruleset_refs()
         self.used_slots = self.new.used_slots()
+        self.kept: set[PortsetId] = set()       # portsets no ruleset needs to name
         self.dropped: set[RulesetId] = set()    # rulesets that lost a user
         self.freed: list[StatsSlot] = []        # slots of users gone or unmanaged
 
@@ -265,6 +271,10 @@ class _Planner:
             self.new.portsets[pid] = content
             self.ops.svc_put.extend(SvcPut(pid, e) for e in sorted(content))
         return pid
+
+    def keep_portsets(self, contents: Iterable[Portset]) -> None:
+        """Write these portsets (if new) and keep them from garbage."""
+        self.kept = {self.portset_id(content) for content in sorted(contents, key=sorted)}
 
     def ruleset_id(self, content: Ruleset) -> RulesetId:
         """The id of this content. New content is written whole under a new
@@ -422,6 +432,7 @@ class _Planner:
             return
         new = self.new
         live = {pid for entries in new.rulesets.values() for pid in entries.values()}
+        live |= self.kept
         for pid in sorted(candidates - live):
             content = new.portsets.pop(pid, None)
             if content is None:

@@ -25,12 +25,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..core.bundle import DELTA_MEDIA_TYPE
+from ..core.dnsname import is_dns_destination
 from ..core.policy import (
     check_group_name,
     check_rule_name,
+    dns_hint,
     name_key,
     normalize_sid,
-    parse_network,
+    parse_destination,
     parse_service,
 )
 from . import (
@@ -171,10 +173,11 @@ def _validate_rule(s: Session, org_id: str, body: RuleIn) -> list[dict]:
         if dest in lists:
             continue
         try:
-            parse_network(dest)
+            parse_destination(dest)
         except ValueError as exc:
-            problems.append({"field": f"destinations[{i}]",
-                             "message": f"{exc} (nor is it the name of an IP list)"})
+            problems.append({"field": f"destinations[{i}]", "message": str(exc) if
+                             is_dns_destination(dest) else f"{exc} (nor is it the name of "
+                             f"an IP list){dns_hint(dest)}"})
     if not body.services:
         problems.append({"field": "services", "message": "a rule needs at least one service (or 'any')"})
     for i, svc in enumerate(body.services):
@@ -193,12 +196,13 @@ def _validate_ip_list(body: IpListIn) -> list[dict]:
         except policycheck.WriteRefused as exc:
             problems.append({"field": exc.field, "message": exc.message})
     if not body.entries:
-        problems.append({"field": "entries", "message": "an IP list needs at least one address or CIDR"})
+        problems.append({"field": "entries",
+                         "message": "an IP list needs at least one address, CIDR or dns: name"})
     for i, entry in enumerate(body.entries):
         try:
-            parse_network(entry)
+            parse_destination(entry)
         except ValueError as exc:
-            problems.append({"field": f"entries[{i}]", "message": str(exc)})
+            problems.append({"field": f"entries[{i}]", "message": f"{exc}{dns_hint(entry)}"})
     return problems
 
 

@@ -54,7 +54,7 @@ from ..core.bundle import (
     document_from_data,
 )
 from ..core.errors import PolicyError
-from ..core.policy import parse_network
+from ..core.policy import parse_destination
 from . import enforcement, metrics
 from .db import (
     Bundle,
@@ -104,7 +104,7 @@ def touch(session: Session, org_id: str) -> None:
 
 def _is_literal(dest: str) -> bool:
     try:
-        parse_network(dest)
+        parse_destination(dest)
         return True
     except ValueError:
         return False

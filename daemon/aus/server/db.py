@@ -181,7 +181,7 @@ class Rule(Base):
     # write-time check (policycheck) keeps it unique under the org's lock.
     name_key: Mapped[str | None] = mapped_column(String(63), nullable=True)
     description: Mapped[str] = mapped_column(Text, default="")
-    # Each destination is a CIDR, an address, or the name of an IpList.
+    # Each destination is a CIDR, an address, a dns: name, or the name of an IpList.
     destinations: Mapped[list] = mapped_column(JSON)
     services: Mapped[list] = mapped_column(JSON)
     position: Mapped[int] = mapped_column(Integer, default=0)
@@ -197,7 +197,7 @@ class Rule(Base):
 
 
 class IpList(Base):
-    """A named list of addresses and CIDRs that rules use as a destination."""
+    """A named list of addresses, CIDRs and dns: names that rules use as a destination."""
 
     __tablename__ = "ip_lists"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

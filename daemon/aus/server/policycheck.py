@@ -34,7 +34,7 @@ from ..core.errors import AusError
 from ..core.policy import (
     external_id_key,
     name_key,
-    parse_network,
+    parse_destination,
     reserved_name_problem,
 )
 from .db import Group, IpList, Org, Rule
@@ -95,9 +95,10 @@ def rule_name(s: Session, org_id: str, rule_id: str, name: str) -> None:
 
 
 def rule_destinations(s: Session, org_id: str, destinations: list[str]) -> None:
-    """Each destination that is not an address names an IP list that still
-    exists (one deleted since the rule was validated is not one)."""
-    names = [d for d in destinations if not _is_address(d)]
+    """Each destination that is not an address (or a dns: name) names an
+    IP list that still exists (one deleted since the rule was validated
+    is not one)."""
+    names = [d for d in destinations if not _is_literal(d)]
     if not names:
         return
     lock_org(s, org_id)
@@ -109,9 +110,9 @@ def rule_destinations(s: Session, org_id: str, destinations: list[str]) -> None:
                                f"IP list {dest!r} was deleted while this rule was written")
 
 
-def _is_address(text: str) -> bool:
+def _is_literal(text: str) -> bool:
     try:
-        parse_network(text)
+        parse_destination(text)
     except ValueError:
         return False
     return True

@@ -1,5 +1,5 @@
-// IP lists: named sets of addresses and CIDRs that rules use as
-// destinations.
+// IP lists: named sets of addresses, CIDRs and DNS names that rules use
+// as destinations.
 
 import { api } from "./api.js";
 import { h, num, replace } from "./dom.js";
@@ -22,7 +22,7 @@ export async function list(ctx) {
   const usedBy = (name) => rules.items.filter((r) => r.destinations.includes(name)).map((r) => r.name);
   replace(ctx.main,
     h("h1", {}, "IP lists"),
-    h("p", { class: "lead" }, "Named sets of addresses and CIDRs. A rule names a list among its destinations; changing the list changes every rule that uses it."),
+    h("p", { class: "lead" }, "Named sets of addresses, CIDRs and DNS names. A rule names a list among its destinations; changing the list changes every rule that uses it."),
     h("div", { class: "actions" }, h("a", { class: "button", href: "#/ip-lists/new" }, "New IP list")),
     data.items.length ? h("table", { class: "data", id: "ip-lists-table" },
       h("caption", { class: "visually-hidden" }, "IP lists"),
@@ -53,7 +53,7 @@ export async function edit(ctx) {
   const name = field({ name: "name", label: "Name", value: current ? current.name : "",
     hint: "Letters, digits and _ . : @ - ; rules name the list by it." });
   const entries = entryList({ key: "entries", legend: "Entries", noun: "entry",
-    hint: "Addresses and CIDRs, IPv4 or IPv6: 192.0.2.10, 10.20.0.0/16, 2001:db8::/48.",
+    hint: "Addresses and CIDRs, IPv4 or IPv6: 192.0.2.10, 10.20.0.0/16, 2001:db8::/48; DNS names: dns:github.com, dns:*.githubusercontent.com (every name under it).",
     values: current ? current.entries : [], placeholder: "10.20.0.0/16" });
   const summary = h("div", { class: "alert error", role: "alert", hidden: true });
   const errors = new FieldErrors(summary, [name, entries]);

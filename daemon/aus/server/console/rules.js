@@ -1,12 +1,13 @@
 // Rules: the list, and the editor for one rule (sources from the user
-// groups, destinations as CIDRs, addresses or IP list names, services).
+// groups, destinations as CIDRs, addresses, DNS names or IP list names,
+// services).
 
 import { api } from "./api.js";
 import { h, num, replace, time, uid } from "./dom.js";
 import { confirmDialog, entryList, field, FieldErrors, groupPicker } from "./forms.js";
 
 const SERVICE_HINT = "443/tcp, a range such as 8000-8100/tcp, 53/udp, or a whole protocol: tcp, udp, icmp, any.";
-const DEST_HINT = "A CIDR (10.20.0.0/16, 2001:db8::/48), a single address, or the name of an IP list.";
+const DEST_HINT = "A CIDR (10.20.0.0/16, 2001:db8::/48), a single address, a DNS name (dns:github.com, or dns:*.github.com for every name under it), or the name of an IP list.";
 
 function codeList(items) {
   return h("ul", { class: "inline-list codes" }, items.map((x) => h("li", {}, h("code", {}, x))));
