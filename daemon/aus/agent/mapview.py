@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import time
 
 from ..core import contract as C
 from .mapsync import dst_key, svc_key
@@ -148,13 +149,25 @@ def check(maps, login_uid: int, addr: str, proto: str, port: int) -> dict:
     ruleset = user.ruleset if user is not None else cfg["baseline_ruleset"]
     out["ruleset"] = ruleset
     miss = C.Reason.NO_RULE if user is not None else C.Reason.PENDING
+    reason = C.Reason.RULE
     dv = maps[C.MAP_DST].lookup(dst_key(ruleset, C.addr16(ip), 128))
-    if dv is None:
-        return verdict(False, miss)
-    k = svc_key(dv.portset, pnum, port, C.SVC_FULL_PREFIX)
-    sv = maps[C.MAP_SVC].lookup(k)
+    sv = None if dv is None else maps[C.MAP_SVC].lookup(
+        svc_key(dv.portset, pnum, port, C.SVC_FULL_PREFIX))
+    if sv is None:
+        # What a DNS answer allowed this user there, as aus_lookup() sees it.
+        reason = C.Reason.DNS
+        sv = _dns_service(maps, login_uid, ip, pnum, port)
     if sv is None:
         return verdict(False, miss)
     out["rule_id"] = sv.rule
     out["rule"] = rule_names(maps).get(sv.rule)
-    return verdict(True, C.Reason.RULE)
+    return verdict(True, reason)
+
+
+def _dns_service(maps, login_uid: int, ip, pnum: int, port: int):
+    key = C.DnsKey(login_uid, ip.version)
+    ctypes.memmove(key.addr, C.addr16(ip), 16)
+    v = maps[C.MAP_DNS].lookup(key) if C.MAP_DNS in maps else None
+    if v is None or v.expires_ns <= time.monotonic_ns():
+        return None
+    return maps[C.MAP_SVC].lookup(svc_key(v.portset, pnum, port, C.SVC_FULL_PREFIX))
