@@ -162,7 +162,7 @@ def test_entry_allows_that_user_that_address_those_services(
 def test_expired_entry_denies_new_flows_but_not_an_open_connection(
         daemon, maps, entries, grant, peer, cg, alice, people):
     portset, rule = grant
-    value = entries(alice.uid, peer.v4, portset, rule, ttl=3.0)
+    value = entries(alice.uid, peer.v4, portset, rule, ttl=4.0)
     holder = lab.spawn([lab.PYTHON, str(lab.CLIENT), "hold", peer.v4, "443"], cg=cg,
                        loginuid=alice.uid, uid=alice.uid, gid=alice.gid,
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
