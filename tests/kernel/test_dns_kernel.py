@@ -137,6 +137,11 @@ def test_entry_allows_that_user_that_address_those_services(
     assert res["allowed"] and res["reason"] == "dns" and res["rule"] == "dns-web"
     assert reasons(maps, hook)["dns"] == before_reason + 1
     assert mapview.rule_counters(maps, [rule])[rule]["allowed_packets"] > before_rule
+    shown = [e for e in daemon.ctl_json("maps")["dns"] if e["login_uid"] == alice.uid]
+    assert len(shown) == 1 and same_ip(shown[0]["address"], addr)
+    assert shown[0]["rule"] == "dns-web" and shown[0]["portset"] == portset
+    assert 0 < shown[0]["expires_in"] <= 60
+    assert "aus_dns:" in daemon.ctl("maps").stdout
 
     # The entry's other service, on UDP.
     assert lab.act(cg, "udp", addr, 5353, loginuid=alice.uid, uid=alice.uid,

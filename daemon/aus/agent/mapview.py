@@ -106,6 +106,11 @@ def dump(maps) -> dict:
         svc.append({"portset": k.portset, "proto": proto,
                     "ports": _ports(socket.ntohs(k.port), k.prefixlen),
                     "rule_id": v.rule, "rule": names.get(v.rule)})
+    now = time.monotonic_ns()
+    dns = [{"login_uid": k.loginuid, "address": str(C.addr_from16(bytes(k.addr))),
+            "portset": v.portset, "rule_id": v.rule, "rule": names.get(v.rule),
+            "expires_in": round((v.expires_ns - now) / 1e9, 3)}
+           for k, v in maps[C.MAP_DNS].items()] if C.MAP_DNS in maps else []
     counters = user_counters(maps)
     return {
         "config": config(maps),
@@ -113,6 +118,9 @@ def dump(maps) -> dict:
         "destinations": sorted(dst, key=lambda d: (d["ruleset"], d["destination"])),
         "services": sorted(svc, key=lambda s: (s["portset"], s["proto"], s["ports"])),
         "rules": [{"id": k, "name": v} for k, v in sorted(names.items())],
+        # addresses DNS answers gave users; expires_in < 0: expired, only
+        # connections opened before still use it
+        "dns": sorted(dns, key=lambda e: (e["login_uid"], e["address"])),
         "user_counters": [{"login_uid": None if k == C.LOGINUID_UNSET else k, **v}
                           for k, v in sorted(counters.items())],
         "rule_counters": [{"rule_id": k, "rule": names.get(k), **v}
