@@ -18,6 +18,11 @@
  *       ruleset: the longest prefix for the address in aus_dst names a
  *       portset, and aus_svc holds an entry covering the protocol and port.
  *       A managed user not yet in aus_users gets the baseline ruleset.
+ *     - or, failing that, a DNS answer the daemon's forwarder released to
+ *       this login UID gave the address for a name a rule of the user
+ *       allows (aus_dns), the entry has not expired, and its portset covers
+ *       the protocol and port. A socket already allowed that way keeps its
+ *       allow after the entry expires, while the user's ruleset stays.
  *   A managed user's packet carrying a source route (IPv4 LSRR/SSRR, an IPv6
  *   routing header) is denied whatever the rules: it does not go where its
  *   destination says. Raw sockets are judged packet by packet by the
@@ -25,11 +30,21 @@
  *   Otherwise it is denied: connect()/sendmsg() fail with EPERM and packets
  *   are dropped, or, in visibility mode, it passes and is only reported.
  *
+ *   DNS: a managed user's TCP or UDP to port 53 that the rules allow is
+ *   sent to the daemon's forwarder instead (127.0.0.1 or ::1, port
+ *   aus_dns_conf.port) when the forwarder listens in the socket's network
+ *   namespace. The socket keeps the resolver it chose: its packets are
+ *   judged as going there, each records its client address for the
+ *   forwarder (aus_dns_origin), and getpeername() and recvfrom() show the
+ *   resolver, not the forwarder. A resolver the rules deny stays denied;
+ *   with no forwarder listening DNS goes where it was sent.
+ *
  * Every decision costs the same few map lookups (users, then two LPM
  * tries), whatever the number of users and rules; a socket that keeps its
  * destination reuses its last decision while the user's ruleset id is
  * unchanged. Every verdict leaves through aus_finish(), which counts it
- * under a reason and emits the flow event.
+ * under a reason and emits the flow event. A DNS-derived allow costs one
+ * more hash lookup, only where the rules gave none.
  *
  * Built with: -DAUS_LOGINUID_OFFSET=<offset of task_struct.loginuid in the
  * running kernel, from BTF> -DAUS_PIN_MAPS="<pin dir of the maps>" and the
@@ -80,6 +95,13 @@ BPF_TABLE_PINNED("hash", u32, struct aus_rule_info, aus_rules, AUS_MAX_RULES,
 		 AUS_PIN_MAPS "/" AUS_MAP_RULES);
 BPF_TABLE_PINNED("percpu_array", u32, struct aus_bucket, aus_ratelimit, 1,
 		 AUS_PIN_MAPS "/" AUS_MAP_RATELIMIT);
+BPF_TABLE_PINNED("array", u32, struct aus_dns_conf, aus_dns_conf, 1,
+		 AUS_PIN_MAPS "/" AUS_MAP_DNS_CONF);
+BPF_F_TABLE(AUS_PINNED("hash", AUS_MAP_DNS), struct aus_dns_key,
+	    struct aus_dns_val, aus_dns, AUS_MAX_DNS_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct aus_dns_client, struct aus_dns_origin,
+		 aus_dns_origin, AUS_MAX_DNS_ORIGINS,
+		 AUS_PIN_MAPS "/" AUS_MAP_DNS_ORIGIN);
 /* BPF_F_CLONE: accepted sockets inherit the listener's identity. */
 BPF_F_TABLE(AUS_PINNED("sk_storage", AUS_MAP_SOCK), int, struct aus_sock,
 	    aus_sock, 0, BPF_F_NO_PREALLOC | BPF_F_CLONE);
@@ -167,6 +189,25 @@ static __always_inline int aus_cache_hit(const struct aus_sock *st,
 	       a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
+static __always_inline struct aus_dns_conf *aus_get_dns_conf(void)
+{
+	u32 zero = 0;
+	return aus_dns_conf.lookup(&zero);
+}
+
+/* The entry of a portset covering the flow's protocol and port. */
+static __always_inline struct aus_svc_val *aus_service(u32 portset,
+							 const struct aus_flow *f)
+{
+	struct aus_svc_key sk = {
+		.prefixlen = AUS_SVC_FULL_PREFIX,
+		.portset = portset,
+		.proto = f->proto,
+		.port = f->dport,
+	};
+	return aus_svc.lookup(&sk);
+}
+
 /* The rule lookup: fills everything in d but the identity. */
 static __always_inline void aus_lookup(struct aus_decision *d,
 				       const struct aus_config *cfg,
@@ -199,34 +240,48 @@ static __always_inline void aus_lookup(struct aus_decision *d,
 	};
 	__builtin_memcpy(dk.addr, f->daddr, 16);
 	struct aus_dst_val *dv = aus_dst.lookup(&dk);
-	if (!dv)
-		return;
-	struct aus_svc_key sk = {
-		.prefixlen = AUS_SVC_FULL_PREFIX,
-		.portset = dv->portset,
-		.proto = f->proto,
-		.port = f->dport,
-	};
-	struct aus_svc_val *sv = aus_svc.lookup(&sk);
+	struct aus_svc_val *sv = dv ? aus_service(dv->portset, f) : 0;
 	if (sv) {
 		d->rule = sv->rule;
 		d->reason = AUS_REASON_RULE;
+		d->allowed = 1;
+		return;
+	}
+
+	/* No rule allows the address itself: a name it answered for may. */
+	struct aus_dns_key nk = {
+		.loginuid = d->loginuid,
+		.family = f->family,
+	};
+	__builtin_memcpy(nk.addr, f->daddr, 16);
+	struct aus_dns_val *nv = aus_dns.lookup(&nk);
+	if (!nv || nv->expires_ns <= bpf_ktime_get_ns())
+		return;
+	sv = aus_service(nv->portset, f);
+	if (sv) {
+		d->rule = sv->rule;
+		d->reason = AUS_REASON_DNS;
 		d->allowed = 1;
 	}
 }
 
 /* Judge a flow, reusing the socket's last decision while its destination
  * and every user's entry are unchanged (rulesets are immutable, and
- * users_gen moves whenever an aus_users entry does). */
+ * users_gen moves whenever an aus_users entry does). A cached deny is
+ * also dropped when DNS entries were written (aus_dns_conf.gen): a new
+ * entry can only allow. */
 static __always_inline void aus_judge(struct aus_decision *d,
 				      const struct aus_config *cfg,
 				      struct aus_sock *st,
 				      const struct aus_flow *f)
 {
 	u32 gen = cfg->users_gen;
+	struct aus_dns_conf *dc = aus_get_dns_conf();
+	u32 dns_gen = dc ? dc->gen : 0;
 	int same_dst = st && aus_cache_hit(st, f);
 
-	if (same_dst && st->cache_gen == gen) {
+	if (same_dst && st->cache_gen == gen &&
+	    (st->cache_allowed || st->cache_dns_gen == dns_gen)) {
 		d->ruleset = st->cache_ruleset;
 		d->slot = st->cache_slot;
 		d->rule = st->cache_rule;
@@ -237,11 +292,21 @@ static __always_inline void aus_judge(struct aus_decision *d,
 		return;
 	}
 	aus_lookup(d, cfg, f);
+	/* A flow a DNS answer allowed stays allowed once its entry expired
+	 * (or another user changed): an open connection lives until it
+	 * closes. Only a new ruleset (a policy change for this user) ends it. */
+	if (same_dst && !d->allowed && d->managed && st->cache_allowed &&
+	    st->cache_reason == AUS_REASON_DNS && st->cache_ruleset == d->ruleset) {
+		d->allowed = 1;
+		d->reason = AUS_REASON_DNS;
+		d->rule = st->cache_rule;
+	}
 	/* News is a new destination, or a verdict or rule that changed. */
 	d->fresh = !(same_dst && st->cache_allowed == d->allowed &&
 		     st->cache_rule == d->rule);
 	if (st) {
 		st->cache_gen = gen;
+		st->cache_dns_gen = dns_gen;
 		st->cache_ruleset = d->ruleset;
 		st->cache_slot = d->slot;
 		st->cache_rule = d->rule;
@@ -388,6 +453,130 @@ int aus_sock_create(struct bpf_sock *sk)
 	return AUS_PASS;
 }
 
+/* ---- DNS redirected to the forwarder. */
+
+#define AUS_LOOPBACK4 0x7f000001   /* 127.0.0.1, host order */
+
+/* 1 when addr:port (16-byte form, port in network order) is the
+ * forwarder: 127.0.0.1 (v4-mapped) or ::1 on aus_dns_conf.port. */
+static __always_inline int aus_is_forwarder(const u8 addr[16], u16 port,
+					    const struct aus_dns_conf *dc)
+{
+	const u32 *a = (const u32 *)addr;
+	if (a[0] != 0 || a[1] != 0)
+		return 0;
+	if (!((a[2] == bpf_htonl(0xffff) && a[3] == bpf_htonl(AUS_LOOPBACK4)) ||
+	      (a[2] == 0 && a[3] == bpf_htonl(1))))
+		return 0;
+	return dc && dc->port && port == bpf_htons(dc->port);
+}
+
+/* Send an allowed DNS flow of a managed user to the forwarder, when it
+ * listens: 127.0.0.1 for an IPv4 (or v4-mapped) resolver, ::1 for an IPv6
+ * one, in the socket's own namespace. The socket keeps the resolver. */
+static __always_inline void aus_redirect(struct bpf_sock_addr *ctx,
+					 struct aus_sock *st,
+					 const struct aus_flow *f,
+					 u16 port, int v6)
+{
+	struct bpf_sock_tuple t = {};
+	u32 len;
+	if (f->family == 4) {
+		t.ipv4.saddr = bpf_htonl(AUS_LOOPBACK4);
+		t.ipv4.daddr = bpf_htonl(AUS_LOOPBACK4);
+		t.ipv4.dport = bpf_htons(port);
+		len = sizeof(t.ipv4);
+	} else {
+		t.ipv6.saddr[3] = bpf_htonl(1);
+		t.ipv6.daddr[3] = bpf_htonl(1);
+		t.ipv6.dport = bpf_htons(port);
+		len = sizeof(t.ipv6);
+	}
+	struct bpf_sock *fwd;
+	if (f->proto == IPPROTO_TCP)
+		fwd = bpf_sk_lookup_tcp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
+	else
+		fwd = bpf_sk_lookup_udp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
+	if (!fwd)
+		return;   /* not listening: DNS goes where it was sent */
+	bpf_sk_release(fwd);
+
+	st->dns_family = f->family;
+	__builtin_memcpy(st->dns_addr, f->daddr, 16);
+	st->dns_port = f->dport;
+	if (v6) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		if (f->family == 4) {
+			ctx->user_ip6[2] = bpf_htonl(0xffff);
+			ctx->user_ip6[3] = bpf_htonl(AUS_LOOPBACK4);
+		} else {
+			ctx->user_ip6[2] = 0;
+			ctx->user_ip6[3] = bpf_htonl(1);
+		}
+	} else {
+		ctx->user_ip4 = bpf_htonl(AUS_LOOPBACK4);
+	}
+	ctx->user_port = bpf_htons(port);
+}
+
+/* ---- cgroup/recvmsg4, recvmsg6, getpeername4, getpeername6: a
+ * redirected socket sees the resolver it chose where the forwarder is
+ * (resolvers drop answers "not from the server"). Never denies. */
+static __always_inline int aus_restore(struct bpf_sock_addr *ctx, int v6)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return AUS_PASS;
+	struct aus_sock *st = aus_sock.sk_storage_get(sk, 0, 0);
+	if (!st || !st->dns_family)
+		return AUS_PASS;
+	u8 peer[16];
+	if (v6) {
+		u32 a[4];
+		a[0] = ctx->user_ip6[0];
+		a[1] = ctx->user_ip6[1];
+		a[2] = ctx->user_ip6[2];
+		a[3] = ctx->user_ip6[3];
+		__builtin_memcpy(peer, a, 16);
+	} else {
+		aus_v4_mapped(peer, ctx->user_ip4);
+	}
+	if (!aus_is_forwarder(peer, (u16)ctx->user_port, aus_get_dns_conf()))
+		return AUS_PASS;
+	const u32 *r = (const u32 *)st->dns_addr;
+	if (v6) {
+		ctx->user_ip6[0] = r[0];
+		ctx->user_ip6[1] = r[1];
+		ctx->user_ip6[2] = r[2];
+		ctx->user_ip6[3] = r[3];
+	} else {
+		ctx->user_ip4 = r[3];
+	}
+	ctx->user_port = st->dns_port;
+	return AUS_PASS;
+}
+
+int aus_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return aus_restore(ctx, 0);
+}
+
+int aus_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return aus_restore(ctx, 1);
+}
+
+int aus_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return aus_restore(ctx, 0);
+}
+
+int aus_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return aus_restore(ctx, 1);
+}
+
 /* ---- cgroup/connect4, connect6, sendmsg4, sendmsg6. */
 static __always_inline int aus_sock_addr(struct bpf_sock_addr *ctx, u8 hook,
 					 int v6)
@@ -429,10 +618,22 @@ static __always_inline int aus_sock_addr(struct bpf_sock_addr *ctx, u8 hook,
 		}
 	}
 	int is_connect = hook == AUS_HOOK_CONNECT4 || hook == AUS_HOOK_CONNECT6;
-	if (is_connect && f.proto != IPPROTO_TCP) {
+	if (is_connect && st)
+		st->dns_family = 0;   /* a new peer: redirected anew or not at all */
+	/* DNS may go to the forwarder: decided here, once per connect() or
+	 * datagram, in the forwarder's namespace only. */
+	struct aus_dns_conf *dc = 0;
+	if ((f.proto == IPPROTO_TCP || f.proto == IPPROTO_UDP) &&
+	    f.dport == bpf_htons(AUS_DNS_PORT)) {
+		dc = aus_get_dns_conf();
+		if (dc && (!dc->port || bpf_get_netns_cookie(ctx) != dc->netns_cookie))
+			dc = 0;
+	}
+	if (is_connect && f.proto != IPPROTO_TCP && !dc) {
 		/* connect() on a UDP or ICMP socket sends nothing (ping and
 		 * getaddrinfo() use it to pick a source address); the datagrams
-		 * are judged when they leave, by the egress program. */
+		 * are judged when they leave, by the egress program. Connected
+		 * DNS is judged here: whether it is redirected is decided once. */
 		return AUS_PASS;
 	}
 	if (st) {
@@ -447,7 +648,11 @@ static __always_inline int aus_sock_addr(struct bpf_sock_addr *ctx, u8 hook,
 	}
 
 	aus_judge(&d, cfg, st, &f);
-	return aus_finish(cfg, &d, &f, hook, 0, 0);
+	int verdict = aus_finish(cfg, &d, &f, hook, 0, 0);
+	/* Only what the rules allow: a denied resolver is never redirected. */
+	if (dc && st && d.managed && d.allowed)
+		aus_redirect(ctx, st, &f, dc->port, v6);
+	return verdict;
 }
 
 int aus_connect4(struct bpf_sock_addr *ctx)
@@ -695,6 +900,52 @@ static __always_inline int aus_plain_tcp_header(struct __sk_buff *skb)
 		}								\
 	} while (0)
 
+/* A packet to the forwarder: one of a redirected socket is judged as going
+ * to the resolver its application chose (f is changed to it; returns 1);
+ * any other one returns -1, and 0 is a packet to somewhere else. */
+static __always_inline int aus_dns_translate(const struct aus_sock *st,
+					     struct aus_flow *f)
+{
+	const u32 *a = (const u32 *)f->daddr;
+	/* Cheap first: most packets are not to a loopback address. */
+	if (a[0] != 0 || a[1] != 0 || f->dport == 0)
+		return 0;
+	if (!aus_is_forwarder(f->daddr, f->dport, aus_get_dns_conf()))
+		return 0;
+	if (!st || !st->dns_family)
+		return -1;
+	f->family = st->dns_family;
+	__builtin_memcpy(f->daddr, st->dns_addr, 16);
+	f->dport = st->dns_port;
+	return 1;
+}
+
+/* Tell the forwarder whose query this is and where it was going, before
+ * the packet reaches it; a packet that reaches it without having been
+ * redirected removes what an earlier socket on the same port left. */
+static __always_inline void aus_dns_record(int dns,
+					   const struct aus_decision *d,
+					   const struct aus_flow *f, int verdict)
+{
+	if (!dns)
+		return;
+	struct aus_dns_client k = {};
+	__builtin_memcpy(k.addr, f->saddr, 16);
+	k.port = bpf_ntohs(f->sport);
+	k.proto = f->proto;
+	if (dns < 0 || verdict != AUS_PASS) {
+		aus_dns_origin.delete(&k);
+		return;
+	}
+	struct aus_dns_origin o = {
+		.loginuid = d->loginuid,
+		.port = bpf_ntohs(f->dport),
+		.family = f->family,
+	};
+	__builtin_memcpy(o.addr, f->daddr, 16);
+	aus_dns_origin.update(&k, &o);
+}
+
 #define AUS_TCP_SYN 0x02
 #define AUS_TCP_ACK 0x10
 
@@ -732,8 +983,11 @@ int aus_egress(struct __sk_buff *skb)
 		AUS_FLOW_OF_SOCK(sk, &f, from_sock);
 	if (from_sock) {
 		aus_identity_from(&d, st);
+		int dns = aus_dns_translate(st, &f);
 		aus_judge(&d, cfg, st, &f);
-		return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+		int verdict = aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+		aus_dns_record(dns, &d, &f, verdict);
+		return verdict;
 	}
 
 	int pkt = aus_parse(skb, &f, &tcp_flags);
@@ -785,6 +1039,9 @@ int aus_egress(struct __sk_buff *skb)
 		}
 	}
 
+	int dns = aus_dns_translate(st, &f);
 	aus_judge(&d, cfg, st, &f);
-	return aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+	int verdict = aus_finish(cfg, &d, &f, AUS_HOOK_EGRESS, 1, len);
+	aus_dns_record(dns, &d, &f, verdict);
+	return verdict;
 }

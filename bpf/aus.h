@@ -16,7 +16,7 @@
 /* Bumped on any change to a key or value layout below: maps are pinned
  * under <pin_dir>/v<AUS_ABI_VERSION>, so a new layout gets new maps and the
  * programs are swapped to them atomically. */
-#define AUS_ABI_VERSION 2
+#define AUS_ABI_VERSION 3
 
 #define AUS_LOGINUID_UNSET 0xffffffffU
 
@@ -44,7 +44,9 @@ enum aus_reason {
 				      * (IPv4 LSRR/SSRR, IPv6 routing header)
 				      * or options that cannot be walked: its
 				      * destination is not where it goes */
-	AUS_REASON_MAX = 9,
+	AUS_REASON_DNS = 9,        /* allowed by an address a DNS answer gave
+				    * for a name a rule allows (aus_dns) */
+	AUS_REASON_MAX = 10,
 };
 
 /* Where a decision was taken (events, counters). */
@@ -82,6 +84,9 @@ enum aus_event_verdict {
 #define AUS_PROTO_UDP 17
 #define AUS_PROTO_ICMPV6 58
 
+/* DNS is what the programs redirect to the daemon's forwarder. */
+#define AUS_DNS_PORT 53
+
 #ifndef AUS_MAX_USERS
 #define AUS_MAX_USERS 65536
 #endif
@@ -94,6 +99,11 @@ enum aus_event_verdict {
 #ifndef AUS_MAX_RULES
 #define AUS_MAX_RULES 4096
 #endif
+#ifndef AUS_MAX_DNS_ENTRIES
+#define AUS_MAX_DNS_ENTRIES 262144
+#endif
+/* Redirected DNS clients remembered at once (LRU: the oldest go first). */
+#define AUS_MAX_DNS_ORIGINS 65536
 /* Flow events in flight; the daemon drains them continuously. */
 #define AUS_EVENTS_BYTES (1 << 20)
 #define AUS_COMM_LEN 16
@@ -212,6 +222,63 @@ struct aus_bucket {
 	__u64 last_ns;
 };
 
+/* ---- aus_dns_conf: ARRAY[1]. The forwarder's place and the DNS
+ * generation; written only by the daemon's DNS layer (aus.agent.dnsmaps),
+ * never with aus_config, whose whole value the policy sync rewrites. */
+#define AUS_MAP_DNS_CONF "aus_dns_conf"
+struct aus_dns_conf {
+	__u16 port;           /* forwarder port, host order; 0 = no forwarder:
+			       * nothing is redirected */
+	__u16 pad;
+	__u32 gen;            /* bumped after aus_dns entries are written: a
+			       * socket's cached *deny* is reused only while
+			       * this is unchanged (a new entry can only allow) */
+	__u64 netns_cookie;   /* the forwarder's network namespace: only
+			       * sockets in it are redirected
+			       * (SO_NETNS_COOKIE in user space) */
+};
+
+/* ---- aus_dns: HASH (login UID, family, address) -> services. Written by
+ * the daemon from the DNS answers its forwarder released to that user,
+ * for the addresses of names a rule of the user allows; read by
+ * aus_lookup() when the user's ruleset has no allow for a destination.
+ * After writing, the daemon bumps aus_dns_conf.gen. An entry past
+ * expires_ns allows no new flow; a socket whose cached decision is a DNS
+ * allow for the same destination and ruleset keeps it (open connections
+ * survive expiry). */
+#define AUS_MAP_DNS "aus_dns"
+struct aus_dns_key {
+	__u32 loginuid;
+	__u32 family;         /* 4 or 6 */
+	__u8 addr[16];        /* v4-mapped for IPv4 */
+};
+struct aus_dns_val {
+	__u64 expires_ns;     /* CLOCK_MONOTONIC (bpf_ktime_get_ns()) */
+	__u32 portset;        /* an aus_svc portset: the union of the services
+			       * of every rule that allowed this address */
+	__u32 rule;           /* the lowest of those rules, for events */
+};
+
+/* ---- aus_dns_origin: LRU_HASH client -> the resolver it chose. Written
+ * by the egress program for every managed packet of a redirected socket
+ * (so before the forwarder can read the query), read by the forwarder to
+ * know whose query it is and where to send it; a client sending to the
+ * forwarder without being redirected has its entry removed. */
+#define AUS_MAP_DNS_ORIGIN "aus_dns_origin"
+struct aus_dns_client {
+	__u8 addr[16];        /* the client's source address, v4-mapped for v4 */
+	__u16 port;           /* its source port, host order */
+	__u8 proto;           /* AUS_PROTO_TCP or AUS_PROTO_UDP */
+	__u8 pad;
+};
+struct aus_dns_origin {
+	__u32 loginuid;
+	__u8 addr[16];        /* the resolver, v4-mapped for v4 */
+	__u16 port;           /* host order */
+	__u8 family;          /* 4 or 6 */
+	__u8 pad;
+};
+
 /* ---- aus_sock: SK_STORAGE, cloned into accepted sockets. Written at
  * socket creation (identity) and at decisions (cache); read by every hook
  * so the identity is the creator's, whoever sends later. */
@@ -237,7 +304,14 @@ struct aus_sock {
 	__u8 cache_allowed;
 	__u8 cache_reason;
 	__u8 cache_managed;
-	__u8 pad[2];
+	/* DNS redirected to the forwarder: the resolver the application
+	 * chose, which getpeername() and recvfrom() report instead. */
+	__u8 dns_family;            /* 0: not redirected; 4 or 6 */
+	__u8 pad;
+	__u32 cache_dns_gen;        /* aus_dns_conf.gen of the decision */
+	__u8 dns_addr[16];          /* v4-mapped for IPv4 */
+	__u16 dns_port;             /* network byte order */
+	__u8 pad2[2];
 };
 
 /* ---- aus_events: RINGBUF of struct aus_event, drained by the daemon. */

@@ -303,6 +303,7 @@ class DaemonConfig(BaseModel):
     max_destinations: MapSize = 262144
     max_services: MapSize = 262144
     max_rules: MapSize = 4096
+    max_dns_entries: MapSize = 262144
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     bpf_dir: Annotated[Path | None, PathIn] = None
     # With a policy URL (see docs/policy-server-client.md):

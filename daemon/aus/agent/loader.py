@@ -136,6 +136,7 @@ def cflags(cfg: DaemonConfig, loginuid_offset: int, bpf_dir: Path) -> list[str]:
         f"-DAUS_MAX_DESTINATIONS={cfg.max_destinations}",
         f"-DAUS_MAX_SERVICES={cfg.max_services}",
         f"-DAUS_MAX_RULES={cfg.max_rules}",
+        f"-DAUS_MAX_DNS_ENTRIES={cfg.max_dns_entries}",
         "-Wno-unused-function",
     ]
 

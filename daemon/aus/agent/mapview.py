@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import time
 
 from ..core import contract as C
 from .mapsync import dst_key, svc_key
@@ -105,6 +106,11 @@ def dump(maps) -> dict:
         svc.append({"portset": k.portset, "proto": proto,
                     "ports": _ports(socket.ntohs(k.port), k.prefixlen),
                     "rule_id": v.rule, "rule": names.get(v.rule)})
+    now = time.monotonic_ns()
+    dns = [{"login_uid": k.loginuid, "address": str(C.addr_from16(bytes(k.addr))),
+            "portset": v.portset, "rule_id": v.rule, "rule": names.get(v.rule),
+            "expires_in": round((v.expires_ns - now) / 1e9, 3)}
+           for k, v in maps[C.MAP_DNS].items()] if C.MAP_DNS in maps else []
     counters = user_counters(maps)
     return {
         "config": config(maps),
@@ -112,6 +118,9 @@ def dump(maps) -> dict:
         "destinations": sorted(dst, key=lambda d: (d["ruleset"], d["destination"])),
         "services": sorted(svc, key=lambda s: (s["portset"], s["proto"], s["ports"])),
         "rules": [{"id": k, "name": v} for k, v in sorted(names.items())],
+        # addresses DNS answers gave users; expires_in < 0: expired, only
+        # connections opened before still use it
+        "dns": sorted(dns, key=lambda e: (e["login_uid"], e["address"])),
         "user_counters": [{"login_uid": None if k == C.LOGINUID_UNSET else k, **v}
                           for k, v in sorted(counters.items())],
         "rule_counters": [{"rule_id": k, "rule": names.get(k), **v}
@@ -148,13 +157,25 @@ def check(maps, login_uid: int, addr: str, proto: str, port: int) -> dict:
     ruleset = user.ruleset if user is not None else cfg["baseline_ruleset"]
     out["ruleset"] = ruleset
     miss = C.Reason.NO_RULE if user is not None else C.Reason.PENDING
+    reason = C.Reason.RULE
     dv = maps[C.MAP_DST].lookup(dst_key(ruleset, C.addr16(ip), 128))
-    if dv is None:
-        return verdict(False, miss)
-    k = svc_key(dv.portset, pnum, port, C.SVC_FULL_PREFIX)
-    sv = maps[C.MAP_SVC].lookup(k)
+    sv = None if dv is None else maps[C.MAP_SVC].lookup(
+        svc_key(dv.portset, pnum, port, C.SVC_FULL_PREFIX))
+    if sv is None:
+        # What a DNS answer allowed this user there, as aus_lookup() sees it.
+        reason = C.Reason.DNS
+        sv = _dns_service(maps, login_uid, ip, pnum, port)
     if sv is None:
         return verdict(False, miss)
     out["rule_id"] = sv.rule
     out["rule"] = rule_names(maps).get(sv.rule)
-    return verdict(True, C.Reason.RULE)
+    return verdict(True, reason)
+
+
+def _dns_service(maps, login_uid: int, ip, pnum: int, port: int):
+    key = C.DnsKey(login_uid, ip.version)
+    ctypes.memmove(key.addr, C.addr16(ip), 16)
+    v = maps[C.MAP_DNS].lookup(key) if C.MAP_DNS in maps else None
+    if v is None or v.expires_ns <= time.monotonic_ns():
+        return None
+    return maps[C.MAP_SVC].lookup(svc_key(v.portset, pnum, port, C.SVC_FULL_PREFIX))

@@ -242,6 +242,10 @@ def cmd_maps(args, cfg) -> int:
                                          for x in d["destinations"]], ["RULESET", "DESTINATION", "PORTSET"]),
                  "\naus_svc:\n" + _table([[x["portset"], x["proto"], x["ports"], x["rule_id"], x["rule"]]
                                          for x in d["services"]], ["PORTSET", "PROTO", "PORTS", "RULE_ID", "RULE"]),
+                 "\naus_dns:\n" + _table([[x["login_uid"], x["address"], x["portset"], x["rule_id"],
+                                          x["rule"], x["expires_in"]] for x in d["dns"]],
+                                         ["LOGIN_UID", "ADDRESS", "PORTSET", "RULE_ID", "RULE",
+                                          "EXPIRES_IN"]),
                  "\naus_user_stats:\n" + _table([[c["login_uid"], c["allowed_packets"], c["allowed_bytes"],
                                                   c["denied_packets"], c["denied_bytes"]]
                                                  for c in d["user_counters"]],

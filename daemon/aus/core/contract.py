@@ -15,7 +15,7 @@ import enum
 import ipaddress
 from dataclasses import dataclass
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 LOGINUID_UNSET = 0xFFFFFFFF
 
 DROP = 0
@@ -36,9 +36,10 @@ class Reason(enum.IntEnum):
     NO_SOCKET = 6
     NOT_IP = 7
     SOURCE_ROUTE = 8
+    DNS = 9
 
 
-REASON_MAX = 9
+REASON_MAX = 10
 
 
 class Hook(enum.IntEnum):
@@ -67,6 +68,7 @@ PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17
 PROTO_ICMPV6 = 58
+DNS_PORT = 53
 PROTO_NAMES = {PROTO_ANY: "any", PROTO_ICMP: "icmp", PROTO_TCP: "tcp",
                PROTO_UDP: "udp", PROTO_ICMPV6: "icmpv6"}
 
@@ -108,6 +110,11 @@ MAP_RULES = "aus_rules"
 MAP_RATELIMIT = "aus_ratelimit"
 MAP_SOCK = "aus_sock"
 MAP_EVENTS = "aus_events"
+MAP_DNS_CONF = "aus_dns_conf"
+MAP_DNS = "aus_dns"
+MAP_DNS_ORIGIN = "aus_dns_origin"
+
+MAX_DNS_ORIGINS = 65536
 
 
 class Config(ctypes.Structure):
@@ -190,7 +197,56 @@ class Sock(ctypes.Structure):
         ("cache_allowed", ctypes.c_uint8),
         ("cache_reason", ctypes.c_uint8),
         ("cache_managed", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 2),
+        ("dns_family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("cache_dns_gen", ctypes.c_uint32),
+        ("dns_addr", ctypes.c_uint8 * 16),
+        ("dns_port", ctypes.c_uint16),   # network byte order
+        ("pad2", ctypes.c_uint8 * 2),
+    ]
+
+
+class DnsConf(ctypes.Structure):
+    _fields_ = [
+        ("port", ctypes.c_uint16),       # host byte order; 0: no forwarder
+        ("pad", ctypes.c_uint16),
+        ("gen", ctypes.c_uint32),
+        ("netns_cookie", ctypes.c_uint64),
+    ]
+
+
+class DnsKey(ctypes.Structure):
+    _fields_ = [
+        ("loginuid", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class DnsVal(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("portset", ctypes.c_uint32),
+        ("rule", ctypes.c_uint32),
+    ]
+
+
+class DnsClient(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),       # host byte order
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class DnsOrigin(ctypes.Structure):
+    _fields_ = [
+        ("loginuid", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),       # host byte order
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
     ]
 
 
@@ -220,6 +276,7 @@ class Event(ctypes.Structure):
 MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_ARRAY = 6
+MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_LPM_TRIE = 11
 MAP_TYPE_SK_STORAGE = 24
 MAP_TYPE_RINGBUF = 27
@@ -253,6 +310,9 @@ MAPS = {m.name: m for m in (
     MapSpec(MAP_RATELIMIT, ctypes.c_uint32, Bucket, MAP_TYPE_PERCPU_ARRAY),
     MapSpec(MAP_SOCK, ctypes.c_int, Sock, MAP_TYPE_SK_STORAGE),
     MapSpec(MAP_EVENTS, None, None, MAP_TYPE_RINGBUF),   # read as a ring of Event
+    MapSpec(MAP_DNS_CONF, ctypes.c_uint32, DnsConf, MAP_TYPE_ARRAY),
+    MapSpec(MAP_DNS, DnsKey, DnsVal, MAP_TYPE_HASH),
+    MapSpec(MAP_DNS_ORIGIN, DnsClient, DnsOrigin, MAP_TYPE_LRU_HASH),
 )}
 
 # struct name in aus.h -> mirror, for the contract test.
@@ -268,6 +328,11 @@ STRUCTS = {
     "aus_bucket": Bucket,
     "aus_sock": Sock,
     "aus_event": Event,
+    "aus_dns_conf": DnsConf,
+    "aus_dns_key": DnsKey,
+    "aus_dns_val": DnsVal,
+    "aus_dns_client": DnsClient,
+    "aus_dns_origin": DnsOrigin,
 }
 
 
@@ -305,9 +370,10 @@ def network_from16(raw: bytes, plen128: int):
 
 
 # The programs of aus.bpf.c and the cgroup hook each is attached to, in
-# attach order: the per-packet backstop first, identity last, so a first
-# install never has a moment with sockets judged by a half set. ``link``
-# is the pin name of its link and program.
+# attach order: the per-packet backstop first, then what shows a redirected
+# DNS socket its resolver (before anything redirects), identity last, so a
+# first install never has a moment with sockets judged by a half set.
+# ``link`` is the pin name of its link and program.
 PROG_TYPE_CGROUP_SKB = 8
 PROG_TYPE_CGROUP_SOCK = 9
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
@@ -318,6 +384,10 @@ ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
 ATTACH_CGROUP_UDP4_SENDMSG = 14
 ATTACH_CGROUP_UDP6_SENDMSG = 15
+ATTACH_CGROUP_UDP4_RECVMSG = 19
+ATTACH_CGROUP_UDP6_RECVMSG = 20
+ATTACH_CGROUP_INET4_GETPEERNAME = 29
+ATTACH_CGROUP_INET6_GETPEERNAME = 30
 
 
 @dataclass(frozen=True)
@@ -330,6 +400,12 @@ class Program:
 
 PROGRAMS = (
     Program("egress", "aus_egress", PROG_TYPE_CGROUP_SKB, ATTACH_CGROUP_INET_EGRESS),
+    Program("recvmsg4", "aus_recvmsg4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_UDP4_RECVMSG),
+    Program("recvmsg6", "aus_recvmsg6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_UDP6_RECVMSG),
+    Program("getpeername4", "aus_getpeername4", PROG_TYPE_CGROUP_SOCK_ADDR,
+            ATTACH_CGROUP_INET4_GETPEERNAME),
+    Program("getpeername6", "aus_getpeername6", PROG_TYPE_CGROUP_SOCK_ADDR,
+            ATTACH_CGROUP_INET6_GETPEERNAME),
     Program("connect4", "aus_connect4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_INET4_CONNECT),
     Program("connect6", "aus_connect6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_INET6_CONNECT),
     Program("sendmsg4", "aus_sendmsg4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_UDP4_SENDMSG),
