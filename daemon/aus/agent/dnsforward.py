@@ -1,0 +1,456 @@
+"""ausd's DNS forwarder: relays a managed user's DNS and allows what it names.
+
+The kernel redirects a managed user's DNS (UDP and TCP to port 53, any
+resolver the user may reach) to this forwarder on 127.0.0.1:PORT and
+[::1]:PORT, and records, per client source address and port, the login UID
+and the resolver the application chose (the "origin"). For each query the
+forwarder looks the origin up through its backend, relays the query bytes
+unchanged to that resolver, and for an answer that names something the
+user's grants match, awaits ``backend.allow()`` (the entries are in the
+kernel) before it sends the answer, unchanged, to the client: the first
+connect() after the answer already finds its address allowed.
+
+- A client with no origin (not redirected: someone sent to the forwarder
+  directly) gets REFUSED.
+- No answer within ``timeout`` (or the resolver refuses the connection):
+  SERVFAIL.
+- Truncated UDP answers (TC) pass unchanged; the client retries over TCP.
+  What a truncated answer carries is still derived (some stub resolvers use
+  it as it is).
+- An answer that does not parse is relayed as it came and allows nothing.
+- At most ``max_inflight`` queries per client address at a time (UDP; for
+  TCP per connection, which then stops reading), queries longer than
+  ``MAX_QUERY`` bytes or shorter than a header are dropped, and no bytes a
+  client or resolver sends can stop the forwarder: a failure ends that one
+  query, counted in ``errors``.
+
+The forwarder runs as ausd, whose login UID is unset, so its own queries to
+the resolvers are never redirected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Protocol
+
+import dns.flags
+import dns.message
+import dns.rcode
+
+from ..core import dnsanswer
+from ..core.dnsanswer import Derived, Grants
+
+log = logging.getLogger(__name__)
+
+PROTO_TCP = 6
+PROTO_UDP = 17
+MAX_QUERY = 4096            # bytes; a DNS question is far shorter
+HEADER = 12
+TCP_IDLE_S = 30.0           # a client TCP connection with no query for this long is closed
+MAX_TCP_CLIENTS = 256
+
+
+class Origin(NamedTuple):
+    """Whom a redirected query belongs to and where it was going
+    (aus.agent.dnsmaps.DnsOrigin has the same fields)."""
+    loginuid: int
+    family: int         # 4 or 6
+    addr: bytes         # 16 bytes, IPv4 v4-mapped
+    port: int
+
+
+class Backend(Protocol):
+    def origin(self, addr: bytes, port: int, proto: int) -> Origin | None: ...
+
+    def grants(self, loginuid: int) -> Grants: ...
+
+    def allow(self, loginuid: int, derived: list[Derived]) -> Awaitable[None]: ...
+
+
+@dataclass
+class ForwarderCounters:
+    queries: int = 0          # queries received (UDP and TCP)
+    answers: int = 0          # answers relayed from a resolver
+    derived: int = 0          # entries handed to allow()
+    allows: int = 0           # allow() calls
+    refused: int = 0          # REFUSED: no origin for the client
+    upstream_errors: int = 0  # SERVFAIL sent: resolver silent, refused or unreachable
+    parse_failures: int = 0   # answers that did not parse (relayed, nothing derived)
+    dropped: int = 0          # queries dropped: malformed, oversize, over the in-flight bound
+    allow_errors: int = 0     # allow() failed: SERVFAIL sent instead of the answer
+    errors: int = 0           # a query ended by an unexpected failure (logged)
+
+    def snapshot(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def addr16(host: str) -> bytes:
+    """A socket address's host as the maps hold it (IPv4 v4-mapped)."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if ip.version == 4:
+        return b"\x00" * 10 + b"\xff\xff" + ip.packed
+    return ip.packed
+
+
+def upstream_address(origin: Origin) -> tuple[int, tuple]:
+    """(socket family, sockaddr) of the resolver an origin names."""
+    ip = ipaddress.IPv6Address(origin.addr)
+    if ip.ipv4_mapped is not None:
+        return socket.AF_INET, (str(ip.ipv4_mapped), origin.port)
+    return socket.AF_INET6, (str(ip), origin.port, 0, 0)
+
+
+def error_answer(query: bytes, rcode: int) -> bytes | None:
+    """An answer with ``rcode`` to ``query`` (its ID and question), or None
+    when the query does not parse (then it gets no answer)."""
+    try:
+        q = dns.message.from_wire(query, ignore_trailing=True)
+        r = dns.message.make_response(q)
+        r.set_rcode(rcode)
+        r.flags |= dns.flags.RA
+        return r.to_wire()
+    except Exception:  # noqa: BLE001 - hostile query bytes: no answer
+        return None
+
+
+class DnsForwarder:
+    def __init__(self, backend: Backend, port: int = 0, *, hosts: tuple[str, ...] = ("127.0.0.1", "::1"),
+                 timeout: float = 5.0, max_inflight: int = 64,
+                 clock: Callable[[], float] | None = None):
+        self.backend = backend
+        self.hosts = hosts
+        self.timeout = timeout
+        self.max_inflight = max_inflight
+        self.counters = ForwarderCounters()
+        self._want_port = port
+        self.port = 0
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._tcp: list[asyncio.base_events.Server] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._inflight: dict[bytes, int] = {}
+        self._tcp_clients = 0
+
+    # ---- life ------------------------------------------------------------
+    async def start(self) -> int:
+        """Bind UDP and TCP on every host, one port for all; the port."""
+        for attempt in range(20):
+            try:
+                await self._bind(self._want_port)
+                return self.port
+            except OSError as exc:
+                await self.stop()
+                if self._want_port or exc.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _bind(self, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        for host in self.hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+            port = port or sock.getsockname()[1]
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpServer(self), sock=sock)
+            self._udp.append(transport)
+            tsock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                tsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    tsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                tsock.bind((host, port))
+            except OSError:
+                tsock.close()
+                raise
+            self._tcp.append(await asyncio.start_server(self._tcp_client, sock=tsock, backlog=128))
+        self.port = port
+
+    async def stop(self) -> None:
+        for t in self._udp:
+            t.close()
+        for s in self._tcp:
+            s.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for s in self._tcp:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), 1.0)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._udp, self._tcp = [], []
+
+    async def __aenter__(self) -> DnsForwarder:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- one answer --------------------------------------------------------
+    async def _release(self, loginuid: int, query: bytes, answer: bytes) -> bytes | None:
+        """Allow what ``answer`` names for ``loginuid``, then return it to
+        be sent; once the entries are in place (at once when it names
+        nothing of theirs). When allow() fails: SERVFAIL instead, since the
+        addresses would not be reachable."""
+        self.counters.answers += 1
+        grants = self.backend.grants(loginuid)
+        if not grants or not dnsanswer.may_derive(answer):
+            return answer
+        message = dnsanswer.parse(answer)
+        if message is None:
+            self.counters.parse_failures += 1
+            return answer
+        derived = dnsanswer.derive_message(message, grants)
+        if derived:
+            self.counters.allows += 1
+            self.counters.derived += len(derived)
+            try:
+                await self.backend.allow(loginuid, derived)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.counters.allow_errors += 1
+                log.exception("allowing %d DNS-derived addresses for login UID %d failed",
+                              len(derived), loginuid)
+                return error_answer(query, dns.rcode.SERVFAIL)
+        return answer
+
+    # ---- UDP -------------------------------------------------------------
+    def _udp_query(self, transport: asyncio.DatagramTransport, query: bytes, peer: tuple) -> None:
+        self.counters.queries += 1
+        if not HEADER <= len(query) <= MAX_QUERY or query[2] & 0x80:
+            self.counters.dropped += 1          # too short, too long, or itself an answer
+            return
+        client = addr16(peer[0])
+        if self._inflight.get(client, 0) >= self.max_inflight:
+            self.counters.dropped += 1
+            return
+        self._inflight[client] = self._inflight.get(client, 0) + 1
+        self._spawn(self._udp_answer(transport, query, peer, client))
+
+    async def _udp_answer(self, transport, query: bytes, peer: tuple, client: bytes) -> None:
+        try:
+            origin = self.backend.origin(client, peer[1], PROTO_UDP)
+            if origin is None:
+                self.counters.refused += 1
+                answer = error_answer(query, dns.rcode.REFUSED)
+            else:
+                answer = await self._udp_upstream(origin, query)
+                if answer is None:
+                    self.counters.upstream_errors += 1
+                    answer = error_answer(query, dns.rcode.SERVFAIL)
+                else:
+                    answer = await self._release(origin.loginuid, query, answer)
+            if answer is not None and not transport.is_closing():
+                transport.sendto(answer, peer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.counters.errors += 1
+            log.exception("DNS query from %s port %s failed", peer[0], peer[1])
+        finally:
+            left = self._inflight[client] - 1
+            if left:
+                self._inflight[client] = left
+            else:
+                del self._inflight[client]
+
+    async def _udp_upstream(self, origin: Origin, query: bytes) -> bytes | None:
+        """The resolver's answer to ``query`` from a fresh socket (a random
+        source port per query), matched by source and ID; None on timeout
+        or error."""
+        loop = asyncio.get_running_loop()
+        family, address = upstream_address(origin)
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            try:
+                sock.connect(address)       # the kernel filters other sources
+                sock.send(query)
+                deadline = loop.time() + self.timeout
+                while True:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        return None
+                    answer = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
+                    if len(answer) >= HEADER and answer[:2] == query[:2] and answer[2] & 0x80:
+                        return answer
+            except (OSError, asyncio.TimeoutError):
+                return None
+
+    # ---- TCP -------------------------------------------------------------
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        self._tcp_clients += 1
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        relay: asyncio.Task | None = None
+        try:
+            if self._tcp_clients > MAX_TCP_CLIENTS:
+                self.counters.dropped += 1
+                return
+            peer = writer.get_extra_info("peername")
+            origin = self.backend.origin(addr16(peer[0]), peer[1], PROTO_TCP)
+            pending: dict[bytes, list[tuple[asyncio.TimerHandle, bytes]]] = {}
+            slots = asyncio.Semaphore(self.max_inflight)
+            while True:
+                query = await self._read_frame(reader, TCP_IDLE_S, MAX_QUERY)
+                if query is None:       # EOF: the answers still owed go out first
+                    if relay is not None and not relay.done():
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._drain(slots), self.timeout + 1)
+                    return
+                self.counters.queries += 1
+                if query[2] & 0x80:
+                    self.counters.dropped += 1
+                    return
+                if origin is None:
+                    self.counters.refused += 1
+                    self._tcp_send(writer, error_answer(query, dns.rcode.REFUSED))
+                    continue
+                if relay is not None and relay.done():      # the resolver closed: connect again
+                    upstream[1].close()
+                    upstream = relay = None
+                if upstream is None:
+                    upstream = await self._tcp_connect(origin)
+                    if upstream is not None:
+                        relay = asyncio.get_running_loop().create_task(
+                            self._tcp_relay(origin, upstream[0], writer, pending, slots))
+                if upstream is None:
+                    self.counters.upstream_errors += 1
+                    self._tcp_send(writer, error_answer(query, dns.rcode.SERVFAIL))
+                    continue
+                await slots.acquire()
+                timer = asyncio.get_running_loop().call_later(
+                    self.timeout, self._tcp_timeout, writer, pending, slots, query)
+                pending.setdefault(query[:2], []).append((timer, query))
+                upstream[1].write(struct.pack("!H", len(query)) + query)
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            self.counters.errors += 1
+            log.exception("DNS over TCP client failed")
+        finally:
+            self._tcp_clients -= 1
+            self._tasks.discard(task)
+            if relay is not None:
+                relay.cancel()
+                with contextlib.suppress(BaseException):
+                    await relay
+            if upstream is not None:
+                upstream[1].close()
+            writer.close()
+
+    async def _drain(self, slots: asyncio.Semaphore) -> None:
+        """Wait until every query of a connection is answered."""
+        for _ in range(self.max_inflight):
+            await slots.acquire()
+
+    async def _read_frame(self, reader: asyncio.StreamReader, timeout: float | None,
+                          limit: int) -> bytes | None:
+        """One length-framed message, or None at EOF, idle timeout or a
+        frame out of bounds (the connection is then closed)."""
+        try:
+            head = await asyncio.wait_for(reader.readexactly(2), timeout)
+            size = struct.unpack("!H", head)[0]
+            if not HEADER <= size <= limit:
+                self.counters.dropped += 1
+                return None
+            return await asyncio.wait_for(reader.readexactly(size), timeout)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+            return None
+
+    async def _tcp_connect(self, origin: Origin):
+        family, address = upstream_address(origin)
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_connection(address[0], address[1], family=family), self.timeout)
+        except (OSError, asyncio.TimeoutError):
+            return None
+
+    async def _tcp_relay(self, origin: Origin, upstream: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter, pending: dict, slots: asyncio.Semaphore) -> None:
+        """Answers from the resolver, each released in turn to the client."""
+        try:
+            while True:
+                answer = await self._read_frame(upstream, None, 65535)
+                if answer is None:
+                    break
+                waiting = pending.get(answer[:2])
+                if not waiting:
+                    continue            # late (already SERVFAIL) or never asked
+                timer, query = waiting.pop(0)
+                timer.cancel()
+                if not waiting:
+                    del pending[answer[:2]]
+                try:
+                    self._tcp_send(writer, await self._release(origin.loginuid, query, answer))
+                finally:
+                    slots.release()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.counters.errors += 1
+            log.exception("DNS over TCP relay failed")
+        # the resolver closed: whatever it still owes fails now
+        for waiting in list(pending.values()):
+            for timer, query in waiting:
+                timer.cancel()
+                self.counters.upstream_errors += 1
+                slots.release()
+                self._tcp_send(writer, error_answer(query, dns.rcode.SERVFAIL))
+        pending.clear()
+
+    def _tcp_timeout(self, writer, pending: dict, slots: asyncio.Semaphore, query: bytes) -> None:
+        waiting = pending.get(query[:2])
+        if not waiting:
+            return
+        waiting[:] = [w for w in waiting if w[1] is not query]
+        if not waiting:
+            del pending[query[:2]]
+        slots.release()
+        self.counters.upstream_errors += 1
+        self._tcp_send(writer, error_answer(query, dns.rcode.SERVFAIL))
+
+    def _tcp_send(self, writer: asyncio.StreamWriter, message: bytes | None) -> None:
+        if message is not None and not writer.is_closing():
+            writer.write(struct.pack("!H", len(message)) + message)
+
+
+class _UdpServer(asyncio.DatagramProtocol):
+    def __init__(self, forwarder: DnsForwarder):
+        self.forwarder = forwarder
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        try:
+            self.forwarder._udp_query(self.transport, data, addr)
+        except Exception:
+            self.forwarder.counters.errors += 1
+            log.exception("DNS datagram from %s failed", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("DNS socket error: %s", exc)
