@@ -18,8 +18,10 @@ connect() after the answer already finds its address allowed.
   What a truncated answer carries is still derived (some stub resolvers use
   it as it is).
 - An answer that does not parse is relayed as it came and allows nothing.
-- At most ``max_inflight`` queries per client address at a time (UDP; for
-  TCP per connection, which then stops reading), queries longer than
+- At most ``max_inflight`` queries per user at a time over UDP (every
+  redirected client comes from a loopback address, so the login UID is the
+  client), as many per TCP connection (which then stops reading) and
+  ``MAX_TCP_CLIENTS`` connections; queries longer than
   ``MAX_QUERY`` bytes or shorter than a header are dropped, and no bytes a
   client or resolver sends can stop the forwarder: a failure ends that one
   query, counted in ``errors``.
@@ -240,26 +242,29 @@ class DnsForwarder:
         if not HEADER <= len(query) <= MAX_QUERY or query[2] & 0x80:
             self.counters.dropped += 1          # too short, too long, or itself an answer
             return
-        client = addr16(peer[0])
-        if self._inflight.get(client, 0) >= self.max_inflight:
+        origin = self.backend.origin(addr16(peer[0]), peer[1], PROTO_UDP)
+        if origin is None:
+            self.counters.refused += 1
+            answer = error_answer(query, dns.rcode.REFUSED)
+            if answer is not None:
+                transport.sendto(answer, peer)
+            return
+        # bounded per user: every redirected client's source is a loopback address
+        uid = origin.loginuid
+        if self._inflight.get(uid, 0) >= self.max_inflight:
             self.counters.dropped += 1
             return
-        self._inflight[client] = self._inflight.get(client, 0) + 1
-        self._spawn(self._udp_answer(transport, query, peer, client))
+        self._inflight[uid] = self._inflight.get(uid, 0) + 1
+        self._spawn(self._udp_answer(transport, query, peer, origin))
 
-    async def _udp_answer(self, transport, query: bytes, peer: tuple, client: bytes) -> None:
+    async def _udp_answer(self, transport, query: bytes, peer: tuple, origin: Origin) -> None:
         try:
-            origin = self.backend.origin(client, peer[1], PROTO_UDP)
-            if origin is None:
-                self.counters.refused += 1
-                answer = error_answer(query, dns.rcode.REFUSED)
+            answer = await self._udp_upstream(origin, query)
+            if answer is None:
+                self.counters.upstream_errors += 1
+                answer = error_answer(query, dns.rcode.SERVFAIL)
             else:
-                answer = await self._udp_upstream(origin, query)
-                if answer is None:
-                    self.counters.upstream_errors += 1
-                    answer = error_answer(query, dns.rcode.SERVFAIL)
-                else:
-                    answer = await self._release(origin.loginuid, query, answer)
+                answer = await self._release(origin.loginuid, query, answer)
             if answer is not None and not transport.is_closing():
                 transport.sendto(answer, peer)
         except asyncio.CancelledError:
@@ -268,11 +273,11 @@ class DnsForwarder:
             self.counters.errors += 1
             log.exception("DNS query from %s port %s failed", peer[0], peer[1])
         finally:
-            left = self._inflight[client] - 1
+            left = self._inflight[origin.loginuid] - 1
             if left:
-                self._inflight[client] = left
+                self._inflight[origin.loginuid] = left
             else:
-                del self._inflight[client]
+                del self._inflight[origin.loginuid]
 
     async def _udp_upstream(self, origin: Origin, query: bytes) -> bytes | None:
         """The resolver's answer to ``query`` from a fresh socket (a random
@@ -285,16 +290,30 @@ class DnsForwarder:
             try:
                 sock.connect(address)       # the kernel filters other sources
                 sock.send(query)
-                deadline = loop.time() + self.timeout
-                while True:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        return None
-                    answer = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
-                    if len(answer) >= HEADER and answer[:2] == query[:2] and answer[2] & 0x80:
-                        return answer
-            except (OSError, asyncio.TimeoutError):
+            except OSError:
                 return None
+            done = loop.create_future()
+
+            def readable() -> None:
+                while not done.done():
+                    try:
+                        answer = sock.recv(65535)
+                    except BlockingIOError:
+                        return
+                    except OSError:         # ICMP unreachable: nothing listens there
+                        done.set_result(None)
+                        return
+                    if len(answer) >= HEADER and answer[:2] == query[:2] and answer[2] & 0x80:
+                        done.set_result(answer)
+
+            fd = sock.fileno()
+            loop.add_reader(fd, readable)
+            timer = loop.call_later(self.timeout, lambda: done.done() or done.set_result(None))
+            try:
+                return await done
+            finally:
+                timer.cancel()
+                loop.remove_reader(fd)
 
     # ---- TCP -------------------------------------------------------------
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
