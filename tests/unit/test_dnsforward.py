@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import random
 import socket
 import struct
 import threading
@@ -157,7 +158,7 @@ def test_an_a_answer_is_relayed_unchanged_after_its_addresses_are_allowed(dns4):
     run(go())
 
 
-def test_aaaa_over_ipv6_to_an_ipv6_resolver(dns6):
+def test_aaaa_over_ipv6_to_an_ipv6_resolver_udp_and_tcp(dns6):
     async def go():
         backend = Backend()
         async with DnsForwarder(backend) as fwd:
@@ -165,9 +166,16 @@ def test_aaaa_over_ipv6_to_an_ipv6_resolver(dns6):
             backend.redirect(client, PROTO_UDP, (dns6.host, dns6.port))
             wire = query("github.com", "AAAA")
             assert await ask(client, fwd.port, wire) == direct(dns6, wire)
-            assert backend.allowed == [(USER, [
-                Derived(6, mapped("2001:db8::1"), 5, "github.com", frozenset({1}), GITHUB.services)])]
+            aaaa = Derived(6, mapped("2001:db8::1"), 5, "github.com", frozenset({1}), GITHUB.services)
+            assert backend.allowed == [(USER, [aaaa])]
             client.close()
+            # and over TCP on [::1]
+            reader, writer = await tcp_client(backend, fwd.port, (dns6.host, dns6.port), host="::1")
+            writer.write(struct.pack("!H", len(wire)) + wire)
+            size = struct.unpack("!H", await reader.readexactly(2))[0]
+            assert await reader.readexactly(size) == direct(dns6, wire, tcp=True)
+            assert backend.allowed == [(USER, [aaaa])] * 2
+            writer.close()
     run(go())
 
 
@@ -384,9 +392,28 @@ def test_hostile_bytes_from_clients_and_resolvers(dns4):
                 writer.write(junk)
                 assert await asyncio.wait_for(reader.read(), 5) == b""
                 writer.close()
+            # random datagrams and random TCP streams, some starting like a query
+            # (from another user: what the resolver ignores fills their in-flight bound, not ours)
+            rng = random.Random(15)
+            base = query("github.com")
+            other = udp_client()
+            backend.redirect(other, PROTO_UDP, (dns4.host, dns4.port), uid=2000)
+            for _ in range(300):
+                junk = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 300)))
+                if rng.random() < 0.5:
+                    junk = base[:rng.randrange(0, len(base))] + junk
+                await loop.sock_sendto(other, junk, ("127.0.0.1", fwd.port))
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", fwd.port)
+                writer.write(bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 400))))
+                writer.write_eof()
+                await asyncio.wait_for(reader.read(), 5)
+                writer.close()
             # still serving
             wire = query("github.com")
-            assert await ask(client, fwd.port, wire) == direct(dns4, wire)
+            await loop.sock_sendto(client, wire, ("127.0.0.1", fwd.port))
+            assert await asyncio.wait_for(loop.sock_recv(client, 65535), 5) == direct(dns4, wire)
+            other.close()
             # resolvers that answer garbage with the right ID: relayed as they came, nothing derived
             for payload in (b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + b"\xc0\x0c" * 20,
                             b"\x81\x80" + b"\xff" * 40, b"\x81\x80\x00\x00\x00\x05\x00\x00\x00\x00"):
@@ -406,7 +433,7 @@ def test_hostile_bytes_from_clients_and_resolvers(dns4):
                 bad.close()
             c = fwd.counters
             assert c.dropped >= 6 and c.parse_failures == 3 and c.errors == 0
-            assert len(backend.allowed) == 1
+            assert [d.name for _, ds in backend.allowed for d in ds] == ["github.com"] * 2
             client.close()
     run(go())
 
