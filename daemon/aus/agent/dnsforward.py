@@ -39,7 +39,7 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Protocol
 
@@ -125,8 +125,7 @@ def error_answer(query: bytes, rcode: int) -> bytes | None:
 
 class DnsForwarder:
     def __init__(self, backend: Backend, port: int = 0, *, hosts: tuple[str, ...] = ("127.0.0.1", "::1"),
-                 timeout: float = 5.0, max_inflight: int = 64,
-                 clock: Callable[[], float] | None = None):
+                 timeout: float = 5.0, max_inflight: int = 64):
         self.backend = backend
         self.hosts = hosts
         self.timeout = timeout
@@ -137,12 +136,14 @@ class DnsForwarder:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
-        self._inflight: dict[bytes, int] = {}
+        self._inflight: dict[int, int] = {}      # login UID -> UDP queries in flight
         self._tcp_clients = 0
 
     # ---- life ------------------------------------------------------------
     async def start(self) -> int:
-        """Bind UDP and TCP on every host, one port for all; the port."""
+        """Bind UDP and TCP on every host, one port for all; the port.
+        A host without IPv6 (no ::1) is served on IPv4 alone: the kernel
+        then redirects no IPv6 socket, whose DNS goes where it was sent."""
         for attempt in range(20):
             try:
                 await self._bind(self._want_port)
@@ -157,13 +158,22 @@ class DnsForwarder:
         loop = asyncio.get_running_loop()
         for host in self.hosts:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+            except OSError as exc:
+                if family == socket.AF_INET6 and exc.errno == errno.EAFNOSUPPORT:
+                    log.warning("no IPv6: the DNS forwarder listens on IPv4 only")
+                    continue
+                raise
             try:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((host, port))
-            except OSError:
+            except OSError as exc:
                 sock.close()
+                if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+                    log.warning("no %s: the DNS forwarder listens on IPv4 only", host)
+                    continue
                 raise
             port = port or sock.getsockname()[1]
             transport, _ = await loop.create_datagram_endpoint(
