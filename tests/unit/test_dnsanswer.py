@@ -15,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aus.core import dnsanswer
-from aus.core.dnsanswer import AnswerError, Derived, chain, derive
+from aus.core.dnsanswer import (
+    AnswerError,
+    AnswerUnreadable,
+    Derived,
+    chain,
+    derive,
+    derive_message,
+)
 from tests.support.dnsgrants import Grants, grant
 
 GITHUB = grant("github.com", 1, ("tcp", 443))
@@ -138,6 +145,26 @@ def test_a_truncated_answer_still_derives_what_it_carries():
     assert [d.addr for d in derive(wire, Grants(GITHUB))] == [mapped("192.0.2.1")]
 
 
+def test_ttls_are_bounded():
+    wire = answer("github.com", ("github.com", 0x7FFFFFFF, "A", "192.0.2.1"),
+                  ("github.com", 0x7FFFFFFF, "AAAA", "2001:db8::1"))
+    assert {d.ttl for d in derive(wire, Grants(GITHUB))} == {dnsanswer.MAX_TTL}
+    # RFC 2181: the top bit set counts as 0
+    top = bytearray(answer("github.com", ("github.com", 60, "A", "192.0.2.1")))
+    top[-10:-6] = (0x80000000).to_bytes(4, "big")
+    assert [d.ttl for d in derive(bytes(top), Grants(GITHUB))] == [0]
+
+
+def test_other_record_types_and_classes_are_passed_over():
+    wire = answer("github.com", ("github.com", 60, "TXT", '"v=spf1 -all"'),
+                  ("github.com", 60, "MX", "10 mail.github.com."),
+                  ("github.com", 60, "A", "192.0.2.1"))
+    r = dns.message.from_wire(wire)
+    r.answer.append(dns.rrset.from_text("github.com.", 60, "CH", "A", "github.com. 1"))
+    assert [d.addr for d in derive(r.to_wire(), Grants(GITHUB))] == [mapped("192.0.2.1")]
+    assert derive_message(r, Grants(GITHUB)) == derive(r.to_wire(), Grants(GITHUB))
+
+
 def test_duplicate_addresses_once_with_the_shortest_ttl():
     r = dns.message.from_wire(answer("github.com", ("github.com", 60, "A", "192.0.2.1")))
     r.answer.append(dns.rrset.from_text("github.com.", 5, "IN", "A", "192.0.2.1"))
@@ -149,6 +176,11 @@ def test_bytes_that_are_no_message_derive_nothing():
     wire = answer("github.com", ("github.com", 60, "A", "192.0.2.1"))
     assert dnsanswer.parse(wire[:-3]) is None
     assert derive(wire[:-3], Grants(GITHUB)) == []
+    with pytest.raises(AnswerUnreadable):
+        dnsanswer.read_answer(wire[:-3], Grants(GITHUB))
+    # an address record of the wrong size
+    bad = wire[:-6] + b"\x00\x03" + wire[-4:-1]
+    assert dnsanswer.parse(bad) is None and derive(bad, Grants(GITHUB)) == []
     # a compression pointer pointing at itself, in the question name
     loop = wire[:12] + b"\xc0\x0c" + b"\x00\x01\x00\x01"
     assert derive(loop, Grants(GITHUB)) == []
@@ -164,7 +196,8 @@ def test_random_bytes_never_raise(wire):
 _BASE = answer("www.example.org",
                ("www.example.org", 300, "CNAME", "edge7.example.net."),
                ("edge7.example.net", 60, "A", "192.0.2.9", "192.0.2.10"),
-               ("edge7.example.net", 60, "AAAA", "2001:db8::9"))
+               ("edge7.example.net", 60, "AAAA", "2001:db8::9"),
+               ("edge7.example.net", 60, "MX", "10 mx.example.net."))
 
 
 @settings(max_examples=600, deadline=None)
@@ -174,9 +207,15 @@ def test_corrupted_answers_never_raise(edits, cut):
     wire = bytearray(_BASE)
     for at, value in edits:
         wire[at] = value
-    got = derive(bytes(wire[:max(cut, 12)]), Grants(EDGE, SSH))
+    wire = bytes(wire[:max(cut, 12)])
+    got = derive(wire, Grants(EDGE, SSH))
     for d in got:       # whatever survives is well formed
-        assert d.family in (4, 6) and len(d.addr) == 16 and d.ttl >= 0 and d.rules <= {2, 3}
+        assert d.family in (4, 6) and len(d.addr) == 16 and 0 <= d.ttl <= dnsanswer.MAX_TTL
+        assert d.rules <= {2, 3}
+    # where dnspython reads the whole message, reading the wire finds the same
+    message = dnsanswer.parse(wire)
+    if message is not None:
+        assert sorted(got) == sorted(derive_message(message, Grants(EDGE, SSH)))
 
 
 name = st.from_regex(r"[a-c]{1,2}\.example\.net", fullmatch=True)
@@ -194,6 +233,7 @@ def test_random_cname_graphs(links, with_address, qname):
         if owner not in links:
             r.answer.append(dns.rrset.from_text(owner + ".", 60, "IN", "A", f"192.0.2.{i + 1}"))
     got = derive(r.to_wire(), Grants(EDGE))
+    assert sorted(got) == sorted(derive_message(r, Grants(EDGE)))
     seen, end = [qname], qname
     while end in links and links[end] not in seen:
         end = links[end]

@@ -227,11 +227,11 @@ class DnsForwarder:
         grants = self.backend.grants(loginuid)
         if not grants or not dnsanswer.may_derive(answer):
             return answer
-        message = dnsanswer.parse(answer)
-        if message is None:
+        try:
+            derived = dnsanswer.read_answer(answer, grants)
+        except dnsanswer.AnswerUnreadable:
             self.counters.parse_failures += 1
             return answer
-        derived = dnsanswer.derive_message(message, grants)
         if derived:
             self.counters.allows += 1
             self.counters.derived += len(derived)
