@@ -187,6 +187,26 @@ def test_bytes_that_are_no_message_derive_nothing():
     assert derive(b"", Grants(GITHUB)) == [] and derive(b"\x00" * 11, Grants(GITHUB)) == []
 
 
+def test_a_label_holding_a_dot_is_one_label():
+    odd = dns.name.Name([b"github.com", b""])           # one label: "github\.com"
+    r = dns.message.make_response(dns.message.make_query(odd, "A"))
+    r.answer.append(dns.rrset.from_text_list(odd, 60, "IN", "A", ["192.0.2.1"]))
+    assert derive(r.to_wire(), Grants(GITHUB)) == [] == derive_message(r, Grants(GITHUB))
+    assert chain(r)[0] == "github\\.com"
+    assert dnsanswer.read_answer(r.to_wire(), Grants(grant("*.com", 9))) == []
+
+
+def test_compression_pointers_must_point_backwards():
+    wire = bytearray(answer("github.com", ("github.com", 60, "A", "192.0.2.1")))
+    owner = wire.index(b"\xc0\x0c", 12)                 # the record's owner points at the question
+    wire[owner + 1] = owner                              # now at itself
+    with pytest.raises(AnswerUnreadable, match="backwards"):
+        dnsanswer.read_answer(bytes(wire), Grants(GITHUB))
+    wire[owner + 1] = owner + 2                          # forwards
+    with pytest.raises(AnswerUnreadable, match="backwards"):
+        dnsanswer.read_answer(bytes(wire), Grants(GITHUB))
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=600))
 def test_random_bytes_never_raise(wire):

@@ -17,16 +17,18 @@ bytes) derives nothing; the forwarder still relays it as it came. The
 resolver that produced the answer is trusted: see docs/dns.md.
 
 The forwarder reads answers with ``read_answer``/``derive``, which walk the
-header, the question and the answer section with dnspython's wire parser
-(bounds and compression pointers checked there) and build no message: that
-is several times faster than ``dns.message.from_wire``. ``derive_message``
-does the same on a parsed message; the tests hold the two to the same
-result.
+header, the question and the answer section on the bytes themselves, with
+the bounds and compression rules of dnspython's reader, and build no
+message: about ten times faster than ``dns.message.from_wire``.
+``derive_message`` does the same on a message dnspython parsed; the tests
+hold the two to the same result on random and corrupted answers.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
+import struct
 from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
@@ -38,7 +40,6 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
-import dns.wire
 
 MAX_CHAIN = 16          # CNAME links followed inside one answer
 MAX_TTL = 86_400        # seconds: no answer allows an address for longer
@@ -112,8 +113,21 @@ def parse(wire: bytes) -> dns.message.Message | None:
 
 
 # One answer record as the analysis needs it: (owner, type, ttl, value),
-# value the CNAME target (a Name) or the A/AAAA address bytes.
-_Record = tuple[dns.name.Name, int, int, object]
+# names as qname_text gives them, value the CNAME target's name or the
+# A/AAAA address bytes.
+_Record = tuple[str, int, int, object]
+_ADDRESS_SIZE = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 16}
+_HEADER = struct.Struct("!HHHHHH")
+_QUESTION_TAIL = struct.Struct("!HH")
+_RECORD_HEAD = struct.Struct("!HHIH")
+# Labels made only of these bytes read as they are; anything else is spelt
+# the way dnspython spells it (escapes), so such a name never equals a
+# policy name and a label holding a dot never reads as two labels.
+_PLAIN = re.compile(rb"[A-Za-z0-9_*-]+")
+
+
+class _Unreadable(Exception):
+    pass
 
 
 def _ttl(raw: int) -> int:
@@ -122,63 +136,115 @@ def _ttl(raw: int) -> int:
     return 0 if raw > 0x7FFFFFFF else min(raw, MAX_TTL)
 
 
-def _walk(wire: bytes) -> tuple[dns.name.Name, list[_Record]]:
+def _name(wire: bytes, pos: int) -> tuple[str, int]:
+    """The name at ``pos`` (qname_text's spelling) and the offset after it.
+
+    The rules of dnspython's reader: a compression pointer must point
+    strictly before the segment it leaves, and what it points to must end
+    before that segment (so every jump goes backwards and no loop is
+    possible); labels of 64 and more are refused; at most 255 bytes."""
+    labels = []
+    size = 1
+    after = None
+    limit = len(wire)           # where the current segment must end
+    lowest = pos                # every pointer must point below this
+    while True:
+        if pos >= limit:
+            raise _Unreadable("name runs past its bounds")
+        n = wire[pos]
+        if n == 0:
+            pos += 1
+            break
+        if n >= 0xC0:
+            if pos + 1 >= limit:
+                raise _Unreadable("cut compression pointer")
+            target = ((n & 0x3F) << 8) | wire[pos + 1]
+            if target >= lowest:
+                raise _Unreadable("compression pointer not backwards")
+            if after is None:
+                after = pos + 2
+            limit = lowest
+            lowest = pos = target
+            continue
+        if n >= 0x40:
+            raise _Unreadable("unknown label type")
+        end = pos + 1 + n
+        if end > limit:
+            raise _Unreadable("label runs past its bounds")
+        labels.append(wire[pos + 1:end])
+        size += n + 1
+        if size > 255:
+            raise _Unreadable("name longer than 255 bytes")
+        pos = end
+    if labels and all(_PLAIN.fullmatch(label) for label in labels):
+        text = b".".join(labels).decode("ascii").lower()
+    else:
+        text = qname_text(dns.name.Name(labels + [b""]))
+    return text, pos if after is None else after
+
+
+def _walk(wire: bytes) -> tuple[str, list[_Record]]:
     """The question name and the answer section's CNAME, A and AAAA records
-    of class IN, read straight off the wire with dnspython's wire parser
-    (bounds, compression pointers and their loops checked there) without
-    building a message: the authority and additional sections are not read.
-    Raises dns.exception.FormError (and its kin) on bytes that are not that,
-    AnswerError when there is not exactly one IN question."""
-    parser = dns.wire.Parser(wire)
-    _, _, qdcount, ancount, _, _ = parser.get_struct("!HHHHHH")
-    if qdcount != 1:
-        raise AnswerError("not exactly one question")
-    qname = dns.name.from_wire_parser(parser)
-    _, qclass = parser.get_struct("!HH")
-    if qclass != dns.rdataclass.IN:
-        raise AnswerError("not an IN question")
-    records: list[_Record] = []
-    for _ in range(ancount):
-        owner = dns.name.from_wire_parser(parser)
-        rtype, rclass, ttl, rdlen = parser.get_struct("!HHIH")
-        if rclass != dns.rdataclass.IN:
-            parser.get_bytes(rdlen)
-        elif rtype == dns.rdatatype.CNAME:
-            with parser.restrict_to(rdlen):
-                records.append((owner, rtype, ttl, dns.name.from_wire_parser(parser)))
-        elif rtype in _ADDRESS_SIZE:
-            if rdlen != _ADDRESS_SIZE[rtype]:
-                raise dns.exception.FormError(f"address record of {rdlen} bytes")
-            records.append((owner, rtype, ttl, parser.get_bytes(rdlen)))
-        else:
-            parser.get_bytes(rdlen)
-    return qname, records
+    of class IN, read straight off the wire (bytes only, no message built;
+    the authority and additional sections are not read). Raises
+    _Unreadable for bytes that are not that and AnswerError when there is
+    not exactly one IN question."""
+    try:
+        _, _, qdcount, ancount, _, _ = _HEADER.unpack_from(wire, 0)
+        if qdcount != 1:
+            raise AnswerError("not exactly one question")
+        qname, pos = _name(wire, _HEADER.size)
+        _, qclass = _QUESTION_TAIL.unpack_from(wire, pos)
+        pos += _QUESTION_TAIL.size
+        if qclass != dns.rdataclass.IN:
+            raise AnswerError("not an IN question")
+        records: list[_Record] = []
+        for _ in range(ancount):
+            owner, pos = _name(wire, pos)
+            rtype, rclass, ttl, rdlen = _RECORD_HEAD.unpack_from(wire, pos)
+            pos += _RECORD_HEAD.size
+            end = pos + rdlen
+            if end > len(wire):
+                raise _Unreadable("record data runs past the message")
+            if rclass != dns.rdataclass.IN:
+                pass
+            elif rtype == dns.rdatatype.CNAME:
+                target, after = _name(wire[:end], pos)
+                if after != end:
+                    raise _Unreadable("CNAME data longer than its name")
+                records.append((owner, rtype, ttl, target))
+            elif rtype in _ADDRESS_SIZE:
+                if rdlen != _ADDRESS_SIZE[rtype]:
+                    raise _Unreadable(f"address record of {rdlen} bytes")
+                records.append((owner, rtype, ttl, wire[pos:end]))
+            pos = end
+        return qname, records
+    except struct.error:
+        raise _Unreadable("message cut short") from None
 
 
-_ADDRESS_SIZE = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 16}
-
-
-def _records_of(message: dns.message.Message) -> tuple[dns.name.Name, list[_Record]]:
+def _records_of(message: dns.message.Message) -> tuple[str, list[_Record]]:
     if len(message.question) != 1 or message.question[0].rdclass != dns.rdataclass.IN:
         raise AnswerError("not exactly one IN question")
     records: list[_Record] = []
     for rrset in message.answer:
         if rrset.rdclass != dns.rdataclass.IN:
             continue
+        owner = qname_text(rrset.name)
         for rd in rrset:
             if rrset.rdtype == dns.rdatatype.CNAME:
-                records.append((rrset.name, rrset.rdtype, rrset.ttl, rd.target))
+                records.append((owner, rrset.rdtype, rrset.ttl, qname_text(rd.target)))
             elif rrset.rdtype in _ADDRESS_SIZE:
-                records.append((rrset.name, rrset.rdtype, rrset.ttl,
+                records.append((owner, rrset.rdtype, rrset.ttl,
                                 ipaddress.ip_address(rd.address).packed))
-    return message.question[0].name, records
+    return qname_text(message.question[0].name), records
 
 
-def _follow(start: dns.name.Name, records: list[_Record]) -> tuple[str, list[str], list[AnswerAddress]]:
+def _follow(start: str, records: list[_Record]) -> tuple[str, list[str], list[AnswerAddress]]:
     """The CNAME chain from ``start`` through ``records`` and the addresses
     at its end (see chain)."""
     records = [(owner, rtype, _ttl(ttl), value) for owner, rtype, ttl, value in records]
-    links: dict[dns.name.Name, tuple[dns.name.Name, int]] = {}
+    links: dict[str, tuple[str, int]] = {}
     for owner, rtype, ttl, value in records:
         if rtype == dns.rdatatype.CNAME:
             old = links.get(owner)
@@ -196,7 +262,6 @@ def _follow(start: dns.name.Name, records: list[_Record]) -> tuple[str, list[str
         names.append(target)
         ttl = link_ttl if ttl is None else min(ttl, link_ttl)
     last = names[-1]
-    shown = qname_text(last)
     ends = [r for r in records if r[0] == last and r[1] != dns.rdatatype.CNAME]
     # RFC 2181 5.2: one TTL per RRset; where the records differ, the lowest
     rrset_ttl: dict[int, int] = {}
@@ -209,9 +274,9 @@ def _follow(start: dns.name.Name, records: list[_Record]) -> tuple[str, list[str
         else:
             family, addr = FAMILY_V6, value
         rr_ttl = rrset_ttl[rtype]
-        addresses.append(AnswerAddress(shown, family, addr,
+        addresses.append(AnswerAddress(last, family, addr,
                                        rr_ttl if ttl is None else min(ttl, rr_ttl)))
-    return qname_text(start), [qname_text(n) for n in names], addresses
+    return start, names, addresses
 
 
 def chain(message: dns.message.Message) -> tuple[str, list[str], list[AnswerAddress]]:
@@ -231,6 +296,8 @@ def _grant(names: list[str], addresses: list[AnswerAddress], grants: Grants) -> 
     rules: set[int] = set()
     services: set = set()
     for name in names:
+        if "\\" in name:
+            continue        # escaped bytes: no policy name has them, and "\." is no label boundary
         matched = grants.lookup(name)
         if matched and shown is None:
             shown = name
@@ -267,8 +334,10 @@ def read_answer(wire: bytes, grants: Grants) -> list[Derived]:
         _, names, addresses = _follow(*_walk(wire))
     except AnswerError:
         return []
-    except Exception as exc:  # noqa: BLE001 - dnspython's FormError and kin, or a parser bug
-        raise AnswerUnreadable(str(exc) or type(exc).__name__) from None
+    except _Unreadable as exc:
+        raise AnswerUnreadable(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a reader bug on hostile bytes still derives nothing
+        raise AnswerUnreadable(f"{type(exc).__name__}: {exc}") from None
     return _grant(names, addresses, grants)
 
 
