@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -94,6 +95,7 @@ class ForwarderCounters:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=1024)
 def addr16(host: str) -> bytes:
     """A socket address's host as the maps hold it (IPv4 v4-mapped)."""
     ip = ipaddress.ip_address(host.split("%", 1)[0])
@@ -104,10 +106,15 @@ def addr16(host: str) -> bytes:
 
 def upstream_address(origin: Origin) -> tuple[int, tuple]:
     """(socket family, sockaddr) of the resolver an origin names."""
-    ip = ipaddress.IPv6Address(origin.addr)
+    return _sockaddr(origin.addr, origin.port)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sockaddr(addr: bytes, port: int) -> tuple[int, tuple]:
+    ip = ipaddress.IPv6Address(addr)
     if ip.ipv4_mapped is not None:
-        return socket.AF_INET, (str(ip.ipv4_mapped), origin.port)
-    return socket.AF_INET6, (str(ip), origin.port, 0, 0)
+        return socket.AF_INET, (str(ip.ipv4_mapped), port)
+    return socket.AF_INET6, (str(ip), port, 0, 0)
 
 
 def error_answer(query: bytes, rcode: int) -> bytes | None:
@@ -136,6 +143,7 @@ class DnsForwarder:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
+        self._udp_pending: set[_UdpQuery] = set()
         self._inflight: dict[int, int] = {}      # login UID -> UDP queries in flight
         self._tcp_clients = 0
 
@@ -192,6 +200,9 @@ class DnsForwarder:
         self.port = port
 
     async def stop(self) -> None:
+        for q in list(self._udp_pending):
+            q.close()
+        self._udp_pending.clear()
         for t in self._udp:
             t.close()
         for s in self._tcp:
@@ -218,35 +229,40 @@ class DnsForwarder:
         task.add_done_callback(self._tasks.discard)
 
     # ---- one answer --------------------------------------------------------
-    async def _release(self, loginuid: int, query: bytes, answer: bytes) -> bytes | None:
-        """Allow what ``answer`` names for ``loginuid``, then return it to
-        be sent; once the entries are in place (at once when it names
-        nothing of theirs). When allow() fails: SERVFAIL instead, since the
-        addresses would not be reachable."""
+    def _derive(self, loginuid: int, answer: bytes) -> list[Derived]:
+        """What ``answer`` allows ``loginuid`` (nothing, without reading it,
+        for a user with no DNS grants or an answer without records)."""
         self.counters.answers += 1
         grants = self.backend.grants(loginuid)
         if not grants or not dnsanswer.may_derive(answer):
-            return answer
+            return []
         try:
-            derived = dnsanswer.read_answer(answer, grants)
+            return dnsanswer.read_answer(answer, grants)
         except dnsanswer.AnswerUnreadable:
             self.counters.parse_failures += 1
-            return answer
-        if derived:
-            self.counters.allows += 1
-            self.counters.derived += len(derived)
-            try:
-                await self.backend.allow(loginuid, derived)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.counters.allow_errors += 1
-                log.exception("allowing %d DNS-derived addresses for login UID %d failed",
-                              len(derived), loginuid)
-                return error_answer(query, dns.rcode.SERVFAIL)
+            return []
+
+    async def _allow(self, loginuid: int, query: bytes, answer: bytes,
+                     derived: list[Derived]) -> bytes | None:
+        """``answer`` once ``derived`` is allowed; SERVFAIL when allow()
+        fails, since the addresses would not be reachable."""
+        self.counters.allows += 1
+        self.counters.derived += len(derived)
+        try:
+            await self.backend.allow(loginuid, derived)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.counters.allow_errors += 1
+            log.exception("allowing %d DNS-derived addresses for login UID %d failed",
+                          len(derived), loginuid)
+            return error_answer(query, dns.rcode.SERVFAIL)
         return answer
 
     # ---- UDP -------------------------------------------------------------
+    # Callbacks, not a task per query: a query is a socket, a reader and a
+    # timer until its answer comes; only an answer that allows something
+    # becomes a task (it awaits allow()).
     def _udp_query(self, transport: asyncio.DatagramTransport, query: bytes, peer: tuple) -> None:
         self.counters.queries += 1
         if not HEADER <= len(query) <= MAX_QUERY or query[2] & 0x80:
@@ -265,65 +281,50 @@ class DnsForwarder:
             self.counters.dropped += 1
             return
         self._inflight[uid] = self._inflight.get(uid, 0) + 1
-        self._spawn(self._udp_answer(transport, query, peer, origin))
+        pending = _UdpQuery(self, transport, query, peer, origin)
+        self._udp_pending.add(pending)
+        pending.start()
 
-    async def _udp_answer(self, transport, query: bytes, peer: tuple, origin: Origin) -> None:
+    def _udp_answered(self, q: _UdpQuery, answer: bytes | None) -> None:
+        """The resolver answered ``q`` (None: it did not, or refused)."""
+        self._udp_pending.discard(q)
         try:
-            answer = await self._udp_upstream(origin, query)
             if answer is None:
                 self.counters.upstream_errors += 1
-                answer = error_answer(query, dns.rcode.SERVFAIL)
-            else:
-                answer = await self._release(origin.loginuid, query, answer)
-            if answer is not None and not transport.is_closing():
-                transport.sendto(answer, peer)
+                self._udp_reply(q, error_answer(q.query, dns.rcode.SERVFAIL))
+                return
+            derived = self._derive(q.origin.loginuid, answer)
+            if not derived:
+                self._udp_reply(q, answer)
+                return
+            self._spawn(self._udp_allow(q, answer, derived))
+        except Exception:
+            self.counters.errors += 1
+            log.exception("DNS query from %s port %s failed", q.peer[0], q.peer[1])
+            self._udp_reply(q, None)
+
+    async def _udp_allow(self, q: _UdpQuery, answer: bytes, derived: list[Derived]) -> None:
+        reply = None
+        try:
+            reply = await self._allow(q.origin.loginuid, q.query, answer, derived)
         except asyncio.CancelledError:
             raise
         except Exception:
             self.counters.errors += 1
-            log.exception("DNS query from %s port %s failed", peer[0], peer[1])
+            log.exception("DNS query from %s port %s failed", q.peer[0], q.peer[1])
         finally:
-            left = self._inflight[origin.loginuid] - 1
-            if left:
-                self._inflight[origin.loginuid] = left
-            else:
-                del self._inflight[origin.loginuid]
+            self._udp_reply(q, reply)
 
-    async def _udp_upstream(self, origin: Origin, query: bytes) -> bytes | None:
-        """The resolver's answer to ``query`` from a fresh socket (a random
-        source port per query), matched by source and ID; None on timeout
-        or error."""
-        loop = asyncio.get_running_loop()
-        family, address = upstream_address(origin)
-        with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            try:
-                sock.connect(address)       # the kernel filters other sources
-                sock.send(query)
-            except OSError:
-                return None
-            done = loop.create_future()
-
-            def readable() -> None:
-                while not done.done():
-                    try:
-                        answer = sock.recv(65535)
-                    except BlockingIOError:
-                        return
-                    except OSError:         # ICMP unreachable: nothing listens there
-                        done.set_result(None)
-                        return
-                    if len(answer) >= HEADER and answer[:2] == query[:2] and answer[2] & 0x80:
-                        done.set_result(answer)
-
-            fd = sock.fileno()
-            loop.add_reader(fd, readable)
-            timer = loop.call_later(self.timeout, lambda: done.done() or done.set_result(None))
-            try:
-                return await done
-            finally:
-                timer.cancel()
-                loop.remove_reader(fd)
+    def _udp_reply(self, q: _UdpQuery, reply: bytes | None) -> None:
+        """Send ``reply`` (if any) and free the query's in-flight slot."""
+        uid = q.origin.loginuid
+        left = self._inflight.get(uid, 1) - 1
+        if left > 0:
+            self._inflight[uid] = left
+        else:
+            self._inflight.pop(uid, None)
+        if reply is not None and not q.transport.is_closing():
+            q.transport.sendto(reply, q.peer)
 
     # ---- TCP -------------------------------------------------------------
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -433,7 +434,10 @@ class DnsForwarder:
                 if not waiting:
                     del pending[answer[:2]]
                 try:
-                    self._tcp_send(writer, await self._release(origin.loginuid, query, answer))
+                    derived = self._derive(origin.loginuid, answer)
+                    if derived:
+                        answer = await self._allow(origin.loginuid, query, answer, derived)
+                    self._tcp_send(writer, answer)
                 finally:
                     slots.release()
         except asyncio.CancelledError:
@@ -464,6 +468,62 @@ class DnsForwarder:
     def _tcp_send(self, writer: asyncio.StreamWriter, message: bytes | None) -> None:
         if message is not None and not writer.is_closing():
             writer.write(struct.pack("!H", len(message)) + message)
+
+
+class _UdpQuery:
+    """One UDP query on its way to the resolver: from a fresh socket (a
+    random source port per query), connected so that the kernel passes only
+    the resolver's datagrams, the answer matched by its ID."""
+
+    __slots__ = ("fwd", "transport", "query", "peer", "origin", "sock", "timer")
+
+    def __init__(self, fwd: DnsForwarder, transport, query: bytes, peer: tuple, origin: Origin):
+        self.fwd, self.transport, self.query, self.peer, self.origin = fwd, transport, query, peer, origin
+        self.sock: socket.socket | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        family, address = upstream_address(self.origin)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(address)
+            sock.send(self.query)
+            loop.add_reader(sock.fileno(), self.readable)
+        except OSError:
+            sock.close()
+            loop.call_soon(self.fwd._udp_answered, self, None)
+            return
+        self.sock = sock
+        self.timer = loop.call_later(self.fwd.timeout, self.done, None)
+
+    def readable(self) -> None:
+        while self.sock is not None:
+            try:
+                answer = self.sock.recv(65535)
+            except BlockingIOError:
+                return
+            except OSError:             # ICMP unreachable: nothing listens there
+                self.done(None)
+                return
+            if len(answer) >= HEADER and answer[:2] == self.query[:2] and answer[2] & 0x80:
+                self.done(answer)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def done(self, answer: bytes | None) -> None:
+        if self.sock is None:
+            return
+        self.close()
+        self.fwd._udp_answered(self, answer)
 
 
 class _UdpServer(asyncio.DatagramProtocol):
