@@ -93,12 +93,9 @@ def may_derive(wire: bytes) -> bool:
     """From the 12-byte header alone: could this answer derive anything?
     Only a response to a standard query with NOERROR and at least one
     answer record can; everything else is relayed without parsing."""
-    if len(wire) < 12:
-        return False
-    flags = int.from_bytes(wire[2:4], "big")
-    ancount = int.from_bytes(wire[6:8], "big")
-    return bool(flags & dns.flags.QR) and (flags >> 11) & 0xF == 0 \
-        and flags & 0xF == dns.rcode.NOERROR and ancount > 0
+    # QR set, opcode QUERY (0), RCODE NOERROR (0), ANCOUNT > 0
+    return len(wire) >= 12 and wire[2] & 0xF8 == 0x80 and wire[3] & 0x0F == 0 \
+        and (wire[6] or wire[7]) != 0
 
 
 def parse(wire: bytes) -> dns.message.Message | None:
@@ -136,13 +133,20 @@ def _ttl(raw: int) -> int:
     return 0 if raw > 0x7FFFFFFF else min(raw, MAX_TTL)
 
 
-def _name(wire: bytes, pos: int) -> tuple[str, int]:
+def _name(wire: bytes, pos: int, seen: dict[int, str] | None = None) -> tuple[str, int]:
     """The name at ``pos`` (qname_text's spelling) and the offset after it.
 
     The rules of dnspython's reader: a compression pointer must point
     strictly before the segment it leaves, and what it points to must end
     before that segment (so every jump goes backwards and no loop is
-    possible); labels of 64 and more are refused; at most 255 bytes."""
+    possible); labels of 64 and more are refused; at most 255 bytes.
+    ``seen`` holds names already read in this message by their offset: a
+    name that is one pointer to one of them is not read again."""
+    if seen is not None and pos + 1 < len(wire) and wire[pos] >= 0xC0:
+        known = seen.get(((wire[pos] & 0x3F) << 8) | wire[pos + 1])
+        if known is not None:
+            return known, pos + 2
+    start = pos
     labels = []
     size = 1
     after = None
@@ -180,6 +184,8 @@ def _name(wire: bytes, pos: int) -> tuple[str, int]:
         text = b".".join(labels).decode("ascii").lower()
     else:
         text = qname_text(dns.name.Name(labels + [b""]))
+    if seen is not None:
+        seen[start] = text
     return text, pos if after is None else after
 
 
@@ -193,14 +199,15 @@ def _walk(wire: bytes) -> tuple[str, list[_Record]]:
         _, _, qdcount, ancount, _, _ = _HEADER.unpack_from(wire, 0)
         if qdcount != 1:
             raise AnswerError("not exactly one question")
-        qname, pos = _name(wire, _HEADER.size)
+        seen: dict[int, str] = {}
+        qname, pos = _name(wire, _HEADER.size, seen)
         _, qclass = _QUESTION_TAIL.unpack_from(wire, pos)
         pos += _QUESTION_TAIL.size
         if qclass != dns.rdataclass.IN:
             raise AnswerError("not an IN question")
         records: list[_Record] = []
         for _ in range(ancount):
-            owner, pos = _name(wire, pos)
+            owner, pos = _name(wire, pos, seen)
             rtype, rclass, ttl, rdlen = _RECORD_HEAD.unpack_from(wire, pos)
             pos += _RECORD_HEAD.size
             end = pos + rdlen
@@ -209,7 +216,7 @@ def _walk(wire: bytes) -> tuple[str, list[_Record]]:
             if rclass != dns.rdataclass.IN:
                 pass
             elif rtype == dns.rdatatype.CNAME:
-                target, after = _name(wire[:end], pos)
+                target, after = _name(wire[:end], pos, seen)
                 if after != end:
                     raise _Unreadable("CNAME data longer than its name")
                 records.append((owner, rtype, ttl, target))
