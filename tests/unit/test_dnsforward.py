@@ -91,12 +91,13 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def tcp_client(backend: Backend, port: int, server: tuple[str, int], host: str = "127.0.0.1"):
+async def tcp_client(backend: Backend, port: int, server: tuple[str, int], host: str = "127.0.0.1",
+                     uid: int = USER):
     """A TCP connection to the forwarder whose origin is in place before
     it connects (the kernel records it from the first packet, the SYN)."""
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     s.bind((host, 0))
-    backend.redirect(s, PROTO_TCP, server)
+    backend.redirect(s, PROTO_TCP, server, uid)
     s.setblocking(False)
     await asyncio.get_running_loop().sock_connect(s, (host, port))
     return await asyncio.open_connection(sock=s)
@@ -475,4 +476,26 @@ def test_one_port_on_both_loopbacks_and_a_fixed_port():
         again = DnsForwarder(Backend(), port)
         assert await again.start() == port
         await again.stop()
+    run(go())
+
+
+def test_tcp_connections_per_user_are_bounded(dns4):
+    async def go():
+        backend = Backend()
+        async with DnsForwarder(backend, max_tcp_per_user=2) as fwd:
+            server = (dns4.host, dns4.port)
+            held = [await tcp_client(backend, fwd.port, server) for _ in range(2)]
+            reader, writer = await tcp_client(backend, fwd.port, server)
+            assert await asyncio.wait_for(reader.read(), 5) == b""        # a third: closed
+            writer.close()
+            # another user is not held back, and the first user's connections still answer
+            wire = query("github.com")
+            other = await tcp_client(backend, fwd.port, server, uid=2000)
+            for r, w in [other, *held]:
+                w.write(struct.pack("!H", len(wire)) + wire)
+                size = struct.unpack("!H", await r.readexactly(2))[0]
+                assert await r.readexactly(size) == direct(dns4, wire, tcp=True)
+            assert fwd.counters.dropped == 1
+            for _, w in [other, *held]:
+                w.close()
     run(go())

@@ -20,8 +20,9 @@ connect() after the answer already finds its address allowed.
 - An answer that does not parse is relayed as it came and allows nothing.
 - At most ``max_inflight`` queries per user at a time over UDP (every
   redirected client comes from a loopback address, so the login UID is the
-  client), as many per TCP connection (which then stops reading) and
-  ``MAX_TCP_CLIENTS`` connections; queries longer than
+  client), as many per TCP connection (which then stops reading),
+  ``MAX_TCP_PER_USER`` connections per user and ``MAX_TCP_CLIENTS`` in
+  all; queries longer than
   ``MAX_QUERY`` bytes or shorter than a header are dropped, and no bytes a
   client or resolver sends can stop the forwarder: a failure ends that one
   query, counted in ``errors``.
@@ -58,7 +59,8 @@ PROTO_UDP = 17
 MAX_QUERY = 4096            # bytes; a DNS question is far shorter
 HEADER = 12
 TCP_IDLE_S = 30.0           # a client TCP connection with no query for this long is closed
-MAX_TCP_CLIENTS = 256
+MAX_TCP_CLIENTS = 256       # TCP connections in all
+MAX_TCP_PER_USER = 32       # ... and of one user
 
 
 class Origin(NamedTuple):
@@ -132,11 +134,13 @@ def error_answer(query: bytes, rcode: int) -> bytes | None:
 
 class DnsForwarder:
     def __init__(self, backend: Backend, port: int = 0, *, hosts: tuple[str, ...] = ("127.0.0.1", "::1"),
-                 timeout: float = 5.0, max_inflight: int = 64):
+                 timeout: float = 5.0, max_inflight: int = 64,
+                 max_tcp_per_user: int = MAX_TCP_PER_USER):
         self.backend = backend
         self.hosts = hosts
         self.timeout = timeout
         self.max_inflight = max_inflight
+        self.max_tcp_per_user = max_tcp_per_user
         self.counters = ForwarderCounters()
         self._want_port = port
         self.port = 0
@@ -146,6 +150,7 @@ class DnsForwarder:
         self._udp_pending: set[_UdpQuery] = set()
         self._inflight: dict[int, int] = {}      # login UID -> UDP queries in flight
         self._tcp_clients = 0
+        self._tcp_users: dict[int, int] = {}     # login UID -> TCP connections
 
     # ---- life ------------------------------------------------------------
     async def start(self) -> int:
@@ -333,12 +338,19 @@ class DnsForwarder:
         self._tcp_clients += 1
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         relay: asyncio.Task | None = None
+        uid = None
         try:
             if self._tcp_clients > MAX_TCP_CLIENTS:
                 self.counters.dropped += 1
                 return
             peer = writer.get_extra_info("peername")
             origin = self.backend.origin(addr16(peer[0]), peer[1], PROTO_TCP)
+            if origin is not None:
+                if self._tcp_users.get(origin.loginuid, 0) >= self.max_tcp_per_user:
+                    self.counters.dropped += 1
+                    return
+                uid = origin.loginuid
+                self._tcp_users[uid] = self._tcp_users.get(uid, 0) + 1
             pending: dict[bytes, list[tuple[asyncio.TimerHandle, bytes]]] = {}
             slots = asyncio.Semaphore(self.max_inflight)
             while True:
@@ -382,6 +394,12 @@ class DnsForwarder:
             log.exception("DNS over TCP client failed")
         finally:
             self._tcp_clients -= 1
+            if uid is not None:
+                left = self._tcp_users[uid] - 1
+                if left:
+                    self._tcp_users[uid] = left
+                else:
+                    del self._tcp_users[uid]
             self._tasks.discard(task)
             if relay is not None:
                 relay.cancel()
