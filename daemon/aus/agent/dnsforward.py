@@ -73,11 +73,22 @@ class Origin(NamedTuple):
 
 
 class Backend(Protocol):
-    def origin(self, addr: bytes, port: int, proto: int) -> Origin | None: ...
+    """What the forwarder needs of ausd. ``origin`` and ``grants`` are
+    called on the event loop for every query and must not block (a map
+    lookup, a cached object); ``allow`` returns once the entries are in the
+    kernel, and raises when they could not be written."""
 
-    def grants(self, loginuid: int) -> Grants: ...
+    def origin(self, addr: bytes, port: int, proto: int) -> Origin | None:
+        """The origin the kernel recorded for a client socket (source
+        address v4-mapped, source port, PROTO_UDP or PROTO_TCP)."""
 
-    def allow(self, loginuid: int, derived: list[Derived]) -> Awaitable[None]: ...
+    def grants(self, loginuid: int) -> Grants:
+        """The user's DNS grants (aus.core.compiler.DnsGrants); falsy when
+        the user's rules name no DNS destination."""
+
+    def allow(self, loginuid: int, derived: list[Derived]) -> Awaitable[None]:
+        """Write what an answer allows the user (aus.core.dnstable, then
+        aus.agent.dnsmaps)."""
 
 
 @dataclass
