@@ -1,7 +1,7 @@
 """What one DNS answer allows: the addresses of names a user's rules name. Pure.
 
 ausd's forwarder hands every answer it relays for a managed user to
-``derive`` together with that user's DNS grants. The answer's question name
+``read_answer`` with that user's DNS grants. The answer's question name
 starts a CNAME chain that is followed inside the answer section only (never
 through another query), at most ``MAX_CHAIN`` links, a loop refused. The
 A/AAAA records of the chain's last name are its addresses. When any name of
