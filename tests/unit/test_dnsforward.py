@@ -499,3 +499,23 @@ def test_tcp_connections_per_user_are_bounded(dns4):
             for _, w in [other, *held]:
                 w.close()
     run(go())
+
+
+@pytest.mark.parametrize("grants,read", [(Grants(), 0), (Grants(GITHUB), 1)])
+def test_a_user_without_grants_has_answers_relayed_unread(grants, read):
+    async def go():
+        backend = Backend(grants)
+        async with DnsForwarder(backend) as fwd:
+            client = udp_client()
+            # a question name that points at itself: unreadable, if read
+            garbage = b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01"
+            bad = HostileResolver(garbage)
+            try:
+                backend.redirect(client, PROTO_UDP, bad.address)
+                wire = query("github.com")
+                assert await ask(client, fwd.port, wire) == wire[:2] + garbage
+            finally:
+                bad.close()
+            assert (fwd.counters.answers, fwd.counters.parse_failures) == (1, read)
+            client.close()
+    run(go())
