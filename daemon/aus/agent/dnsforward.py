@@ -155,7 +155,7 @@ class DnsForwarder:
         self.counters = ForwarderCounters()
         self._want_port = port
         self.port = 0
-        self._udp: list[asyncio.DatagramTransport] = []
+        self._udp: list[_UdpListener] = []
         self._tcp: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self._udp_pending: set[_UdpQuery] = set()
@@ -200,9 +200,7 @@ class DnsForwarder:
                     continue
                 raise
             port = port or sock.getsockname()[1]
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpServer(self), sock=sock)
-            self._udp.append(transport)
+            self._udp.append(_UdpListener(self, sock, loop))
             tsock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 tsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -279,7 +277,7 @@ class DnsForwarder:
     # Callbacks, not a task per query: a query is a socket, a reader and a
     # timer until its answer comes; only an answer that allows something
     # becomes a task (it awaits allow()).
-    def _udp_query(self, transport: asyncio.DatagramTransport, query: bytes, peer: tuple) -> None:
+    def _udp_query(self, transport: _UdpListener, query: bytes, peer: tuple) -> None:
         self.counters.queries += 1
         if not HEADER <= len(query) <= MAX_QUERY or query[2] & 0x80:
             self.counters.dropped += 1          # too short, too long, or itself an answer
@@ -555,20 +553,48 @@ class _UdpQuery:
         self.fwd._udp_answered(self, answer)
 
 
-class _UdpServer(asyncio.DatagramProtocol):
-    def __init__(self, forwarder: DnsForwarder):
+class _UdpListener:
+    """A listening UDP socket, read until empty on each wakeup (under load
+    one pass of the event loop takes many queries); answers are sent at
+    once, and one the socket cannot take now is dropped (the client asks
+    again), as a resolver does."""
+
+    BATCH = 64      # datagrams read per wakeup, so that other work gets its turn
+
+    def __init__(self, forwarder: DnsForwarder, sock: socket.socket, loop: asyncio.AbstractEventLoop):
         self.forwarder = forwarder
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.loop = loop
+        self.closed = False
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self.readable)
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def readable(self) -> None:
+        for _ in range(self.BATCH):
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # an ICMP error for an earlier answer
+                log.debug("DNS socket error: %s", exc)
+                continue
+            try:
+                self.forwarder._udp_query(self, data, peer)
+            except Exception:
+                self.forwarder.counters.errors += 1
+                log.exception("DNS datagram from %s failed", peer)
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def sendto(self, data: bytes, peer: tuple) -> None:
         try:
-            self.forwarder._udp_query(self.transport, data, addr)
-        except Exception:
-            self.forwarder.counters.errors += 1
-            log.exception("DNS datagram from %s failed", addr)
+            self.sock.sendto(data, peer)
+        except OSError as exc:
+            log.debug("DNS answer to %s not sent: %s", peer, exc)
 
-    def error_received(self, exc: Exception) -> None:
-        log.debug("DNS socket error: %s", exc)
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
