@@ -158,7 +158,10 @@ class DnsForwarder:
         self._udp: list[_UdpListener] = []
         self._tcp: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
-        self._udp_pending: set[_UdpQuery] = set()
+        # UDP queries waiting for their resolver, oldest first, by deadline
+        # (one timeout for all: insertion order is deadline order)
+        self._udp_pending: dict[_UdpQuery, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._inflight: dict[int, int] = {}      # login UID -> UDP queries in flight
         self._tcp_clients = 0
         self._tcp_users: dict[int, int] = {}     # login UID -> TCP connections
@@ -214,6 +217,9 @@ class DnsForwarder:
         self.port = port
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for q in list(self._udp_pending):
             q.close()
         self._udp_pending.clear()
@@ -296,12 +302,15 @@ class DnsForwarder:
             return
         self._inflight[uid] = self._inflight.get(uid, 0) + 1
         pending = _UdpQuery(self, transport, query, peer, origin)
-        self._udp_pending.add(pending)
+        loop = asyncio.get_running_loop()
+        self._udp_pending[pending] = loop.time() + self.timeout
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_every(), self._sweep)
         pending.start()
 
     def _udp_answered(self, q: _UdpQuery, answer: bytes | None) -> None:
         """The resolver answered ``q`` (None: it did not, or refused)."""
-        self._udp_pending.discard(q)
+        self._udp_pending.pop(q, None)
         try:
             if answer is None:
                 self.counters.upstream_errors += 1
@@ -316,6 +325,23 @@ class DnsForwarder:
             self.counters.errors += 1
             log.exception("DNS query from %s port %s failed", q.peer[0], q.peer[1])
             self._udp_reply(q, None)
+
+    def _sweep_every(self) -> float:
+        return min(0.25, self.timeout / 4)
+
+    def _sweep(self) -> None:
+        """Every query past its deadline fails (SERVFAIL): one timer for
+        all, not one per query."""
+        now = asyncio.get_running_loop().time()
+        late = []
+        for q, deadline in self._udp_pending.items():
+            if deadline > now:
+                break
+            late.append(q)
+        for q in late:
+            q.done(None)
+        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep) \
+            if self._udp_pending else None
 
     async def _udp_allow(self, q: _UdpQuery, answer: bytes, derived: list[Derived]) -> None:
         reply = None
@@ -502,12 +528,11 @@ class _UdpQuery:
     random source port per query), connected so that the kernel passes only
     the resolver's datagrams, the answer matched by its ID."""
 
-    __slots__ = ("fwd", "transport", "query", "peer", "origin", "sock", "timer")
+    __slots__ = ("fwd", "transport", "query", "peer", "origin", "sock")
 
     def __init__(self, fwd: DnsForwarder, transport, query: bytes, peer: tuple, origin: Origin):
         self.fwd, self.transport, self.query, self.peer, self.origin = fwd, transport, query, peer, origin
         self.sock: socket.socket | None = None
-        self.timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -523,7 +548,6 @@ class _UdpQuery:
             loop.call_soon(self.fwd._udp_answered, self, None)
             return
         self.sock = sock
-        self.timer = loop.call_later(self.fwd.timeout, self.done, None)
 
     def readable(self) -> None:
         while self.sock is not None:
@@ -542,9 +566,6 @@ class _UdpQuery:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def done(self, answer: bytes | None) -> None:
         if self.sock is None:
