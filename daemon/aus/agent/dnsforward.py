@@ -144,6 +144,11 @@ def error_answer(query: bytes, rcode: int) -> bytes | None:
 
 
 class DnsForwarder:
+    """The forwarder on ``hosts`` (loopback v4 and v6), one ``port`` for UDP
+    and TCP on all (0: any free one; ``start()`` returns it, ``.port``
+    keeps it). ``counters`` for metrics. Runs on the caller's event loop
+    until ``stop()``; also an async context manager."""
+
     def __init__(self, backend: Backend, port: int = 0, *, hosts: tuple[str, ...] = ("127.0.0.1", "::1"),
                  timeout: float = 5.0, max_inflight: int = 64,
                  max_tcp_per_user: int = MAX_TCP_PER_USER):
