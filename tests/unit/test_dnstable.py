@@ -154,3 +154,12 @@ def test_the_table_keeps_its_bounds(steps):
             kernel.update(change.puts)
         assert all(t.entries_of(u) <= 3 for u in (1000, 1001, 1002))
         assert kernel == t.entries()
+        assert t.counts().entries == len(kernel)
+
+
+def test_refreshes_do_not_grow_the_table():
+    t = DnsTable(10, 0)
+    for i in range(20_000):
+        t.add(1000, [derived(1, ttl=60), derived(2, ttl=60)], i * S)
+    assert len(t._heap) <= 4 * 2 + 1024 + 1
+    assert t.expire(20_100 * S) == [TableKey(1000, 4, addr(1)), TableKey(1000, 4, addr(2))]

@@ -63,6 +63,7 @@ class DnsTable:
         self._users: dict[int, dict[TableKey, _Entry]] = {}
         self._heap: list[tuple[int, TableKey]] = []   # (expires_ns, key), stale ones skipped
         self._overflow = 0
+        self._entries = 0
 
     # ---- changes ---------------------------------------------------------
     def add(self, loginuid: int, derived: Iterable[Derived], now_ns: int) -> TableChange:
@@ -89,6 +90,8 @@ class DnsTable:
                 value = TableEntry(expires, frozenset(d.services), frozenset(d.rules), d.name)
                 names = frozenset({d.name})
             mine[key] = _Entry(value, names)
+            if old is None:
+                self._entries += 1
             if old is None or value.expires_ns != old.value.expires_ns:
                 heapq.heappush(self._heap, (value.expires_ns, key))
             if old is None or value != old.value:
@@ -96,6 +99,7 @@ class DnsTable:
         if not mine:
             del self._users[loginuid]
         self._overflow += overflow
+        self._size_heap()
         return TableChange(puts, overflow, [k for k in deletes if k not in puts])
 
     def expire(self, now_ns: int) -> list[TableKey]:
@@ -108,16 +112,18 @@ class DnsTable:
             if entry is None or entry.value.expires_ns != expires:
                 continue        # refreshed or removed since
             del mine[key]
+            self._entries -= 1
             if not mine:
                 del self._users[key.loginuid]
             gone.append(key)
-        if len(self._heap) > 4 * max(self._size(), 1024):
-            self._compact()
+        self._size_heap()
         return gone
 
     def drop_user(self, loginuid: int) -> list[TableKey]:
         """Forget every entry of a user (logged out, removed); their keys."""
-        return list(self._users.pop(loginuid, {}))
+        gone = list(self._users.pop(loginuid, {}))
+        self._entries -= len(gone)
+        return gone
 
     def regrant(self, loginuid: int, grants: Grants) -> TableChange:
         """After a policy change: an entry none of whose names matches any
@@ -137,6 +143,7 @@ class DnsTable:
                     services.update(g.services)
             if not names:
                 del mine[key]
+                self._entries -= 1
                 deletes.append(key)
                 continue
             shown = entry.value.name if entry.value.name in names else min(names)
@@ -164,19 +171,20 @@ class DnsTable:
         return len(self._users.get(loginuid, {}))
 
     def counts(self) -> TableCounts:
-        return TableCounts(self._size(), len(self._users), self._overflow)
+        return TableCounts(self._entries, len(self._users), self._overflow)
 
     # ---- inside ----------------------------------------------------------
-    def _size(self) -> int:
-        return sum(len(m) for m in self._users.values())
-
     def _prune(self, mine: dict[TableKey, _Entry], now_ns: int) -> list[TableKey]:
         """Drop one user's expired entries (to make room under the cap)."""
         gone = [k for k, e in mine.items() if e.value.expires_ns <= now_ns]
         for k in gone:
             del mine[k]
+        self._entries -= len(gone)
         return gone
 
-    def _compact(self) -> None:
-        self._heap = [(e.value.expires_ns, k) for m in self._users.values() for k, e in m.items()]
-        heapq.heapify(self._heap)
+    def _size_heap(self) -> None:
+        """Refreshes leave stale heap items behind; past four per entry,
+        rebuild the heap from the entries (amortised O(1) per refresh)."""
+        if len(self._heap) > 4 * self._entries + 1024:
+            self._heap = [(e.value.expires_ns, k) for m in self._users.values() for k, e in m.items()]
+            heapq.heapify(self._heap)
