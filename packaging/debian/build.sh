@@ -13,7 +13,7 @@
 # Python dependencies come from Debian 12 where bookworm has the version
 # pyproject.toml asks for; the others are vendored from PyPI, at the
 # version pyproject.toml asks for, into the package's own vendor directory:
-#   agent   Debian: PyYAML, bcc               vendored: pydantic 2 (bookworm: 1.10)
+#   agent   Debian: PyYAML, bcc, dnspython    vendored: pydantic 2 (bookworm: 1.10)
 #   server  Debian: PyYAML, psycopg 3.1       vendored: pydantic 2 (1.10),
 #           fastapi >= 0.110 (0.92), uvicorn >= 0.29 (0.17), SQLAlchemy 2
 #           (1.4), alembic >= 1.13 (1.8), scim2-models (absent), and what
@@ -140,7 +140,7 @@ install -m 755 packaging/debian/aus-server.postrm "$SROOT/DEBIAN/postrm"
 # Debian provides at run time come from PyPI here, so the build host needs
 # none of them. Pages are dated by the last commit, for reproducible builds.
 TOOLS=$WORK/tools
-vendor "$TOOLS" shtab PyYAML prometheus-client
+vendor "$TOOLS" shtab PyYAML prometheus-client dnspython
 MANUAL_DATE=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 SOURCE_DATE_EPOCH=$MANUAL_DATE PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=daemon:$ROOT/usr/lib/aus/vendor:$TOOLS \
     /usr/bin/python3 -m aus.manual "$ROOT" ausd ausctl
