@@ -62,6 +62,8 @@ from . import (
     subjects,
 )
 from .config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config
+from .dnsmaps import DnsMaps
+from .dnsnames import DnsNames
 from .enforcement import mode_in_force
 from .flowlog import sink_of as flow_log_sink
 from .flowrecords import Aggregator as FlowAggregator
@@ -142,6 +144,7 @@ class Daemon:
         self._policy_groups: dict[tuple, tuple[str, ...]] = {}
         self._policy_groups_of: Policy | None = None
         self.ring: RingBuffer | None = None
+        self.dns: DnsNames | None = None   # DNS-name destinations, once the maps are loaded
         self._scanned: dict[int, int] | None = None   # handed over by the scanner
         self._stopping = threading.Event()
         self._signals: list[int] = []
@@ -216,6 +219,8 @@ class Daemon:
         self._follow_mode()
         self.rebuild_want()
         self.sync(why)   # the new mode goes into the config map with the users
+        if self.dns is not None:
+            self.dns.policy_changed(compiled)
         return compiled
 
     def _follow_mode(self) -> None:
@@ -459,7 +464,9 @@ class Daemon:
                        mode=C.MODES[self.mode.mode],
                        events_per_sec=self.cfg.events_per_second,
                        events_burst=self.cfg.events_burst,
-                       policy_version=self.compiled.version)
+                       policy_version=self.compiled.version,
+                       dns_portsets=self.compiled.dns_portsets() | (
+                           self.dns.portsets() if self.dns is not None else frozenset()))
 
     def sync(self, why: str, changed: set[int] | None = None) -> None:
         """Bring the maps to self.want; ``changed`` names the only users
@@ -475,12 +482,34 @@ class Daemon:
                 # at complete content; model what the maps really hold so
                 # the next plan starts from there.
                 self.kstate = mapsync.read_state(self.loaded.maps)
+                if self.dns is not None:
+                    self.dns.published(self.kstate)
                 raise
             self.kstate = new
             log.debug("sync (%s): %s", why, p.summary())
+        if self.dns is not None:
+            self.dns.published(self.kstate)
+            self._dns_users(changed)
         self.last_sync = {"why": why, "changes": p.summary() if p else {},
                           "seconds": round(time.perf_counter() - t0, 6),
                           "at": time.time()}
+
+    def _dns_users(self, changed: set[int] | None) -> None:
+        """The DNS grants of the users that changed (everyone: None) for
+        the forwarder; a user gone loses what answers allowed it."""
+        assert self.dns is not None
+        grants = {} if changed is None else dict(self.dns.grants_by_user)
+        for uid in (self.identities if changed is None else changed):
+            ident = self.identities.get(uid)
+            g = self.compiled.dns_grants(ident.rule_ids) if ident is not None else None
+            if g:
+                grants[uid] = g
+            else:
+                grants.pop(uid, None)
+        self.dns.set_grants(grants)
+        gone = (set(self.dns.table_users()) if changed is None else changed) - self.want.keys()
+        for uid in gone:
+            self.dns.user_gone(uid)
 
     def apply_scan(self, counts: dict[int, int]) -> None:
         """Users that came or went, and stale group lists, since the last
@@ -555,6 +584,10 @@ class Daemon:
         self.loaded = loader.compile_and_load(self.cfg, offset)
         stage("take the attached programs" if self.loaded.reused else "compile and load")
         self.kstate = mapsync.read_state(self.loaded.maps)
+        self.dns = DnsNames(DnsMaps(self.loaded.maps), port=self.cfg.dns_port,
+                            max_per_user=self.cfg.dns_max_per_user, grace_s=self.cfg.dns_grace,
+                            timeout=self.cfg.dns_timeout, wake=self._wake_dns)
+        self.dns.adopt(self.kstate)   # before the first sync: it keeps their portsets
         if self.cfg.policy_url:
             # The kernel's version is the bundle's (0: none yet).
             version = bundle.version if bundle else 0
@@ -587,6 +620,13 @@ class Daemon:
         self.sync("start")
         self.policy_applied_at = time.time()
         stage("write maps")
+        try:
+            self.dns.serve()
+        except AusError as exc:
+            # Names then allow nothing (fail closed); everything else works.
+            log.error("%s: DNS is not redirected and DNS-name rules allow nothing", exc)
+        self.dns.policy_changed(self.compiled)
+        stage("DNS forwarder")
         loader.attach(self.loaded, self.cfg.cgroup_path)
         stage("attach")
         if self.follower is not None:
@@ -614,6 +654,8 @@ class Daemon:
     def close(self) -> None:
         if self.metrics is not None:   # first: a scrape reads the maps closed below
             self.metrics.stop()
+        if self.dns is not None:
+            self.dns.stop()
         self.lookups.stop()
         if self.uploader is not None:
             self.uploader.stop()
@@ -636,6 +678,14 @@ class Daemon:
         self.lock.release()
 
     # ---- main loop -------------------------------------------------------
+    def _wake_dns(self) -> None:
+        """Called by the DNS forwarder's thread: an answer waits for a
+        portset only the main loop can write."""
+        try:
+            os.write(self._wake_w, b"d")
+        except OSError:
+            pass
+
     def _on_signal(self, signum, _frame) -> None:
         self._signals.append(signum)
         try:
@@ -685,6 +735,12 @@ class Daemon:
                     return 0
             while self._inbox:
                 self.apply_fetched(self._inbox.popleft())
+            if self.dns.wanted():
+                try:
+                    self.sync("dns")
+                except AusError as exc:
+                    log.error("DNS entries' services: %s", exc)
+                self.dns.portsets_synced()
             if self._answers or self.lookups.pending():
                 try:
                     self.take_answers()
@@ -694,6 +750,7 @@ class Daemon:
             if counts is not None:
                 try:
                     self.apply_scan(counts)
+                    self.dns.expire()
                 except AusError as exc:
                     log.error("scan: %s", exc)
                 self.notifier.watchdog()
@@ -718,6 +775,8 @@ class Daemon:
         ev = flows.decode(raw, self.kstate.rules)
         ident = self.identities.get(ev["login_uid"])
         ev["user"] = ident.info.name if ident is not None else None
+        if ev["reason"] == "dns" and self.dns is not None:
+            ev["dns_name"] = self.dns.name_for(ev["login_uid"], ev["family"], ev["dst"])
         self.flow_history.append(ev)
         self.flow_records.add(ev)
         self.server.broadcast({"ok": True, "flow": ev}, ev["login_uid"])
@@ -788,7 +847,8 @@ class Daemon:
     # followed by a recompute would hide a group removal from due()).
     def cmd_status(self, args, peer, viewer) -> dict:
         return {"ok": True, **report.status(self.snapshot()), "flow_records": self.flow_status(),
-                "directory": self.directory_status()}
+                "directory": self.directory_status(),
+                "dns": self.dns.status() if self.dns is not None else None}
 
     def cmd_users(self, args, peer, viewer) -> dict:
         return {"ok": True, "users": report.users(self.snapshot(), viewer)}

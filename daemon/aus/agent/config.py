@@ -304,6 +304,15 @@ class DaemonConfig(BaseModel):
     max_services: MapSize = 262144
     max_rules: MapSize = 4096
     max_dns_entries: MapSize = 262144
+    # DNS-name destinations (see docs/dns.md): the forwarder's port on
+    # 127.0.0.1 and ::1 (below 1024, so no unprivileged process can take
+    # it while ausd is down; 0: any free one), how long an address
+    # outlives its answer's TTL, how many addresses answers may allow one
+    # user, and how long the forwarder waits for a resolver.
+    dns_port: Annotated[int, Field(strict=True), _between(0, 65535)] = 54
+    dns_grace: Annotated[float, StrictNumber, _between(0.0, 86400.0, " seconds")] = 30.0
+    dns_max_per_user: Annotated[int, Field(strict=True), _between(1, 1_000_000)] = 4096
+    dns_timeout: Annotated[float, StrictNumber, _between(0.1, 60.0, " seconds")] = 5.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     bpf_dir: Annotated[Path | None, PathIn] = None
     # With a policy URL (see docs/policy-server-client.md):

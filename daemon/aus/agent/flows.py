@@ -59,6 +59,8 @@ def format_line(f: dict) -> str:
     dst = f"[{f['dst']}]" if ":" in f["dst"] else f["dst"]
     port = f":{f['dport']}" if f["proto"] in ("tcp", "udp") else ""
     rule = f" rule={f['rule']}" if f["rule"] else ""
+    if f.get("dns_name"):
+        rule += f" name={f['dns_name']}"
     user = f" user={f['user']}" if f.get("user") else ""
     return (f"{when} {f['verdict'].upper():5} login_uid={f['login_uid']}{user} uid={f['uid']} "
             f"pid={f['pid']} comm={f['comm']} {f['proto']} -> {dst}{port} "

@@ -149,6 +149,8 @@ def cmd_status(args, cfg: DaemonConfig) -> int:
                 lines += _upload_lines(s["upload"])
             if s.get("directory"):
                 lines.append(_directory_line(s["directory"]))
+            if s.get("dns"):
+                lines.append(_dns_line(s["dns"]))
             lines += [f"users:     {s['users']['active']} active",
                       f"kernel:    {s['kernel']['rulesets']} rulesets, "
                       f"{s['kernel']['destinations']} destinations, {s['kernel']['services']} services",
@@ -182,6 +184,21 @@ def _directory_line(d: dict) -> str:
         head = "every user's rules come from a directory answer"
     return (f"directory: {head}; lookups {d['queued']} queued, {d['running']} running, "
             f"{d['answered']} answered, {d['timed_out']} over {d['timeout_seconds']:g} s")
+
+
+def _dns_line(d: dict) -> str:
+    """DNS-name destinations: the forwarder and what answers allowed."""
+    if not d["enabled"]:
+        why = "no rule names a DNS destination" if d["port"] else "the forwarder is not listening"
+        return f"dns:       {why} (DNS is not redirected)"
+    f = d.get("forwarder") or {}
+    line = (f"dns:       forwarder on port {d['port']}: {f.get('queries', 0)} queries, "
+            f"{f.get('refused', 0)} refused, {f.get('upstream_errors', 0)} resolver failures; "
+            f"{d['entries']} addresses allowed to {d['users']} users, "
+            f"{d['overflow']} over the per-user cap")
+    if d["adopted"]:
+        line += f", {d['adopted']} kept from before the start"
+    return line
 
 
 def _records_line(r: dict) -> str:
