@@ -128,11 +128,12 @@ def world(tools, tmp_path_factory):
         cg = stack.enter_context(lab.cgroup())
         users, groups = stack.enter_context(lab.users({"alice": ["dev"], "bob": ["ops"]}))
         d = stack.enter_context(lab.ausd(cg, policy(peer, groups), dns_grace=GRACE,
-                                         dns_timeout=1.0))
+                                         dns_timeout=1.0, metrics_interval=1.0,
+                                         metrics_textfile=str(workdir / "ausd.prom")))
         d.start()
         for u in users.values():
             stack.enter_context(lab.session(d, u.uid, u.uid, u.gid))
-        yield {"lab": w, "peer": peer, "names": names, "zone": zone, "cg": cg,
+        yield {"metrics": workdir / "ausd.prom", "lab": w, "peer": peer, "names": names, "zone": zone, "cg": cg,
                "users": users, "groups": groups, "d": d}
 
 
@@ -172,8 +173,27 @@ def test_a_name_allows_its_answer_and_nothing_else(world):
     flows = [json.loads(line) for line in d.ctl("flows", "--json").stdout.splitlines()]
     named = [f for f in flows if f["dst"] == a and f.get("dns_name")]
     assert named and named[-1]["dns_name"] == "allowed.test", flows[-5:]
+    records = d.ctl_json("flows", "--records")["records"]
+    mine = [r for r in records if r["dst"] == a and r["verdict"] == "allowed"]
+    assert mine and mine[-1]["dns_name"] == "allowed.test", records[-5:]
     st = d.ctl_json("status")["dns"]
     assert st["enabled"] and st["entries"] >= 1 and st["forwarder"]["queries"] >= 1, st
+
+
+def test_metrics_count_the_forwarder_and_the_entries(world):
+    resolve_connect(world, "alice", "allowed.test")
+    deadline = time.monotonic() + 10
+    while True:
+        text = world["metrics"].read_text() if world["metrics"].exists() else ""
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                  for line in text.splitlines() if line.startswith("ausd_dns")}
+        if values.get('ausd_dns_forwarder_total{kind="queries"}', 0) >= 2 \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert values.get("ausd_dns_redirecting") == 1, text
+    assert values.get("ausd_dns_entries", 0) >= 1, text
+    assert values.get('ausd_dns_forwarder_total{kind="queries"}', 0) >= 2, text
 
 
 def test_a_name_no_rule_names_is_resolved_and_allows_nothing(world):

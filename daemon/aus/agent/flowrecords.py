@@ -80,6 +80,7 @@ class _Open:
     user: str
     groups: tuple[str, ...]
     process: str
+    dns_name: str = ""      # the DNS name whose answer allowed it, if one did
 
 
 def _utc(t: float) -> _dt.datetime:
@@ -115,6 +116,7 @@ class Aggregator:
             rec.count += 1
             if t >= rec.last:
                 rec.last, rec.process = t, ev["comm"]
+                rec.dns_name = ev.get("dns_name") or rec.dns_name
             rec.first = min(rec.first, t)
             return
         if len(self.records) >= self.cap:
@@ -127,7 +129,7 @@ class Aggregator:
                 self.dropped += 1
             return
         user, groups = self.who(key[0])
-        self.records[key] = _Open(t, t, 1, user, groups, ev["comm"])
+        self.records[key] = _Open(t, t, 1, user, groups, ev["comm"], ev.get("dns_name") or "")
 
     def timeout(self) -> float:
         """Seconds until the window closes; 0 while a close is under way."""
@@ -177,7 +179,7 @@ class Aggregator:
             groups=[printable(g, 256) for g in r.groups[:MAX_GROUPS]],
             process=printable(r.process, 64), dst=dst, proto=proto, port=port,
             verdict=verdict, rule=printable(rule, 64), first_seen=_utc(r.first),
-            last_seen=_utc(max(r.first, r.last)), count=r.count)
+            last_seen=_utc(max(r.first, r.last)), count=r.count, dns_name=r.dns_name)
 
     def current(self) -> list[FlowRecord]:
         """The open window's records so far (for ausctl flows --records)."""

@@ -110,7 +110,7 @@ class Collector:
         yield _gauge("ausd_info", "ausd's version (always 1)", 1, version=__version__)
         yield _gauge("ausd_start_time_seconds", "When this ausd started (Unix time)",
                      d.started)
-        parts = [self._policy, self._users_and_maps, self._bundle, self._logins]
+        parts = [self._policy, self._users_and_maps, self._bundle, self._logins, self._dns]
         if d.loaded is not None and d.loaded.maps:
             parts[1:1] = [self._decisions, self._rules, self._events]
         for part in parts:
@@ -240,6 +240,25 @@ class Collector:
         yield HistogramMetricFamily(
             "ausd_login_latency_seconds", "From a session open request (the PAM hook) to "
             "the user's rules in the kernel", buckets=buckets, sum_value=total)
+
+
+    def _dns(self):
+        """DNS-name destinations: the forwarder's counters and the entries
+        answers made (docs/dns.md)."""
+        if self.d.dns is None:
+            return
+        st = self.d.dns.status()
+        q = CounterMetricFamily("ausd_dns_forwarder", "The DNS forwarder's events by kind "
+                                "(queries, answers, refused, upstream_errors, ...)", labels=["kind"])
+        for kind, value in sorted(st["forwarder"].items()):
+            q.add_metric([kind], value)
+        yield q
+        yield _gauge("ausd_dns_entries", "Addresses DNS answers allow, over all users",
+                     st["entries"])
+        yield CounterMetricFamily("ausd_dns_overflow", "Addresses not allowed because the "
+                                  "user had dns_max_per_user already", value=st["overflow"])
+        yield _gauge("ausd_dns_redirecting", "1 while managed users' DNS goes through the "
+                     "forwarder", 1 if st["enabled"] else 0)
 
 
 def _gauge(name: str, text: str, value: float, **labels: str) -> GaugeMetricFamily:

@@ -13,7 +13,8 @@ so the wire format cannot drift::
                   "first_seen": "2026-12-06T03:00:01Z",
                   "last_seen": "2026-12-06T03:00:07Z", "count": 3}]}
 
-``verdict`` is ``allowed``, ``denied`` or ``would_deny`` (visibility mode:
+``dns_name`` (optional) is the DNS name whose answer allowed the
+destination to that user, when a name rule did. ``verdict`` is ``allowed``, ``denied`` or ``would_deny`` (visibility mode:
 denied by the policy, let through). ``rule`` is the name of the deciding
 rule, ``baseline``, or ``""`` when no rule allowed it. ``port`` is 0 for
 ICMP and for protocols without ports. ``dropped`` counts records the
@@ -123,6 +124,8 @@ class FlowRecord(BaseModel):
     first_seen: UtcTime
     last_seen: UtcTime
     count: int = Field(ge=1, le=1 << 53)
+    # the DNS name whose answer allowed the destination (docs/dns.md)
+    dns_name: Annotated[str, _text(253)] = ""
 
     @field_validator("dst", mode="before")
     @classmethod
