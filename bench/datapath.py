@@ -9,6 +9,10 @@ programs judge only its clients). Configurations:
   planner for N users with M rules each, every user with rules of its own
   (N*M distinct destinations), the measured user among them and its
   allowed rule the last one compiled;
+* ``aus-dns NxM``: the same, but the measured user reaches the destination
+  through a DNS-derived entry (aus_dns, as the forwarder writes it after an
+  answer) instead of an address rule: every connection misses the user's
+  ruleset and is allowed by the DNS lookup behind it;
 * ``nft-linear NxM``: one ``meta skuid`` rule per (user, rule, service),
   the measured user's last, then a drop per managed user;
 * ``nft-set NxM``: what an nftables expert writes: conntrack for
@@ -23,10 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aus.agent import loader, mapsync, pins
+from aus.agent import dnsmaps, loader, mapsync, pins
 from aus.agent.config import DaemonConfig
 from aus.core import compiler, state
 from aus.core import contract as C
@@ -76,14 +81,16 @@ def measured_services() -> list[str]:
     return [f"{PORT_TCP}/tcp", f"{PORT_UDP}/udp", f"{PORT_BULK}/tcp"]
 
 
-def grants_of(users: int, rules: int):
-    """(uid, [(rule id, destination, [services])]) for every user."""
+def grants_of(users: int, rules: int, by_name: bool = False):
+    """(uid, [(rule id, destination, [services])]) for every user; with
+    ``by_name`` the measured rule's destination is not DEST (a DNS entry
+    gives DEST)."""
     for i in range(users):
         out = []
         for j in range(rules):
             rid = C.RULE_BASELINE + 1 + i * rules + j
             last = i == users - 1 and j == rules - 1
-            dest = DEST if last else rule_dest(i * rules + j)
+            dest = DEST if last and not by_name else rule_dest(i * rules + j)
             out.append((rid, dest, measured_services() if last else [f"{PORT_TCP}/tcp"]))
         yield UID_BASE + i, out
 
@@ -103,7 +110,9 @@ def setup_aus(cfg: Config, pin_dir: Path) -> loader.Loaded:
     offset = loader.probe(dcfg)
     loaded = loader.compile_and_load(dcfg, offset)
     rules, users = [], {}
-    for uid, grants in grants_of(cfg.users, cfg.rules):
+    by_name = cfg.kind == "aus-dns"
+    named: compiler.Portset = frozenset()
+    for uid, grants in grants_of(cfg.users, cfg.rules, by_name):
         ids = []
         for rid, dest, services in grants:
             entries = tuple(e for s in services for e in compiler.service_entries(parse_service(s), rid))
@@ -111,14 +120,25 @@ def setup_aus(cfg: Config, pin_dir: Path) -> loader.Loaded:
             rules.append(compiler.CompiledRule(rid, f"r{rid}", (f"g{uid}",), (grant,)))
             ids.append(rid)
         users[uid] = frozenset(ids)
+    if by_name:
+        # the measured rule's services, as a DNS grant carries them
+        last = max(users[cfg.uid])
+        named = compiler.union_portset([frozenset(
+            e for s in measured_services() for e in compiler.service_entries(parse_service(s), last))])
     cp = compiler.CompiledPolicy(tuple(rules), tuple(dcfg.baseline_networks), version=1)
     desired = state.Desired(
         users={uid: cp.ruleset(ids) for uid, ids in users.items()},
         baseline=cp.baseline_ruleset(), rules=cp.rule_names, mode=C.MODE_ENFORCE,
         events_per_sec=dcfg.events_per_second, events_burst=dcfg.events_burst,
-        policy_version=1)
+        policy_version=1, dns_portsets=frozenset([named]) if by_name else frozenset())
     p, new = state.plan(mapsync.read_state(loaded.maps), desired)
     mapsync.apply(p, loaded.maps)
+    if by_name:
+        # What the forwarder writes after an answer naming DEST, valid for
+        # the whole run.
+        dnsmaps.DnsMaps(loaded.maps).put({dnsmaps.DnsKey(cfg.uid, 4, C.addr16(
+            ipaddress.ip_address(DEST))): dnsmaps.DnsValue(
+                time.monotonic_ns() + 3600 * 10**9, new.portset_index()[named], last)})
     loader.attach(loaded, cfg.cg)
     cfg.info = {"rulesets": len(new.rulesets), "destinations": len(p.dst_put),
                 "services": len(p.svc_put)}
@@ -207,7 +227,7 @@ def run(configs: list[Config], *, rounds: int, seconds: float, workdir: Path,
             cfg.ns = stack.enter_context(common.netns(DEST))
             cfg.cg = stack.enter_context(common.cgroup())
             stack.enter_context(common.server(binary, cfg.ns, DEST, cpu=0))
-            if cfg.kind == "aus":
+            if cfg.kind in ("aus", "aus-dns"):
                 pin_dir = Path("/sys/fs/bpf") / unique("aus-bench-")
                 stack.callback(pins.uninstall, pin_dir)
                 log(f"setting up {cfg.name} ...")

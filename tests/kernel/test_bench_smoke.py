@@ -86,11 +86,15 @@ def test_scale_connect_part_runs_tiny(tmp_path):
     assert "connect allowed rate >= 0.95 of no filter at 100 x 10" in text
     data = json.loads(raw.read_text())["connect"]
     assert set(data["samples"]) == {"connect allowed", "udp allowed"}
+    assert "udp allowed rate >= 0.95 of no filter at 100 x 10, allowed by a DNS-derived " \
+        "entry" in text
     for workload in ("connect allowed", "udp allowed"):
-        rows = data["samples"][workload]["aus 100x10"]
-        assert len(rows) == data["rounds"] == 2
-        # allowed traffic went through, and the baseline it is compared with ran too
-        assert all(r["ok"] > 0 and r["fail"] == 0 and r["base"] > 0 for r in rows), rows
+        # by an address rule and by a DNS-derived entry: allowed traffic went
+        # through, and the baseline it is compared with ran too
+        for config in ("aus 100x10", "aus-dns 100x10"):
+            rows = data["samples"][workload][config]
+            assert len(rows) == data["rounds"] == 2
+            assert all(r["ok"] > 0 and r["fail"] == 0 and r["base"] > 0 for r in rows), rows
     runs = {(r["workload"], r["program"]): r for r in data["profile"]}
     # a connection runs sock_create and connect4 once each, a datagram sendmsg4 once
     for key in (("connect", "sock_create"), ("connect", "connect4"), ("udp", "sendmsg4")):
