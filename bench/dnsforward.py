@@ -21,7 +21,7 @@ through the forwarder, in alternating order, so both see the same machine.
   where the rate does not on a machine shared with other work: the rate one
   core given to the forwarder alone would reach.
 
-Targets (issue: DNS-name destinations): at most 1 ms added at p99, at least
+Targets: at most 1 ms added at p99, at least
 10,000 queries/s through the forwarder.
 """
 
