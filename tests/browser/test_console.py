@@ -217,16 +217,25 @@ def test_groups_pushed_over_scim_show_their_last_sync(console, org):
     console.wait_heading("User groups")
     console.field("Search user groups").send_keys("contoso-")
     console.wait(lambda: len(console.table_rows("groups-table")) == 2, "the two pushed groups")
-    rows = {r.find_element(By.CSS_SELECTOR, "th a").text: r for r in console.table_rows("groups-table")}
+    # The search answers every keystroke, so the table may be drawn again
+    # while it is read: console.wait reads it again when an element went stale.
+    rows = console.wait(lambda: {
+        r.find_element(By.CSS_SELECTOR, "th a").text: {
+            "text": r.text,
+            "ok": [e.text for e in r.find_elements(By.CSS_SELECTOR, ".outcome.ok")],
+            "failed": [e.text for e in r.find_elements(By.CSS_SELECTOR, ".outcome.failed")],
+            "num": r.find_element(By.CSS_SELECTOR, "td.num").text}
+        for r in console.table_rows("groups-table")}, "the groups table, read whole")
     ok, failed = rows["Contoso-Platform"], rows["Contoso-Security"]
-    assert "Entra ID (SCIM)" in ok.text and "7b0c2f4e-0d1a-4e5b-9c3d-1a2b3c4d5e66" in ok.text
+    assert "Entra ID (SCIM)" in ok["text"] and "7b0c2f4e-0d1a-4e5b-9c3d-1a2b3c4d5e66" in ok["text"]
     # The operation as the SCIM endpoint summarizes it (an update adding 2 members), and its outcome.
-    outcome = ok.find_element(By.CSS_SELECTOR, ".outcome.ok").text
+    outcome = ok["ok"][0]
     assert outcome.startswith("update") and "+2" in outcome and outcome.endswith(" · succeeded"), outcome
-    assert ok.find_element(By.CSS_SELECTOR, "td.num").text == "2"
-    reason = failed.find_element(By.CSS_SELECTOR, ".outcome.failed").text
+    assert ok["num"] == "2"
+    reason = failed["failed"][0]
     assert "failed: 409" in reason, reason
-    ok.find_element(By.LINK_TEXT, "Contoso-Platform").click()
+    console.wait(lambda: console.d.find_element(By.LINK_TEXT, "Contoso-Platform").click() or True,
+                 "the group's link clicked")
     console.wait_heading("Contoso-Platform")
     assert [r.text for r in console.table_rows("members-table")] == [
         "alice@contoso.com user active", "bob@contoso.com user active"]
