@@ -14,23 +14,12 @@ Every result carries "ok", "errno", and what was seen ("answer", "source",
 "peer"); ADDR with a colon is IPv6 (a v4-mapped one too).
 """
 
-import errno
-import json
 import socket
 import struct
 import sys
 
-
-def family(addr: str) -> int:
-    return socket.AF_INET6 if ":" in addr else socket.AF_INET
-
-
-def report(ok: bool, err: OSError | None = None, **extra) -> None:
-    out = {"ok": ok, "errno": errno.errorcode.get(err.errno) if err and err.errno else None}
-    if err and not err.errno:
-        out["errno"] = type(err).__name__
-    out.update(extra)
-    print(json.dumps(out), flush=True)
+# a sibling script (this one runs with tests/support first on sys.path)
+from lab_sockets import family, report
 
 
 def where(sockaddr) -> list:
